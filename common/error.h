@@ -1,0 +1,23 @@
+// Errors that cross module boundaries. Library code throws these on bad input; only the `kiln`
+// program turns them into exit codes (Error → 1, UsageError → 2).
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace kiln {
+
+// Bad input: a file, key, shape or value that is not what was expected. The message is one line
+// naming the input and the expectation.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Bad command-line usage (unknown flag, missing argument).
+class UsageError : public Error {
+ public:
+  using Error::Error;
+};
+
+}  // namespace kiln

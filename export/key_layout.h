@@ -1,0 +1,34 @@
+// Recognising MaxText parameter key layouts and mapping keys onto canonical paths.
+//
+// Canonical path: the MaxText module path with components joined by '/', without the container
+// prefix (`params/params/`, `model/`, `base/`) or the NNX `value` leaf, e.g.
+//   params.params.decoder.layers.self_attention.query.kernel  → decoder/layers/self_attention/query/kernel
+//   model/decoder/layers_3/mlp/wo/kernel/value                 → decoder/layers_3/mlp/wo/kernel
+//   decoder.decoder_norm.scale.value                           → decoder/decoder_norm/scale
+// Separators '/' and '.' are both accepted. LoRA leaf names contain a literal dot ("lora_a.kernel",
+// "lora_b.kernel") and stay one component.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace kiln {
+
+enum class KeyLayout { MaxTextLinen, MaxTextNnx };
+
+std::string_view key_layout_name(KeyLayout l);  // "maxtext-linen" | "maxtext-nnx"
+
+// Splits a raw key into components (see above).
+std::vector<std::string> split_key(std::string_view raw);
+
+// Decides the layout from all keys of a checkpoint. Throws kiln::Error naming `where` if the keys
+// mix layouts or match none (listing a few offending keys).
+KeyLayout detect_key_layout(const std::vector<std::string>& raw_keys, const std::string& where);
+
+// The canonical path of a raw key, or std::nullopt for keys that are not model parameters
+// (optimizer state `opt_state…`, `step`, `nnx_aux…`), which the exporter skips.
+std::optional<std::string> canonical_key(std::string_view raw, KeyLayout layout);
+
+}  // namespace kiln
