@@ -1,1 +1,82 @@
-// placeholder: being written
+#include "engine/artifact.h"
+
+#include <filesystem>
+
+#include "common/error.h"
+#include "schema/format.h"
+
+namespace kiln {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+void check_tensor_set(const BlobView& view, const std::vector<TensorSpec>& specs) {
+  for (const auto& s : specs) view.expect(s.name, DType::BF16, s.shape);
+  if (view.tensors().size() != specs.size()) {
+    for (const auto& t : view.tensors()) {
+      bool known = false;
+      for (const auto& s : specs) known |= s.name == t.name;
+      if (!known)
+        throw Error(view.path() + ": unexpected tensor '" + t.name + "' for this model config");
+    }
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactOptions& opt) {
+  if (!fs::is_directory(dir)) throw Error(dir + ": not an artifact directory (does not exist)");
+  auto a = std::unique_ptr<Artifact>(new Artifact());
+  a->dir_ = dir;
+  std::string mpath = (fs::path(dir) / kManifestFile).string();
+  if (!fs::exists(mpath)) throw Error(mpath + ": missing (not a kiln artifact directory?)");
+  a->manifest_file_ = std::make_unique<MappedFile>(mpath);
+  a->manifest_ = parse_manifest(a->manifest_file_->data(), a->manifest_file_->size(), mpath);
+  const ModelConfig& c = a->manifest_.config;
+
+  const auto& blobs = a->manifest_.blobs;
+  if (blobs.size() != size_t(c.num_decoder_layers) + 1)
+    throw Error(mpath + ": lists " + std::to_string(blobs.size()) + " blobs, expected " +
+                std::to_string(c.num_decoder_layers + 1) + " (globals + one per layer)");
+  for (size_t i = 0; i < blobs.size(); ++i) {
+    const BlobEntry& e = blobs[i];
+    int want_layer = int(i) - 1;
+    if (e.layer != want_layer)
+      throw Error(mpath + ": blob '" + e.file + "' is listed for layer " +
+                  std::to_string(e.layer) + ", expected " + std::to_string(want_layer));
+    if (e.file.find('/') != std::string::npos || e.file.find("..") != std::string::npos)
+      throw Error(mpath + ": blob file name '" + e.file + "' must be a plain file name");
+    std::string path = (fs::path(dir) / e.file).string();
+    auto file = std::make_unique<MappedFile>(path);
+    if (file->size() != e.size)
+      throw Error(path + ": is " + std::to_string(file->size()) + " bytes, the manifest says " +
+                  std::to_string(e.size) + " (truncated or replaced)");
+    BlobView view(file->data(), file->size(), path);
+    if (view.header_crc32c() != e.header_crc32c)
+      throw Error(path + ": header checksum differs from the manifest's (blob replaced?)");
+    if (view.layer() != want_layer || view.kind() != e.kind)
+      throw Error(path + ": header says layer " + std::to_string(view.layer()) +
+                  ", the manifest expects " + std::to_string(want_layer));
+    check_tensor_set(view, want_layer < 0 ? global_tensor_specs(c)
+                                          : layer_tensor_specs(c, want_layer));
+    if (opt.verify_checksums) view.verify_checksums();
+    a->files_.push_back(std::move(file));
+    a->views_.push_back(std::move(view));
+  }
+  return a;
+}
+
+uint64_t Artifact::total_bytes() const {
+  uint64_t n = manifest_file_->size();
+  for (const auto& f : files_) n += f->size();
+  return n;
+}
+
+const uint16_t* Artifact::bf16(const BlobView& blob, const std::string& name,
+                               const std::vector<int64_t>& shape) const {
+  const BlobTensorInfo& t = blob.expect(name, DType::BF16, shape);
+  return reinterpret_cast<const uint16_t*>(blob.bytes(t).data());
+}
+
+}  // namespace kiln

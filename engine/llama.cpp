@@ -1,1 +1,201 @@
-// placeholder: being written
+// The Llama-family forward pass (Llama 2/3/3.1, Mistral, Qwen3-dense), spec §2.1–2.4:
+//
+//   x = embed(tokens)
+//   for each layer:
+//     h   = x + Wo · attention(rope(norm_q(Wq · rms(x))), rope(norm_k(Wk · rms(x))), Wv · rms(x))
+//     x   = h + Wd · (silu(Wg · rms(h)) * (Wu · rms(h)))
+//   logits = rms(x) · W_out            (or · embeddingᵀ / sqrt(E) when tied)
+//
+// Activations are f32 holding the bf16 values MaxText would have (the kernels round where MaxText
+// rounds, spec §11); matmul inputs are bf16. Buffers are sized once for `max_chunk` tokens.
+#include <cmath>
+#include <optional>
+
+#include "common/bf16.h"
+#include "common/error.h"
+#include "engine/model.h"
+#include "engine/ops/kernels.h"
+#include "engine/ops/matmul.h"
+
+namespace kiln {
+
+namespace {
+
+struct LlamaLayer {
+  const uint16_t* pre_attn_norm;
+  const uint16_t* post_attn_norm;
+  const uint16_t* q_norm = nullptr;  // Qwen3 only
+  const uint16_t* k_norm = nullptr;
+  ops::Linear q, k, v, o;
+  ops::Linear wi_0, wi_1, wo;
+};
+
+class LlamaModel final : public Model {
+ public:
+  LlamaModel(std::unique_ptr<Artifact> artifact, const ModelOptions& opt)
+      : Model(std::move(artifact)),
+        c_(config()),
+        chunk_(std::max<int64_t>(1, opt.max_chunk)),
+        rope_(c_.rope_layout, c_.head_dim, c_.rope_min_timescale, c_.rope_max_timescale,
+              c_.rope_linear_scaling_factor, c_.rope_use_scale, c_.max_target_length) {
+    const int64_t E = c_.emb_dim, H = c_.num_query_heads, K = c_.num_kv_heads, D = c_.head_dim,
+                  F = c_.mlp_dim, V = c_.vocab_size;
+    const Artifact& a = *artifact_;
+    ops::LinearOptions lo{chunk_, opt.relayout};
+    for (int64_t l = 0; l < c_.num_decoder_layers; ++l) {
+      const BlobView& b = a.layer(l);
+      layers_.push_back(LlamaLayer{
+          a.bf16(b, "pre_attn_norm", {E}),
+          a.bf16(b, "post_attn_norm", {E}),
+          c_.use_qk_norm ? a.bf16(b, "attn.q_norm", {D}) : nullptr,
+          c_.use_qk_norm ? a.bf16(b, "attn.k_norm", {D}) : nullptr,
+          ops::Linear(a.bf16(b, "attn.q", {E, H, D}), E, H * D, lo),
+          ops::Linear(a.bf16(b, "attn.k", {E, K, D}), E, K * D, lo),
+          ops::Linear(a.bf16(b, "attn.v", {E, K, D}), E, K * D, lo),
+          ops::Linear(a.bf16(b, "attn.o", {H, D, E}), H * D, E, lo),
+          ops::Linear(a.bf16(b, "mlp.wi_0", {E, F}), E, F, lo),
+          ops::Linear(a.bf16(b, "mlp.wi_1", {E, F}), E, F, lo),
+          ops::Linear(a.bf16(b, "mlp.wo", {F, E}), F, E, lo),
+      });
+    }
+    const BlobView& g = a.globals();
+    embedding_ = a.bf16(g, "token_embedding", {V, E});
+    final_norm_ = a.bf16(g, "final_norm", {E});
+    if (c_.logits_via_embedding) {
+      // The tied head multiplies by embeddingᵀ; oneDNN wants [in, out], so transpose it once.
+      tied_head_.resize(size_t(E * V));
+      for (int64_t vi = 0; vi < V; ++vi)
+        for (int64_t e = 0; e < E; ++e) tied_head_[size_t(e * V + vi)] = embedding_[vi * E + e];
+      head_.emplace(tied_head_.data(), E, V, lo);
+    } else {
+      head_.emplace(a.bf16(g, "logits_dense", {E, V}), E, V, lo);
+    }
+
+    auto rows = [&](int64_t n) { return std::vector<float>(size_t(chunk_ * n)); };
+    auto rows_bf16 = [&](int64_t n) { return std::vector<uint16_t>(size_t(chunk_ * n)); };
+    x_ = rows(E);
+    o_ = rows(E);
+    q_ = rows(H * D);
+    k_ = rows(K * D);
+    v_ = rows(K * D);
+    attn_ = rows(H * D);
+    gate_ = rows(F);
+    up_ = rows(F);
+    xb_ = rows_bf16(E);
+    attn_b_ = rows_bf16(H * D);
+    act_b_ = rows_bf16(F);
+    scores_.resize(size_t(c_.max_target_length));
+  }
+
+  void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
+               bool all_logits) override {
+    const int64_t n = int64_t(tokens.size());
+    if (n == 0) throw Error("forward: no tokens given");
+    if (cache.length + n > cache.capacity)
+      throw Error("forward: sequence of " + std::to_string(cache.length + n) +
+                  " tokens exceeds the KV cache capacity " + std::to_string(cache.capacity));
+    for (int32_t t : tokens)
+      if (t < 0 || t >= c_.vocab_size)
+        throw Error("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                    std::to_string(c_.vocab_size) + ")");
+    for (int64_t begin = 0; begin < n; begin += chunk_) {
+      int64_t T = std::min(chunk_, n - begin);
+      bool last_chunk = begin + T == n;
+      float* out = all_logits ? logits + begin * c_.vocab_size : logits;
+      forward_chunk(tokens.data() + begin, T, cache, out, all_logits, last_chunk);
+    }
+  }
+
+ private:
+  void forward_chunk(const int32_t* tokens, int64_t T, KvCache& cache, float* logits,
+                     bool all_logits, bool last_chunk) {
+    const int64_t E = c_.emb_dim, H = c_.num_query_heads, K = c_.num_kv_heads, D = c_.head_dim,
+                  F = c_.mlp_dim;
+    const float eps = float(c_.normalization_layer_epsilon);
+    const int64_t pos0 = cache.length;
+
+    for (int64_t t = 0; t < T; ++t)
+      convert_bf16_to_f32(embedding_ + int64_t(tokens[t]) * E, x_.data() + t * E, size_t(E));
+
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const LlamaLayer& w = layers_[l];
+      uint16_t* k_cache = cache.k[l].data();
+      uint16_t* v_cache = cache.v[l].data();
+
+      // Attention block.
+      ops::rms_norm(x_.data(), w.pre_attn_norm, T, E, eps, xb_.data());
+      w.q.forward(xb_.data(), T, q_.data());
+      w.k.forward(xb_.data(), T, k_.data());
+      w.v.forward(xb_.data(), T, v_.data());
+      if (w.q_norm) {
+        ops::rms_norm(q_.data(), w.q_norm, T * H, D, eps, q_.data());
+        ops::rms_norm(k_.data(), w.k_norm, T * K, D, eps, k_.data());
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        rope_.apply(q_.data() + t * H * D, H, pos0 + t);
+        rope_.apply(k_.data() + t * K * D, K, pos0 + t);
+        ops::to_bf16(k_.data() + t * K * D, K * D, k_cache + (pos0 + t) * K * D);
+        ops::to_bf16(v_.data() + t * K * D, K * D, v_cache + (pos0 + t) * K * D);
+      }
+      if (c_.query_scale != 1.0) ops::scale_round(q_.data(), T * H * D, float(c_.query_scale));
+      for (int64_t t = 0; t < T; ++t)
+        ops::attend(q_.data() + t * H * D, k_cache, v_cache, pos0 + t + 1, H, K, D, K * D,
+                    scores_.data(), attn_.data() + t * H * D);
+      ops::to_bf16(attn_.data(), T * H * D, attn_b_.data());
+      w.o.forward(attn_b_.data(), T, o_.data());
+      ops::add_round(x_.data(), o_.data(), T * E);
+
+      // MLP block.
+      ops::rms_norm(x_.data(), w.post_attn_norm, T, E, eps, xb_.data());
+      w.wi_0.forward(xb_.data(), T, gate_.data());
+      w.wi_1.forward(xb_.data(), T, up_.data());
+      ops::silu_mul(gate_.data(), up_.data(), T * F, act_b_.data());
+      w.wo.forward(act_b_.data(), T, o_.data());
+      ops::add_round(x_.data(), o_.data(), T * E);
+    }
+    cache.length += T;
+
+    // Output head, for every row or only the sequence's last one.
+    if (!all_logits && !last_chunk) return;
+    const float* rows = all_logits ? x_.data() : x_.data() + (T - 1) * E;
+    int64_t M = all_logits ? T : 1;
+    ops::rms_norm(rows, final_norm_, M, E, eps, xb_.data());
+    head_->forward(xb_.data(), M, logits);
+    finish_logits(logits, M * c_.vocab_size);
+  }
+
+  // MaxText's head produces bf16 logits, divided by sqrt(E) for a normalised tied head, then
+  // optionally soft-capped, then cast to f32.
+  void finish_logits(float* logits, int64_t n) const {
+    float div = c_.logits_via_embedding && c_.normalize_embedding_logits
+                    ? float(std::sqrt(double(c_.emb_dim)))
+                    : 1.0f;
+    float cap = float(c_.final_logits_soft_cap);
+    for (int64_t i = 0; i < n; ++i) {
+      float z = round_to_bf16(logits[i]);
+      if (div != 1.0f) z = round_to_bf16(z / div);
+      if (cap > 0) z = round_to_bf16(cap * std::tanh(z / cap));
+      logits[i] = z;
+    }
+  }
+
+  const ModelConfig& c_;
+  int64_t chunk_;
+  ops::Rope rope_;
+  std::vector<LlamaLayer> layers_;
+  const uint16_t* embedding_ = nullptr;
+  const uint16_t* final_norm_ = nullptr;
+  std::vector<uint16_t> tied_head_;
+  std::optional<ops::Linear> head_;
+  std::vector<float> x_, o_, q_, k_, v_, attn_, gate_, up_, scores_;
+  std::vector<uint16_t> xb_, attn_b_, act_b_;
+};
+
+}  // namespace
+
+std::unique_ptr<Model> make_llama_model(std::unique_ptr<Artifact> artifact,
+                                        const ModelOptions& opt) {
+  return std::make_unique<LlamaModel>(std::move(artifact), opt);
+}
+
+}  // namespace kiln

@@ -1,1 +1,340 @@
-// placeholder: being written
+#include "export/exporter.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include "common/bf16.h"
+#include "common/error.h"
+#include "export/config_reader.h"
+#include "export/key_layout.h"
+#include "export/safetensors.h"
+#include "export/unroll.h"
+#include "schema/format.h"
+#include "schema/manifest.h"
+
+namespace kiln {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// Canonical artifact tensor name ← MaxText parameter path (spec §1.3, §1.4, §1.6).
+struct NameMapping {
+  const char* name;
+  const char* maxtext;
+};
+constexpr NameMapping kGlobalNames[] = {
+    {"token_embedding", "token_embedder/embedding"},
+    {"final_norm", "decoder/decoder_norm/scale"},
+    {"logits_dense", "decoder/logits_dense/kernel"},
+};
+constexpr NameMapping kLlamaLayerNames[] = {
+    {"pre_attn_norm", "pre_self_attention_layer_norm/scale"},
+    {"attn.q", "self_attention/query/kernel"},
+    {"attn.k", "self_attention/key/kernel"},
+    {"attn.v", "self_attention/value/kernel"},
+    {"attn.o", "self_attention/out/kernel"},
+    {"attn.q_norm", "self_attention/query_norm/scale"},
+    {"attn.k_norm", "self_attention/key_norm/scale"},
+    {"post_attn_norm", "post_self_attention_layer_norm/scale"},
+    {"mlp.wi_0", "mlp/wi_0/kernel"},
+    {"mlp.wi_1", "mlp/wi_1/kernel"},
+    {"mlp.wo", "mlp/wo/kernel"},
+};
+
+template <size_t N>
+const char* maxtext_path(const NameMapping (&table)[N], const std::string& name) {
+  for (const auto& m : table)
+    if (name == m.name) return m.maxtext;
+  throw Error("internal: no MaxText name for tensor '" + name + "'");
+}
+
+std::string file_of(const SourceTensor& t) { return t.file ? t.file->path() : "?"; }
+
+uint64_t numel(const std::vector<int64_t>& s) {
+  uint64_t n = 1;
+  for (int64_t d : s) n *= uint64_t(d);
+  return n;
+}
+
+struct PlannedTensor {
+  TensorSpec spec;
+  LayerTensorSource src;
+};
+
+struct PlannedBlob {
+  std::string file;
+  int layer = -1;
+  LayerKind kind = LayerKind::Globals;
+  std::vector<PlannedTensor> tensors;
+};
+
+struct Plan {
+  std::vector<PlannedBlob> blobs;
+  KeyLayout layout = KeyLayout::MaxTextLinen;
+  bool scanned = false;
+};
+
+std::string checkpoint_names(const Checkpoint& ckpt) {
+  std::string s;
+  for (const auto& [path, size] : ckpt.files()) s += (s.empty() ? "" : ", ") + path;
+  return s;
+}
+
+// Decides where every artifact tensor comes from and checks names and shapes against the config
+// before a single byte is written.
+Plan make_plan(const Checkpoint& ckpt, const ExportConfig& cfg) {
+  const ModelConfig& mc = cfg.model;
+  std::vector<std::string> raw_keys;
+  for (const auto& t : ckpt.tensors()) raw_keys.push_back(t.key);
+  Plan plan;
+  plan.layout = detect_key_layout(raw_keys, checkpoint_names(ckpt));
+
+  std::map<std::string, const SourceTensor*> canonical;
+  for (const auto& t : ckpt.tensors()) {
+    auto ck = canonical_key(t.key, plan.layout);
+    if (!ck) continue;
+    auto [it, inserted] = canonical.emplace(*ck, &t);
+    if (!inserted)
+      throw Error(file_of(t) + ": key '" + t.key + "' and key '" + it->second->key +
+                  "' both name parameter '" + *ck + "'");
+  }
+
+  std::set<std::string> consumed;
+  std::vector<std::string> missing;
+  auto check_shape = [&](const SourceTensor& t, const std::vector<int64_t>& want,
+                         const std::string& why) {
+    if (t.shape != want)
+      throw Error(file_of(t) + ": key '" + t.key + "' has shape " + shape_to_string(t.shape) +
+                  ", expected " + shape_to_string(want) + " " + why);
+  };
+
+  PlannedBlob globals{kGlobalsFile, -1, LayerKind::Globals, {}};
+  for (const auto& spec : global_tensor_specs(mc)) {
+    std::string key = maxtext_path(kGlobalNames, spec.name);
+    auto it = canonical.find(key);
+    if (it == canonical.end()) {
+      missing.push_back(key);
+      continue;
+    }
+    check_shape(*it->second, spec.shape, "(vocab_size " + std::to_string(mc.vocab_size) +
+                                             ", emb_dim " + std::to_string(mc.emb_dim) + ")");
+    consumed.insert(key);
+    globals.tensors.push_back({spec, {it->second, -1, 0}});
+  }
+  plan.blobs.push_back(std::move(globals));
+
+  LayerGroup group(canonical, "layers", mc.num_decoder_layers, cfg.param_scan_axis);
+  plan.scanned = group.scanned();
+  if (plan.scanned && (cfg.param_scan_axis < 0 || cfg.param_scan_axis > 1))
+    throw Error(checkpoint_names(ckpt) + ": scan axis " + std::to_string(cfg.param_scan_axis) +
+                " is out of range: the scanned layer parameters include 1-D norm scales, so "
+                "the axis must be 0 or 1");
+  for (int64_t l = 0; l < mc.num_decoder_layers; ++l) {
+    char name[32];
+    std::snprintf(name, sizeof name, "layer-%03lld.kblob", static_cast<long long>(l));
+    PlannedBlob blob{name, int(l), LayerKind::Dense, {}};
+    for (const auto& spec : layer_tensor_specs(mc, int(l))) {
+      std::string param = maxtext_path(kLlamaLayerNames, spec.name);
+      LayerTensorSource src = group.find(l, param);
+      std::string key = group.key_for(l, param);
+      if (!src.tensor) {
+        if (!plan.scanned || l == 0) missing.push_back(key);
+        continue;
+      }
+      if (plan.scanned) {
+        if (l == 0)
+          check_shape(*src.tensor,
+                      scanned_shape(spec.shape, mc.num_decoder_layers, cfg.param_scan_axis,
+                                    src.tensor->key),
+                      "(layer parameter " + shape_to_string(spec.shape) + " with " +
+                          std::to_string(mc.num_decoder_layers) + " layers stacked on axis " +
+                          std::to_string(cfg.param_scan_axis) + ")");
+      } else {
+        check_shape(*src.tensor, spec.shape, "from the model config");
+      }
+      consumed.insert(key);
+      blob.tensors.push_back({spec, src});
+    }
+    plan.blobs.push_back(std::move(blob));
+  }
+
+  if (!missing.empty()) {
+    std::string list;
+    for (size_t i = 0; i < missing.size() && i < 4; ++i) list += (i ? "', '" : "") + missing[i];
+    if (missing.size() > 4) list += "' and " + std::to_string(missing.size() - 4) + " more";
+    else list += "'";
+    throw Error(checkpoint_names(ckpt) + ": missing tensor" + (missing.size() > 1 ? "s" : "") +
+                " '" + list + " (" + std::string(key_layout_name(plan.layout)) +
+                " layout; required by decoder_block " + mc.decoder_block + ")");
+  }
+  for (const auto& [key, t] : canonical) {
+    if (consumed.count(key)) continue;
+    throw Error(file_of(*t) + ": unknown tensor '" + t->key + "' (parameter '" + key +
+                "' is not part of a " + mc.decoder_block + " model with this config)");
+  }
+  return plan;
+}
+
+// Converts elements [begin, begin + n) of an unscanned source tensor to f32.
+void source_range_to_f32(const SourceTensor& t, uint64_t begin, uint64_t n, float* out) {
+  const uint8_t* p = t.data + begin * dtype_size(t.dtype);
+  switch (t.dtype) {
+    case DType::F32: std::copy_n(reinterpret_cast<const float*>(p), n, out); break;
+    case DType::BF16: convert_bf16_to_f32(reinterpret_cast<const uint16_t*>(p), out, n); break;
+    case DType::F16: convert_f16_to_f32(reinterpret_cast<const uint16_t*>(p), out, n); break;
+  }
+}
+
+std::string utc_now() {
+  std::time_t now = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  return buf;
+}
+
+// Removes a temporary directory unless released (the artifact was renamed into place).
+class TempDir {
+ public:
+  explicit TempDir(fs::path p) : path_(std::move(p)) {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+    if (!fs::create_directories(path_, ec) || ec)
+      throw Error(path_.string() + ": cannot create directory: " + ec.message());
+  }
+  ~TempDir() {
+    if (!released_) {
+      std::error_code ec;
+      fs::remove_all(path_, ec);
+    }
+  }
+  void release() { released_ = true; }
+  const fs::path& path() const { return path_; }
+
+ private:
+  fs::path path_;
+  bool released_ = false;
+};
+
+}  // namespace
+
+ExportSummary export_artifact(const ExportOptions& opt,
+                              const std::function<void(const ExportProgress&)>& progress) {
+  auto t0 = std::chrono::steady_clock::now();
+  if (opt.checkpoints.empty()) throw Error("export: no --checkpoint given");
+  fs::path out = fs::path(opt.out_dir);
+  if (out.filename().empty()) out = out.parent_path();
+  if (fs::exists(out) && !opt.force)
+    throw Error(out.string() + ": already exists (use --force to replace it)");
+
+  ExportConfig cfg = read_export_config(opt.config_path, opt.overrides);
+  if (opt.scan_axis) cfg.param_scan_axis = *opt.scan_axis;
+  cfg.model.validate(opt.config_path);
+  if (cfg.param_scan_axis < 0 || cfg.param_scan_axis > 1)
+    throw Error(opt.config_path + ": param_scan_axis " + std::to_string(cfg.param_scan_axis) +
+                " is out of range (the scanned layer parameters include 1-D norm scales, so the "
+                "axis must be 0 or 1)");
+
+  Checkpoint ckpt = Checkpoint::open(opt.checkpoints);
+  Plan plan = make_plan(ckpt, cfg);
+
+  fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  if (!fs::is_directory(parent))
+    throw Error(out.string() + ": parent directory '" + parent.string() + "' does not exist");
+  TempDir tmp(parent / ("." + out.filename().string() + ".kiln-tmp-" + std::to_string(getpid())));
+
+  Manifest manifest;
+  manifest.config = cfg.model;
+  ExportSummary summary;
+  ExportProgress prog{0, int64_t(plan.blobs.size()), 0};
+  NonFiniteCounts nonfinite;
+
+  // One tensor in f32 at a time; large unscanned tensors (the embedding) stream in chunks.
+  constexpr uint64_t kChunk = uint64_t(1) << 22;
+  uint64_t max_layer_numel = kChunk;
+  for (const auto& b : plan.blobs)
+    for (const auto& t : b.tensors)
+      if (t.src.scan_axis >= 0) max_layer_numel = std::max(max_layer_numel, numel(t.spec.shape));
+  std::vector<float> f32(max_layer_numel);
+  std::vector<uint16_t> bf16(max_layer_numel);
+
+  for (const auto& blob : plan.blobs) {
+    std::vector<TensorSpec> specs;
+    for (const auto& t : blob.tensors) specs.push_back(t.spec);
+    BlobWriter writer((tmp.path() / blob.file).string(), blob.layer, blob.kind, specs);
+    for (const auto& t : blob.tensors) {
+      uint64_t n = numel(t.spec.shape);
+      if (t.src.scan_axis < 0) {
+        for (uint64_t b = 0; b < n; b += kChunk) {
+          uint64_t m = std::min(kChunk, n - b);
+          source_range_to_f32(*t.src.tensor, b, m, f32.data());
+          nonfinite += convert_f32_to_bf16(f32.data(), bf16.data(), m);
+          writer.append(bf16.data(), m * 2);
+        }
+      } else {
+        unroll_scanned_layer(t.src, f32.data());
+        nonfinite += convert_f32_to_bf16(f32.data(), bf16.data(), n);
+        writer.write_tensor(t.spec.name, bf16.data(), n * 2);
+      }
+    }
+    auto res = writer.finish();
+    manifest.blobs.push_back({blob.file, blob.layer, blob.kind, res.size, res.header_crc32c});
+    ckpt.release_pages();  // keep the resident set at one layer, not the whole checkpoint
+    prog.blobs_done++;
+    prog.bytes_written += res.size;
+    if (progress) progress(prog);
+  }
+
+  Provenance& p = manifest.provenance;
+  p.exporter_version = KILN_VERSION;
+  p.created_utc = utc_now();
+  p.sources = ckpt.files();
+  p.config_source = opt.config_path;
+  p.key_layout = std::string(key_layout_name(plan.layout));
+  p.scanned = plan.scanned;
+  p.scan_axis = cfg.param_scan_axis;
+  p.options = opt.recorded_options;
+  p.nonfinite_nan = nonfinite.nan;
+  p.nonfinite_inf = nonfinite.inf;
+  std::vector<uint8_t> bytes = serialize_manifest(manifest);
+  {
+    std::ofstream f(tmp.path() / kManifestFile, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+    if (!f) throw Error((tmp.path() / kManifestFile).string() + ": write failed");
+  }
+
+  // Swap into place: the old artifact (with --force) is only removed once the new one is there.
+  std::error_code ec;
+  fs::path old;
+  if (fs::exists(out)) {
+    old = parent / ("." + out.filename().string() + ".kiln-old-" + std::to_string(getpid()));
+    fs::rename(out, old, ec);
+    if (ec) throw Error(out.string() + ": cannot move the existing artifact aside: " + ec.message());
+  }
+  fs::rename(tmp.path(), out, ec);
+  if (ec) {
+    if (!old.empty()) fs::rename(old, out);
+    throw Error(out.string() + ": cannot rename the finished artifact into place: " + ec.message());
+  }
+  tmp.release();
+  if (!old.empty()) fs::remove_all(old, ec);
+
+  summary.layers = cfg.model.num_decoder_layers;
+  summary.bytes_written = prog.bytes_written + bytes.size();
+  summary.nonfinite_nan = nonfinite.nan;
+  summary.nonfinite_inf = nonfinite.inf;
+  summary.key_layout = p.key_layout;
+  summary.scanned = plan.scanned;
+  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return summary;
+}
+
+}  // namespace kiln

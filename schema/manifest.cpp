@@ -1,1 +1,113 @@
-// placeholder: being written
+#include "schema/manifest.h"
+
+#include "common/error.h"
+#include "kiln_generated.h"
+#include "schema/format.h"
+
+namespace kiln {
+
+namespace {
+
+flatbuffers::Offset<fb::ModelConfig> config_to_fb(flatbuffers::FlatBufferBuilder& b,
+                                                  const ModelConfig& c) {
+  return fb::CreateModelConfigDirect(
+      b, c.decoder_block.c_str(), c.model_name.c_str(), c.emb_dim, c.num_query_heads,
+      c.num_kv_heads, c.head_dim, c.mlp_dim, c.num_decoder_layers, c.vocab_size,
+      c.normalization_layer_epsilon, static_cast<fb::RopeLayout>(c.rope_layout),
+      c.rope_min_timescale, c.rope_max_timescale, c.rope_linear_scaling_factor, c.rope_use_scale,
+      c.use_qk_norm, c.query_scale, c.logits_via_embedding, c.normalize_embedding_logits,
+      c.final_logits_soft_cap, c.max_target_length);
+}
+
+ModelConfig config_from_fb(const fb::ModelConfig& f) {
+  ModelConfig c;
+  c.decoder_block = f.decoder_block()->str();
+  c.model_name = f.model_name() ? f.model_name()->str() : "";
+  c.emb_dim = f.emb_dim();
+  c.num_query_heads = f.num_query_heads();
+  c.num_kv_heads = f.num_kv_heads();
+  c.head_dim = f.head_dim();
+  c.mlp_dim = f.mlp_dim();
+  c.num_decoder_layers = f.num_decoder_layers();
+  c.vocab_size = f.vocab_size();
+  c.normalization_layer_epsilon = f.normalization_layer_epsilon();
+  c.rope_layout = static_cast<RopeLayout>(f.rope_layout());
+  c.rope_min_timescale = f.rope_min_timescale();
+  c.rope_max_timescale = f.rope_max_timescale();
+  c.rope_linear_scaling_factor = f.rope_linear_scaling_factor();
+  c.rope_use_scale = f.rope_use_scale();
+  c.use_qk_norm = f.use_qk_norm();
+  c.query_scale = f.query_scale();
+  c.logits_via_embedding = f.logits_via_embedding();
+  c.normalize_embedding_logits = f.normalize_embedding_logits();
+  c.final_logits_soft_cap = f.final_logits_soft_cap();
+  c.max_target_length = f.max_target_length();
+  return c;
+}
+
+}  // namespace
+
+std::vector<uint8_t> serialize_manifest(const Manifest& m) {
+  flatbuffers::FlatBufferBuilder b(1 << 16);
+  b.ForceDefaults(true);  // every hyper-parameter is written, even when it equals a default
+  auto config = config_to_fb(b, m.config);
+  std::vector<flatbuffers::Offset<fb::BlobRef>> blobs;
+  for (const auto& e : m.blobs)
+    blobs.push_back(fb::CreateBlobRefDirect(b, e.file.c_str(), e.layer,
+                                            static_cast<fb::LayerKind>(e.kind), e.size,
+                                            e.header_crc32c));
+  const auto& p = m.provenance;
+  std::vector<flatbuffers::Offset<fb::SourceFile>> sources;
+  for (const auto& [path, size] : p.sources)
+    sources.push_back(fb::CreateSourceFileDirect(b, path.c_str(), size));
+  std::vector<flatbuffers::Offset<fb::KeyValue>> options;
+  for (const auto& [k, v] : p.options)
+    options.push_back(fb::CreateKeyValueDirect(b, k.c_str(), v.c_str()));
+  auto prov = fb::CreateProvenanceDirect(
+      b, p.exporter_version.c_str(), p.created_utc.c_str(), &sources, p.config_source.c_str(),
+      p.key_layout.c_str(), p.scanned, p.scan_axis, &options, p.nonfinite_nan, p.nonfinite_inf);
+  auto root = fb::CreateManifestDirect(b, kFormatMajor, kFormatMinor, config, &blobs,
+                                       m.tokenizer.empty() ? nullptr : &m.tokenizer, prov);
+  fb::FinishManifestBuffer(b, root);
+  return {b.GetBufferPointer(), b.GetBufferPointer() + b.GetSize()};
+}
+
+Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& path) {
+  flatbuffers::Verifier verifier(data, size);
+  if (size < 8 || !fb::ManifestBufferHasIdentifier(data))
+    throw Error(path + ": not a kiln manifest (identifier 'KILN' missing)");
+  if (!fb::VerifyManifestBuffer(verifier))
+    throw Error(path + ": manifest fails FlatBuffers verification (corrupt or truncated)");
+  const fb::Manifest* f = fb::GetManifest(data);
+  Manifest m;
+  m.format_major = f->format_major();
+  m.format_minor = f->format_minor();
+  if (m.format_major != kFormatMajor)
+    throw Error(path + ": manifest format version " + std::to_string(m.format_major) +
+                " is not supported (this kiln reads version " + std::to_string(kFormatMajor) +
+                ")");
+  m.config = config_from_fb(*f->config());
+  m.config.validate(path);
+  for (const auto* e : *f->blobs())
+    m.blobs.push_back({e->file()->str(), e->layer(), static_cast<LayerKind>(e->kind()), e->size(),
+                       e->header_crc32c()});
+  if (f->tokenizer()) m.tokenizer.assign(f->tokenizer()->begin(), f->tokenizer()->end());
+  if (const auto* p = f->provenance()) {
+    auto s = [](const flatbuffers::String* x) { return x ? x->str() : std::string(); };
+    m.provenance.exporter_version = s(p->exporter_version());
+    m.provenance.created_utc = s(p->created_utc());
+    if (p->sources())
+      for (const auto* src : *p->sources()) m.provenance.sources.emplace_back(s(src->path()), src->size());
+    m.provenance.config_source = s(p->config_source());
+    m.provenance.key_layout = s(p->key_layout());
+    m.provenance.scanned = p->scanned();
+    m.provenance.scan_axis = p->scan_axis();
+    if (p->options())
+      for (const auto* kv : *p->options()) m.provenance.options.emplace_back(s(kv->key()), s(kv->value()));
+    m.provenance.nonfinite_nan = p->nonfinite_nan();
+    m.provenance.nonfinite_inf = p->nonfinite_inf();
+  }
+  return m;
+}
+
+}  // namespace kiln

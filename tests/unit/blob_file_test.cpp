@@ -1,1 +1,128 @@
-// placeholder: being written
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <numeric>
+
+#include "common/error.h"
+#include "common/mapped_file.h"
+#include "schema/blob_file.h"
+
+using namespace kiln;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path temp_path(const std::string& name) {
+  fs::path dir = fs::temp_directory_path() / "kiln_blob_test";
+  fs::create_directories(dir);
+  return dir / name;
+}
+
+std::vector<uint8_t> read_all(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), {}};
+}
+
+// Two small bf16 tensors, the second written in two pieces.
+fs::path write_sample(const std::string& name) {
+  fs::path p = temp_path(name);
+  std::vector<TensorSpec> specs = {{"a", {3, 5}}, {"b.long.name", {7}}};
+  BlobWriter w(p.string(), 4, LayerKind::Dense, specs);
+  std::vector<uint16_t> a(15), b(7);
+  std::iota(a.begin(), a.end(), uint16_t(100));
+  std::iota(b.begin(), b.end(), uint16_t(200));
+  w.write_tensor("a", a.data(), a.size() * 2);
+  w.append(b.data(), 6);
+  w.append(b.data() + 3, 8);
+  auto r = w.finish();
+  CHECK(r.size == fs::file_size(p));
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("blob write/read round trip") {
+  fs::path p = write_sample("roundtrip.kblob");
+  MappedFile f(p.string());
+  BlobView v(f.data(), f.size(), p.string());
+  CHECK(v.layer() == 4);
+  CHECK(v.kind() == LayerKind::Dense);
+  REQUIRE(v.tensors().size() == 2);
+  const auto& a = v.expect("a", DType::BF16, {3, 5});
+  CHECK(a.offset % 64 == 0);
+  const auto* data = reinterpret_cast<const uint16_t*>(v.bytes(a).data());
+  CHECK(data[0] == 100);
+  CHECK(data[14] == 114);
+  const auto& b = v.expect("b.long.name", DType::BF16, {7});
+  CHECK(b.offset % 64 == 0);
+  CHECK(reinterpret_cast<const uint16_t*>(v.bytes(b).data())[6] == 206);
+  CHECK_NOTHROW(v.verify_checksums());
+  CHECK(v.find("missing") == nullptr);
+  CHECK_THROWS_WITH_AS(v.expect("a", DType::BF16, {5, 3}), doctest::Contains("expected [5, 3]"),
+                       Error);
+}
+
+TEST_CASE("writer refuses out-of-order, oversized and incomplete tensors") {
+  fs::path p = temp_path("bad_writes.kblob");
+  std::vector<TensorSpec> specs = {{"a", {2}}, {"b", {2}}};
+  uint16_t x[4] = {};
+  {
+    BlobWriter w(p.string(), 0, LayerKind::Dense, specs);
+    CHECK_THROWS_AS(w.write_tensor("b", x, 4), Error);
+    CHECK_THROWS_AS(w.write_tensor("a", x, 6), Error);
+  }
+  {
+    BlobWriter w(p.string(), 0, LayerKind::Dense, specs);
+    w.write_tensor("a", x, 4);
+    CHECK_THROWS_WITH_AS(w.finish(), doctest::Contains("'b' was not written"), Error);
+  }
+  {
+    BlobWriter w(p.string(), 0, LayerKind::Dense, specs);
+    w.append(x, 8);
+    CHECK_THROWS_AS(w.append(x, 2), Error);
+  }
+}
+
+TEST_CASE("verifier rejects truncated and corrupted blobs") {
+  fs::path good = write_sample("good.kblob");
+  std::vector<uint8_t> bytes = read_all(good);
+  auto open = [](const std::vector<uint8_t>& b) { BlobView v(b.data(), b.size(), "x.kblob"); };
+
+  SUBCASE("truncated in the data") {
+    std::vector<uint8_t> b(bytes.begin(), bytes.end() - 3);
+    CHECK_THROWS_WITH_AS(open(b), doctest::Contains("x.kblob: tensor 'b.long.name'"), Error);
+  }
+  SUBCASE("truncated inside the header") {
+    std::vector<uint8_t> b(bytes.begin(), bytes.begin() + 40);
+    CHECK_THROWS_WITH_AS(open(b), doctest::Contains("header length"), Error);
+  }
+  SUBCASE("shorter than the preamble") {
+    std::vector<uint8_t> b(bytes.begin(), bytes.begin() + 10);
+    CHECK_THROWS_WITH_AS(open(b), doctest::Contains("preamble"), Error);
+  }
+  SUBCASE("bad magic") {
+    bytes[0] = 'X';
+    CHECK_THROWS_WITH_AS(open(bytes), doctest::Contains("magic"), Error);
+  }
+  SUBCASE("unknown major version") {
+    bytes[8] = 99;
+    CHECK_THROWS_WITH_AS(open(bytes), doctest::Contains("version 99"), Error);
+  }
+  SUBCASE("every flipped header byte is caught") {
+    uint64_t hlen;
+    std::memcpy(&hlen, bytes.data() + 16, 8);
+    for (size_t i = 32; i < 32 + hlen; ++i) {
+      std::vector<uint8_t> b = bytes;
+      b[i] ^= 0x10;
+      CHECK_THROWS_AS(open(b), Error);
+    }
+  }
+  SUBCASE("flipped data byte fails the checksum, naming the tensor") {
+    bytes[bytes.size() - 2] ^= 1;
+    BlobView v(bytes.data(), bytes.size(), "x.kblob");
+    CHECK_THROWS_WITH_AS(v.verify_checksums(), doctest::Contains("tensor 'b.long.name'"), Error);
+  }
+}

@@ -1,1 +1,88 @@
-// placeholder: being written
+#include <doctest/doctest.h>
+
+#include "common/error.h"
+#include "schema/manifest.h"
+
+using namespace kiln;
+
+static ModelConfig small_config() {
+  ModelConfig c;
+  c.decoder_block = "llama2";
+  c.emb_dim = 64;
+  c.num_query_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 16;
+  c.mlp_dim = 128;
+  c.num_decoder_layers = 2;
+  c.vocab_size = 256;
+  return c;
+}
+
+TEST_CASE("validate accepts a consistent config and names the first bad field") {
+  ModelConfig c = small_config();
+  CHECK_NOTHROW(c.validate("cfg.json"));
+  c.num_kv_heads = 3;
+  CHECK_THROWS_WITH_AS(c.validate("cfg.json"), doctest::Contains("num_kv_heads"), Error);
+  c = small_config();
+  c.decoder_block = "gpt3";
+  CHECK_THROWS_WITH_AS(c.validate("cfg.json"), doctest::Contains("decoder_block 'gpt3'"), Error);
+  c = small_config();
+  c.head_dim = 15;
+  CHECK_THROWS_WITH_AS(c.validate("cfg.json"), doctest::Contains("head_dim"), Error);
+  c = small_config();
+  c.vocab_size = 0;
+  CHECK_THROWS_WITH_AS(c.validate("cfg.json"), doctest::Contains("cfg.json: vocab_size"), Error);
+}
+
+TEST_CASE("tensor specs follow the config") {
+  ModelConfig c = small_config();
+  auto layer = layer_tensor_specs(c, 0);
+  CHECK(layer.size() == 9);
+  CHECK(layer[1].name == "attn.q");
+  CHECK(layer[1].shape == std::vector<int64_t>{64, 4, 16});
+  CHECK(layer[4].shape == std::vector<int64_t>{4, 16, 64});
+  c.use_qk_norm = true;
+  CHECK(layer_tensor_specs(c, 0).size() == 11);
+  CHECK(global_tensor_specs(c).size() == 3);
+  c.logits_via_embedding = true;
+  CHECK(global_tensor_specs(c).size() == 2);
+}
+
+TEST_CASE("manifest round trip keeps every field") {
+  Manifest m;
+  m.config = small_config();
+  m.config.model_name = "llama3.1-tiny";
+  m.config.rope_layout = RopeLayout::Interleaved;
+  m.config.query_scale = 0.25;
+  m.config.rope_use_scale = false;  // a false that equals no default must survive too
+  m.blobs.push_back({"globals.kblob", -1, LayerKind::Globals, 1234, 0xdeadbeef});
+  m.blobs.push_back({"layer-000.kblob", 0, LayerKind::Dense, 99, 7});
+  m.provenance.key_layout = "maxtext-linen";
+  m.provenance.scanned = true;
+  m.provenance.scan_axis = 0;
+  m.provenance.sources.emplace_back("a.safetensors", 42);
+  m.provenance.options.emplace_back("--force", "");
+  std::vector<uint8_t> bytes = serialize_manifest(m);
+  Manifest r = parse_manifest(bytes.data(), bytes.size(), "manifest.kfb");
+  CHECK(r.config.model_name == "llama3.1-tiny");
+  CHECK(r.config.rope_layout == RopeLayout::Interleaved);
+  CHECK(r.config.query_scale == 0.25);
+  CHECK(r.config.rope_use_scale == false);
+  CHECK(r.config.num_kv_heads == 2);
+  REQUIRE(r.blobs.size() == 2);
+  CHECK(r.blobs[0].header_crc32c == 0xdeadbeefu);
+  CHECK(r.blobs[1].layer == 0);
+  CHECK(r.provenance.scan_axis == 0);
+  CHECK(r.provenance.sources[0].second == 42);
+}
+
+TEST_CASE("parse_manifest refuses garbage and truncation") {
+  Manifest m;
+  m.config = small_config();
+  std::vector<uint8_t> bytes = serialize_manifest(m);
+  std::vector<uint8_t> cut(bytes.begin(), bytes.begin() + long(bytes.size() / 2));
+  CHECK_THROWS_AS(parse_manifest(cut.data(), cut.size(), "m.kfb"), Error);
+  std::vector<uint8_t> junk(64, 0xab);
+  CHECK_THROWS_WITH_AS(parse_manifest(junk.data(), junk.size(), "m.kfb"),
+                       doctest::Contains("m.kfb: not a kiln manifest"), Error);
+}

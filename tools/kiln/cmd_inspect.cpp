@@ -1,1 +1,137 @@
-// placeholder: being written
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "engine/artifact.h"
+#include "tools/kiln/args.h"
+#include "tools/kiln/commands.h"
+
+namespace kiln::cli {
+
+namespace {
+
+nlohmann::ordered_json config_json(const ModelConfig& c) {
+  return {{"decoder_block", c.decoder_block},
+          {"model_name", c.model_name},
+          {"emb_dim", c.emb_dim},
+          {"num_query_heads", c.num_query_heads},
+          {"num_kv_heads", c.num_kv_heads},
+          {"head_dim", c.head_dim},
+          {"mlp_dim", c.mlp_dim},
+          {"num_decoder_layers", c.num_decoder_layers},
+          {"vocab_size", c.vocab_size},
+          {"normalization_layer_epsilon", c.normalization_layer_epsilon},
+          {"rope_layout", c.rope_layout == RopeLayout::Interleaved ? "interleaved (llama3.1)"
+                                                                  : "half-split"},
+          {"rope_min_timescale", c.rope_min_timescale},
+          {"rope_max_timescale", c.rope_max_timescale},
+          {"rope_linear_scaling_factor", c.rope_linear_scaling_factor},
+          {"rope_use_scale", c.rope_use_scale},
+          {"use_qk_norm", c.use_qk_norm},
+          {"query_scale", c.query_scale},
+          {"logits_via_embedding", c.logits_via_embedding},
+          {"normalize_embedding_logits", c.normalize_embedding_logits},
+          {"final_logits_soft_cap", c.final_logits_soft_cap},
+          {"max_target_length", c.max_target_length}};
+}
+
+}  // namespace
+
+int cmd_inspect(int argc, const char* const* argv) {
+  ArgParser p("kiln inspect", "Shows an artifact's config, blobs, tensors and provenance.");
+  p.positional("DIR", "artifact directory");
+  p.flag("--verify", "also recompute every tensor's CRC-32C checksum");
+  p.flag("--tensors", "list every tensor of every blob");
+  p.flag("--json", "print one JSON object");
+  Args a = p.parse(argc, argv);
+  bool verify = a.has("--verify");
+  auto art = Artifact::open(a.positional(0), {verify});
+  const Manifest& m = art->manifest();
+  const Provenance& pv = m.provenance;
+
+  uint64_t n_tensors = 0, n_params = 0;
+  nlohmann::ordered_json blobs = nlohmann::ordered_json::array();
+  for (size_t i = 0; i < m.blobs.size(); ++i) {
+    const BlobView& v = i == 0 ? art->globals() : art->layer(int64_t(i) - 1);
+    nlohmann::ordered_json tensors = nlohmann::ordered_json::array();
+    for (const auto& t : v.tensors()) {
+      ++n_tensors;
+      n_params += t.length / dtype_size(t.dtype);
+      tensors.push_back({{"name", t.name},
+                         {"dtype", std::string(dtype_name(t.dtype))},
+                         {"shape", t.shape},
+                         {"bytes", t.length},
+                         {"crc32c", t.crc32c}});
+    }
+    blobs.push_back({{"file", m.blobs[i].file},
+                     {"layer", m.blobs[i].layer},
+                     {"kind", m.blobs[i].kind == LayerKind::Globals ? "globals" : "dense"},
+                     {"bytes", m.blobs[i].size},
+                     {"tensors", tensors}});
+  }
+  nlohmann::ordered_json sources = nlohmann::ordered_json::array();
+  for (const auto& [path, size] : pv.sources) sources.push_back({{"path", path}, {"bytes", size}});
+  nlohmann::ordered_json options = nlohmann::ordered_json::array();
+  for (const auto& [k, val] : pv.options) options.push_back(val.empty() ? k : k + " " + val);
+
+  if (a.has("--json")) {
+    nlohmann::ordered_json j = {
+        {"dir", art->dir()},
+        {"format_version", std::to_string(m.format_major) + "." + std::to_string(m.format_minor)},
+        {"config", config_json(m.config)},
+        {"parameters", n_params},
+        {"tensors", n_tensors},
+        {"bytes", art->total_bytes()},
+        {"checksums_verified", verify},
+        {"blobs", blobs},
+        {"tokenizer_bytes", m.tokenizer.size()},
+        {"provenance",
+         {{"exporter_version", pv.exporter_version},
+          {"created_utc", pv.created_utc},
+          {"sources", sources},
+          {"config_source", pv.config_source},
+          {"key_layout", pv.key_layout},
+          {"scanned", pv.scanned},
+          {"scan_axis", pv.scan_axis},
+          {"options", options},
+          {"nonfinite_nan", pv.nonfinite_nan},
+          {"nonfinite_inf", pv.nonfinite_inf}}}};
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+
+  std::printf("artifact   %s (format %u.%u, %.1f MiB, %llu tensors, %.3f B parameters)\n",
+              art->dir().c_str(), m.format_major, m.format_minor,
+              double(art->total_bytes()) / (1 << 20), static_cast<unsigned long long>(n_tensors),
+              double(n_params) / 1e9);
+  std::printf("\nconfig\n");
+  for (const auto& [k, val] : config_json(m.config).items())
+    std::printf("  %-28s %s\n", k.c_str(), val.is_string() ? val.get<std::string>().c_str()
+                                                             : val.dump().c_str());
+  std::printf("\nblobs\n");
+  for (const auto& b : blobs) {
+    std::printf("  %-18s %-8s %10.2f MiB  %zu tensors\n", b["file"].get<std::string>().c_str(),
+                b["kind"].get<std::string>().c_str(), b["bytes"].get<double>() / (1 << 20),
+                b["tensors"].size());
+    if (a.has("--tensors"))
+      for (const auto& t : b["tensors"])
+        std::printf("      %-16s %-5s %-22s crc32c %08x\n", t["name"].get<std::string>().c_str(),
+                    t["dtype"].get<std::string>().c_str(), t["shape"].dump().c_str(),
+                    t["crc32c"].get<uint32_t>());
+  }
+  std::printf("\nprovenance\n");
+  std::printf("  exporter      kiln %s, %s\n", pv.exporter_version.c_str(), pv.created_utc.c_str());
+  for (const auto& [path, size] : pv.sources)
+    std::printf("  source        %s (%llu bytes)\n", path.c_str(),
+                static_cast<unsigned long long>(size));
+  std::printf("  config        %s\n", pv.config_source.c_str());
+  std::printf("  key layout    %s, %s", pv.key_layout.c_str(), pv.scanned ? "scanned" : "unrolled");
+  if (pv.scanned) std::printf(" on axis %d", pv.scan_axis);
+  std::printf("\n  non-finite    %llu NaN, %llu Inf\n",
+              static_cast<unsigned long long>(pv.nonfinite_nan),
+              static_cast<unsigned long long>(pv.nonfinite_inf));
+  std::printf("\n%s\n", verify ? "verified: every blob header and tensor checksum matches"
+                               : "headers verified (use --verify to check tensor checksums)");
+  return 0;
+}
+
+}  // namespace kiln::cli

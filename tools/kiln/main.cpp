@@ -1,1 +1,80 @@
-int main() { return 0; }
+// kiln — export MaxText checkpoints to per-layer bf16 artifacts and run them on the CPU.
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <string>
+
+#include "common/error.h"
+#include "tools/kiln/args.h"
+#include "tools/kiln/commands.h"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: kiln <command> [options]   (kiln <command> --help for its options)\n"
+    "\n"
+    "commands:\n"
+    "  export    training checkpoint (safetensors, MaxText layout) + config -> artifact directory\n"
+    "  inspect   show an artifact's manifest, tensors and provenance; --verify checks checksums\n"
+    "  run       prefill a prompt and generate tokens, with timings\n"
+    "  golden    dump / check the logits of one prefill (regression tests)\n"
+    "  bench     prefill and decode tokens/s, load time, peak memory\n";
+
+// OpenMP reads OMP_WAIT_POLICY once, when libgomp loads — before main. Parked worker threads
+// take milliseconds to wake on this kind of machine (docs/performance.md), which would dominate
+// a per-token matmul, so kiln restarts itself once with spinning workers unless the user chose a
+// policy.
+void ensure_spinning_openmp_workers(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;
+  ::setenv("OMP_WAIT_POLICY", "active", 1);
+  ::execv("/proc/self/exe", argv);  // returns only on failure; then run with the default policy
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace kiln::cli;
+  if (argc < 2) {
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
+  std::string cmd = argv[1];
+  if (cmd == "-h" || cmd == "--help" || cmd == "help") {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  if (cmd == "--version") {
+    std::printf("kiln %s\n", KILN_VERSION);
+    return 0;
+  }
+  if (cmd == "run" || cmd == "bench" || cmd == "golden") ensure_spinning_openmp_workers(argv);
+  const char* const* sub_argv = argv + 1;
+  int sub_argc = argc - 1;
+  try {
+    if (cmd == "export") return cmd_export(sub_argc, sub_argv);
+    if (cmd == "inspect") return cmd_inspect(sub_argc, sub_argv);
+    if (cmd == "run") return cmd_run(sub_argc, sub_argv);
+    if (cmd == "golden") return cmd_golden(sub_argc, sub_argv);
+    if (cmd == "bench") return cmd_bench(sub_argc, sub_argv);
+    std::fprintf(stderr, "kiln: error: unknown command '%s'\n%s", cmd.c_str(), kUsage);
+    return 2;
+  } catch (const HelpRequested& h) {
+    std::fputs(h.usage().c_str(), stdout);
+    return 0;
+  } catch (const kiln::UsageError& e) {
+    std::fprintf(stderr, "kiln: error: %s\n", e.what());
+    return 2;
+  } catch (const kiln::Error& e) {
+    std::fprintf(stderr, "kiln: error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "kiln: error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "kiln: internal error: %s\n", e.what());
+    return 3;
+  }
+}

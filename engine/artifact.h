@@ -1,0 +1,46 @@
+// Opening an artifact directory: mmap the manifest and every blob and verify them before any
+// weight is used (design.md §4). Every failure names the file (and tensor).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/mapped_file.h"
+#include "schema/blob_file.h"
+#include "schema/manifest.h"
+
+namespace kiln {
+
+struct ArtifactOptions {
+  bool verify_checksums = false;  // also recompute every tensor's CRC-32C (reads everything)
+};
+
+class Artifact {
+ public:
+  // Checks: manifest (FlatBuffers verifier, identifier, version, config); each blob's size and
+  // header checksum against the manifest, its preamble, header and tensor bounds; the layer index
+  // and kind; every expected tensor present with the dtype and shape the config implies and no
+  // unexpected tensor.
+  static std::unique_ptr<Artifact> open(const std::string& dir, const ArtifactOptions& opt = {});
+
+  const std::string& dir() const { return dir_; }
+  const Manifest& manifest() const { return manifest_; }
+  const ModelConfig& config() const { return manifest_.config; }
+  const BlobView& globals() const { return views_.front(); }
+  const BlobView& layer(int64_t l) const { return views_.at(size_t(l) + 1); }
+  uint64_t total_bytes() const;
+
+  // A tensor's bytes as bf16 values, checked against the expected shape.
+  const uint16_t* bf16(const BlobView& blob, const std::string& name,
+                       const std::vector<int64_t>& shape) const;
+
+ private:
+  std::string dir_;
+  std::unique_ptr<MappedFile> manifest_file_;
+  Manifest manifest_;
+  std::vector<std::unique_ptr<MappedFile>> files_;  // globals, layer 0, layer 1, …
+  std::vector<BlobView> views_;
+};
+
+}  // namespace kiln

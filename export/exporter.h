@@ -1,0 +1,49 @@
+// `kiln export`: training checkpoint + config → artifact directory (design.md §3).
+//
+// Stage order per layer: read → canonicalise names → unroll → convert to bf16 once → write.
+// One tensor is held in f32 at a time (peak memory ≈ the largest layer tensor + a constant), the
+// artifact is written to a temporary sibling directory and renamed into place only when complete.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace kiln {
+
+struct ExportOptions {
+  std::vector<std::string> checkpoints;
+  std::string config_path;
+  std::vector<std::pair<std::string, std::string>> overrides;  // --set key=value
+  std::optional<int> scan_axis;                                // --scan-axis
+  std::string out_dir;
+  bool force = false;
+  // The command line as given, recorded in the manifest's provenance.
+  std::vector<std::pair<std::string, std::string>> recorded_options;
+};
+
+struct ExportProgress {
+  int64_t blobs_done = 0;
+  int64_t blobs_total = 0;
+  uint64_t bytes_written = 0;
+};
+
+struct ExportSummary {
+  int64_t layers = 0;
+  uint64_t bytes_written = 0;
+  uint64_t nonfinite_nan = 0;
+  uint64_t nonfinite_inf = 0;
+  std::string key_layout;
+  bool scanned = false;
+  double seconds = 0;
+};
+
+// Throws kiln::Error (one line naming the file and key) on any bad input; nothing is left at
+// `out_dir` (or the previous artifact stays untouched) when it throws.
+ExportSummary export_artifact(const ExportOptions& opt,
+                              const std::function<void(const ExportProgress&)>& progress = {});
+
+}  // namespace kiln

@@ -1,0 +1,51 @@
+// manifest.kfb: what an artifact contains and where it came from (kiln.fbs `Manifest`).
+// Plain structs for the rest of the code; FlatBuffers stays inside manifest.cpp.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "schema/blob_file.h"
+#include "schema/model_config.h"
+
+namespace kiln {
+
+struct BlobEntry {
+  std::string file;  // relative to the artifact directory
+  int layer = -1;
+  LayerKind kind = LayerKind::Globals;
+  uint64_t size = 0;
+  uint32_t header_crc32c = 0;
+};
+
+struct Provenance {
+  std::string exporter_version;
+  std::string created_utc;
+  std::vector<std::pair<std::string, uint64_t>> sources;  // path, size in bytes
+  std::string config_source;
+  std::string key_layout;
+  bool scanned = false;
+  int scan_axis = 1;
+  std::vector<std::pair<std::string, std::string>> options;
+  uint64_t nonfinite_nan = 0;
+  uint64_t nonfinite_inf = 0;
+};
+
+struct Manifest {
+  uint16_t format_major = 0;
+  uint16_t format_minor = 0;
+  ModelConfig config;
+  std::vector<BlobEntry> blobs;
+  std::vector<uint8_t> tokenizer;
+  Provenance provenance;
+};
+
+std::vector<uint8_t> serialize_manifest(const Manifest& m);
+
+// Verifies (FlatBuffers verifier, identifier, format version, config) and converts. Throws
+// kiln::Error naming `path`.
+Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& path);
+
+}  // namespace kiln
