@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
     std::fputs(h.usage().c_str(), stdout);
     return 0;
   } catch (const kiln::UsageError& e) {
-    std::fprintf(stderr, "kiln: error: %s\n", e.what());
+    std::fprintf(stderr, "kiln: error: %s\n", e.what());  // names the subcommand itself
     return 2;
   } catch (const kiln::Error& e) {
     std::fprintf(stderr, "kiln: error: %s\n", e.what());
