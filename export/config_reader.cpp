@@ -1,1 +1,539 @@
-// placeholder: being written
+#include "export/config_reader.h"
+
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
+#include <string_view>
+
+#include "common/error.h"
+
+namespace kiln {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// One configuration value with where it came from, so that a type error can point at it.
+struct Entry {
+  json value;
+  std::string text;    // as written (YAML scalar text, JSON string contents or JSON dump)
+  std::string origin;  // "<file>:<line>", "<file>" or "--set key=value"
+};
+
+// Keys in file order; a later occurrence (or an override) replaces the value in place.
+class Entries {
+ public:
+  void set(const std::string& key, Entry e) {
+    auto [it, inserted] = pos_.try_emplace(key, items_.size());
+    if (inserted) {
+      items_.emplace_back(key, std::move(e));
+    } else {
+      items_[it->second].second = std::move(e);
+    }
+  }
+  const Entry* get(const std::string& key) const {
+    auto it = pos_.find(key);
+    return it == pos_.end() ? nullptr : &items_[it->second].second;
+  }
+  const std::vector<std::pair<std::string, Entry>>& items() const { return items_; }
+
+ private:
+  std::vector<std::pair<std::string, Entry>> items_;
+  std::map<std::string, size_t> pos_;
+};
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
+  return s;
+}
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
+// ---- YAML subset ---------------------------------------------------------------------------
+
+// Removes a trailing comment: '#' outside quotes, at the start or after whitespace (YAML treats
+// `a#b` as plain text).
+std::string_view strip_comment(std::string_view line) {
+  char quote = 0;
+  for (size_t i = 0; i < line.size(); ++i) {
+    const char c = line[i];
+    if (quote) {
+      if (c == quote) quote = 0;
+    } else if (c == '\'' || c == '"') {
+      if (i == 0 || std::isspace(static_cast<unsigned char>(line[i - 1])) || line[i - 1] == '[' ||
+          line[i - 1] == ',' || line[i - 1] == ':')
+        quote = c;
+    } else if (c == '#' && (i == 0 || std::isspace(static_cast<unsigned char>(line[i - 1])))) {
+      return line.substr(0, i);
+    }
+  }
+  return line;
+}
+
+// Net bracket depth of a flow collection fragment, ignoring brackets inside quotes.
+int bracket_balance(std::string_view s) {
+  int depth = 0;
+  char quote = 0;
+  for (char c : s) {
+    if (quote) {
+      if (c == quote) quote = 0;
+    } else if (c == '\'' || c == '"') {
+      quote = c;
+    } else if (c == '[' || c == '{') {
+      ++depth;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return depth;
+}
+
+std::optional<std::string> unquote(std::string_view s) {
+  if (s.size() < 2 || (s.front() != '"' && s.front() != '\'') || s.back() != s.front())
+    return std::nullopt;
+  std::string_view body = s.substr(1, s.size() - 2);
+  std::string out;
+  if (s.front() == '\'') {  // single quotes: only '' is special
+    for (size_t i = 0; i < body.size(); ++i) {
+      out += body[i];
+      if (body[i] == '\'' && i + 1 < body.size() && body[i + 1] == '\'') ++i;
+    }
+    return out;
+  }
+  for (size_t i = 0; i < body.size(); ++i) {
+    if (body[i] != '\\' || i + 1 == body.size()) {
+      out += body[i];
+      continue;
+    }
+    switch (char c = body[++i]) {
+      case 'n':
+        out += '\n';
+        break;
+      case 't':
+        out += '\t';
+        break;
+      default:
+        out += c;
+        break;
+    }
+  }
+  return out;
+}
+
+bool is_int_text(std::string_view s) {
+  size_t i = (!s.empty() && (s[0] == '-' || s[0] == '+')) ? 1 : 0;
+  if (i >= s.size() || !std::isdigit(static_cast<unsigned char>(s[i]))) return false;
+  for (; i < s.size(); ++i)
+    if (!std::isdigit(static_cast<unsigned char>(s[i])) && s[i] != '_') return false;
+  return true;
+}
+
+// [-+]? (digits[_digits]* [. digits*]? | . digits+) ([eE][-+]?digits+)?, with at least a '.' or
+// an exponent (otherwise it is an integer).
+bool is_float_text(std::string_view s) {
+  size_t i = (!s.empty() && (s[0] == '-' || s[0] == '+')) ? 1 : 0;
+  size_t digits = 0;
+  bool dot = false, exp = false;
+  for (; i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '_'); ++i)
+    digits += s[i] != '_';
+  if (i < s.size() && s[i] == '.') {
+    dot = true;
+    for (++i; i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '_'); ++i)
+      digits += s[i] != '_';
+  }
+  if (digits == 0) return false;
+  if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+    exp = true;
+    ++i;
+    if (i < s.size() && (s[i] == '-' || s[i] == '+')) ++i;
+    size_t exp_digits = 0;
+    for (; i < s.size() && std::isdigit(static_cast<unsigned char>(s[i])); ++i) ++exp_digits;
+    if (exp_digits == 0) return false;
+  }
+  return i == s.size() && (dot || exp);
+}
+
+std::string without_underscores(std::string_view s) {
+  std::string out;
+  for (char c : s)
+    if (c != '_') out += c;
+  return out;
+}
+
+json parse_scalar(std::string_view text);
+
+// Splits the inside of a flat `[a, b, c]` into items; nested collections are not split (the caller
+// keeps those lists as raw text).
+json parse_flow_list(std::string_view text) {
+  std::string_view body = trim(text.substr(1, text.size() - 2));
+  json arr = json::array();
+  if (body.empty()) return arr;
+  std::vector<std::string_view> items;
+  char quote = 0;
+  size_t start = 0;
+  for (size_t i = 0; i <= body.size(); ++i) {
+    if (i < body.size() && quote) {
+      if (body[i] == quote) quote = 0;
+      continue;
+    }
+    if (i < body.size() && (body[i] == '\'' || body[i] == '"')) {
+      quote = body[i];
+      continue;
+    }
+    if (i == body.size() || body[i] == ',') {
+      items.push_back(trim(body.substr(start, i - start)));
+      start = i + 1;
+    }
+  }
+  if (!items.empty() && items.back().empty()) items.pop_back();  // trailing comma
+  for (std::string_view item : items) {
+    if (!item.empty() && (item.front() == '[' || item.front() == '{'))
+      return json(std::string(text));  // nested: kept verbatim, no supported key needs it
+    arr.push_back(parse_scalar(item));
+  }
+  return arr;
+}
+
+// A YAML 1.2-ish scalar, plus `_` digit separators as in MaxText's `500_000`.
+json parse_scalar(std::string_view text) {
+  std::string_view s = trim(text);
+  if (s.empty() || s == "~" || s == "null" || s == "Null" || s == "NULL") return nullptr;
+  if (auto q = unquote(s)) return *q;
+  if (s == "true" || s == "True" || s == "TRUE") return true;
+  if (s == "false" || s == "False" || s == "FALSE") return false;
+  if (s.front() == '[' && s.back() == ']' && bracket_balance(s) == 0) return parse_flow_list(s);
+  if (s.front() == '{') return std::string(s);
+  if (is_int_text(s)) {
+    const std::string digits = without_underscores(s);
+    errno = 0;
+    char* end = nullptr;
+    const long long v = std::strtoll(digits.c_str(), &end, 10);
+    if (errno == 0 && *end == '\0') return int64_t(v);
+    return std::strtod(digits.c_str(), nullptr);  // too large for int64: keep the magnitude
+  }
+  if (is_float_text(s)) return std::strtod(without_underscores(s).c_str(), nullptr);
+  const std::string l = lower(s);
+  if (l == ".inf" || l == "+.inf") return HUGE_VAL;
+  if (l == "-.inf") return -HUGE_VAL;
+  if (l == ".nan") return NAN;
+  return std::string(s);
+}
+
+std::string json_text(const json& v) {
+  return v.is_string() ? v.get<std::string>() : v.dump();
+}
+
+bool indented(std::string_view line) {
+  return !line.empty() && (line.front() == ' ' || line.front() == '\t');
+}
+
+void parse_yaml(const std::string& path, const std::string& content, Entries& out) {
+  std::vector<std::string_view> lines;
+  {
+    std::string_view all(content);
+    size_t start = 0;
+    while (start <= all.size()) {
+      size_t nl = all.find('\n', start);
+      if (nl == std::string_view::npos) nl = all.size();
+      std::string_view line = all.substr(start, nl - start);
+      if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+      lines.push_back(line);
+      start = nl + 1;
+    }
+  }
+  auto where = [&](size_t i) { return path + ":" + std::to_string(i + 1); };
+  for (size_t i = 0; i < lines.size(); ++i) {
+    std::string_view line = strip_comment(lines[i]);
+    std::string_view t = trim(line);
+    if (t.empty() || t == "---" || t == "...") continue;
+    if (indented(line))
+      throw Error(where(i) + ": unexpected indented line '" + std::string(t) +
+                  "'; expected a top-level 'key: value' line");
+    if (t.starts_with("- "))
+      throw Error(where(i) + ": a top-level list item '" + std::string(t) +
+                  "'; expected 'key: value' lines");
+    // The key ends at the first ':' followed by a space or the end of the line.
+    size_t colon = std::string_view::npos;
+    size_t from = 0;
+    if (t.front() == '"' || t.front() == '\'') from = t.find(t.front(), 1);
+    for (size_t p = t.find(':', from == std::string_view::npos ? 0 : from);
+         p != std::string_view::npos; p = t.find(':', p + 1)) {
+      if (p + 1 == t.size() || t[p + 1] == ' ' || t[p + 1] == '\t') {
+        colon = p;
+        break;
+      }
+    }
+    if (colon == std::string_view::npos || colon == 0)
+      throw Error(where(i) + ": expected 'key: value', got '" + std::string(t) + "'");
+    std::string_view key_text = trim(t.substr(0, colon));
+    const std::string key = unquote(key_text).value_or(std::string(key_text));
+    std::string value(trim(t.substr(colon + 1)));
+    const size_t first = i;
+
+    if (value.empty() || value == "|" || value == ">" || value.starts_with("|-") ||
+        value.starts_with(">-")) {
+      // A nested mapping, block list or block scalar: its lines are indented (a block list may
+      // also start at column 0 with "- "). None of the keys we read are nested, so it is skipped.
+      size_t j = i + 1, last = i;
+      for (; j < lines.size(); ++j) {
+        std::string_view lj = strip_comment(lines[j]);
+        if (trim(lj).empty()) continue;
+        if (!indented(lj) && !trim(lj).starts_with("- ") && trim(lj) != "-") break;
+        last = j;
+      }
+      if (last == i && value.empty()) {
+        out.set(key, Entry{nullptr, "", where(first)});  // `key:` alone is null in YAML
+      } else {
+        out.set(key, Entry{"<nested block, not read>", "<nested block, not read>", where(first)});
+        i = last;
+      }
+      continue;
+    }
+
+    if (value.front() == '[' || value.front() == '{') {
+      // Flow collections may span lines (MaxText's logical_axis_rules does).
+      int depth = bracket_balance(value);
+      while (depth > 0) {
+        if (++i == lines.size())
+          throw Error(where(first) + ": key '" + key + "': '" + value.substr(0, 1) +
+                      "' is never closed");
+        std::string_view more = trim(strip_comment(lines[i]));
+        value += " ";
+        value += more;
+        depth += bracket_balance(more);
+      }
+      if (depth < 0)
+        throw Error(where(first) + ": key '" + key + "': unbalanced brackets in '" + value + "'");
+    }
+    json v = parse_scalar(value);
+    std::string text = v.is_string() ? v.get<std::string>() : value;
+    out.set(key, Entry{std::move(v), std::move(text), where(first)});
+  }
+}
+
+void parse_json_config(const std::string& path, const std::string& content, Entries& out) {
+  json j;
+  try {
+    j = json::parse(content);
+  } catch (const json::parse_error& e) {
+    std::string what = e.what();
+    if (auto p = what.find("] "); p != std::string::npos && what.starts_with("[json.exception"))
+      what = what.substr(p + 2);
+    for (char& c : what)
+      if (c == '\n' || c == '\r') c = ' ';
+    throw Error(path + ": malformed JSON at byte " + std::to_string(e.byte) + ": " + what);
+  }
+  if (!j.is_object())
+    throw Error(path + ": expected a JSON object of MaxText config fields, got a " +
+                std::string(j.type_name()));
+  for (auto it = j.begin(); it != j.end(); ++it)
+    out.set(it.key(), Entry{it.value(), json_text(it.value()), path});
+}
+
+bool looks_like_yaml(const std::string& path, const std::string& content) {
+  const std::string ext = lower(fs::path(path).extension().string());
+  if (ext == ".yml" || ext == ".yaml") return true;
+  if (ext == ".json") return false;
+  std::string_view t = trim(content);
+  return t.empty() || t.front() != '{';
+}
+
+// ---- typed access --------------------------------------------------------------------------
+
+class Fields {
+ public:
+  Fields(const std::string& path, const Entries& e) : path_(path), e_(e) {}
+
+  // Present and not null.
+  const Entry* find(const std::string& key) const {
+    const Entry* e = e_.get(key);
+    return e && !e->value.is_null() ? e : nullptr;
+  }
+
+  [[noreturn]] void type_error(const std::string& key, const Entry& e, const char* expected) const {
+    std::string origin = e.origin.starts_with("--set") ? path_ + ": " + e.origin : e.origin;
+    throw Error(origin + ": key '" + key + "' has value '" + e.text + "', expected " + expected);
+  }
+
+  std::optional<int64_t> get_int(const std::string& key) const {
+    const Entry* e = find(key);
+    if (!e) return std::nullopt;
+    if (!e->value.is_number_integer()) type_error(key, *e, "an integer");
+    if (e->value.is_number_unsigned() && e->value.get<uint64_t>() > uint64_t(INT64_MAX))
+      type_error(key, *e, "an integer that fits in 64 bits");
+    return e->value.get<int64_t>();
+  }
+  std::optional<double> get_double(const std::string& key) const {
+    const Entry* e = find(key);
+    if (!e) return std::nullopt;
+    if (!e->value.is_number()) type_error(key, *e, "a number");
+    return e->value.get<double>();
+  }
+  std::optional<bool> get_bool(const std::string& key) const {
+    const Entry* e = find(key);
+    if (!e) return std::nullopt;
+    if (!e->value.is_boolean()) type_error(key, *e, "true or false");
+    return e->value.get<bool>();
+  }
+  std::optional<std::string> get_string(const std::string& key) const {
+    const Entry* e = find(key);
+    if (!e) return std::nullopt;
+    if (!e->value.is_string()) type_error(key, *e, "a string");
+    return e->value.get<std::string>();
+  }
+
+  // MaxText derives `emb_dim` from `base_emb_dim` (× global_parameter_scale, which must be 1
+  // here); a JSON config may give either name. Both with different values is ambiguous.
+  std::optional<int64_t> get_dim(const std::string& key) const {
+    std::optional<int64_t> plain = get_int(key), base = get_int("base_" + key);
+    if (plain && base && *plain != *base)
+      throw Error(path_ + ": '" + key + "' (" + std::to_string(*plain) + ") and 'base_" + key +
+                  "' (" + std::to_string(*base) + ") disagree; give one of them");
+    return plain ? plain : base;
+  }
+
+ private:
+  const std::string& path_;
+  const Entries& e_;
+};
+
+std::string read_file(const std::string& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) throw Error(path + ": is a directory, expected a config file");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot open the config file");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) throw Error(path + ": cannot read the config file");
+  return ss.str();
+}
+
+}  // namespace
+
+ExportConfig read_export_config(const std::string& path,
+                                const std::vector<std::pair<std::string, std::string>>& overrides) {
+  const std::string content = read_file(path);
+  const bool yaml = looks_like_yaml(path, content);
+  Entries entries;
+  if (yaml) {
+    parse_yaml(path, content, entries);
+  } else {
+    parse_json_config(path, content, entries);
+  }
+  for (const auto& [k, v] : overrides) {
+    const std::string key(trim(k));
+    if (key.empty()) throw Error(path + ": --set '" + k + "=" + v + "' has an empty key");
+    json value = parse_scalar(v);
+    std::string text = value.is_string() ? value.get<std::string>() : std::string(trim(v));
+    entries.set(key, Entry{std::move(value), std::move(text), "--set " + key + "=" + v});
+  }
+
+  const Fields f(path, entries);
+  ExportConfig cfg;
+  for (const auto& [k, e] : entries.items()) cfg.raw.emplace_back(k, e.text);
+  ModelConfig& m = cfg.model;
+
+  std::vector<std::string> missing;
+  auto required_dim = [&](const std::string& key, int64_t& dst) {
+    if (auto v = f.get_dim(key)) {
+      dst = *v;
+    } else {
+      missing.push_back(key + " (or base_" + key + ")");
+    }
+  };
+  std::optional<std::string> block = f.get_string("decoder_block");
+  if (!block) missing.push_back("decoder_block");
+  required_dim("emb_dim", m.emb_dim);
+  required_dim("num_query_heads", m.num_query_heads);
+  required_dim("num_kv_heads", m.num_kv_heads);
+  required_dim("mlp_dim", m.mlp_dim);
+  required_dim("num_decoder_layers", m.num_decoder_layers);
+  if (auto v = f.get_int("vocab_size")) {
+    m.vocab_size = *v;
+  } else {
+    missing.push_back("vocab_size");
+  }
+  if (!missing.empty()) {
+    std::string list;
+    for (size_t i = 0; i < missing.size(); ++i) list += (i ? ", " : "") + missing[i];
+    throw Error(path + ": missing required field" + (missing.size() > 1 ? "s: " : ": ") + list);
+  }
+
+  m.decoder_block = *block;
+  if (m.decoder_block != "llama2" && m.decoder_block != "mistral" && m.decoder_block != "qwen3")
+    throw Error(path + ": decoder_block '" + m.decoder_block +
+                "' is not supported (supported: llama2, mistral, qwen3)");
+  const bool qwen3 = m.decoder_block == "qwen3";
+
+  // MaxText picks the model file by model_name (configs/models/<model_name>.yml), and the RoPE
+  // variant depends on the name; a model YAML read on its own therefore stands for its stem.
+  if (auto v = f.get_string("model_name")) {
+    m.model_name = *v;
+  } else if (yaml) {
+    m.model_name = fs::path(path).stem().string();
+  }
+
+  if (auto v = f.get_double("global_parameter_scale"); v && *v != 1.0)
+    throw Error(path + ": global_parameter_scale " + entries.get("global_parameter_scale")->text +
+                " is not supported (only 1)");
+  if (const Entry* e = f.find("mlp_activations")) {
+    if (e->value != json::array({"silu", "linear"}))
+      throw Error(path + ": mlp_activations " + e->text + " is not supported for decoder_block " +
+                  m.decoder_block + " (expected [silu, linear])");
+  }
+
+  m.head_dim = f.get_int("head_dim").value_or(128);
+  m.normalization_layer_epsilon = f.get_double("normalization_layer_epsilon").value_or(1e-5);
+  m.rope_min_timescale = f.get_double("rope_min_timescale").value_or(1.0);
+  m.rope_max_timescale = f.get_double("rope_max_timescale").value_or(10000.0);
+  m.rope_linear_scaling_factor = f.get_double("rope_linear_scaling_factor").value_or(1.0);
+  m.rope_use_scale = f.get_bool("rope_use_scale").value_or(true);
+  m.use_qk_norm = f.get_bool("use_qk_norm").value_or(qwen3);
+  m.logits_via_embedding = f.get_bool("logits_via_embedding").value_or(false);
+  m.normalize_embedding_logits = f.get_bool("normalize_embedding_logits").value_or(true);
+  m.final_logits_soft_cap = f.get_double("final_logits_soft_cap").value_or(0.0);
+  m.max_target_length = f.get_int("max_target_length").value_or(2048);
+  cfg.scan_layers = f.get_bool("scan_layers").value_or(true);
+  const int64_t axis = f.get_int("param_scan_axis").value_or(1);
+  if (axis < 0 || axis > 1'000'000)
+    throw Error(path + ": param_scan_axis " + std::to_string(axis) +
+                " is out of range (expected a non-negative axis index)");
+  cfg.param_scan_axis = int(axis);
+
+  // Same selection order as MaxText's init_rotary_embedding: the llama3.1 name test comes first.
+  const std::string rope_type = f.get_string("rope_type").value_or("default");
+  if (m.model_name.starts_with("llama3.1") || rope_type.starts_with("llama3.1")) {
+    m.rope_layout = RopeLayout::Interleaved;
+  } else if (rope_type.starts_with("yarn")) {
+    throw Error(path + ": rope_type '" + rope_type +
+                "' (YaRN) is not supported for decoder_block " + m.decoder_block +
+                " (supported: default, llama3.1)");
+  } else if (rope_type == "default") {
+    m.rope_layout = RopeLayout::HalfSplit;
+  } else {
+    throw Error(path + ": rope_type '" + rope_type +
+                "' is not supported (supported: default, llama3.1)");
+  }
+
+  // llama2/mistral checkpoints carry 1/sqrt(head_dim) inside the query kernel (spec §2.2); qwen3
+  // applies it at run time.
+  m.query_scale = qwen3 && m.head_dim > 0 ? 1.0 / std::sqrt(double(m.head_dim)) : 1.0;
+
+  m.validate(path);
+  return cfg;
+}
+
+}  // namespace kiln

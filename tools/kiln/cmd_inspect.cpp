@@ -99,12 +99,13 @@ int cmd_inspect(int argc, const char* const* argv) {
     return 0;
   }
 
-  std::printf("artifact   %s (format %u.%u, %.1f MiB, %llu tensors, %.3f B parameters)\n",
+  std::printf("artifact   %s (format %u.%u, %.1f MiB, %llu tensors, %.3f M parameters)\n",
               art->dir().c_str(), m.format_major, m.format_minor,
               double(art->total_bytes()) / (1 << 20), static_cast<unsigned long long>(n_tensors),
-              double(n_params) / 1e9);
+              double(n_params) / 1e6);
   std::printf("\nconfig\n");
-  for (const auto& [k, val] : config_json(m.config).items())
+  const nlohmann::ordered_json config = config_json(m.config);
+  for (const auto& [k, val] : config.items())
     std::printf("  %-28s %s\n", k.c_str(), val.is_string() ? val.get<std::string>().c_str()
                                                              : val.dump().c_str());
   std::printf("\nblobs\n");
