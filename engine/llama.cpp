@@ -84,7 +84,7 @@ class LlamaModel final : public Model {
     xb_ = rows_bf16(E);
     attn_b_ = rows_bf16(H * D);
     act_b_ = rows_bf16(F);
-    scores_.resize(size_t(c_.max_target_length));
+    scores_.resize(size_t(ops::attend_scratch_floats(c_.max_target_length, H)));
   }
 
   void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,

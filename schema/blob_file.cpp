@@ -154,6 +154,8 @@ BlobView::BlobView(const uint8_t* data, size_t size, const std::string& path)
   if (major != kFormatMajor)
     throw Error(path + ": blob format version " + std::to_string(major) +
                 " is not supported (this kiln reads version " + std::to_string(kFormatMajor) + ")");
+  if (get_le<uint32_t>(data + 12) != 0 || get_le<uint32_t>(data + 28) != 0)
+    throw Error(path + ": reserved preamble bytes are not zero (corrupt)");
   uint64_t hlen = get_le<uint64_t>(data + 16);
   if (hlen > size - kBlobPreambleSize)
     throw Error(path + ": header length " + std::to_string(hlen) + " runs past the end of the " +

@@ -19,6 +19,13 @@ void rms_norm(const float* x, const uint16_t* scale, int64_t rows, int64_t dim, 
               float* out);
 
 // Rotary position embedding, precomputed once per model for positions [0, max_positions).
+//   HalfSplit   (MaxText RotaryEmbedding): dims i and i + d/2 form a pair; timescale
+//               min·(max/min)^(2i/d)·linear_scaling_factor; sin/cos rounded to bf16.
+//               use_llama31_scaling is ignored (MaxText's default RoPE has no such remap).
+//   Interleaved (MaxText LLaMARotaryEmbedding): pairs (2i, 2i+1), optional Llama-3.1 frequency
+//               remap; sin/cos stay f32. linear_scaling_factor is ignored, as in MaxText.
+// Throws kiln::Error for an odd or non-positive head_dim, non-positive timescales or scaling
+// factor, or max_positions < 1. apply() throws for pos outside [0, max_positions).
 class Rope {
  public:
   Rope(RopeLayout layout, int64_t head_dim, double min_timescale, double max_timescale,
@@ -51,9 +58,24 @@ void to_bf16(const float* x, int64_t n, uint16_t* out);
 //   q:      [H, D] f32 (already RoPE'd and scaled; no further scaling is applied)
 //   k, v:   cache rows for positions [0, n_ctx): element (s, kv, d) at [s * kv_stride + kv * D + d]
 //   out:    [H, D] f32; query head h uses kv head h / (H / K)
-//   scratch: at least n_ctx floats
-// Logits are rounded to bf16 before the softmax as in MaxText (float32_logits: false).
+//   scratch: at least attend_scratch_floats(n_ctx, H) = H · n_ctx floats (the G = H / K query
+//            heads sharing a kv head are processed together so every K/V row is loaded once;
+//            each head needs its own row of logits). On return scratch[h · n_ctx + s] holds the
+//            unnormalised bf16 weight exp(l − max) of head h at position s.
+// Logits are rounded to bf16 before the softmax as in MaxText (float32_logits: false); the
+// exponentials are rounded to bf16, their sum and the weighted V sum are f32.
+// Throws kiln::Error for n_ctx < 1, K < 1, H not a multiple of K, D < 1 or kv_stride < K · D.
 void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t n_ctx, int64_t H,
             int64_t K, int64_t D, int64_t kv_stride, float* scratch, float* out);
+inline int64_t attend_scratch_floats(int64_t n_ctx, int64_t H) {
+  return n_ctx * H;
+}
+
+// The Llama-3.1 frequency remap MaxText hard-codes (scale_factor 8, low_freq_factor 1,
+// high_freq_factor 4, old_context_len 8192), in f32 as MaxText computes it. Exposed for tests.
+float llama31_scale_frequency(float freq);
+
+// Name of the Highway target the kernels dispatch to on this CPU (e.g. "AVX3"), for logs.
+const char* kernels_target_name();
 
 }  // namespace kiln::ops

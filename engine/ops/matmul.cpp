@@ -1,1 +1,461 @@
-// placeholder: being written
+// Linear: bf16 × bf16 → f32 matrix products for the per-token path.
+//
+// Design, from measurements on the project machine (2-core AMD Zen 4/5 VM, oneDNN 2.6.3; numbers
+// in tools/dev/bench_matmul.cpp's report):
+//  - With weights described as format_tag::any, oneDNN picks brg:avx512_core_bf16 with W in the
+//    blocked layout BA16a64b2a; that is the fastest oneDNN path for every M ≥ 2 we measured
+//    (M = 16: ~2× the runtime-M gemm:jit on plain W; M ≥ 128: +15–25%). So W is re-laid once.
+//  - For M = 1 oneDNN's brgemm only reached ~25–35 GB/s of weight streaming while a plain AVX-512
+//    BF16 loop over the same blocked layout (each 64-column block is one contiguous run of K×64
+//    values, exactly a GEMV's access pattern) reaches ~40–52 GB/s. That loop is gemv_blocked().
+//  - Static primitives need a fixed M. Runtime M falls back to gemm:jit on plain W, which is slow
+//    at small M, so we create static primitives for a set of M "buckets" and split a call into the
+//    largest bucket ≤ M plus the rest. Splitting re-streams W once more per piece, which is cheap
+//    next to the compute of M ≥ 16 rows, and it never touches rows past M of the caller's buffers.
+//  - Plain W in place (relayout = false): M = 1 through a runtime-M gemm:jit primitive (its GEMV
+//    is ~3× brgemm's on plain W); M > 1 through brgemm bucket primitives on plain W (they copy W
+//    panels into the scratchpad as they go; about as fast as gemm:jit and they need no malloc).
+#include "engine/ops/matmul.h"
+
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common/error.h"
+
+namespace kiln::ops {
+namespace {
+
+using dt = dnnl::memory::data_type;
+using tag = dnnl::memory::format_tag;
+
+std::string shape_str(int64_t K, int64_t N) {
+  return "Linear[K=" + std::to_string(K) + ", N=" + std::to_string(N) + "]";
+}
+
+// ---- memory for re-laid weights -----------------------------------------------------------------
+
+// Anonymous memory, 2 MiB-aligned and advised for transparent huge pages: first-touch faults on
+// 4 KiB pages cost ~13 µs each in this VM (≈7 s for a 1B model), 2 MiB pages cut them 512×, and
+// huge pages also stream faster (~63 vs ~55 GB/s on 2 threads).
+class HugeBuffer {
+ public:
+  HugeBuffer() = default;
+  explicit HugeBuffer(size_t bytes) {
+    constexpr size_t kHuge = size_t(2) << 20;
+    const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
+    // Over-map by one huge page so an aligned start exists, then return the slack to the kernel.
+    void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+                     0);
+    if (raw == MAP_FAILED)
+      throw Error("cannot allocate " + std::to_string(bytes) + " bytes for re-laid weights");
+    const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+    const uintptr_t aligned = (start + kHuge - 1) / kHuge * kHuge;
+    if (aligned > start) munmap(raw, aligned - start);
+    const uintptr_t end = start + len + kHuge;
+    if (end > aligned + len) munmap(reinterpret_cast<void*>(aligned + len), end - aligned - len);
+    data_ = reinterpret_cast<void*>(aligned);
+    len_ = len;
+    // Failure only means 4 KiB pages (THP off): slower to fault in, still correct.
+    madvise(data_, len_, MADV_HUGEPAGE);
+  }
+  ~HugeBuffer() {
+    if (data_) munmap(data_, len_);
+  }
+  HugeBuffer(HugeBuffer&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), len_(std::exchange(o.len_, 0)) {}
+  HugeBuffer& operator=(HugeBuffer&& o) noexcept {
+    if (this != &o) {
+      if (data_) munmap(data_, len_);
+      data_ = std::exchange(o.data_, nullptr);
+      len_ = std::exchange(o.len_, 0);
+    }
+    return *this;
+  }
+  HugeBuffer(const HugeBuffer&) = delete;
+  HugeBuffer& operator=(const HugeBuffer&) = delete;
+
+  void* data() const { return data_; }
+  bool empty() const { return data_ == nullptr; }
+
+ private:
+  void* data_ = nullptr;
+  size_t len_ = 0;
+};
+
+// ---- process-wide oneDNN state ------------------------------------------------------------------
+
+// One primitive for one row count, shared by every Linear of the same shape. The src/dst memory
+// objects get the caller's pointers on each call (plain layouts: setting a handle writes nothing).
+struct Bucket {
+  int64_t m = 0;
+  dnnl::memory::desc wmd;  // the weights layout it was built for
+  dnnl::primitive prim;
+  dnnl::memory src, dst;
+};
+
+enum class Kind { kPlain, kBlocked, kPlainRuntimeM };
+
+struct BucketKey {
+  int64_t K, N, M;
+  Kind kind;
+  int threads;
+  auto tie() const { return std::tie(K, N, M, kind, threads); }
+  bool operator<(const BucketKey& o) const { return tie() < o.tie(); }
+};
+
+struct Runtime {
+  dnnl::engine eng{dnnl::engine::kind::cpu, 0};
+  dnnl::stream strm{eng};
+  std::mutex mu;  // guards everything below; taken by constructors only, never by forward()
+  // weak_ptr: primitives die with the last Linear of their shape instead of living forever.
+  std::map<BucketKey, std::weak_ptr<const Bucket>> cache;
+  // One user-mode scratchpad for every primitive (forward() calls never overlap), grown by
+  // constructors only, so executing never makes oneDNN allocate its own.
+  HugeBuffer scratch_buf;
+  size_t scratch_size = 0;
+  dnnl::memory scratch;
+
+  void reserve_scratch(size_t bytes) {
+    bytes = std::max<size_t>(bytes, 4096);
+    if (bytes <= scratch_size) return;
+    HugeBuffer buf(bytes);
+    scratch = dnnl::memory({{int64_t(bytes)}, dt::u8, tag::a}, eng, buf.data());
+    scratch_buf = std::move(buf);
+    scratch_size = bytes;
+  }
+};
+
+Runtime& runtime() {
+  static Runtime rt;
+  return rt;
+}
+
+// ---- the hand-written GEMV on BA16a64b2a ------------------------------------------------------
+
+// BA16a64b2a with a = K, b = N: for each block of 64 columns (outer, stride Kp·64), all K rows
+// (padded to Kp, a multiple of 32) follow as pairs: pair p = rows 2p, 2p+1 is 64 columns × 2
+// values = 128 bf16, column n's two values adjacent (row 2p in the low half). So one 64-column
+// block is a contiguous Kp·128-byte stream and vdpbf16ps consumes it with x pairs broadcast.
+constexpr int64_t kBlockN = 64;
+constexpr int64_t kBlockK = 32;
+constexpr int kRowsPerPass = 4;  // 4 rows × 4 zmm accumulators + 4 weight zmm fit the registers
+
+bool cpu_has_avx512_bf16() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
+}
+
+// True if `md` is exactly the layout gemv_blocked() reads (so the GEMV and oneDNN agree on it).
+bool is_ba16a64b2a(const dnnl::memory::desc& md, int64_t K, int64_t N) {
+  const dnnl_memory_desc_t& d = md.data;
+  if (d.ndims != 2 || d.data_type != dnnl_bf16 || d.format_kind != dnnl_blocked) return false;
+  if (d.offset0 != 0) return false;
+  const int64_t Kp = (K + kBlockK - 1) / kBlockK * kBlockK;
+  const int64_t Np = (N + kBlockN - 1) / kBlockN * kBlockN;
+  if (d.padded_dims[0] != Kp || d.padded_dims[1] != Np) return false;
+  const auto& b = d.format_desc.blocking;
+  return b.inner_nblks == 3 && b.inner_blks[0] == 16 && b.inner_idxs[0] == 0 &&
+         b.inner_blks[1] == 64 && b.inner_idxs[1] == 1 && b.inner_blks[2] == 2 &&
+         b.inner_idxs[2] == 0 && b.strides[0] == kBlockK * kBlockN && b.strides[1] == Kp * kBlockN;
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void gemv_block_rows(
+    const uint16_t* x, int64_t K, const uint16_t* wb, float* y, int64_t ldy, int64_t ncols) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* w = wb + p * 2 * kBlockN;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 32);
+    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + 64);
+    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(w + 96);
+    for (int r = 0; r < R; ++r) {
+      uint32_t xp;
+      std::memcpy(&xp, x + r * K + 2 * p, sizeof xp);  // x[2p] low, x[2p+1] high, as W's pairs
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(xp));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xb, w2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xb, w3);
+    }
+  }
+  if (K & 1) {
+    // Last row alone: pair it with 0 rather than reading x past K (W's padding row is 0, but
+    // x's next value could be anything, NaN included).
+    const uint16_t* w = wb + pairs * 2 * kBlockN;
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + 32);
+    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + 64);
+    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(w + 96);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(uint32_t(x[r * K + K - 1])));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xb, w2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xb, w3);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = ncols - 16 * j;
+      if (c <= 0) break;
+      const __mmask16 mask = c >= 16 ? __mmask16(0xffff) : __mmask16((1u << c) - 1);
+      _mm512_mask_storeu_ps(y + r * ldy + 16 * j, mask, acc[r][j]);
+    }
+  }
+}
+
+// Column blocks [nb0, nb1) of y[M, N] for all M rows.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void gemv_blocked_range(
+    const uint16_t* x, int64_t M, int64_t K, int64_t N, int64_t Kp, const uint16_t* w, float* y,
+    int64_t nb0, int64_t nb1) {
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const uint16_t* wb = w + nb * Kp * kBlockN;
+    const int64_t ncols = std::min(kBlockN, N - nb * kBlockN);
+    float* yb = y + nb * kBlockN;
+    // Rows in passes of 4: the block (Kp·128 bytes, ≤ 1 MiB for K ≤ 8192) is re-read from L2.
+    for (int64_t m = 0; m < M; m += kRowsPerPass) {
+      const uint16_t* xm = x + m * K;
+      float* ym = yb + m * N;
+      switch (std::min<int64_t>(kRowsPerPass, M - m)) {
+        case 1: gemv_block_rows<1>(xm, K, wb, ym, N, ncols); break;
+        case 2: gemv_block_rows<2>(xm, K, wb, ym, N, ncols); break;
+        case 3: gemv_block_rows<3>(xm, K, wb, ym, N, ncols); break;
+        default: gemv_block_rows<4>(xm, K, wb, ym, N, ncols); break;
+      }
+    }
+  }
+}
+
+void gemv_blocked(const uint16_t* x, int64_t M, int64_t K, int64_t N, int64_t Kp,
+                  const uint16_t* w, float* y, int threads) {
+  const int64_t nblocks = (N + kBlockN - 1) / kBlockN;
+  if (threads <= 1 || nblocks == 1) {
+    gemv_blocked_range(x, M, K, N, Kp, w, y, 0, nblocks);
+    return;
+  }
+  // Contiguous block ranges per thread, so each thread streams one contiguous piece of W.
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    gemv_blocked_range(x, M, K, N, Kp, w, y, nblocks * t / nt, nblocks * (t + 1) / nt);
+  }
+}
+
+// ---- primitive construction ---------------------------------------------------------------------
+
+dnnl::memory::desc plain_weights_md(int64_t K, int64_t N) { return {{K, N}, dt::bf16, tag::ab}; }
+
+dnnl::primitive_attr user_scratchpad_attr() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// Builds (or finds) the primitive for M rows. Caller holds rt.mu.
+std::shared_ptr<const Bucket> get_bucket(Runtime& rt, int64_t K, int64_t N, int64_t M, Kind kind,
+                                         const dnnl::memory::desc& wmd, int threads) {
+  const BucketKey key{K, N, M, kind, threads};
+  auto hit = rt.cache[key].lock();
+  // The blocked layout is oneDNN's choice; should it ever differ between two Linears of one
+  // shape, the later one gets a private primitive rather than one built for another layout.
+  if (hit && hit->wmd == wmd) return hit;
+  auto b = std::make_shared<Bucket>();
+  b->m = M;
+  b->wmd = wmd;
+  try {
+    const dnnl::memory::desc src_md({M, K}, dt::bf16, tag::ab), dst_md({M, N}, dt::f32, tag::ab);
+    dnnl::matmul::primitive_desc pd;
+    if (kind == Kind::kPlainRuntimeM) {
+      const dnnl::memory::desc src_rt({DNNL_RUNTIME_DIM_VAL, K}, dt::bf16, tag::ab);
+      const dnnl::memory::desc dst_rt({DNNL_RUNTIME_DIM_VAL, N}, dt::f32, tag::ab);
+      pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_rt, wmd, dst_rt),
+                                        user_scratchpad_attr(), rt.eng);
+    } else {
+      pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_md, wmd, dst_md),
+                                        user_scratchpad_attr(), rt.eng);
+    }
+    rt.reserve_scratch(pd.scratchpad_desc().get_size());
+    b->prim = dnnl::matmul(pd);
+    b->src = dnnl::memory(src_md, rt.eng, DNNL_MEMORY_NONE);
+    b->dst = dnnl::memory(dst_md, rt.eng, DNNL_MEMORY_NONE);
+  } catch (const dnnl::error& e) {
+    throw Error(shape_str(K, N) + ": oneDNN cannot build a bf16 matmul for M=" +
+                std::to_string(M) + ": " + e.what());
+  }
+  if (!hit) rt.cache[key] = b;
+  return b;
+}
+
+// Row counts that get their own primitive: every M ≤ 16 (decode batches) the GEMV does not serve,
+// multiples of 16 up to 512 (prefill chunks; brgemm runs full speed on them), multiples of 128
+// beyond. A call with any other M splits into the largest bucket ≤ M plus the rest, so at most ~3
+// pieces. 16 is always a bucket, so with gemv_max_m ≤ 16 every M > gemv_max_m has a bucket ≤ M.
+std::vector<int64_t> bucket_sizes(int64_t max_m, int64_t gemv_max_m) {
+  std::vector<int64_t> s;
+  for (int64_t m = 1; m <= std::min<int64_t>(16, max_m); ++m)
+    if (m > gemv_max_m || m == 16) s.push_back(m);
+  for (int64_t m = 32; m <= std::min<int64_t>(512, max_m); m += 16) s.push_back(m);
+  for (int64_t m = 640; m <= max_m; m += 128) s.push_back(m);
+  return s;
+}
+
+// M = 1 with re-laid weights: measured default for the hand GEMV. It beat brgemm clearly at M = 1;
+// at M = 2–4 the two were within noise, at M ≥ 8 brgemm wins (see the bench report).
+constexpr int64_t kDefaultGemvMaxM = 1;
+constexpr int64_t kMaxGemvM = 16;  // bucket_sizes() relies on it
+
+}  // namespace
+
+// ---- Linear -------------------------------------------------------------------------------------
+
+struct Linear::Impl {
+  int64_t K = 0, N = 0, max_m = 0;
+  int threads = 1;
+  HugeBuffer owned;              // re-laid W (empty when W is used in place)
+  const uint16_t* w = nullptr;   // the W forward() reads: owned.data() or the caller's
+  int64_t Kp = 0;                // K padded to the blocked layout's 32 (blocked W only)
+  int64_t gemv_max_m = 0;        // rows the hand GEMV serves (0: none)
+  dnnl::memory wmem;             // W as oneDNN sees it; handle set once here, never again
+  std::vector<std::shared_ptr<const Bucket>> buckets;
+  std::vector<const Bucket*> largest_le;  // [M] → largest bucket with m ≤ M (M ≤ max_m)
+
+  void run(const Bucket& b, const uint16_t* x, float* y) const {
+    Runtime& rt = runtime();
+    // dnnl::memory::set_data_handle on plain layouts only stores the pointer; the C execute API
+    // takes a stack array, where the C++ wrapper would build a std::vector/unordered_map.
+    b.src.set_data_handle(const_cast<uint16_t*>(x));
+    b.dst.set_data_handle(y);
+    dnnl_exec_arg_t args[] = {{DNNL_ARG_SRC, b.src.get()},
+                              {DNNL_ARG_WEIGHTS, wmem.get()},
+                              {DNNL_ARG_DST, b.dst.get()},
+                              {DNNL_ARG_SCRATCHPAD, rt.scratch.get()}};
+    if (dnnl_primitive_execute(b.prim.get(), rt.strm.get(), 4, args) != dnnl_success)
+      throw Error(shape_str(K, N) + ": oneDNN matmul failed for M=" + std::to_string(b.m));
+  }
+};
+
+Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOptions& opt) {
+  if (weights == nullptr) throw Error(shape_str(K, N) + ": weights pointer is null");
+  if (K < 1 || N < 1) throw Error(shape_str(K, N) + ": K and N must be ≥ 1");
+  if (opt.max_m < 1)
+    throw Error(shape_str(K, N) + ": max_m must be ≥ 1, got " + std::to_string(opt.max_m));
+  if (opt.gemv_max_m < -1)
+    throw Error(shape_str(K, N) + ": gemv_max_m must be ≥ -1, got " +
+                std::to_string(opt.gemv_max_m));
+
+  auto impl = std::make_unique<Impl>();
+  impl->K = K;
+  impl->N = N;
+  impl->max_m = opt.max_m;
+  impl->threads = omp_get_max_threads();
+  impl->w = weights;
+
+  Runtime& rt = runtime();
+  std::lock_guard<std::mutex> lock(rt.mu);
+  try {
+    const dnnl::memory::desc plain = plain_weights_md(K, N);
+    dnnl::memory::desc wmd = plain;
+    Kind kind = Kind::kPlain;
+    if (opt.relayout) {
+      // Ask brgemm which layout it wants at the largest M (the compute-bound case); every bucket is
+      // then built with that same layout, so one copy of W serves them all.
+      const int64_t probe_m = std::min<int64_t>(opt.max_m, 512);
+      const dnnl::memory::desc src_md({probe_m, K}, dt::bf16, tag::ab);
+      const dnnl::memory::desc dst_md({probe_m, N}, dt::f32, tag::ab);
+      const dnnl::memory::desc any({K, N}, dt::bf16, tag::any);
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, any, dst_md),
+                                            user_scratchpad_attr(), rt.eng);
+      if (pd.weights_desc() != plain) {
+        wmd = pd.weights_desc();
+        kind = Kind::kBlocked;
+        impl->owned = HugeBuffer(wmd.get_size());
+        // oneDNN's reorder writes the layout's zero padding too (Kp, Np), which the GEMV and
+        // brgemm rely on; the fresh anonymous pages are zero anyway.
+        dnnl::memory src(plain, rt.eng, const_cast<uint16_t*>(weights));
+        dnnl::memory dst(wmd, rt.eng, impl->owned.data());
+        dnnl::reorder(src, dst).execute(rt.strm, src, dst);
+        rt.strm.wait();
+        impl->w = static_cast<const uint16_t*>(impl->owned.data());
+        if (is_ba16a64b2a(wmd, K, N) && cpu_has_avx512_bf16()) {
+          impl->Kp = wmd.data.padded_dims[0];
+          impl->gemv_max_m = std::min({opt.max_m, kMaxGemvM,
+                                       opt.gemv_max_m < 0 ? kDefaultGemvMaxM : opt.gemv_max_m});
+        }
+      }
+    }
+    impl->wmem = dnnl::memory(wmd, rt.eng, const_cast<uint16_t*>(impl->w));
+
+    impl->largest_le.assign(size_t(opt.max_m) + 1, nullptr);
+    if (kind == Kind::kPlain) {
+      // M = 1 on plain W: gemm:jit's GEMV (runtime M) streams W ~3× faster than brgemm's.
+      impl->buckets.push_back(get_bucket(rt, K, N, 1, Kind::kPlainRuntimeM, wmd, impl->threads));
+    }
+    for (int64_t m : bucket_sizes(opt.max_m, std::max<int64_t>(impl->gemv_max_m, 0))) {
+      if (m == 1 && kind == Kind::kPlain) continue;  // served by the runtime-M GEMV above
+      impl->buckets.push_back(get_bucket(rt, K, N, m, kind, wmd, impl->threads));
+    }
+    const Bucket* best = nullptr;
+    size_t next = 0;
+    for (int64_t m = 1; m <= opt.max_m; ++m) {
+      while (next < impl->buckets.size() && impl->buckets[next]->m <= m)
+        best = impl->buckets[next++].get();
+      impl->largest_le[size_t(m)] = best;
+    }
+  } catch (const dnnl::error& e) {
+    throw Error(shape_str(K, N) + ": oneDNN failed while preparing the weights: " + e.what());
+  }
+  impl_ = std::move(impl);
+}
+
+Linear::~Linear() = default;
+Linear::Linear(Linear&&) noexcept = default;
+Linear& Linear::operator=(Linear&&) noexcept = default;
+
+int64_t Linear::K() const { return impl_ ? impl_->K : 0; }
+int64_t Linear::N() const { return impl_ ? impl_->N : 0; }
+int64_t Linear::max_m() const { return impl_ ? impl_->max_m : 0; }
+bool Linear::owns_weights() const { return impl_ && !impl_->owned.empty(); }
+
+void Linear::forward(const uint16_t* x, int64_t M, float* y) const {
+  if (!impl_) throw Error("Linear::forward on a moved-from Linear");
+  const Impl& im = *impl_;
+  if (M < 1 || M > im.max_m)
+    throw Error(shape_str(im.K, im.N) + ": forward with M=" + std::to_string(M) +
+                ", expected 1 ≤ M ≤ max_m=" + std::to_string(im.max_m));
+  if (x == nullptr || y == nullptr) throw Error(shape_str(im.K, im.N) + ": null x or y");
+  while (M > 0) {
+    if (M <= im.gemv_max_m) {
+      gemv_blocked(x, M, im.K, im.N, im.Kp, im.w, y, im.threads);
+      return;
+    }
+    const Bucket& b = *im.largest_le[size_t(M)];
+    im.run(b, x, y);
+    x += b.m * im.K;
+    y += b.m * im.N;
+    M -= b.m;
+  }
+}
+
+void set_num_threads(int n) {
+  if (n < 1) throw Error("set_num_threads: thread count must be ≥ 1, got " + std::to_string(n));
+  // oneDNN's OpenMP runtime sizes its parallel regions from omp_get_max_threads() when a
+  // primitive is created, and Linear records it for its GEMV; nothing else to tell oneDNN.
+  omp_set_num_threads(n);
+}
+
+}  // namespace kiln::ops

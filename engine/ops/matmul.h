@@ -3,6 +3,22 @@
 // W is stored [in, out] row-major, the MaxText kernel layout, as it sits in the artifact. A Linear
 // may re-lay W once at construction into the layout oneDNN's brgemm kernels want (measured in
 // docs/performance.md); after construction forward() allocates nothing and creates no primitive.
+//
+// How a Linear computes (see matmul.cpp for the measurements behind each choice):
+//  - relayout = true on a CPU with AVX-512 BF16: W is copied once into oneDNN's blocked layout
+//    (BA16a64b2a) in 2 MiB-aligned, huge-page-advised memory the Linear owns. M ≤ gemv_max_m rows
+//    go through a hand-written AVX-512 BF16 GEMV that streams that layout (it beats oneDNN's M = 1
+//    path); larger M through static brgemm primitives, one per "bucket" row count.
+//  - relayout = false (or a CPU without AVX-512 BF16): W is used in place, never written. M = 1
+//    uses a runtime-M oneDNN gemm (its GEMV path); larger M the bucket primitives on plain W.
+//  Buckets are every M in 1..16 and multiples of 16 up to 512 (of 128 beyond); a call with an M
+//  that is not a bucket runs the largest bucket ≤ M, then the rest, so x and y are never read or
+//  written past row M. Bucket primitives are shared process-wide by all Linears of one shape.
+//
+// Threading contract: forward() calls must not overlap, across all Linears of the process (they
+// share one oneDNN stream, one scratchpad and per-shape primitive state), and no Linear may be
+// constructed while a forward() runs. Construction is thread-safe with respect to other
+// constructions. The engine runs one forward at a time on one OpenMP pool, which satisfies this.
 #pragma once
 
 #include <cstdint>
@@ -13,20 +29,35 @@ namespace kiln::ops {
 struct LinearOptions {
   int64_t max_m = 512;   // largest M forward() is called with
   bool relayout = true;  // allow a one-time re-layout of W for speed
+  // Largest M served by the hand-written GEMV on re-laid weights; -1 picks the measured default,
+  // 0 disables it, values above 16 act as 16 (tuning and benchmarking knob; no effect when W is
+  // not re-laid).
+  int64_t gemv_max_m = -1;
 };
 
 class Linear {
  public:
-  // `weights` must stay valid for the Linear's lifetime unless it re-laid them into its own memory.
+  // `weights` must stay valid for the Linear's lifetime unless it re-laid them into its own memory
+  // (owns_weights()). Weights used in place are only read, so they may be a read-only mapping.
+  // Throws kiln::Error on bad shapes or when oneDNN cannot build a primitive. Cost: the first
+  // Linear of the process initialises oneDNN (~2–12 ms); each new shape creates its primitives
+  // (~0.1–0.4 ms each, ~30–50 per shape); a re-layout costs about one pass over W.
   Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOptions& opt = {});
   ~Linear();
   Linear(Linear&&) noexcept;
   Linear& operator=(Linear&&) noexcept;
 
+  // A moved-from Linear reports K() == N() == 0 and throws from forward().
   int64_t K() const;
   int64_t N() const;
+  int64_t max_m() const;
+  // True when W was re-laid into memory the Linear owns (the caller's weights are then unused).
+  bool owns_weights() const;
 
-  // x: [M, K] bf16 row-major (lda = K); y: [M, N] f32 row-major (ldy = N). 1 ≤ M ≤ max_m.
+  // x: [M, K] bf16 row-major (lda = K); y: [M, N] f32 row-major (ldy = N). 1 ≤ M ≤ max_m, else
+  // kiln::Error. Reads exactly M rows of x and writes exactly M rows of y; no alignment needed
+  // (64-byte aligned rows are a little faster). Allocates nothing itself (oneDNN's execute
+  // allocates a small argument map for the primitive paths, not for the GEMV path).
   void forward(const uint16_t* x, int64_t M, float* y) const;
 
  private:
@@ -34,7 +65,8 @@ class Linear {
   std::unique_ptr<Impl> impl_;
 };
 
-// Number of threads oneDNN (OpenMP) uses; call before the first Linear is built.
+// Number of threads oneDNN (OpenMP) and the GEMV use; call before the first Linear is built (each
+// Linear fixes the thread count it was built with). Throws kiln::Error if n < 1.
 void set_num_threads(int n);
 
 }  // namespace kiln::ops

@@ -111,10 +111,11 @@ TEST_CASE("verifier rejects truncated and corrupted blobs") {
     bytes[8] = 99;
     CHECK_THROWS_WITH_AS(open(bytes), doctest::Contains("version 99"), Error);
   }
-  SUBCASE("every flipped header byte is caught") {
+  SUBCASE("every flipped preamble or header byte is caught") {
     uint64_t hlen;
     std::memcpy(&hlen, bytes.data() + 16, 8);
-    for (size_t i = 32; i < 32 + hlen; ++i) {
+    for (size_t i = 0; i < 32 + hlen; ++i) {
+      if (i == 10 || i == 11) continue;  // the minor version: newer minors are readable
       std::vector<uint8_t> b = bytes;
       b[i] ^= 0x10;
       CHECK_THROWS_AS(open(b), Error);

@@ -1,1 +1,202 @@
-// placeholder: being written
+// Linear against a naive reference: every input is a bf16 value, so each product is exact in f32
+// and the only difference to the double-precision reference is the summation order.
+#include <sys/mman.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <doctest/doctest.h>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/bf16.h"
+#include "common/error.h"
+#include "engine/ops/matmul.h"
+
+namespace {
+
+using kiln::ops::Linear;
+using kiln::ops::LinearOptions;
+
+std::vector<uint16_t> random_bf16(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<uint16_t> v(n);
+  for (auto& e : v) e = kiln::f32_to_bf16(dist(rng));
+  return v;
+}
+
+// Checks y (M×N) against x·W computed in double, within a bound scaled by Σ|x·w| per output.
+void check(const std::vector<uint16_t>& x, const std::vector<uint16_t>& w, int64_t M, int64_t K,
+           int64_t N, const float* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = 0, mag = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double p = double(kiln::bf16_to_f32(x[size_t(m * K + k)])) *
+                         double(kiln::bf16_to_f32(w[size_t(k * N + n)]));
+        ref += p;
+        mag += std::fabs(p);
+      }
+      const double err = std::fabs(double(y[m * N + n]) - ref);
+      if (err > 1e-5 * mag + 1e-6) {
+        FAIL_CHECK("y[" << m << "," << n << "] = " << y[m * N + n] << ", expected " << ref
+                        << " (M=" << M << " K=" << K << " N=" << N << ")");
+        return;
+      }
+    }
+  }
+}
+
+// Runs forward with x and y in buffers of exactly M rows followed by NaN / sentinel guards, so any
+// read past row M would poison the result and any write past it would be seen.
+void run_and_check(const Linear& lin, const std::vector<uint16_t>& w, int64_t M, uint32_t seed) {
+  const int64_t K = lin.K(), N = lin.N();
+  std::vector<uint16_t> x = random_bf16(size_t(M * K), seed);
+  std::vector<uint16_t> xg(x);
+  xg.resize(x.size() + size_t(K) + 64, 0x7fc0);  // bf16 NaN after the last row
+  const float sentinel = 12345.0f;
+  std::vector<float> y(size_t(M * N) + 64, sentinel);
+  lin.forward(xg.data(), M, y.data());
+  check(x, w, M, K, N, y.data());
+  for (size_t i = size_t(M * N); i < y.size(); ++i) REQUIRE(y[i] == sentinel);
+}
+
+}  // namespace
+
+TEST_CASE("Linear matches a naive reference for many shapes") {
+  struct Shape {
+    int64_t K, N, max_m;
+  };
+  // K and N off the 16/32/64 grids, tiny and odd sizes, one realistic-width case.
+  const Shape shapes[] = {{64, 64, 40}, {33, 70, 40}, {100, 200, 40}, {1, 1, 20},
+                          {7, 3, 20},   {130, 17, 20}, {2048, 96, 40}};
+  for (const Shape& s : shapes) {
+    const std::vector<uint16_t> w = random_bf16(size_t(s.K * s.N), uint32_t(s.K * 7 + s.N));
+    for (bool relayout : {true, false}) {
+      CAPTURE(s.K);
+      CAPTURE(s.N);
+      CAPTURE(relayout);
+      LinearOptions opt;
+      opt.max_m = s.max_m;
+      opt.relayout = relayout;
+      const Linear lin(w.data(), s.K, s.N, opt);
+      CHECK(lin.K() == s.K);
+      CHECK(lin.N() == s.N);
+      if (!relayout) CHECK_FALSE(lin.owns_weights());
+      // M = 1..6 cover the GEMV and small buckets; 17, 33, 37 are not buckets (split calls);
+      // 32 is a bucket; max_m itself is the edge.
+      const std::vector<int64_t> ms = {1, 2, 3, 4, 5, 6, 16, 17, 32, 33, 37, s.max_m};
+      for (int64_t M : ms) {
+        if (M > s.max_m) continue;
+        CAPTURE(M);
+        run_and_check(lin, w, M, uint32_t(M * 31 + s.K));
+      }
+    }
+  }
+}
+
+TEST_CASE("Linear: every GEMV row count and the brgemm switch-over agree") {
+  const int64_t K = 257, N = 130;
+  const std::vector<uint16_t> w = random_bf16(size_t(K * N), 5);
+  // 100 is clamped to 16; with 16, M = 17..31 split into the 16-row bucket plus GEMV rows.
+  for (int64_t gemv : {0, 1, 4, 9, 16, 100}) {
+    CAPTURE(gemv);
+    LinearOptions opt;
+    opt.max_m = 34;
+    opt.gemv_max_m = gemv;
+    const Linear lin(w.data(), K, N, opt);
+    for (int64_t M = 1; M <= 34; ++M) {
+      CAPTURE(M);
+      run_and_check(lin, w, M, uint32_t(M));
+    }
+  }
+}
+
+TEST_CASE("Linear: prefill-sized M split across buckets") {
+  const int64_t K = 96, N = 80;
+  const std::vector<uint16_t> w = random_bf16(size_t(K * N), 11);
+  LinearOptions opt;
+  opt.max_m = 700;  // beyond 512 the buckets step by 128
+  const Linear lin(w.data(), K, N, opt);
+  for (int64_t M : {47, 128, 300, 511, 512, 513, 650, 700}) {
+    CAPTURE(M);
+    run_and_check(lin, w, M, uint32_t(M));
+  }
+}
+
+TEST_CASE("Linear with relayout owns its copy; without it reads W in place, never writing it") {
+  const int64_t K = 96, N = 160;
+  std::vector<uint16_t> w = random_bf16(size_t(K * N), 3);
+  LinearOptions opt;
+  opt.max_m = 20;
+  {
+    std::vector<uint16_t> scratch(w);
+    const Linear lin(scratch.data(), K, N, opt);
+    if (lin.owns_weights()) {
+      std::fill(scratch.begin(), scratch.end(), uint16_t(0x7fc0));  // NaN everywhere
+      run_and_check(lin, w, 1, 1);
+      run_and_check(lin, w, 19, 2);
+    }
+  }
+  {
+    // Read-only pages: any write to W by oneDNN (e.g. zero padding) would fault.
+    const size_t bytes = w.size() * sizeof(uint16_t);
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(p != MAP_FAILED);
+    std::memcpy(p, w.data(), bytes);
+    REQUIRE(mprotect(p, bytes, PROT_READ) == 0);
+    opt.relayout = false;
+    {
+      const Linear lin(static_cast<const uint16_t*>(p), K, N, opt);
+      CHECK_FALSE(lin.owns_weights());
+      for (int64_t M : {1, 2, 16, 19, 20}) run_and_check(lin, w, M, uint32_t(M));
+    }
+    munmap(p, bytes);
+  }
+}
+
+TEST_CASE("Linear rejects bad shapes and M outside 1..max_m") {
+  const std::vector<uint16_t> w = random_bf16(64 * 32, 1);
+  LinearOptions opt;
+  opt.max_m = 8;
+  const Linear lin(w.data(), 64, 32, opt);
+  std::vector<uint16_t> x(9 * 64, 0);
+  std::vector<float> y(9 * 32, 0);
+  CHECK_THROWS_AS(lin.forward(x.data(), 9, y.data()), kiln::Error);
+  CHECK_THROWS_AS(lin.forward(x.data(), 0, y.data()), kiln::Error);
+  CHECK_THROWS_AS(lin.forward(x.data(), -1, y.data()), kiln::Error);
+  CHECK_NOTHROW(lin.forward(x.data(), 8, y.data()));
+  CHECK_THROWS_AS(Linear(nullptr, 64, 32), kiln::Error);
+  CHECK_THROWS_AS(Linear(w.data(), 0, 32), kiln::Error);
+  CHECK_THROWS_AS(Linear(w.data(), 64, 0), kiln::Error);
+  LinearOptions bad;
+  bad.max_m = 0;
+  CHECK_THROWS_AS(Linear(w.data(), 64, 32, bad), kiln::Error);
+  CHECK_THROWS_AS(kiln::ops::set_num_threads(0), kiln::Error);
+}
+
+TEST_CASE("Linear move construction and assignment") {
+  const int64_t K = 48, N = 72;
+  const std::vector<uint16_t> w1 = random_bf16(size_t(K * N), 21);
+  const std::vector<uint16_t> w2 = random_bf16(size_t(K * N), 22);
+  LinearOptions opt;
+  opt.max_m = 4;
+  Linear a(w1.data(), K, N, opt);
+  Linear b(std::move(a));
+  CHECK(a.K() == 0);  // NOLINT(bugprone-use-after-move): moved-from state is specified
+  CHECK(b.K() == K);
+  run_and_check(b, w1, 3, 1);
+  std::vector<uint16_t> x(size_t(K), 0);
+  std::vector<float> y(size_t(N), 0);
+  CHECK_THROWS_AS(a.forward(x.data(), 1, y.data()), kiln::Error);
+
+  Linear c(w2.data(), K, N, opt);
+  c = std::move(b);  // c's own weights and primitives are released; it now computes with w1
+  run_and_check(c, w1, 4, 2);
+  CHECK(b.N() == 0);  // NOLINT(bugprone-use-after-move)
+  a = std::move(c);   // a moved-from object can be assigned to again
+  run_and_check(a, w1, 1, 3);
+}

@@ -1,0 +1,105 @@
+#!/usr/bin/python3
+"""Shared helpers for kiln's end-to-end tests (stdlib unittest + numpy)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+REF_DIR = os.path.join(REPO, "tests", "reference")
+if REF_DIR not in sys.path:
+    sys.path.insert(0, REF_DIR)
+
+import llama_ref as lr  # noqa: E402
+import make_fixture as mf  # noqa: E402
+import safetensors_io as st  # noqa: E402
+
+__all__ = ["lr", "mf", "st", "REPO", "KILN", "kiln", "KilnResult", "tokens_arg",
+           "parse_json_stdout", "TempDirCase", "require_kiln"]
+
+
+def kiln_path():
+    p = os.environ.get("KILN", os.path.join("build", "kiln"))
+    if not os.path.isabs(p):
+        p = os.path.join(REPO, p)
+    return p
+
+
+KILN = kiln_path()
+TIMEOUT = float(os.environ.get("KILN_TEST_TIMEOUT", "120"))
+
+
+class KilnResult:
+    def __init__(self, args, rc, stdout, stderr):
+        self.args, self.rc, self.stdout, self.stderr = args, rc, stdout, stderr
+
+    def describe(self):
+        cmd = " ".join(self.args)
+        return "$ %s\n  exit %s\n  stdout: %s\n  stderr: %s" % (
+            cmd, self.rc, self.stdout.strip()[:2000] or "(empty)",
+            self.stderr.strip()[:2000] or "(empty)")
+
+    @property
+    def stderr_lines(self):
+        return [ln for ln in self.stderr.splitlines() if ln.strip()]
+
+
+def kiln(*args, timeout=None):
+    """Run the kiln binary; never raises on a non-zero exit (returns KilnResult)."""
+    argv = [KILN] + [str(a) for a in args]
+    if not os.path.exists(KILN):
+        return KilnResult(argv, 127, "", "kiln binary not found at %s (set KILN=...)" % KILN)
+    try:
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=timeout or TIMEOUT, stdin=subprocess.DEVNULL)
+        return KilnResult(argv, p.returncode, p.stdout.decode("utf-8", "replace"),
+                          p.stderr.decode("utf-8", "replace"))
+    except subprocess.TimeoutExpired as e:
+        return KilnResult(argv, "timeout", (e.stdout or b"").decode("utf-8", "replace"),
+                          (e.stderr or b"").decode("utf-8", "replace"))
+    except OSError as e:
+        return KilnResult(argv, 126, "", "cannot execute %s: %s" % (KILN, e))
+
+
+def tokens_arg(tokens):
+    return ",".join(str(int(t)) for t in tokens)
+
+
+def parse_json_stdout(res):
+    text = res.stdout.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    # tolerate log lines before the object, but report it
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                break
+    raise AssertionError("stdout is not one JSON object:\n" + res.describe())
+
+
+class TempDirCase(unittest.TestCase):
+    """TestCase with a per-test temporary directory self.tmp (removed afterwards)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="kiln-e2e-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def assertKilnOk(self, res, what=""):
+        if res.rc != 0:
+            self.fail("%s failed:\n%s" % (what or "kiln", res.describe()))
+
+
+def require_kiln(testcase):
+    if not os.path.exists(KILN):
+        testcase.fail("kiln binary not found at %s (build it with `ninja -C build kiln` or set "
+                      "KILN=/path/to/kiln)" % KILN)
