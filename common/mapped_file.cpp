@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <utility>
@@ -54,6 +55,16 @@ MappedFile& MappedFile::operator=(MappedFile&& o) noexcept {
     size_ = std::exchange(o.size_, 0);
   }
   return *this;
+}
+
+void MappedFile::release_range(const void* p, size_t n) const {
+  static const uintptr_t page = uintptr_t(::sysconf(_SC_PAGESIZE));
+  uintptr_t begin = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  uintptr_t end = reinterpret_cast<uintptr_t>(p) + n;
+  uintptr_t lo = reinterpret_cast<uintptr_t>(data_), hi = lo + size_;
+  begin = std::max(begin, lo);
+  end = std::min(end, hi);
+  if (begin < end) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
 void MappedFile::release_pages() const {

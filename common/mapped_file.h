@@ -26,6 +26,8 @@ class MappedFile {
   // Drops the mapping's resident pages (they stay in the page cache) so that streaming through a
   // large input does not grow the process's resident set.
   void release_pages() const;
+  // The same for the pages overlapping [p, p + n) of this mapping.
+  void release_range(const void* p, size_t n) const;
 
  private:
   std::string path_;

@@ -127,6 +127,8 @@ class LlamaModel final : public Model {
       w.q.forward(xb_.data(), T, q_.data());
       w.k.forward(xb_.data(), T, k_.data());
       w.v.forward(xb_.data(), T, v_.data());
+      ops::scale_round(q_.data(), T * H * D, 1.0f);  // projection outputs are bf16 in MaxText
+      ops::scale_round(k_.data(), T * K * D, 1.0f);
       if (w.q_norm) {
         ops::rms_norm(q_.data(), w.q_norm, T * H, D, eps, q_.data());
         ops::rms_norm(k_.data(), w.k_norm, T * K, D, eps, k_.data());

@@ -278,16 +278,20 @@ ExportSummary export_artifact(const ExportOptions& opt,
           source_range_to_f32(*t.src.tensor, b, m, f32.data());
           nonfinite += convert_f32_to_bf16(f32.data(), bf16.data(), m);
           writer.append(bf16.data(), m * 2);
+          // Read pages of an mmapped input count as resident; drop them as we go so a
+          // multi-GB embedding does not add its size to the peak.
+          const size_t esize = dtype_size(t.src.tensor->dtype);
+          t.src.tensor->file->release_range(t.src.tensor->data + b * esize, m * esize);
         }
       } else {
         unroll_scanned_layer(t.src, f32.data());
         nonfinite += convert_f32_to_bf16(f32.data(), bf16.data(), n);
         writer.write_tensor(t.spec.name, bf16.data(), n * 2);
+        t.src.tensor->file->release_range(t.src.tensor->data, t.src.tensor->nbytes);
       }
     }
     auto res = writer.finish();
     manifest.blobs.push_back({blob.file, blob.layer, blob.kind, res.size, res.header_crc32c});
-    ckpt.release_pages();  // keep the resident set at one layer, not the whole checkpoint
     prog.blobs_done++;
     prog.bytes_written += res.size;
     if (progress) progress(prog);

@@ -89,14 +89,15 @@ void AddRound(float* HWY_RESTRICT x, const float* HWY_RESTRICT y, int64_t n) {
   const int64_t N = int64_t(hn::Lanes(d));
   int64_t i = 0;
   for (; i + N <= n; i += N) {
-    hn::StoreU(RoundBf16(d, hn::Add(hn::LoadU(d, x + i), hn::LoadU(d, y + i))), d, x + i);
+    const VF yb = RoundBf16(d, hn::LoadU(d, y + i));
+    hn::StoreU(RoundBf16(d, hn::Add(hn::LoadU(d, x + i), yb)), d, x + i);
   }
   if (i < n) {
     HWY_ALIGN float bx[kMaxLanes] = {};
     HWY_ALIGN float by[kMaxLanes] = {};
     std::memcpy(bx, x + i, size_t(n - i) * sizeof(float));
     std::memcpy(by, y + i, size_t(n - i) * sizeof(float));
-    hn::Store(RoundBf16(d, hn::Add(hn::Load(d, bx), hn::Load(d, by))), d, bx);
+    hn::Store(RoundBf16(d, hn::Add(hn::Load(d, bx), RoundBf16(d, hn::Load(d, by)))), d, bx);
     std::memcpy(x + i, bx, size_t(n - i) * sizeof(float));
   }
 }
@@ -540,7 +541,8 @@ HWY_INLINE void PvPairs(AttnRow* rows, const uint16_t* HWY_RESTRICT v, int64_t n
     const VF sum = hn::Set(d, rows[r].sum);
     HWY_UNROLL(4)
     for (int64_t j = 0; j < NP; ++j) {
-      hn::StoreInterleaved2(hn::Div(ae[r][j], sum), hn::Div(ao[r][j], sum), d,
+      hn::StoreInterleaved2(RoundBf16(d, hn::Div(RoundBf16(d, ae[r][j]), sum)),
+                            RoundBf16(d, hn::Div(RoundBf16(d, ao[r][j]), sum)), d,
                             rows[r].out + c0 + j * 2 * N);
     }
   }
@@ -562,7 +564,8 @@ HWY_INLINE void PvSingle(AttnRow* rows, const uint16_t* HWY_RESTRICT v, int64_t 
   }
   HWY_UNROLL(4)
   for (int64_t r = 0; r < M; ++r) {
-    hn::StoreU(hn::Div(acc[r], hn::Set(d, rows[r].sum)), d, rows[r].out + c0);
+    hn::StoreU(RoundBf16(d, hn::Div(RoundBf16(d, acc[r]), hn::Set(d, rows[r].sum))), d,
+               rows[r].out + c0);
   }
 }
 
@@ -587,7 +590,8 @@ HWY_NOINLINE void AttendRows(AttnRow* rows, const uint16_t* HWY_RESTRICT k,
     }
   }
   QkLogits<M>(rows, qde, k, n, D, Dp, Dv, stride);
-  for (int64_t r = 0; r < M; ++r) rows[r].sum = SoftmaxWeights(rows[r].w, n);
+  // MaxText: out = bf16(e @ V) / bf16(sum(e)), both bf16 because e is (spec §2.2, §11).
+  for (int64_t r = 0; r < M; ++r) rows[r].sum = round_to_bf16(SoftmaxWeights(rows[r].w, n));
   // Two pairs (4 vectors) of the head dimension per pass keep M × 4 accumulators in registers.
   int64_t c0 = 0;
   for (; c0 + 4 * N <= Dp; c0 += 4 * N) PvPairs<M, 2>(rows, v, n, stride, c0);
@@ -597,7 +601,7 @@ HWY_NOINLINE void AttendRows(AttnRow* rows, const uint16_t* HWY_RESTRICT k,
     for (int64_t r = 0; r < M; ++r) {
       float acc = 0.0f;
       for (int64_t s = 0; s < n; ++s) acc += rows[r].w[s] * bf16_to_f32(v[s * stride + c]);
-      rows[r].out[c] = acc / rows[r].sum;
+      rows[r].out[c] = round_to_bf16(round_to_bf16(acc) / rows[r].sum);
     }
   }
 }

@@ -48,7 +48,8 @@ void scale_round(float* x, int64_t n, float s);
 // out[i] = bf16(silu(bf16(gate[i])) * bf16(up[i])) for n values, written as bf16 (matmul input).
 void silu_mul(const float* gate, const float* up, int64_t n, uint16_t* out);
 
-// x[i] = bf16(x[i] + y[i]) — the residual add, kept in bf16 precision as MaxText does.
+// x[i] = bf16(x[i] + bf16(y[i])) — the residual add of a projection output, both in bf16 as in
+// MaxText.
 void add_round(float* x, const float* y, int64_t n);
 
 // f32 → bf16 for a row block (e.g. attention output before the out-projection).
@@ -63,7 +64,9 @@ void to_bf16(const float* x, int64_t n, uint16_t* out);
 //            each head needs its own row of logits). On return scratch[h · n_ctx + s] holds the
 //            unnormalised bf16 weight exp(l − max) of head h at position s.
 // Logits are rounded to bf16 before the softmax as in MaxText (float32_logits: false); the
-// exponentials are rounded to bf16, their sum and the weighted V sum are f32.
+// exponentials are rounded to bf16, their sum and the weighted V sum are accumulated in f32 and
+// rounded to bf16, and out = bf16(bf16(Σ e·v) / bf16(Σ e)) (spec §2.2: the einsum and the sum of
+// bf16 exps are bf16).
 // Throws kiln::Error for n_ctx < 1, K < 1, H not a multiple of K, D < 1 or kv_stride < K · D.
 void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t n_ctx, int64_t H,
             int64_t K, int64_t D, int64_t kv_stride, float* scratch, float* out);

@@ -241,10 +241,15 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void gemv_blocked_range(
   }
 }
 
+// Below this many multiply-adds one thread does the whole product: waking a second OpenMP thread
+// costs µs when it spins and up to ms when it sleeps (passive wait policy, other processes busy),
+// while 256K MACs take ~10–20 µs on one core.
+constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
+
 void gemv_blocked(const uint16_t* x, int64_t M, int64_t K, int64_t N, int64_t Kp,
                   const uint16_t* w, float* y, int threads) {
   const int64_t nblocks = (N + kBlockN - 1) / kBlockN;
-  if (threads <= 1 || nblocks == 1) {
+  if (threads <= 1 || nblocks == 1 || M * K * N < kMinParallelMacs) {
     gemv_blocked_range(x, M, K, N, Kp, w, y, 0, nblocks);
     return;
   }
@@ -316,7 +321,7 @@ std::vector<int64_t> bucket_sizes(int64_t max_m, int64_t gemv_max_m) {
 
 // M = 1 with re-laid weights: measured default for the hand GEMV. It beat brgemm clearly at M = 1;
 // at M = 2–4 the two were within noise, at M ≥ 8 brgemm wins (see the bench report).
-constexpr int64_t kDefaultGemvMaxM = 1;
+constexpr int64_t kDefaultGemvMaxM = 16;
 constexpr int64_t kMaxGemvM = 16;  // bucket_sizes() relies on it
 
 }  // namespace

@@ -1,5 +1,6 @@
 // Linear against a naive reference: every input is a bf16 value, so each product is exact in f32
 // and the only difference to the double-precision reference is the summation order.
+#include <omp.h>
 #include <sys/mman.h>
 
 #include <cmath>
@@ -64,9 +65,23 @@ void run_and_check(const Linear& lin, const std::vector<uint16_t>& w, int64_t M,
   for (size_t i = size_t(M * N); i < y.size(); ++i) REQUIRE(y[i] == sentinel);
 }
 
+// Linears built inside the scope use `n` threads. Most cases use one: the shapes are tiny, and on a
+// shared machine every multi-threaded call can wait a scheduler slice for its second thread.
+class Threads {
+ public:
+  explicit Threads(int n) : saved_(omp_get_max_threads()) { kiln::ops::set_num_threads(n); }
+  ~Threads() { kiln::ops::set_num_threads(saved_); }
+  Threads(const Threads&) = delete;
+  Threads& operator=(const Threads&) = delete;
+
+ private:
+  int saved_;
+};
+
 }  // namespace
 
 TEST_CASE("Linear matches a naive reference for many shapes") {
+  const Threads one(1);
   struct Shape {
     int64_t K, N, max_m;
   };
@@ -99,7 +114,8 @@ TEST_CASE("Linear matches a naive reference for many shapes") {
 }
 
 TEST_CASE("Linear: every GEMV row count and the brgemm switch-over agree") {
-  const int64_t K = 257, N = 130;
+  const Threads one(1);
+  const int64_t K = 129, N = 130;
   const std::vector<uint16_t> w = random_bf16(size_t(K * N), 5);
   // 100 is clamped to 16; with 16, M = 17..31 split into the 16-row bucket plus GEMV rows.
   for (int64_t gemv : {0, 1, 4, 9, 16, 100}) {
@@ -116,6 +132,7 @@ TEST_CASE("Linear: every GEMV row count and the brgemm switch-over agree") {
 }
 
 TEST_CASE("Linear: prefill-sized M split across buckets") {
+  const Threads one(1);
   const int64_t K = 96, N = 80;
   const std::vector<uint16_t> w = random_bf16(size_t(K * N), 11);
   LinearOptions opt;
@@ -128,6 +145,7 @@ TEST_CASE("Linear: prefill-sized M split across buckets") {
 }
 
 TEST_CASE("Linear with relayout owns its copy; without it reads W in place, never writing it") {
+  const Threads one(1);
   const int64_t K = 96, N = 160;
   std::vector<uint16_t> w = random_bf16(size_t(K * N), 3);
   LinearOptions opt;
@@ -155,6 +173,24 @@ TEST_CASE("Linear with relayout owns its copy; without it reads W in place, neve
       for (int64_t M : {1, 2, 16, 19, 20}) run_and_check(lin, w, M, uint32_t(M));
     }
     munmap(p, bytes);
+  }
+}
+
+TEST_CASE("Linear with two threads: the GEMV and brgemm split the work correctly") {
+  const Threads two(2);
+  // 9 column blocks (an odd split) and enough work for the GEMV to go parallel.
+  const int64_t K = 515, N = 570;
+  const std::vector<uint16_t> w = random_bf16(size_t(K * N), 13);
+  for (bool relayout : {true, false}) {
+    CAPTURE(relayout);
+    LinearOptions opt;
+    opt.max_m = 40;
+    opt.relayout = relayout;
+    const Linear lin(w.data(), K, N, opt);
+    for (int64_t M : {1, 3, 16, 21, 40}) {
+      CAPTURE(M);
+      run_and_check(lin, w, M, uint32_t(M + 100));
+    }
   }
 }
 
