@@ -30,6 +30,9 @@ class Artifact {
   const BlobView& globals() const { return views_.front(); }
   const BlobView& layer(int64_t l) const { return views_.at(size_t(l) + 1); }
   uint64_t total_bytes() const;
+  // Drops the resident pages of layer l's mapping (e.g. after its weights were copied into a
+  // faster layout); anything still read from it is paged back in on demand.
+  void release_layer_pages(int64_t l) const { files_.at(size_t(l) + 1)->release_pages(); }
 
   // A tensor's bytes as bf16 values, checked against the expected shape.
   const uint16_t* bf16(const BlobView& blob, const std::string& name,

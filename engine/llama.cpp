@@ -8,6 +8,8 @@
 //
 // Activations are f32 holding the bf16 values MaxText would have (the kernels round where MaxText
 // rounds, spec §11); matmul inputs are bf16. Buffers are sized once for `max_chunk` tokens.
+#include <omp.h>
+
 #include <cmath>
 #include <optional>
 
@@ -57,6 +59,8 @@ class LlamaModel final : public Model {
           ops::Linear(a.bf16(b, "mlp.wi_1", {E, F}), E, F, lo),
           ops::Linear(a.bf16(b, "mlp.wo", {F, E}), F, E, lo),
       });
+      // Re-laid weights live in the Linears now; the mapped copy would only double the RSS.
+      if (layers_.back().q.owns_weights()) a.release_layer_pages(l);
     }
     const BlobView& g = a.globals();
     embedding_ = a.bf16(g, "token_embedding", {V, E});
@@ -84,7 +88,8 @@ class LlamaModel final : public Model {
     xb_ = rows_bf16(E);
     attn_b_ = rows_bf16(H * D);
     act_b_ = rows_bf16(F);
-    scores_.resize(size_t(ops::attend_scratch_floats(c_.max_target_length, H)));
+    threads_ = std::max(1, omp_get_max_threads());
+    scores_.resize(size_t(threads_ * ops::attend_scratch_floats(c_.max_target_length, H)));
   }
 
   void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
@@ -140,9 +145,19 @@ class LlamaModel final : public Model {
         ops::to_bf16(v_.data() + t * K * D, K * D, v_cache + (pos0 + t) * K * D);
       }
       if (c_.query_scale != 1.0) ops::scale_round(q_.data(), T * H * D, float(c_.query_scale));
-      for (int64_t t = 0; t < T; ++t)
+      // Positions are independent given the cache; spread them over the threads (interleaved,
+      // since later positions attend to more keys).
+      const int64_t scratch = ops::attend_scratch_floats(c_.max_target_length, H);
+      auto attend_position = [&](int64_t t, int thread) {
         ops::attend(q_.data() + t * H * D, k_cache, v_cache, pos0 + t + 1, H, K, D, K * D,
-                    scores_.data(), attn_.data() + t * H * D);
+                    scores_.data() + thread * scratch, attn_.data() + t * H * D);
+      };
+      if (T == 1) {
+        attend_position(0, 0);  // decode: an OpenMP region would cost more than it saves
+      } else {
+#pragma omp parallel for schedule(static, 1) num_threads(threads_)
+        for (int64_t t = 0; t < T; ++t) attend_position(t, omp_get_thread_num());
+      }
       ops::to_bf16(attn_.data(), T * H * D, attn_b_.data());
       w.o.forward(attn_b_.data(), T, o_.data());
       ops::add_round(x_.data(), o_.data(), T * E);
@@ -183,6 +198,7 @@ class LlamaModel final : public Model {
 
   const ModelConfig& c_;
   int64_t chunk_;
+  int threads_ = 1;
   ops::Rope rope_;
   std::vector<LlamaLayer> layers_;
   const uint16_t* embedding_ = nullptr;

@@ -1,20 +1,23 @@
 // Linear: bf16 × bf16 → f32 matrix products for the per-token path.
 //
-// Design, from measurements on the project machine (2-core AMD Zen 4/5 VM, oneDNN 2.6.3; numbers
-// in tools/dev/bench_matmul.cpp's report):
+// Design, from measurements on the project machine (2-core AMD EPYC VM, AVX-512 BF16, oneDNN
+// 2.6.3; tools/dev/bench_matmul.cpp, Llama-3.2-1B shapes, W streamed from memory, medians of
+// interleaved runs):
 //  - With weights described as format_tag::any, oneDNN picks brg:avx512_core_bf16 with W in the
-//    blocked layout BA16a64b2a; that is the fastest oneDNN path for every M ≥ 2 we measured
-//    (M = 16: ~2× the runtime-M gemm:jit on plain W; M ≥ 128: +15–25%). So W is re-laid once.
-//  - For M = 1 oneDNN's brgemm only reached ~25–35 GB/s of weight streaming while a plain AVX-512
-//    BF16 loop over the same blocked layout (each 64-column block is one contiguous run of K×64
-//    values, exactly a GEMV's access pattern) reaches ~40–52 GB/s. That loop is gemv_blocked().
-//  - Static primitives need a fixed M. Runtime M falls back to gemm:jit on plain W, which is slow
-//    at small M, so we create static primitives for a set of M "buckets" and split a call into the
-//    largest bucket ≤ M plus the rest. Splitting re-streams W once more per piece, which is cheap
-//    next to the compute of M ≥ 16 rows, and it never touches rows past M of the caller's buffers.
+//    blocked layout BA16a64b2a. At M ≥ 128 that runs at ~95% of the measured vdpbf16ps peak,
+//    10–25% ahead of the same primitive on plain W and of runtime-M gemm:jit. So W is re-laid once.
+//  - For small M, a plain AVX-512 BF16 loop over that blocked layout (each 64-column block is one
+//    contiguous run of Kp×64 values, exactly a GEMV's access pattern) beats every oneDNN variant:
+//    M = 1 streams W at the machine's read bandwidth (1.3–1.6× brgemm, 1.1–1.4× gemm:jit on plain
+//    W); M = 2–4 is 1.2–2× brgemm; M = 6–16 is level with it (compute-bound from M ≈ 8). It serves
+//    M ≤ 16 (gemv_blocked), so decode, batched or not, never enters oneDNN.
+//  - Static primitives need a fixed M, and runtime M falls back to gemm:jit on plain W, which is
+//    0.5× at M ≈ 16. So there is one static primitive per M "bucket" (multiples of 16), and a call
+//    runs the largest bucket ≤ M plus the GEMV for the rest (< 16 rows). The extra piece re-streams
+//    W once, small next to the compute of ≥ 16 rows, and nothing past row M is read or written.
 //  - Plain W in place (relayout = false): M = 1 through a runtime-M gemm:jit primitive (its GEMV
-//    is ~3× brgemm's on plain W); M > 1 through brgemm bucket primitives on plain W (they copy W
-//    panels into the scratchpad as they go; about as fast as gemm:jit and they need no malloc).
+//    is 2–3× brgemm's on plain W); M > 1 through brgemm bucket primitives on plain W (they copy W
+//    panels into the scratchpad; as fast as gemm:jit and, unlike it, free of run-time mallocs).
 #include "engine/ops/matmul.h"
 
 #include <immintrin.h>
@@ -109,8 +112,9 @@ enum class Kind { kPlain, kBlocked, kPlainRuntimeM };
 struct BucketKey {
   int64_t K, N, M;
   Kind kind;
+  bool transposed;  // plain W stored [N, K]
   int threads;
-  auto tie() const { return std::tie(K, N, M, kind, threads); }
+  auto tie() const { return std::tie(K, N, M, kind, transposed, threads); }
   bool operator<(const BucketKey& o) const { return tie() < o.tie(); }
 };
 
@@ -125,6 +129,9 @@ struct Runtime {
   HugeBuffer scratch_buf;
   size_t scratch_size = 0;
   dnnl::memory scratch;
+  // gemm:jit generates its kernels on first execution (~10–60 ms measured), not at creation;
+  // the first plain-W Linear of each orientation runs once at construction to take that hit.
+  bool gemm_jit_warm[2] = {false, false};
 
   void reserve_scratch(size_t bytes) {
     bytes = std::max<size_t>(bytes, 4096);
@@ -263,7 +270,10 @@ void gemv_blocked(const uint16_t* x, int64_t M, int64_t K, int64_t N, int64_t Kp
 
 // ---- primitive construction ---------------------------------------------------------------------
 
-dnnl::memory::desc plain_weights_md(int64_t K, int64_t N) { return {{K, N}, dt::bf16, tag::ab}; }
+// W[K, N] as stored: row-major [K, N], or transposed = row-major [N, K] (oneDNN's "ba").
+dnnl::memory::desc plain_weights_md(int64_t K, int64_t N, bool transposed) {
+  return {{K, N}, dt::bf16, transposed ? tag::ba : tag::ab};
+}
 
 dnnl::primitive_attr user_scratchpad_attr() {
   dnnl::primitive_attr attr;
@@ -273,8 +283,9 @@ dnnl::primitive_attr user_scratchpad_attr() {
 
 // Builds (or finds) the primitive for M rows. Caller holds rt.mu.
 std::shared_ptr<const Bucket> get_bucket(Runtime& rt, int64_t K, int64_t N, int64_t M, Kind kind,
-                                         const dnnl::memory::desc& wmd, int threads) {
-  const BucketKey key{K, N, M, kind, threads};
+                                         bool transposed, const dnnl::memory::desc& wmd,
+                                         int threads) {
+  const BucketKey key{K, N, M, kind, kind != Kind::kBlocked && transposed, threads};
   auto hit = rt.cache[key].lock();
   // The blocked layout is oneDNN's choice; should it ever differ between two Linears of one
   // shape, the later one gets a private primitive rather than one built for another layout.
@@ -319,8 +330,8 @@ std::vector<int64_t> bucket_sizes(int64_t max_m, int64_t gemv_max_m) {
   return s;
 }
 
-// M = 1 with re-laid weights: measured default for the hand GEMV. It beat brgemm clearly at M = 1;
-// at M = 2–4 the two were within noise, at M ≥ 8 brgemm wins (see the bench report).
+// Rows served by the hand GEMV by default: measured against brgemm on the same re-laid W, it was
+// ahead at every M from 1 to 16 (1.3–1.6× at M = 1, 1.2–2× at M = 2–4, within ±5% at 6–16).
 constexpr int64_t kDefaultGemvMaxM = 16;
 constexpr int64_t kMaxGemvM = 16;  // bucket_sizes() relies on it
 
@@ -373,7 +384,7 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
   Runtime& rt = runtime();
   std::lock_guard<std::mutex> lock(rt.mu);
   try {
-    const dnnl::memory::desc plain = plain_weights_md(K, N);
+    const dnnl::memory::desc plain = plain_weights_md(K, N, opt.transposed);
     dnnl::memory::desc wmd = plain;
     Kind kind = Kind::kPlain;
     if (opt.relayout) {
@@ -390,7 +401,8 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
         kind = Kind::kBlocked;
         impl->owned = HugeBuffer(wmd.get_size());
         // oneDNN's reorder writes the layout's zero padding too (Kp, Np), which the GEMV and
-        // brgemm rely on; the fresh anonymous pages are zero anyway.
+        // brgemm rely on; the fresh anonymous pages are zero anyway. From a transposed W it
+        // transposes and blocks in the same pass.
         dnnl::memory src(plain, rt.eng, const_cast<uint16_t*>(weights));
         dnnl::memory dst(wmd, rt.eng, impl->owned.data());
         dnnl::reorder(src, dst).execute(rt.strm, src, dst);
@@ -407,12 +419,19 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
 
     impl->largest_le.assign(size_t(opt.max_m) + 1, nullptr);
     if (kind == Kind::kPlain) {
-      // M = 1 on plain W: gemm:jit's GEMV (runtime M) streams W ~3× faster than brgemm's.
-      impl->buckets.push_back(get_bucket(rt, K, N, 1, Kind::kPlainRuntimeM, wmd, impl->threads));
+      // M = 1 on plain W: gemm:jit's GEMV (runtime M) streams W 2–3× faster than brgemm's.
+      impl->buckets.push_back(
+          get_bucket(rt, K, N, 1, Kind::kPlainRuntimeM, opt.transposed, wmd, impl->threads));
+      if (!rt.gemm_jit_warm[opt.transposed]) {
+        const std::vector<uint16_t> x(size_t(K), 0);
+        std::vector<float> y(static_cast<size_t>(N));
+        impl->run(*impl->buckets.back(), x.data(), y.data());
+        rt.gemm_jit_warm[opt.transposed] = true;
+      }
     }
     for (int64_t m : bucket_sizes(opt.max_m, std::max<int64_t>(impl->gemv_max_m, 0))) {
       if (m == 1 && kind == Kind::kPlain) continue;  // served by the runtime-M GEMV above
-      impl->buckets.push_back(get_bucket(rt, K, N, m, kind, wmd, impl->threads));
+      impl->buckets.push_back(get_bucket(rt, K, N, m, kind, opt.transposed, wmd, impl->threads));
     }
     const Bucket* best = nullptr;
     size_t next = 0;

@@ -29,6 +29,10 @@ namespace kiln::ops {
 struct LinearOptions {
   int64_t max_m = 512;   // largest M forward() is called with
   bool relayout = true;  // allow a one-time re-layout of W for speed
+  // W is stored transposed, row-major [N, K] (e.g. a tied embedding [vocab, dim] used as the
+  // output head): no separate transpose needed; a re-layout reads it directly, and in place it
+  // is used as is (oneDNN handles the transposed layout).
+  bool transposed = false;
   // Largest M served by the hand-written GEMV on re-laid weights; -1 picks the measured default,
   // 0 disables it, values above 16 act as 16 (tuning and benchmarking knob; no effect when W is
   // not re-laid).
@@ -37,8 +41,9 @@ struct LinearOptions {
 
 class Linear {
  public:
-  // `weights` must stay valid for the Linear's lifetime unless it re-laid them into its own memory
-  // (owns_weights()). Weights used in place are only read, so they may be a read-only mapping.
+  // `weights` ([K, N] row-major, or [N, K] with opt.transposed) must stay valid for the Linear's
+  // lifetime unless it re-laid them into its own memory (owns_weights(): the caller may then free
+  // them). Weights used in place are only read, so they may be a read-only mapping.
   // Throws kiln::Error on bad shapes or when oneDNN cannot build a primitive. Cost: the first
   // Linear of the process initialises oneDNN (~2–12 ms); each new shape creates its primitives
   // (~0.1–0.4 ms each, ~30–50 per shape); a re-layout costs about one pass over W.

@@ -1,0 +1,226 @@
+// Engine-level tests on a tiny exported model: the per-token path allocates nothing (which also
+// rules out oneDNN primitive creation, which allocates), decoding through the KV cache gives the
+// logits a full prefill gives, and bad requests are errors.
+#include <doctest/doctest.h>
+#include <malloc.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "common/bf16.h"
+#include "common/error.h"
+#include "engine/engine.h"
+#include "export/exporter.h"
+
+// ---- heap allocation counter -------------------------------------------------------------------
+// Interposes the C allocator itself (not just operator new), so allocations inside oneDNN,
+// OpenMP or libstdc++ are counted too. glibc exports its implementations as __libc_*.
+extern "C" {
+void* __libc_malloc(size_t);
+void* __libc_calloc(size_t, size_t);
+void* __libc_realloc(void*, size_t);
+void* __libc_memalign(size_t, size_t);
+}
+namespace {
+std::atomic<bool> g_counting{false};
+std::atomic<uint64_t> g_allocs{0};
+void note() {
+  if (g_counting.load(std::memory_order_relaxed)) g_allocs.fetch_add(1, std::memory_order_relaxed);
+}
+}  // namespace
+extern "C" {
+void* malloc(size_t n) {
+  note();
+  return __libc_malloc(n);
+}
+void* calloc(size_t a, size_t b) {
+  note();
+  return __libc_calloc(a, b);
+}
+void* realloc(void* p, size_t n) {
+  note();
+  return __libc_realloc(p, n);
+}
+int posix_memalign(void** out, size_t align, size_t n) {
+  note();
+  *out = __libc_memalign(align, n);
+  return *out ? 0 : 12;  // ENOMEM
+}
+void* aligned_alloc(size_t align, size_t n) {
+  note();
+  return __libc_memalign(align, n);
+}
+void* memalign(size_t align, size_t n) {
+  note();
+  return __libc_memalign(align, n);
+}
+}
+
+namespace fs = std::filesystem;
+using namespace kiln;
+
+namespace {
+
+// A tiny Llama checkpoint in MaxText's scanned Linen layout (f32, layer axis 1) and its config.
+struct TinyModel {
+  fs::path dir;
+  fs::path artifact;
+};
+
+TinyModel make_tiny_model(const std::string& name, bool tied) {
+  const int64_t E = 64, H = 4, K = 2, D = 16, F = 128, L = 2, V = 256;
+  TinyModel m{fs::temp_directory_path() / ("kiln_engine_test_" + name), {}};
+  fs::remove_all(m.dir);
+  fs::create_directories(m.dir);
+  m.artifact = m.dir / "model.kiln";
+
+  struct T {
+    std::string key;
+    std::vector<int64_t> shape;
+    float scale;  // 0 → ones (norm scales)
+  };
+  const std::string p = "params.params.", l = p + "decoder.layers.";
+  std::vector<T> ts = {
+      {p + "token_embedder.embedding", {V, E}, 1.0f},
+      {p + "decoder.decoder_norm.scale", {E}, 0},
+      {l + "pre_self_attention_layer_norm.scale", {E, L}, 0},
+      {l + "self_attention.query.kernel", {E, L, H, D}, 0.5f / 8 / 4},
+      {l + "self_attention.key.kernel", {E, L, K, D}, 0.5f / 8},
+      {l + "self_attention.value.kernel", {E, L, K, D}, 1.0f / 8},
+      {l + "self_attention.out.kernel", {H, L, D, E}, 1.0f / 8},
+      {l + "post_self_attention_layer_norm.scale", {E, L}, 0},
+      {l + "mlp.wi_0.kernel", {E, L, F}, 1.0f / 8},
+      {l + "mlp.wi_1.kernel", {E, L, F}, 1.0f / 8},
+      {l + "mlp.wo.kernel", {F, L, E}, 1.0f / 11},
+  };
+  if (!tied) ts.push_back({p + "decoder.logits_dense.kernel", {E, V}, 1.0f / 8});
+  nlohmann::json header = nlohmann::json::object();
+  std::vector<float> data;
+  uint64_t seed = 12345;
+  for (const auto& t : ts) {
+    int64_t n = 1;
+    for (auto d : t.shape) n *= d;
+    uint64_t begin = data.size() * 4;
+    for (int64_t i = 0; i < n; ++i) {
+      seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+      float u = float((seed >> 40) & 0xffffff) / float(1 << 24) * 2.0f - 1.0f;  // [-1, 1)
+      data.push_back(t.scale == 0 ? 1.0f : u * t.scale * 1.7f);
+    }
+    header[t.key] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {begin, data.size() * 4}}};
+  }
+  std::string h = header.dump();
+  uint64_t hlen = h.size();
+  std::ofstream f(m.dir / "model.safetensors", std::ios::binary);
+  f.write(reinterpret_cast<const char*>(&hlen), 8);
+  f << h;
+  f.write(reinterpret_cast<const char*>(data.data()), std::streamsize(data.size() * 4));
+  f.close();
+
+  nlohmann::json cfg = {{"decoder_block", "llama2"}, {"emb_dim", E},  {"num_query_heads", H},
+                        {"num_kv_heads", K},         {"head_dim", D}, {"mlp_dim", F},
+                        {"num_decoder_layers", L},   {"vocab_size", V},
+                        {"max_target_length", 96},   {"logits_via_embedding", tied}};
+  std::ofstream(m.dir / "config.json") << cfg.dump();
+
+  ExportOptions opt;
+  opt.checkpoints = {(m.dir / "model.safetensors").string()};
+  opt.config_path = (m.dir / "config.json").string();
+  opt.out_dir = m.artifact.string();
+  export_artifact(opt);
+  return m;
+}
+
+const TinyModel& tiny_untied() {
+  static TinyModel m = make_tiny_model("untied", false);
+  return m;
+}
+
+EngineOptions options(bool relayout) {
+  EngineOptions o;
+  o.model.threads = 2;
+  o.model.relayout = relayout;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("generate() performs no heap allocation (and so creates no oneDNN primitive)") {
+  for (bool relayout : {true, false}) {
+    CAPTURE(relayout);
+    auto engine = Engine::open(tiny_untied().artifact.string(), options(relayout));
+    std::vector<int32_t> prompt = {3, 14, 15, 92, 65, 35};
+    SamplingParams sp;
+    sp.temperature = 0.8f;
+    sp.top_k = 40;
+    sp.top_p = 0.9f;
+    sp.seed = 7;
+    engine->prefill(prompt, sp);
+    engine->generate();  // first token: lazily initialised state, if any, is not per-token
+    g_allocs = 0;
+    g_counting = true;
+    for (int i = 0; i < 32; ++i) engine->generate();
+    g_counting = false;
+    CHECK(g_allocs.load() == 0);
+  }
+}
+
+TEST_CASE("decoding through the KV cache gives the logits of a full prefill") {
+  auto engine = Engine::open(tiny_untied().artifact.string(), options(true));
+  const int64_t V = engine->config().vocab_size;
+  std::vector<int32_t> seq = {7, 1, 200, 33, 5};
+  std::vector<float> step_logits;
+  int32_t tok = engine->prefill(seq, SamplingParams{});
+  for (int i = 0; i < 12; ++i) {
+    seq.push_back(tok);
+    tok = engine->generate();
+  }
+  std::vector<float> last(engine->last_logits().begin(), engine->last_logits().end());
+  std::vector<float> all(seq.size() * size_t(V));
+  engine->prefill_logits(seq, all.data());
+  double max_diff = 0, max_abs = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    float ref = all[(seq.size() - 1) * size_t(V) + size_t(v)];
+    max_diff = std::max(max_diff, double(std::fabs(ref - last[size_t(v)])));
+    max_abs = std::max(max_abs, double(std::fabs(ref)));
+  }
+  MESSAGE("decode vs prefill: max |dlogit| = " << max_diff << " of max |logit| " << max_abs);
+  // Same math, different matmul paths (GEMV vs blocked GEMM sum in different orders): at most a
+  // few bf16 steps.
+  CHECK(max_diff <= 0.02 * max_abs);
+}
+
+TEST_CASE("bad requests are errors, not undefined behaviour") {
+  auto engine = Engine::open(tiny_untied().artifact.string(), options(false));
+  CHECK_THROWS_WITH_AS(engine->generate(), doctest::Contains("before prefill"), Error);
+  std::vector<int32_t> bad = {1, 256};
+  CHECK_THROWS_WITH_AS(engine->prefill(bad, {}), doctest::Contains("outside the vocabulary"),
+                       Error);
+  std::vector<int32_t> negative = {-1};
+  CHECK_THROWS_AS(engine->prefill(negative, {}), Error);
+  CHECK_THROWS_WITH_AS(engine->prefill(std::vector<int32_t>{}, {}), doctest::Contains("empty"),
+                       Error);
+  std::vector<int32_t> too_long(97, 1);
+  CHECK_THROWS_WITH_AS(engine->prefill(too_long, {}), doctest::Contains("longer than the context"),
+                       Error);
+  std::vector<int32_t> fits(95, 1);
+  engine->prefill(fits, {});
+  engine->generate();  // position 95 is the last one
+  CHECK_THROWS_WITH_AS(engine->generate(), doctest::Contains("is full"), Error);
+  SamplingParams sp;
+  sp.top_p = 0;
+  CHECK_THROWS_AS(engine->prefill(std::vector<int32_t>{1}, sp), Error);
+}
+
+TEST_CASE("a tied model runs and opening a missing artifact is a clear error") {
+  TinyModel tied = make_tiny_model("tied", true);
+  auto engine = Engine::open(tied.artifact.string(), options(true));
+  int32_t t = engine->prefill(std::vector<int32_t>{1, 2, 3}, {});
+  CHECK(t >= 0);
+  CHECK(t < 256);
+  CHECK_THROWS_WITH_AS(Engine::open((tied.dir / "nope").string()),
+                       doctest::Contains("does not exist"), Error);
+}
