@@ -410,6 +410,52 @@ class Fields {
   const Entries& e_;
 };
 
+// MLA, MoE and YaRN fields (spec §2.3c, §2.5, §2.7, §9). Defaults are MaxText base.yml's; a
+// default that does not match the checkpoint shows up as a missing or unknown tensor at export.
+void read_deepseek_fields(const std::string& path, const Fields& f, ModelConfig& m) {
+  m.q_lora_rank = f.get_int("q_lora_rank").value_or(0);
+  m.kv_lora_rank = f.get_int("kv_lora_rank").value_or(0);
+  m.qk_nope_head_dim = f.get_int("qk_nope_head_dim").value_or(0);
+  m.qk_rope_head_dim = f.get_int("qk_rope_head_dim").value_or(0);
+  m.v_head_dim = f.get_int("v_head_dim").value_or(0);
+  m.head_dim = m.qk_nope_head_dim + m.qk_rope_head_dim;
+  m.num_experts = f.get_int("num_experts").value_or(0);
+  m.num_experts_per_tok = f.get_int("num_experts_per_tok").value_or(0);
+  m.shared_experts = f.get_int("shared_experts").value_or(1);
+  m.routed_scaling_factor = f.get_double("routed_scaling_factor").value_or(1.0);
+  m.routed_score_func = f.get_string("routed_score_func").value_or("");
+  m.routed_bias = f.get_bool("routed_bias").value_or(false);
+  m.routing_weights_pre_bias =
+      m.model_name.starts_with("deepseek3") || m.model_name.starts_with("deepseek4");
+  m.n_routing_groups = f.get_int("n_routing_groups").value_or(-1);
+  m.topk_routing_group = f.get_int("topk_routing_group").value_or(-1);
+
+  const std::string rope_type = f.get_string("rope_type").value_or("yarn");
+  if (!rope_type.starts_with("yarn"))
+    throw Error(path + ": rope_type '" + rope_type +
+                "' is not supported for decoder_block deepseek (expected yarn)");
+  m.rope_layout = RopeLayout::Yarn;
+  m.max_position_embeddings = f.get_int("max_position_embeddings").value_or(163840);
+  m.original_max_position_embeddings =
+      f.get_int("original_max_position_embeddings").value_or(4096);
+  m.rope_factor = f.get_double("rope_factor").value_or(40.0);
+  m.beta_fast = f.get_double("beta_fast").value_or(32.0);
+  m.beta_slow = f.get_double("beta_slow").value_or(1.0);
+  m.mscale = f.get_double("mscale").value_or(1.0);
+  m.rope_interleave = f.get_bool("rope_interleave").value_or(true);
+  m.rope_truncate = f.get_bool("rope_truncate").value_or(true);
+  if (f.get_bool("rope_attention_scaling").value_or(false))
+    throw Error(path + ": rope_attention_scaling: true is not supported (MaxText's DeepSeek "
+                       "configs keep it false and put mscale into the softmax scale)");
+  // Spec §2.5 step 3: Dqk^-0.5, times (0.1·mscale·ln(factor) + 1)² when the context is extended.
+  double s = 1.0 / std::sqrt(double(m.qk_nope_head_dim + m.qk_rope_head_dim));
+  if (m.max_position_embeddings > m.original_max_position_embeddings) {
+    double mf = 0.1 * m.mscale * std::log(m.rope_factor) + 1.0;
+    s *= mf * mf;
+  }
+  m.query_scale = s;
+}
+
 std::string read_file(const std::string& path) {
   std::error_code ec;
   if (fs::is_directory(path, ec)) throw Error(path + ": is a directory, expected a config file");
@@ -456,11 +502,27 @@ ExportConfig read_export_config(const std::string& path,
   };
   std::optional<std::string> block = f.get_string("decoder_block");
   if (!block) missing.push_back("decoder_block");
+  const bool deepseek = block && *block == "deepseek";
   required_dim("emb_dim", m.emb_dim);
   required_dim("num_query_heads", m.num_query_heads);
-  required_dim("num_kv_heads", m.num_kv_heads);
-  required_dim("mlp_dim", m.mlp_dim);
+  if (deepseek) {
+    // MLA: one kv head per query head; the dense MLP only exists with dense layers.
+    m.num_kv_heads = f.get_dim("num_kv_heads").value_or(m.num_query_heads);
+    m.first_num_dense_layers = f.get_int("first_num_dense_layers").value_or(0);
+    if (m.first_num_dense_layers > 0) required_dim("mlp_dim", m.mlp_dim);
+    for (const char* key : {"kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"}) {
+      if (!f.get_int(key)) missing.push_back(key);
+    }
+  } else {
+    required_dim("num_kv_heads", m.num_kv_heads);
+    required_dim("mlp_dim", m.mlp_dim);
+  }
   required_dim("num_decoder_layers", m.num_decoder_layers);
+  if (deepseek && m.num_decoder_layers > m.first_num_dense_layers) {
+    if (!f.get_int("num_experts")) missing.push_back("num_experts");
+    if (!f.get_int("num_experts_per_tok")) missing.push_back("num_experts_per_tok");
+    required_dim("moe_mlp_dim", m.moe_mlp_dim);
+  }
   if (auto v = f.get_int("vocab_size")) {
     m.vocab_size = *v;
   } else {
@@ -473,9 +535,10 @@ ExportConfig read_export_config(const std::string& path,
   }
 
   m.decoder_block = *block;
-  if (m.decoder_block != "llama2" && m.decoder_block != "mistral" && m.decoder_block != "qwen3")
+  if (m.decoder_block != "llama2" && m.decoder_block != "mistral" && m.decoder_block != "qwen3" &&
+      !deepseek)
     throw Error(path + ": decoder_block '" + m.decoder_block +
-                "' is not supported (supported: llama2, mistral, qwen3)");
+                "' is not supported (supported: llama2, mistral, qwen3, deepseek)");
   const bool qwen3 = m.decoder_block == "qwen3";
 
   // MaxText picks the model file by model_name (configs/models/<model_name>.yml), and the RoPE
@@ -512,6 +575,12 @@ ExportConfig read_export_config(const std::string& path,
     throw Error(path + ": param_scan_axis " + std::to_string(axis) +
                 " is out of range (expected a non-negative axis index)");
   cfg.param_scan_axis = int(axis);
+
+  if (deepseek) {
+    read_deepseek_fields(path, f, m);
+    m.validate(path);
+    return cfg;
+  }
 
   // Same selection order as MaxText's init_rotary_embedding: the llama3.1 name test comes first.
   const std::string rope_type = f.get_string("rope_type").value_or("default");

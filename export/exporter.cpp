@@ -50,11 +50,51 @@ constexpr NameMapping kLlamaLayerNames[] = {
     {"mlp.wo", "mlp/wo/kernel"},
 };
 
+constexpr NameMapping kDeepSeekLayerNames[] = {
+    {"pre_attn_norm", "pre_self_attention_layer_norm/scale"},
+    {"attn.wq_a", "self_attention/wq_a/kernel"},
+    {"attn.q_a_norm", "self_attention/q_norm/scale"},
+    {"attn.wq_b", "self_attention/wq_b/kernel"},
+    {"attn.query", "self_attention/query/kernel"},
+    {"attn.wkv_a", "self_attention/wkv_a/kernel"},
+    {"attn.kv_a_norm", "self_attention/kv_norm/scale"},
+    {"attn.wkv_b", "self_attention/wkv_b/kernel"},
+    {"attn.o", "self_attention/out/kernel"},
+    {"post_attn_norm", "post_self_attention_layer_norm/scale"},
+    {"mlp.wi_0", "mlp/wi_0/kernel"},
+    {"mlp.wi_1", "mlp/wi_1/kernel"},
+    {"mlp.wo", "mlp/wo/kernel"},
+    {"moe.gate", "DeepSeekMoeBlock_0/MoeBlock_0/gate/kernel"},
+    {"moe.gate_bias", "DeepSeekMoeBlock_0/MoeBlock_0/gate/bias"},
+    {"moe.experts.wi_0", "DeepSeekMoeBlock_0/MoeBlock_0/wi_0"},
+    {"moe.experts.wi_1", "DeepSeekMoeBlock_0/MoeBlock_0/wi_1"},
+    {"moe.experts.wo", "DeepSeekMoeBlock_0/MoeBlock_0/wo"},
+    {"moe.shared.wi_0", "DeepSeekMoeBlock_0/shared_experts/wi_0/kernel"},
+    {"moe.shared.wi_1", "DeepSeekMoeBlock_0/shared_experts/wi_1/kernel"},
+    {"moe.shared.wo", "DeepSeekMoeBlock_0/shared_experts/wo/kernel"},
+};
+
 template <size_t N>
 const char* maxtext_path(const NameMapping (&table)[N], const std::string& name) {
   for (const auto& m : table)
     if (name == m.name) return m.maxtext;
   throw Error("internal: no MaxText name for tensor '" + name + "'");
+}
+
+// A scanned layer group and the global layers it holds (spec §1.2, §1.7): Llama-family models
+// have one group `layers`; DeepSeek has `dense_layers` then `moe_layers`, numbered globally with
+// the dense ones first.
+struct GroupSpan {
+  std::string name;
+  int64_t first_layer;
+  int64_t count;
+};
+
+std::vector<GroupSpan> layer_groups(const ModelConfig& mc) {
+  if (!mc.is_deepseek()) return {{"layers", 0, mc.num_decoder_layers}};
+  return {{"dense_layers", 0, mc.first_num_dense_layers},
+          {"moe_layers", mc.first_num_dense_layers,
+           mc.num_decoder_layers - mc.first_num_dense_layers}};
 }
 
 std::string file_of(const SourceTensor& t) { return t.file ? t.file->path() : "?"; }
@@ -132,39 +172,39 @@ Plan make_plan(const Checkpoint& ckpt, const ExportConfig& cfg) {
   }
   plan.blobs.push_back(std::move(globals));
 
-  LayerGroup group(canonical, "layers", mc.num_decoder_layers, cfg.param_scan_axis);
-  plan.scanned = group.scanned();
-  if (plan.scanned && (cfg.param_scan_axis < 0 || cfg.param_scan_axis > 1))
-    throw Error(checkpoint_names(ckpt) + ": scan axis " + std::to_string(cfg.param_scan_axis) +
-                " is out of range: the scanned layer parameters include 1-D norm scales, so "
-                "the axis must be 0 or 1");
-  for (int64_t l = 0; l < mc.num_decoder_layers; ++l) {
-    char name[32];
-    std::snprintf(name, sizeof name, "layer-%03lld.kblob", static_cast<long long>(l));
-    PlannedBlob blob{name, int(l), LayerKind::Dense, {}};
-    for (const auto& spec : layer_tensor_specs(mc, int(l))) {
-      std::string param = maxtext_path(kLlamaLayerNames, spec.name);
-      LayerTensorSource src = group.find(l, param);
-      std::string key = group.key_for(l, param);
-      if (!src.tensor) {
-        if (!plan.scanned || l == 0) missing.push_back(key);
-        continue;
+  for (const GroupSpan& span : layer_groups(mc)) {
+    LayerGroup group(canonical, span.name, span.count, cfg.param_scan_axis);
+    plan.scanned = plan.scanned || group.scanned();
+    for (int64_t j = 0; j < span.count; ++j) {
+      const int64_t l = span.first_layer + j;
+      char name[32];
+      std::snprintf(name, sizeof name, "layer-%03lld.kblob", static_cast<long long>(l));
+      PlannedBlob blob{name, int(l), mc.is_moe_layer(l) ? LayerKind::MoE : LayerKind::Dense, {}};
+      for (const auto& spec : layer_tensor_specs(mc, int(l))) {
+        std::string param = mc.is_deepseek() ? maxtext_path(kDeepSeekLayerNames, spec.name)
+                                             : maxtext_path(kLlamaLayerNames, spec.name);
+        LayerTensorSource src = group.find(j, param);
+        std::string key = group.key_for(j, param);
+        if (!src.tensor) {
+          if (!group.scanned() || j == 0) missing.push_back(key);
+          continue;
+        }
+        if (group.scanned()) {
+          if (j == 0)
+            check_shape(*src.tensor,
+                        scanned_shape(spec.shape, span.count, cfg.param_scan_axis,
+                                      src.tensor->key),
+                        "(layer parameter " + shape_to_string(spec.shape) + " with " +
+                            std::to_string(span.count) + " layers of '" + span.name +
+                            "' stacked on axis " + std::to_string(cfg.param_scan_axis) + ")");
+        } else {
+          check_shape(*src.tensor, spec.shape, "from the model config");
+        }
+        consumed.insert(key);
+        blob.tensors.push_back({spec, src});
       }
-      if (plan.scanned) {
-        if (l == 0)
-          check_shape(*src.tensor,
-                      scanned_shape(spec.shape, mc.num_decoder_layers, cfg.param_scan_axis,
-                                    src.tensor->key),
-                      "(layer parameter " + shape_to_string(spec.shape) + " with " +
-                          std::to_string(mc.num_decoder_layers) + " layers stacked on axis " +
-                          std::to_string(cfg.param_scan_axis) + ")");
-      } else {
-        check_shape(*src.tensor, spec.shape, "from the model config");
-      }
-      consumed.insert(key);
-      blob.tensors.push_back({spec, src});
+      plan.blobs.push_back(std::move(blob));
     }
-    plan.blobs.push_back(std::move(blob));
   }
 
   if (!missing.empty()) {

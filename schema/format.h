@@ -6,7 +6,7 @@
 namespace kiln {
 
 inline constexpr uint16_t kFormatMajor = 1;
-inline constexpr uint16_t kFormatMinor = 0;
+inline constexpr uint16_t kFormatMinor = 1;  // 1.1: DeepSeek-family config fields
 inline constexpr uint64_t kTensorAlignment = 64;
 
 inline constexpr const char* kManifestFile = "manifest.kfb";

@@ -16,7 +16,12 @@ flatbuffers::Offset<fb::ModelConfig> config_to_fb(flatbuffers::FlatBufferBuilder
       c.normalization_layer_epsilon, static_cast<fb::RopeLayout>(c.rope_layout),
       c.rope_min_timescale, c.rope_max_timescale, c.rope_linear_scaling_factor, c.rope_use_scale,
       c.use_qk_norm, c.query_scale, c.logits_via_embedding, c.normalize_embedding_logits,
-      c.final_logits_soft_cap, c.max_target_length);
+      c.final_logits_soft_cap, c.max_target_length, c.first_num_dense_layers, c.q_lora_rank,
+      c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.num_experts,
+      c.num_experts_per_tok, c.moe_mlp_dim, c.shared_experts, c.routed_scaling_factor,
+      c.routed_score_func.c_str(), c.routed_bias, c.routing_weights_pre_bias, c.n_routing_groups,
+      c.topk_routing_group, c.max_position_embeddings, c.original_max_position_embeddings,
+      c.rope_factor, c.beta_fast, c.beta_slow, c.mscale, c.rope_interleave, c.rope_truncate);
 }
 
 ModelConfig config_from_fb(const fb::ModelConfig& f) {
@@ -42,6 +47,30 @@ ModelConfig config_from_fb(const fb::ModelConfig& f) {
   c.normalize_embedding_logits = f.normalize_embedding_logits();
   c.final_logits_soft_cap = f.final_logits_soft_cap();
   c.max_target_length = f.max_target_length();
+  c.first_num_dense_layers = f.first_num_dense_layers();
+  c.q_lora_rank = f.q_lora_rank();
+  c.kv_lora_rank = f.kv_lora_rank();
+  c.qk_nope_head_dim = f.qk_nope_head_dim();
+  c.qk_rope_head_dim = f.qk_rope_head_dim();
+  c.v_head_dim = f.v_head_dim();
+  c.num_experts = f.num_experts();
+  c.num_experts_per_tok = f.num_experts_per_tok();
+  c.moe_mlp_dim = f.moe_mlp_dim();
+  c.shared_experts = f.shared_experts();
+  c.routed_scaling_factor = f.routed_scaling_factor();
+  c.routed_score_func = f.routed_score_func() ? f.routed_score_func()->str() : "";
+  c.routed_bias = f.routed_bias();
+  c.routing_weights_pre_bias = f.routing_weights_pre_bias();
+  c.n_routing_groups = f.n_routing_groups();
+  c.topk_routing_group = f.topk_routing_group();
+  c.max_position_embeddings = f.max_position_embeddings();
+  c.original_max_position_embeddings = f.original_max_position_embeddings();
+  c.rope_factor = f.rope_factor();
+  c.beta_fast = f.beta_fast();
+  c.beta_slow = f.beta_slow();
+  c.mscale = f.mscale();
+  c.rope_interleave = f.rope_interleave();
+  c.rope_truncate = f.rope_truncate();
   return c;
 }
 

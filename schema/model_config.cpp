@@ -15,9 +15,14 @@ void require_positive(const std::string& where, const char* field, int64_t v) {
 }  // namespace
 
 void ModelConfig::validate(const std::string& where) const {
-  if (decoder_block != "llama2" && decoder_block != "mistral" && decoder_block != "qwen3")
+  if (decoder_block != "llama2" && decoder_block != "mistral" && decoder_block != "qwen3" &&
+      decoder_block != "deepseek")
     throw Error(where + ": decoder_block '" + decoder_block +
-                "' is not supported (expected llama2, mistral or qwen3)");
+                "' is not supported (expected llama2, mistral, qwen3 or deepseek)");
+  if (is_deepseek()) {
+    validate_deepseek(where);
+    return;
+  }
   require_positive(where, "emb_dim", emb_dim);
   require_positive(where, "num_query_heads", num_query_heads);
   require_positive(where, "num_kv_heads", num_kv_heads);
@@ -40,7 +45,54 @@ void ModelConfig::validate(const std::string& where) const {
   if (final_logits_soft_cap < 0) throw Error(where + ": final_logits_soft_cap must be >= 0");
 }
 
-std::vector<TensorSpec> layer_tensor_specs(const ModelConfig& c, int /*layer*/) {
+void ModelConfig::validate_deepseek(const std::string& where) const {
+  require_positive(where, "emb_dim", emb_dim);
+  require_positive(where, "num_query_heads", num_query_heads);
+  require_positive(where, "num_decoder_layers", num_decoder_layers);
+  require_positive(where, "vocab_size", vocab_size);
+  require_positive(where, "max_target_length", max_target_length);
+  require_positive(where, "kv_lora_rank", kv_lora_rank);
+  require_positive(where, "qk_nope_head_dim", qk_nope_head_dim);
+  require_positive(where, "qk_rope_head_dim", qk_rope_head_dim);
+  require_positive(where, "v_head_dim", v_head_dim);
+  if (num_kv_heads != num_query_heads)
+    throw Error(where + ": MLA needs num_kv_heads == num_query_heads, got " +
+                std::to_string(num_kv_heads) + " and " + std::to_string(num_query_heads));
+  if (q_lora_rank < 0) throw Error(where + ": q_lora_rank must be >= 0");
+  if (qk_rope_head_dim % 2 != 0)
+    throw Error(where + ": qk_rope_head_dim must be even for RoPE, got " +
+                std::to_string(qk_rope_head_dim));
+  if (first_num_dense_layers < 0 || first_num_dense_layers > num_decoder_layers)
+    throw Error(where + ": first_num_dense_layers must be in [0, num_decoder_layers]");
+  if (first_num_dense_layers > 0) require_positive(where, "mlp_dim", mlp_dim);
+  if (first_num_dense_layers < num_decoder_layers) {
+    require_positive(where, "num_experts", num_experts);
+    require_positive(where, "num_experts_per_tok", num_experts_per_tok);
+    require_positive(where, "moe_mlp_dim", moe_mlp_dim);
+    if (num_experts_per_tok > num_experts)
+      throw Error(where + ": num_experts_per_tok exceeds num_experts");
+    if (shared_experts < 0) throw Error(where + ": shared_experts must be >= 0");
+    if (routed_score_func != "" && routed_score_func != "softmax" && routed_score_func != "sigmoid")
+      throw Error(where + ": routed_score_func '" + routed_score_func +
+                  "' is not supported (expected softmax, sigmoid or empty)");
+    if (n_routing_groups != -1) {
+      if (n_routing_groups <= 0 || num_experts % n_routing_groups != 0)
+        throw Error(where + ": n_routing_groups must divide num_experts");
+      if (topk_routing_group <= 0 || topk_routing_group > n_routing_groups)
+        throw Error(where + ": topk_routing_group must be in [1, n_routing_groups]");
+    }
+  }
+  if (rope_layout != RopeLayout::Yarn)
+    throw Error(where + ": decoder_block deepseek needs rope_type yarn");
+  require_positive(where, "original_max_position_embeddings", original_max_position_embeddings);
+  if (!(rope_factor > 0) || !(rope_max_timescale > 0))
+    throw Error(where + ": rope_factor and rope_max_timescale must be positive");
+  if (!(query_scale > 0) || !std::isfinite(query_scale))
+    throw Error(where + ": the MLA softmax scale must be a positive finite number");
+}
+
+std::vector<TensorSpec> layer_tensor_specs(const ModelConfig& c, int layer) {
+  if (c.is_deepseek()) return deepseek_layer_tensor_specs(c, layer);
   const int64_t E = c.emb_dim, H = c.num_query_heads, K = c.num_kv_heads, D = c.head_dim,
                 F = c.mlp_dim;
   std::vector<TensorSpec> specs = {
@@ -51,6 +103,43 @@ std::vector<TensorSpec> layer_tensor_specs(const ModelConfig& c, int /*layer*/) 
   if (c.use_qk_norm) {
     specs.push_back({"attn.q_norm", {D}});
     specs.push_back({"attn.k_norm", {D}});
+  }
+  return specs;
+}
+
+std::vector<TensorSpec> deepseek_layer_tensor_specs(const ModelConfig& c, int layer) {
+  const int64_t E = c.emb_dim, H = c.num_query_heads, Rq = c.q_lora_rank, Rkv = c.kv_lora_rank,
+                Dn = c.qk_nope_head_dim, Dr = c.qk_rope_head_dim, Dv = c.v_head_dim;
+  std::vector<TensorSpec> specs = {{"pre_attn_norm", {E}}};
+  if (Rq > 0) {
+    specs.push_back({"attn.wq_a", {E, Rq}});
+    specs.push_back({"attn.q_a_norm", {Rq}});
+    specs.push_back({"attn.wq_b", {Rq, H, Dn + Dr}});
+  } else {
+    specs.push_back({"attn.query", {E, H, Dn + Dr}});
+  }
+  specs.push_back({"attn.wkv_a", {E, Rkv + Dr}});
+  specs.push_back({"attn.kv_a_norm", {Rkv}});
+  specs.push_back({"attn.wkv_b", {Rkv, H, Dn + Dv}});
+  specs.push_back({"attn.o", {H, Dv, E}});
+  specs.push_back({"post_attn_norm", {E}});
+  if (!c.is_moe_layer(layer)) {
+    const int64_t F = c.mlp_dim;
+    specs.push_back({"mlp.wi_0", {E, F}});
+    specs.push_back({"mlp.wi_1", {E, F}});
+    specs.push_back({"mlp.wo", {F, E}});
+    return specs;
+  }
+  const int64_t X = c.num_experts, Fm = c.moe_mlp_dim, S = c.shared_experts * c.moe_mlp_dim;
+  specs.push_back({"moe.gate", {E, X}});
+  if (c.routed_bias) specs.push_back({"moe.gate_bias", {X}});
+  specs.push_back({"moe.experts.wi_0", {X, E, Fm}});
+  specs.push_back({"moe.experts.wi_1", {X, E, Fm}});
+  specs.push_back({"moe.experts.wo", {X, Fm, E}});
+  if (S > 0) {
+    specs.push_back({"moe.shared.wi_0", {E, S}});
+    specs.push_back({"moe.shared.wi_1", {E, S}});
+    specs.push_back({"moe.shared.wo", {S, E}});
   }
   return specs;
 }

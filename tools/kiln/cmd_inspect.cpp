@@ -9,7 +9,64 @@ namespace kiln::cli {
 
 namespace {
 
+nlohmann::ordered_json config_json_common(const ModelConfig& c);
+
+const char* rope_layout_name(RopeLayout r) {
+  switch (r) {
+    case RopeLayout::HalfSplit: return "half-split";
+    case RopeLayout::Interleaved: return "interleaved (llama3.1)";
+    case RopeLayout::Yarn: return "yarn";
+  }
+  return "?";
+}
+
+const char* kind_name(LayerKind k) {
+  switch (k) {
+    case LayerKind::Globals: return "globals";
+    case LayerKind::Dense: return "dense";
+    case LayerKind::MoE: return "moe";
+  }
+  return "?";
+}
+
 nlohmann::ordered_json config_json(const ModelConfig& c) {
+  nlohmann::ordered_json j = config_json_common(c);
+  if (!c.is_deepseek()) return j;
+  j["query_scale"] = c.query_scale;  // the MLA softmax scale
+  for (auto [k, v] : {std::pair{"first_num_dense_layers", c.first_num_dense_layers},
+                      {"q_lora_rank", c.q_lora_rank},
+                      {"kv_lora_rank", c.kv_lora_rank},
+                      {"qk_nope_head_dim", c.qk_nope_head_dim},
+                      {"qk_rope_head_dim", c.qk_rope_head_dim},
+                      {"v_head_dim", c.v_head_dim},
+                      {"num_experts", c.num_experts},
+                      {"num_experts_per_tok", c.num_experts_per_tok},
+                      {"moe_mlp_dim", c.moe_mlp_dim},
+                      {"shared_experts", c.shared_experts},
+                      {"n_routing_groups", c.n_routing_groups},
+                      {"topk_routing_group", c.topk_routing_group},
+                      {"max_position_embeddings", c.max_position_embeddings},
+                      {"original_max_position_embeddings", c.original_max_position_embeddings}})
+    j[k] = v;
+  j["routed_score_func"] = c.routed_score_func.empty() ? "none" : c.routed_score_func;
+  j["routed_bias"] = c.routed_bias;
+  j["routed_scaling_factor"] = c.routed_scaling_factor;
+  j["routing_weights"] = c.routing_weights_pre_bias
+                             ? "pre-bias scores (deepseek3/deepseek4 model name, as MaxText)"
+                             : "post-bias scores (MaxText's behaviour for this model name)";
+  j["rope_factor"] = c.rope_factor;
+  j["beta_fast"] = c.beta_fast;
+  j["beta_slow"] = c.beta_slow;
+  j["mscale"] = c.mscale;
+  j["rope_interleave"] = c.rope_interleave;
+  j["rope_truncate"] = c.rope_truncate;
+  for (const char* unused : {"head_dim", "mlp_dim", "rope_min_timescale",
+                             "rope_linear_scaling_factor", "rope_use_scale", "use_qk_norm"})
+    if (std::string(unused) != "mlp_dim" || c.first_num_dense_layers == 0) j.erase(unused);
+  return j;
+}
+
+nlohmann::ordered_json config_json_common(const ModelConfig& c) {
   return {{"decoder_block", c.decoder_block},
           {"model_name", c.model_name},
           {"emb_dim", c.emb_dim},
@@ -20,8 +77,7 @@ nlohmann::ordered_json config_json(const ModelConfig& c) {
           {"num_decoder_layers", c.num_decoder_layers},
           {"vocab_size", c.vocab_size},
           {"normalization_layer_epsilon", c.normalization_layer_epsilon},
-          {"rope_layout", c.rope_layout == RopeLayout::Interleaved ? "interleaved (llama3.1)"
-                                                                  : "half-split"},
+          {"rope_layout", rope_layout_name(c.rope_layout)},
           {"rope_min_timescale", c.rope_min_timescale},
           {"rope_max_timescale", c.rope_max_timescale},
           {"rope_linear_scaling_factor", c.rope_linear_scaling_factor},
@@ -64,7 +120,7 @@ int cmd_inspect(int argc, const char* const* argv) {
     }
     blobs.push_back({{"file", m.blobs[i].file},
                      {"layer", m.blobs[i].layer},
-                     {"kind", m.blobs[i].kind == LayerKind::Globals ? "globals" : "dense"},
+                     {"kind", kind_name(m.blobs[i].kind)},
                      {"bytes", m.blobs[i].size},
                      {"tensors", tensors}});
   }

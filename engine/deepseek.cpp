@@ -1,0 +1,1 @@
+// placeholder: the DeepSeek forward pass is being written

@@ -1,0 +1,1 @@
+// placeholder: MoE routing kernels are being written
