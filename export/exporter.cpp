@@ -285,6 +285,14 @@ ExportSummary export_artifact(const ExportOptions& opt,
 
   Checkpoint ckpt = Checkpoint::open(opt.checkpoints);
   Plan plan = make_plan(ckpt, cfg);
+  QkClipRecord qk_clip;
+  if (opt.qk_clip.threshold != 0 || !opt.qk_clip.stats.empty()) {
+    if (opt.qk_clip.stats.empty())
+      throw Error("--qk-clip-threshold needs statistics: give --max-logits FILE");
+    if (opt.qk_clip.threshold == 0)
+      throw Error("--max-logits needs --qk-clip-threshold TAU");
+    qk_clip = plan_qk_clip(opt.qk_clip, cfg.model, read_max_logits(opt.qk_clip, cfg.model));
+  }
 
   fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
   if (!fs::is_directory(parent))
@@ -293,16 +301,18 @@ ExportSummary export_artifact(const ExportOptions& opt,
 
   Manifest manifest;
   manifest.config = cfg.model;
+  manifest.qk_clip = qk_clip;
   ExportSummary summary;
   ExportProgress prog{0, int64_t(plan.blobs.size()), 0};
   NonFiniteCounts nonfinite;
 
-  // One tensor in f32 at a time; large unscanned tensors (the embedding) stream in chunks.
+  // One tensor in f32 at a time; the globals (the embedding is the largest tensor of a model)
+  // stream in chunks since no stage but the conversion touches them.
   constexpr uint64_t kChunk = uint64_t(1) << 22;
   uint64_t max_layer_numel = kChunk;
   for (const auto& b : plan.blobs)
     for (const auto& t : b.tensors)
-      if (t.src.scan_axis >= 0) max_layer_numel = std::max(max_layer_numel, numel(t.spec.shape));
+      if (b.layer >= 0) max_layer_numel = std::max(max_layer_numel, numel(t.spec.shape));
   std::vector<float> f32(max_layer_numel);
   std::vector<uint16_t> bf16(max_layer_numel);
 
@@ -312,7 +322,7 @@ ExportSummary export_artifact(const ExportOptions& opt,
     BlobWriter writer((tmp.path() / blob.file).string(), blob.layer, blob.kind, specs);
     for (const auto& t : blob.tensors) {
       uint64_t n = numel(t.spec.shape);
-      if (t.src.scan_axis < 0) {
+      if (blob.layer < 0) {
         for (uint64_t b = 0; b < n; b += kChunk) {
           uint64_t m = std::min(kChunk, n - b);
           source_range_to_f32(*t.src.tensor, b, m, f32.data());
@@ -325,6 +335,7 @@ ExportSummary export_artifact(const ExportOptions& opt,
         }
       } else {
         unroll_scanned_layer(t.src, f32.data());
+        apply_qk_clip(qk_clip, cfg.model, blob.layer, t.spec.name, f32.data());
         nonfinite += convert_f32_to_bf16(f32.data(), bf16.data(), n);
         writer.write_tensor(t.spec.name, bf16.data(), n * 2);
         t.src.tensor->file->release_range(t.src.tensor->data, t.src.tensor->nbytes);
@@ -377,6 +388,7 @@ ExportSummary export_artifact(const ExportOptions& opt,
   summary.nonfinite_inf = nonfinite.inf;
   summary.key_layout = p.key_layout;
   summary.scanned = plan.scanned;
+  summary.qk_clip = qk_clip;
   summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return summary;
 }

@@ -1,6 +1,7 @@
 // `kiln export`: training checkpoint + config → artifact directory (design.md §3).
 //
-// Stage order per layer: read → canonicalise names → unroll → convert to bf16 once → write.
+// Stage order per layer: read → canonicalise names → unroll → QK-Clip → convert to bf16 once →
+// write.
 // One tensor is held in f32 at a time (peak memory ≈ the largest layer tensor + a constant), the
 // artifact is written to a temporary sibling directory and renamed into place only when complete.
 #pragma once
@@ -12,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include "export/qk_clip.h"
+
 namespace kiln {
 
 struct ExportOptions {
@@ -21,6 +24,7 @@ struct ExportOptions {
   std::optional<int> scan_axis;                                // --scan-axis
   std::string out_dir;
   bool force = false;
+  QkClipOptions qk_clip;  // threshold 0: off
   // The command line as given, recorded in the manifest's provenance.
   std::vector<std::pair<std::string, std::string>> recorded_options;
 };
@@ -39,6 +43,7 @@ struct ExportSummary {
   std::string key_layout;
   bool scanned = false;
   double seconds = 0;
+  QkClipRecord qk_clip;
 };
 
 // Throws kiln::Error (one line naming the file and key) on any bad input; nothing is left at

@@ -95,8 +95,16 @@ std::vector<uint8_t> serialize_manifest(const Manifest& m) {
   auto prov = fb::CreateProvenanceDirect(
       b, p.exporter_version.c_str(), p.created_utc.c_str(), &sources, p.config_source.c_str(),
       p.key_layout.c_str(), p.scanned, p.scan_axis, &options, p.nonfinite_nan, p.nonfinite_inf);
+  flatbuffers::Offset<fb::QkClip> qk = 0;
+  if (m.qk_clip.applied) {
+    const QkClipRecord& q = m.qk_clip;
+    std::vector<flatbuffers::Offset<flatbuffers::String>> srcs;
+    for (const auto& src : q.sources) srcs.push_back(b.CreateString(src));
+    qk = fb::CreateQkClipDirect(b, q.threshold, q.mode.c_str(), q.per_group, &srcs, q.heads,
+                                &q.gamma, &q.max_logit);
+  }
   auto root = fb::CreateManifestDirect(b, kFormatMajor, kFormatMinor, config, &blobs,
-                                       m.tokenizer.empty() ? nullptr : &m.tokenizer, prov);
+                                       m.tokenizer.empty() ? nullptr : &m.tokenizer, prov, qk);
   fb::FinishManifestBuffer(b, root);
   return {b.GetBufferPointer(), b.GetBufferPointer() + b.GetSize()};
 }
@@ -135,6 +143,23 @@ Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& pat
       for (const auto* kv : *p->options()) m.provenance.options.emplace_back(s(kv->key()), s(kv->value()));
     m.provenance.nonfinite_nan = p->nonfinite_nan();
     m.provenance.nonfinite_inf = p->nonfinite_inf();
+  }
+  if (const auto* q = f->qk_clip()) {
+    QkClipRecord& r = m.qk_clip;
+    r.applied = true;
+    r.threshold = q->threshold();
+    r.mode = q->mode() ? q->mode()->str() : "";
+    r.per_group = q->per_group();
+    if (q->sources())
+      for (const auto* src : *q->sources()) r.sources.push_back(src->str());
+    r.heads = q->heads();
+    if (q->gamma()) r.gamma.assign(q->gamma()->begin(), q->gamma()->end());
+    if (q->max_logit()) r.max_logit.assign(q->max_logit()->begin(), q->max_logit()->end());
+    const size_t want = size_t(m.config.num_decoder_layers * r.heads);
+    if (r.heads != m.config.num_query_heads || r.gamma.size() != want ||
+        r.max_logit.size() != want)
+      throw Error(path + ": QK-Clip record does not match the config (expected " +
+                  std::to_string(want) + " gammas)");
   }
   return m;
 }

@@ -33,6 +33,23 @@ struct Provenance {
   uint64_t nonfinite_inf = 0;
 };
 
+// What QK-Clip did at export (kiln.fbs `QkClip`).
+struct QkClipRecord {
+  bool applied = false;
+  double threshold = 0;
+  std::string mode;          // "mla" | "query"
+  bool per_group = false;
+  std::vector<std::string> sources;
+  int64_t heads = 0;
+  std::vector<float> gamma;       // [layers, heads]; 1 = untouched
+  std::vector<float> max_logit;   // [layers, heads]; NaN where no statistics
+  int64_t clipped_heads() const {
+    int64_t n = 0;
+    for (float g : gamma) n += g < 1.0f;
+    return n;
+  }
+};
+
 struct Manifest {
   uint16_t format_major = 0;
   uint16_t format_minor = 0;
@@ -40,6 +57,7 @@ struct Manifest {
   std::vector<BlobEntry> blobs;
   std::vector<uint8_t> tokenizer;
   Provenance provenance;
+  QkClipRecord qk_clip;
 };
 
 std::vector<uint8_t> serialize_manifest(const Manifest& m);

@@ -1,3 +1,4 @@
+#include <cmath>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
@@ -129,6 +130,24 @@ int cmd_inspect(int argc, const char* const* argv) {
   nlohmann::ordered_json options = nlohmann::ordered_json::array();
   for (const auto& [k, val] : pv.options) options.push_back(val.empty() ? k : k + " " + val);
 
+  const QkClipRecord& qk = m.qk_clip;
+  nlohmann::ordered_json qk_json = nullptr;
+  if (qk.applied) {
+    nlohmann::ordered_json layers = nlohmann::ordered_json::array();
+    for (int64_t l = 0; l < m.config.num_decoder_layers; ++l) {
+      nlohmann::ordered_json g = nlohmann::ordered_json::array(), s = nlohmann::ordered_json::array();
+      for (int64_t h = 0; h < qk.heads; ++h) {
+        g.push_back(qk.gamma[size_t(l * qk.heads + h)]);
+        float x = qk.max_logit[size_t(l * qk.heads + h)];
+        s.push_back(std::isnan(x) ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(x));
+      }
+      layers.push_back({{"layer", l}, {"gamma", g}, {"max_logit", s}});
+    }
+    qk_json = {{"threshold", qk.threshold}, {"mode", qk.mode},     {"per_group", qk.per_group},
+               {"sources", qk.sources},     {"heads_clipped", qk.clipped_heads()},
+               {"layers", layers}};
+  }
+
   if (a.has("--json")) {
     nlohmann::ordered_json j = {
         {"dir", art->dir()},
@@ -140,6 +159,7 @@ int cmd_inspect(int argc, const char* const* argv) {
         {"checksums_verified", verify},
         {"blobs", blobs},
         {"tokenizer_bytes", m.tokenizer.size()},
+        {"qk_clip", qk_json},
         {"provenance",
          {{"exporter_version", pv.exporter_version},
           {"created_utc", pv.created_utc},
@@ -174,6 +194,26 @@ int cmd_inspect(int argc, const char* const* argv) {
         std::printf("      %-16s %-5s %-22s crc32c %08x\n", t["name"].get<std::string>().c_str(),
                     t["dtype"].get<std::string>().c_str(), t["shape"].dump().c_str(),
                     t["crc32c"].get<uint32_t>());
+  }
+  if (qk.applied) {
+    std::printf("\nqk-clip    tau %g, mode %s (%s), %lld of %zu heads clipped; from %s\n",
+                qk.threshold, qk.mode.c_str(), qk.per_group ? "per scanned group" : "per layer",
+                static_cast<long long>(qk.clipped_heads()), qk.gamma.size(),
+                qk.sources.empty() ? "-" : qk.sources.front().c_str());
+    for (int64_t l = 0; l < m.config.num_decoder_layers; ++l) {
+      std::string line;
+      bool any = false;
+      for (int64_t h = 0; h < qk.heads; ++h) {
+        float g = qk.gamma[size_t(l * qk.heads + h)];
+        any |= g < 1.0f;
+        char buf[32];
+        std::snprintf(buf, sizeof buf, " %.4g", double(g));
+        line += buf;
+      }
+      bool stats = !std::isnan(qk.max_logit[size_t(l * qk.heads)]);
+      std::printf("  layer %3lld gamma%s%s\n", static_cast<long long>(l), line.c_str(),
+                  !stats ? "   (no statistics: untouched)" : any ? "" : "   (all below tau)");
+    }
   }
   std::printf("\nprovenance\n");
   std::printf("  exporter      kiln %s, %s\n", pv.exporter_version.c_str(), pv.created_utc.c_str());

@@ -1,0 +1,194 @@
+#include "export/qk_clip.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "common/error.h"
+#include "export/key_layout.h"
+#include "export/safetensors.h"
+
+namespace kiln {
+
+namespace {
+
+constexpr float kNoStats = std::numeric_limits<float>::quiet_NaN();
+
+// Where a max-logits key belongs: the layer group and, for an unrolled key, the layer in it.
+struct StatsKey {
+  std::string group;  // layers | dense_layers | moe_layers
+  int64_t index = -1;  // -1: stacked over the group's layers on the first axis
+};
+
+bool parse_stats_key(const std::string& raw, StatsKey* out) {
+  std::vector<std::string> c = split_key(raw);
+  if (!c.empty() && c.back() == "0") c.pop_back();  // Linen sow tuple
+  if (c.size() < 3 || c.back() != "max_logits") return false;
+  size_t sa = c.size() - 2;
+  if (c[sa] == "attention_op") --sa;
+  if (c[sa] != "self_attention" || sa == 0) return false;
+  const std::string& g = c[sa - 1];
+  for (const char* base : {"dense_layers", "moe_layers", "layers"}) {
+    std::string b = base;
+    if (g == b) {
+      *out = {b, -1};
+      return true;
+    }
+    if (g.size() > b.size() + 1 && g.compare(0, b.size() + 1, b + "_") == 0 &&
+        g.find_first_not_of("0123456789", b.size() + 1) == std::string::npos) {
+      *out = {b, std::stoll(g.substr(b.size() + 1))};
+      return true;
+    }
+  }
+  return false;
+}
+
+// First global layer and size of a group for this config.
+std::pair<int64_t, int64_t> group_span(const ModelConfig& c, const std::string& group,
+                                       const std::string& where) {
+  if (!c.is_deepseek()) {
+    if (group == "layers") return {0, c.num_decoder_layers};
+  } else if (group == "dense_layers") {
+    return {0, c.first_num_dense_layers};
+  } else if (group == "moe_layers") {
+    return {c.first_num_dense_layers, c.num_decoder_layers - c.first_num_dense_layers};
+  }
+  throw Error(where + ": layer group '" + group + "' is not part of a " + c.decoder_block +
+              " model");
+}
+
+}  // namespace
+
+MaxLogits read_max_logits(const QkClipOptions& opt, const ModelConfig& c) {
+  MaxLogits out;
+  out.layers = c.num_decoder_layers;
+  out.heads = c.num_query_heads;
+  out.s.assign(size_t(out.layers * out.heads), kNoStats);
+  auto merge = [&](int64_t layer, int64_t h, float v) {
+    float& s = out.s[size_t(layer * out.heads + h)];
+    s = std::isnan(s) ? v : std::max(s, v);
+  };
+  for (const std::string& path : opt.stats) {
+    Checkpoint stats = Checkpoint::open({path});
+    out.sources.push_back(path);
+    int64_t used = 0;
+    for (const SourceTensor& t : stats.tensors()) {
+      StatsKey key;
+      if (!parse_stats_key(t.key, &key)) continue;
+      const std::string where = path + ": key '" + t.key + "'";
+      if (t.shape.empty() || t.shape.back() != out.heads)
+        throw Error(where + " has shape " + shape_to_string(t.shape) + ", expected [..., " +
+                    std::to_string(out.heads) + "] (the last axis is the attention head)");
+      auto [first, count] = group_span(c, key.group, where);
+      std::vector<float> v(size_t(t.numel()));
+      read_as_f32(t, v.data());
+      if (key.index >= 0) {
+        if (key.index >= count)
+          throw Error(where + ": layer " + std::to_string(key.index) + " is outside '" +
+                      key.group + "' (" + std::to_string(count) + " layers)");
+        for (size_t i = 0; i < v.size(); ++i)
+          merge(first + key.index, int64_t(i) % out.heads, v[i]);
+      } else {
+        if (t.shape.size() < 2 || t.shape.front() != count)
+          throw Error(where + " has shape " + shape_to_string(t.shape) +
+                      ", expected the " + std::to_string(count) + " layers of '" + key.group +
+                      "' on the first axis ([layers, ..., heads])");
+        const size_t per_layer = v.size() / size_t(count);
+        for (size_t i = 0; i < v.size(); ++i)
+          merge(first + int64_t(i / per_layer), int64_t(i) % out.heads, v[i]);
+      }
+      ++used;
+    }
+    if (used == 0)
+      throw Error(path + ": no max-logit statistics (expected keys ending in "
+                         "'self_attention.attention_op.max_logits' or "
+                         "'self_attention.max_logits')");
+  }
+  if (opt.per_group) {
+    // MaxText reduces over every axis but heads, which for a scanned group includes its layers.
+    std::vector<std::string> groups = c.is_deepseek()
+                                          ? std::vector<std::string>{"dense_layers", "moe_layers"}
+                                          : std::vector<std::string>{"layers"};
+    for (const auto& g : groups) {
+      auto [first, count] = group_span(c, g, "config");
+      for (int64_t h = 0; h < out.heads; ++h) {
+        float m = kNoStats;
+        for (int64_t l = first; l < first + count; ++l) {
+          float s = out.s[size_t(l * out.heads + h)];
+          if (!std::isnan(s)) m = std::isnan(m) ? s : std::max(m, s);
+        }
+        for (int64_t l = first; l < first + count; ++l) out.s[size_t(l * out.heads + h)] = m;
+      }
+    }
+  }
+  return out;
+}
+
+QkClipRecord plan_qk_clip(const QkClipOptions& opt, const ModelConfig& c, const MaxLogits& stats) {
+  if (!(opt.threshold > 0))
+    throw Error("--qk-clip-threshold must be positive, got " + std::to_string(opt.threshold));
+  if (opt.mode != "mla" && opt.mode != "query")
+    throw Error("--qk-clip-mode '" + opt.mode + "' is not supported (expected mla or query)");
+  if (opt.mode == "mla" && !c.is_deepseek())
+    throw Error("QK-Clip is only supported for MLA attention (decoder_block " + c.decoder_block +
+                " has none); --qk-clip-mode=query scales each query head instead");
+  QkClipRecord r;
+  r.applied = true;
+  r.threshold = opt.threshold;
+  r.mode = opt.mode;
+  r.per_group = opt.per_group;
+  r.sources = stats.sources;
+  r.heads = stats.heads;
+  r.max_logit = stats.s;
+  r.gamma.resize(stats.s.size());
+  // In f32, as MaxText computes it on f32 statistics.
+  const float tau = float(opt.threshold);
+  for (size_t i = 0; i < stats.s.size(); ++i) {
+    float s = stats.s[i];
+    r.gamma[i] = std::isnan(s) ? 1.0f : std::min(1.0f, tau / (s + 1e-6f));
+  }
+  return r;
+}
+
+bool apply_qk_clip(const QkClipRecord& rec, const ModelConfig& c, int64_t layer,
+                   const std::string& name, float* w) {
+  if (!rec.applied) return false;
+  const float* gamma = rec.gamma.data() + layer * rec.heads;
+  if (std::all_of(gamma, gamma + rec.heads, [](float g) { return g == 1.0f; })) return false;
+  const int64_t H = rec.heads;
+  // Every touched tensor is [rows, H, cols]: scale columns [0, split) by a and [split, cols) by b.
+  int64_t rows = 0, cols = 0, split = 0;
+  bool sqrt_first = false, scale_rest = false;
+  if (rec.mode == "query") {
+    if (name == "attn.q") {
+      rows = c.emb_dim, cols = c.head_dim;
+    } else if (name == "attn.wq_b" || name == "attn.query") {
+      rows = name == "attn.wq_b" ? c.q_lora_rank : c.emb_dim, cols = c.qk_head_dim();
+    } else {
+      return false;
+    }
+    split = 0, scale_rest = true;
+  } else if (name == "attn.wq_b" || name == "attn.query") {
+    rows = name == "attn.wq_b" ? c.q_lora_rank : c.emb_dim, cols = c.qk_head_dim();
+    split = c.qk_nope_head_dim, sqrt_first = true, scale_rest = true;
+  } else if (name == "attn.wkv_b") {
+    rows = c.kv_lora_rank, cols = c.qk_nope_head_dim + c.v_head_dim;
+    split = c.qk_nope_head_dim, sqrt_first = true, scale_rest = false;
+  } else {
+    return false;
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const float g = gamma[h];
+    if (g == 1.0f) continue;
+    const float a = sqrt_first ? std::sqrt(g) : g;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = w + (r * H + h) * cols;
+      for (int64_t j = 0; j < split; ++j) row[j] *= a;
+      if (scale_rest)
+        for (int64_t j = split; j < cols; ++j) row[j] *= g;
+    }
+  }
+  return true;
+}
+
+}  // namespace kiln
