@@ -319,9 +319,12 @@ vocab_size: 256
                    "missing required field: vocab_size"));
   }
   SUBCASE("unsupported decoder_block lists the supported ones") {
-    const std::string msg = err("ds.yml", base + "decoder_block: deepseek\n");
-    CHECK(contains(
-        msg, "decoder_block 'deepseek' is not supported (supported: llama2, mistral, qwen3)"));
+    const std::string msg = err("g3.yml", base + "decoder_block: gpt3\n");
+    CHECK(contains(msg, "decoder_block 'gpt3' is not supported (supported: llama2, mistral, "
+                        "qwen3, deepseek)"));
+    // A deepseek config names the MLA fields it misses.
+    CHECK(contains(err("ds.yml", base + "decoder_block: deepseek\n"),
+                   "kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim"));
   }
   SUBCASE("values of the wrong type") {
     std::string msg = err("type.yml", base + "emb_dim: abc\n");
