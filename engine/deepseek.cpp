@@ -1,1 +1,479 @@
-// placeholder: the DeepSeek forward pass is being written
+// The DeepSeek-family forward pass (DeepSeek V2/V3, Kimi K2: decoder_block deepseek), spec §2.1,
+// §2.2, §2.3(c), §2.5–2.7:
+//
+//   x = embed(tokens)
+//   for each layer (the first first_num_dense_layers dense, the rest MoE):
+//     h = x + MLA(rms(x))
+//     x = h + FFN(rms(h))        FFN = SwiGLU MLP (dense) | routed experts + shared experts (MoE)
+//   logits = rms(x) · W_out      (or · embeddingᵀ [/ sqrt(E)] when tied)
+//
+// MLA with a latent KV cache. MaxText computes, per head h (spec §2.5),
+//   q = [q_nope | q_pe] = (rms(x·Wq_a)·Wq_b  or  x·Wquery),   q_pe ← YaRN(q_pe)
+//   query = bf16([q_nope | q_pe] · s)                                  (s: softmax scale incl.
+//   mscale²) [c | k_pe] = x·Wkv_a,  c ← rms(c) (the latent, Rkv values),  k_pe ← YaRN(k_pe) (one
+//   per token) k_nope[h], v[h] = c·Wkv_b[:, h, :Dn], c·Wkv_b[:, h, Dn:] score(s) =
+//   query_nope[h]·k_nope[h](s) + query_pe[h]·k_pe(s);  out[h] = Σ p(s)·v[h](s)
+// The cache holds per token only c and k_pe (Rkv + Dr bf16 values per layer, never the expanded
+// H·(Dn + Dr + Dv) keys and values), and attention runs in the latent space by absorbing Wkv_b:
+//   q_lat[h] = query_nope[h] · Wkv_b[:, h, :Dn]ᵀ           (Rkv values, f32)
+//   score(s) = q_lat[h]·c(s) + query_pe[h]·k_pe(s)          (= the expanded score, up to rounding)
+//   out_lat[h] = Σ p(s)·c(s);   out[h] = out_lat[h] · Wkv_b[:, h, Dn:]
+// So one cache row [c | k_pe] serves as the key of every head, and its first Rkv values as the
+// value: an MQA with head dim Rkv + Dr run by ops::attend (K = 1; the value columns past Rkv are
+// computed and ignored). Wkv_b is read in place from the artifact by two small strided kernels
+// (ops::matmul_xwt / matmul_xw); nothing is re-laid for it.
+//
+// Prefill uses the same absorbed path as decode, so decode and prefill do the same arithmetic
+// (tests/unit/yarn_moe_test.cpp: decode-step logits equal a full prefill's). Measured against the
+// expanded computation of tests/reference/deepseek_ref.py (MaxText's), the 30 e2e fixtures give
+// max|Δlogit| of 0.6–1.7% of max|logit| (limit 2%; tests/e2e/test_deepseek_e2e.py prints them),
+// with top-1 and 32 greedy tokens identical everywhere; a numpy emulation of this absorbed path
+// with these rounding points reproduces kiln's logits bit for bit, so the whole difference is the
+// absorption's rounding (the fixtures' bf16 attention logits make one flipped rounding visible).
+// Expanding for prefill would make prefill match the reference exactly but move the same
+// difference between decode and prefill. Cost of absorbing: per (query, key, head) Rkv + Dr + Rkv
+// multiply-adds instead of Dn + Dr + Dv — about 3.4× the attention FLOPs at DeepSeek's shapes
+// (1–2% of a 512-token prefill of a DeepSeek-V2-Lite-shaped model), and no chunk ever expands the
+// cached context.
+//
+// Rounding (spec §11; as deepseek_ref.py): every projection output, RMSNorm output, RoPE output,
+// the scaled query (s itself taken as a bf16 constant, JAX weak typing), the attention logits and
+// exponentials (ops::attend), the attention output (after Wkv_b's value slice), residual adds, the
+// MLP product and every MoE rounding point listed in engine/ops/moe.h. What the absorption changes:
+// k_nope and v are never materialised, so MaxText's bf16 rounding of them has no counterpart, q_lat
+// stays f32, and the attention's bf16 weighted sum is taken over the latent (Rkv values) rather
+// than over v (Dv values) — differences of the size of one bf16 rounding.
+//
+// MoE (spec §2.7): the router (ops::Router) picks k experts per token; the batch's (token, expert)
+// pairs are grouped by expert (ops::ExpertBatches) so each selected expert runs once per step with
+// M = its token count (gather rows → Linear → scatter-add with the routing weight); experts nobody
+// chose are not touched. The weighted sum is f32 in expert-index order (the same order for a
+// token whether it is decoded alone or prefilled with others), rounded to bf16, plus the shared
+// experts (a SwiGLU MLP of width shared_experts · moe_mlp_dim).
+//
+// Activations are f32 holding bf16 values; matmul inputs bf16. Every buffer is sized once for
+// `max_chunk` tokens; the decode step allocates nothing.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+
+#include "common/bf16.h"
+#include "common/error.h"
+#include "engine/model.h"
+#include "engine/ops/kernels.h"
+#include "engine/ops/matmul.h"
+#include "engine/ops/moe.h"
+
+namespace kiln {
+
+namespace {
+
+struct Mlp {
+  ops::Linear wi_0, wi_1, wo;
+};
+
+struct DeepSeekLayer {
+  const uint16_t* pre_attn_norm = nullptr;
+  const uint16_t* post_attn_norm = nullptr;
+  // Query: wq_a → RMSNorm(q_a_norm) → wq_b when q_lora_rank > 0, else the plain `query`.
+  std::optional<ops::Linear> wq_a, wq_b, query;
+  const uint16_t* q_a_norm = nullptr;
+  std::optional<ops::Linear> wkv_a, o;
+  const uint16_t* kv_a_norm = nullptr;
+  const uint16_t* wkv_b = nullptr;  // [Rkv, H, Dn + Dv], read in place (absorbed attention)
+  std::optional<Mlp> mlp;           // dense layers
+  // MoE layers.
+  std::optional<ops::Linear> gate;
+  const uint16_t* gate_bias = nullptr;
+  std::vector<Mlp> experts;
+  std::optional<Mlp> shared;
+};
+
+// The per-expert matrices are small and many (X · 3 per layer); a re-laid Linear owns memory in
+// 2 MiB huge-page units, so re-laying a tiny expert would waste most of it. Real experts (≥ 1 MiB:
+// DeepSeek-V2-Lite 5.8 MB, V3 29 MB) are re-laid like every other matrix; smaller ones are read in
+// place.
+constexpr int64_t kMinRelayoutBytes = int64_t(1) << 20;
+
+class DeepSeekModel final : public Model {
+ public:
+  DeepSeekModel(std::unique_ptr<Artifact> artifact, const ModelOptions& opt)
+      : Model(std::move(artifact)),
+        c_(config()),
+        chunk_(std::max<int64_t>(1, opt.max_chunk)),
+        E_(c_.emb_dim),
+        H_(c_.num_query_heads),
+        Rq_(c_.q_lora_rank),
+        Rkv_(c_.kv_lora_rank),
+        Dn_(c_.qk_nope_head_dim),
+        Dr_(c_.qk_rope_head_dim),
+        Dv_(c_.v_head_dim),
+        Dqk_(Dn_ + Dr_),
+        Dl_(Rkv_ + Dr_),
+        rope_(yarn_params(c_), Dr_, rope_positions(c_)) {
+    if (!c_.is_deepseek())
+      throw Error(artifact_->dir() + ": the DeepSeek forward pass got decoder_block '" +
+                  c_.decoder_block + "'");
+    const int64_t E = E_, H = H_, V = c_.vocab_size;
+    const Artifact& a = *artifact_;
+    const ops::LinearOptions lo{chunk_, opt.relayout};
+    const bool any_moe = c_.first_num_dense_layers < c_.num_decoder_layers;
+    int64_t widest = 1;  // widest MLP intermediate (dense, expert or shared)
+    for (int64_t l = 0; l < c_.num_decoder_layers; ++l) {
+      const BlobView& b = a.layer(l);
+      DeepSeekLayer w;
+      w.pre_attn_norm = a.bf16(b, "pre_attn_norm", {E});
+      w.post_attn_norm = a.bf16(b, "post_attn_norm", {E});
+      if (Rq_ > 0) {
+        w.wq_a.emplace(a.bf16(b, "attn.wq_a", {E, Rq_}), E, Rq_, lo);
+        w.q_a_norm = a.bf16(b, "attn.q_a_norm", {Rq_});
+        w.wq_b.emplace(a.bf16(b, "attn.wq_b", {Rq_, H, Dqk_}), Rq_, H * Dqk_, lo);
+      } else {
+        w.query.emplace(a.bf16(b, "attn.query", {E, H, Dqk_}), E, H * Dqk_, lo);
+      }
+      w.wkv_a.emplace(a.bf16(b, "attn.wkv_a", {E, Dl_}), E, Dl_, lo);
+      w.kv_a_norm = a.bf16(b, "attn.kv_a_norm", {Rkv_});
+      w.wkv_b = a.bf16(b, "attn.wkv_b", {Rkv_, H, Dn_ + Dv_});
+      w.o.emplace(a.bf16(b, "attn.o", {H, Dv_, E}), H * Dv_, E, lo);
+      if (!c_.is_moe_layer(l)) {
+        const int64_t F = c_.mlp_dim;
+        w.mlp.emplace(mlp(a, b, "mlp.", E, F, lo));
+        widest = std::max(widest, F);
+      } else {
+        const int64_t X = c_.num_experts, Fm = c_.moe_mlp_dim, S = c_.shared_experts * Fm;
+        w.gate.emplace(a.bf16(b, "moe.gate", {E, X}), E, X, lo);
+        if (c_.routed_bias) w.gate_bias = a.bf16(b, "moe.gate_bias", {X});
+        const uint16_t* wi_0 = a.bf16(b, "moe.experts.wi_0", {X, E, Fm});
+        const uint16_t* wi_1 = a.bf16(b, "moe.experts.wi_1", {X, E, Fm});
+        const uint16_t* wo = a.bf16(b, "moe.experts.wo", {X, Fm, E});
+        ops::LinearOptions elo = lo;
+        elo.relayout = opt.relayout && E * Fm * 2 >= kMinRelayoutBytes;
+        w.experts.reserve(size_t(X));
+        for (int64_t x = 0; x < X; ++x) {
+          w.experts.push_back(Mlp{ops::Linear(wi_0 + x * E * Fm, E, Fm, elo),
+                                  ops::Linear(wi_1 + x * E * Fm, E, Fm, elo),
+                                  ops::Linear(wo + x * Fm * E, Fm, E, elo)});
+        }
+        if (S > 0) w.shared.emplace(mlp(a, b, "moe.shared.", E, S, lo));
+        widest = std::max({widest, Fm, S});
+      }
+      // Re-laid weights live in the Linears now; what is still read in place (norms, wkv_b, the
+      // router bias, small experts) is paged back in on first use.
+      const bool relaid = w.wkv_a->owns_weights();
+      layers_.push_back(std::move(w));
+      if (relaid) a.release_layer_pages(l);
+    }
+    const BlobView& g = a.globals();
+    embedding_ = a.bf16(g, "token_embedding", {V, E});
+    final_norm_ = a.bf16(g, "final_norm", {E});
+    if (c_.logits_via_embedding) {
+      // The tied head multiplies by embeddingᵀ: oneDNN reads the [V, E] table as a transposed W.
+      ops::LinearOptions hlo = lo;
+      hlo.transposed = true;
+      head_.emplace(embedding_, E, V, hlo);
+    } else {
+      head_.emplace(a.bf16(g, "logits_dense", {E, V}), E, V, lo);
+    }
+    query_scale_ = round_to_bf16(float(c_.query_scale));
+
+    auto rows = [&](int64_t n) { return std::vector<float>(size_t(chunk_ * n)); };
+    auto rows_bf16 = [&](int64_t n) { return std::vector<uint16_t>(size_t(chunk_ * n)); };
+    x_ = rows(E);
+    o_ = rows(E);
+    xb_ = rows_bf16(E);
+    if (Rq_ > 0) {
+      cq_ = rows(Rq_);
+      cq_b_ = rows_bf16(Rq_);
+    }
+    q_ = rows(H * Dqk_);
+    ckv_ = rows(Dl_);
+    qa_ = rows(H * Dl_);
+    att_ = rows(H * Dl_);
+    vo_ = rows(H * Dv_);
+    vo_b_ = rows_bf16(H * Dv_);
+    gate_ = rows(widest);
+    up_ = rows(widest);
+    act_b_ = rows_bf16(widest);
+    if (any_moe) {
+      const int64_t X = c_.num_experts, k = c_.num_experts_per_tok;
+      router_.emplace(ops::RoutingParams::from_config(c_));
+      batches_.emplace(X, k, chunk_);
+      router_logits_ = rows(X);
+      experts_.resize(size_t(chunk_ * k));
+      weights_.resize(size_t(chunk_ * k));
+      xg_b_ = rows_bf16(E);
+      routed_ = rows(E);
+    }
+    threads_ = std::max(1, omp_get_max_threads());
+    scratch_stride_ = ops::attend_scratch_floats(c_.max_target_length, H);
+    scores_.resize(size_t(threads_ * scratch_stride_));
+  }
+
+  KvCache new_cache(int64_t capacity) const override {
+    KvCache cache;
+    cache.capacity = capacity;
+    cache.k.assign(size_t(c_.num_decoder_layers), std::vector<uint16_t>(size_t(capacity * Dl_)));
+    return cache;  // v unused: the latent row is both key and value
+  }
+
+  int64_t kv_bytes_per_token() const override {
+    return c_.num_decoder_layers * Dl_ * int64_t(sizeof(uint16_t));
+  }
+
+  void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
+               bool all_logits) override {
+    const int64_t n = int64_t(tokens.size());
+    if (n == 0) throw Error("forward: no tokens given");
+    if (cache.length + n > cache.capacity)
+      throw Error("forward: sequence of " + std::to_string(cache.length + n) +
+                  " tokens exceeds the KV cache capacity " + std::to_string(cache.capacity));
+    if (cache.length + n > c_.max_target_length)
+      throw Error("forward: sequence of " + std::to_string(cache.length + n) +
+                  " tokens exceeds max_target_length " + std::to_string(c_.max_target_length));
+    if (cache.k.size() != layers_.size() ||
+        (cache.capacity > 0 && cache.k[0].size() != size_t(cache.capacity * Dl_)))
+      throw Error("forward: the KV cache was not made by this model's new_cache()");
+    for (int32_t t : tokens)
+      if (t < 0 || t >= c_.vocab_size)
+        throw Error("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                    std::to_string(c_.vocab_size) + ")");
+    for (int64_t begin = 0; begin < n; begin += chunk_) {
+      int64_t T = std::min(chunk_, n - begin);
+      bool last_chunk = begin + T == n;
+      float* out = all_logits ? logits + begin * c_.vocab_size : logits;
+      forward_chunk(tokens.data() + begin, T, cache, out, all_logits, last_chunk);
+    }
+  }
+
+ private:
+  static ops::YarnParams yarn_params(const ModelConfig& c) {
+    ops::YarnParams y;
+    y.theta = c.rope_max_timescale;
+    y.factor = c.rope_factor;
+    y.original_max_positions = double(c.original_max_position_embeddings);
+    y.beta_fast = c.beta_fast;
+    y.beta_slow = c.beta_slow;
+    y.interleave = c.rope_interleave;
+    y.truncate = c.rope_truncate;
+    return y;
+  }
+
+  // MaxText's YaRN table covers [0, max_position_embeddings); the engine never goes past
+  // max_target_length, so only that much is computed.
+  static int64_t rope_positions(const ModelConfig& c) {
+    return c.max_position_embeddings > 0 ? std::min(c.max_target_length, c.max_position_embeddings)
+                                         : c.max_target_length;
+  }
+
+  static Mlp mlp(const Artifact& a, const BlobView& b, const std::string& prefix, int64_t E,
+                 int64_t F, const ops::LinearOptions& lo) {
+    return Mlp{ops::Linear(a.bf16(b, prefix + "wi_0", {E, F}), E, F, lo),
+               ops::Linear(a.bf16(b, prefix + "wi_1", {E, F}), E, F, lo),
+               ops::Linear(a.bf16(b, prefix + "wo", {F, E}), F, E, lo)};
+  }
+
+  // out[T, E] (f32, unrounded projection output) = (silu(x·Wi0) * (x·Wi1))·Wo, spec §2.6.
+  void run_mlp(const Mlp& m, const uint16_t* x, int64_t T, float* out) {
+    const int64_t F = m.wi_0.N();
+    m.wi_0.forward(x, T, gate_.data());
+    m.wi_1.forward(x, T, up_.data());
+    ops::silu_mul(gate_.data(), up_.data(), T * F, act_b_.data());
+    m.wo.forward(act_b_.data(), T, out);
+  }
+
+  void forward_chunk(const int32_t* tokens, int64_t T, KvCache& cache, float* logits,
+                     bool all_logits, bool last_chunk) {
+    const int64_t E = E_;
+    const float eps = float(c_.normalization_layer_epsilon);
+    const int64_t pos0 = cache.length;
+
+    for (int64_t t = 0; t < T; ++t)
+      convert_bf16_to_f32(embedding_ + int64_t(tokens[t]) * E, x_.data() + t * E, size_t(E));
+
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const DeepSeekLayer& w = layers_[l];
+      ops::rms_norm(x_.data(), w.pre_attn_norm, T, E, eps, xb_.data());
+      attention(w, T, pos0, cache.k[l].data());
+      ops::add_round(x_.data(), o_.data(), T * E);
+
+      ops::rms_norm(x_.data(), w.post_attn_norm, T, E, eps, xb_.data());
+      if (w.mlp) {
+        run_mlp(*w.mlp, xb_.data(), T, o_.data());
+      } else {
+        moe(w, T);
+      }
+      ops::add_round(x_.data(), o_.data(), T * E);
+    }
+    cache.length += T;
+
+    // Output head, for every row or only the sequence's last one.
+    if (!all_logits && !last_chunk) return;
+    const float* rows = all_logits ? x_.data() : x_.data() + (T - 1) * E;
+    int64_t M = all_logits ? T : 1;
+    ops::rms_norm(rows, final_norm_, M, E, eps, xb_.data());
+    head_->forward(xb_.data(), M, logits);
+    finish_logits(logits, M * c_.vocab_size);
+  }
+
+  // MLA over the latent cache (see the top of the file): reads xb_ (normalised input), appends the
+  // chunk's rows to `kv` ([capacity, Rkv + Dr]), writes the output projection to o_.
+  void attention(const DeepSeekLayer& w, int64_t T, int64_t pos0, uint16_t* kv) {
+    const int64_t H = H_, Dqk = Dqk_, Dl = Dl_, Rkv = Rkv_, Dn = Dn_, Dr = Dr_, Dv = Dv_;
+    const float eps = float(c_.normalization_layer_epsilon);
+
+    // Query [T, H, Dn + Dr]: projection (bf16), YaRN on the rope part, × the softmax scale.
+    if (w.wq_a) {
+      w.wq_a->forward(xb_.data(), T, cq_.data());
+      ops::scale_round(cq_.data(), T * Rq_, 1.0f);
+      ops::rms_norm(cq_.data(), w.q_a_norm, T, Rq_, eps, cq_b_.data());
+      w.wq_b->forward(cq_b_.data(), T, q_.data());
+    } else {
+      w.query->forward(xb_.data(), T, q_.data());
+    }
+    ops::scale_round(q_.data(), T * H * Dqk, 1.0f);
+    for (int64_t t = 0; t < T; ++t) rope_.apply(q_.data() + t * H * Dqk + Dn, H, pos0 + t, Dqk);
+    ops::scale_round(q_.data(), T * H * Dqk, query_scale_);
+
+    // Cache rows: [rms(c) | YaRN(k_pe)], bf16.
+    w.wkv_a->forward(xb_.data(), T, ckv_.data());
+    ops::scale_round(ckv_.data(), T * Dl, 1.0f);
+    for (int64_t t = 0; t < T; ++t) {
+      float* src = ckv_.data() + t * Dl;
+      uint16_t* row = kv + (pos0 + t) * Dl;
+      ops::rms_norm(src, w.kv_a_norm, 1, Rkv, eps, row);
+      rope_.apply(src + Rkv, 1, pos0 + t);
+      ops::to_bf16(src + Rkv, Dr, row + Rkv);
+    }
+
+    // Absorbed query [T, H, Rkv + Dr]: q_lat = q_nope · W_ukᵀ, then q_pe as is.
+    const int64_t wrow = H * (Dn + Dv);  // stride between Wkv_b rows r
+    parallel_for(H, T > 1 || H >= 8, [&](int64_t h) {
+      const uint16_t* w_uk = w.wkv_b + h * (Dn + Dv);
+      ops::matmul_xwt(q_.data() + h * Dqk, H * Dqk, T, w_uk, wrow, Rkv, Dn, qa_.data() + h * Dl,
+                      H * Dl);
+      for (int64_t t = 0; t < T; ++t)
+        std::memcpy(qa_.data() + (t * H + h) * Dl + Rkv, q_.data() + (t * H + h) * Dqk + Dn,
+                    size_t(Dr) * sizeof(float));
+    });
+
+    // Causal attention over the cache: one shared key/value row per position (K = 1).
+    if (T == 1) {
+      // Decode: spread groups of heads over the threads (ops::attend shares each cache row among
+      // up to 4 heads at a time).
+      const int64_t n_ctx = pos0 + 1;
+      const int64_t blocks = (H + 3) / 4;
+      parallel_for(blocks, blocks > 1, [&](int64_t bi) {
+        const int64_t h0 = bi * 4, hc = std::min<int64_t>(4, H - h0);
+        float* scratch = scores_.data() + omp_get_thread_num() * scratch_stride_;
+        ops::attend(qa_.data() + h0 * Dl, kv, kv, n_ctx, hc, 1, Dl, Dl, scratch,
+                    att_.data() + h0 * Dl);
+      });
+    } else {
+      // Prefill: positions are independent given the cache; interleaved, since later positions
+      // attend to more keys.
+#pragma omp parallel for schedule(static, 1) num_threads(threads_)
+      for (int64_t t = 0; t < T; ++t) {
+        float* scratch = scores_.data() + omp_get_thread_num() * scratch_stride_;
+        ops::attend(qa_.data() + t * H * Dl, kv, kv, pos0 + t + 1, H, 1, Dl, Dl, scratch,
+                    att_.data() + t * H * Dl);
+      }
+    }
+
+    // Back from the latent: out[h] = out_lat[h] · W_uv (bf16), then the output projection.
+    parallel_for(H, T > 1 || H >= 8, [&](int64_t h) {
+      const uint16_t* w_uv = w.wkv_b + h * (Dn + Dv) + Dn;
+      ops::matmul_xw(att_.data() + h * Dl, H * Dl, T, w_uv, wrow, Rkv, Dv, vo_.data() + h * Dv,
+                     H * Dv);
+    });
+    ops::to_bf16(vo_.data(), T * H * Dv, vo_b_.data());
+    w.o->forward(vo_b_.data(), T, o_.data());
+  }
+
+  // Routed + shared experts of xb_ into o_ (bf16 values; add_round rounds again, a no-op).
+  void moe(const DeepSeekLayer& w, int64_t T) {
+    const int64_t E = E_, X = c_.num_experts, k = c_.num_experts_per_tok;
+    w.gate->forward(xb_.data(), T, router_logits_.data());
+    ops::scale_round(router_logits_.data(), T * X, 1.0f);
+    router_->route(router_logits_.data(), w.gate_bias, T, experts_.data(), weights_.data());
+    batches_->build(experts_.data(), T);
+
+    std::fill(routed_.begin(), routed_.begin() + T * E, 0.0f);
+    for (int32_t e : batches_->active()) {
+      const std::span<const int32_t> pairs = batches_->pairs(e);
+      const int64_t M = int64_t(pairs.size());
+      for (int64_t i = 0; i < M; ++i)
+        std::memcpy(xg_b_.data() + i * E, xb_.data() + (pairs[size_t(i)] / k) * E,
+                    size_t(E) * sizeof(uint16_t));
+      run_mlp(w.experts[size_t(e)], xg_b_.data(), M, o_.data());
+      for (int64_t i = 0; i < M; ++i) {
+        const int32_t p = pairs[size_t(i)];
+        ops::add_weighted_bf16(routed_.data() + (p / k) * E, o_.data() + i * E, weights_[size_t(p)],
+                               E);
+      }
+    }
+    ops::scale_round(routed_.data(), T * E, 1.0f);  // the f32 weighted sum, cast to bf16
+    if (w.shared) {
+      run_mlp(*w.shared, xb_.data(), T, o_.data());
+      ops::add_round(routed_.data(), o_.data(), T * E);  // bf16(routed + bf16(shared))
+    }
+    std::copy(routed_.begin(), routed_.begin() + T * E, o_.begin());
+  }
+
+  // Runs body(i) for i in [0, n), over the threads when `parallel`, else inline (an OpenMP
+  // region costs more than a few small heads save).
+  template <class F>
+  void parallel_for(int64_t n, bool parallel, F&& body) {
+    if (!parallel || threads_ == 1) {
+      for (int64_t i = 0; i < n; ++i) body(i);
+      return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t i = 0; i < n; ++i) body(i);
+  }
+
+  // MaxText's head produces bf16 logits, divided by sqrt(E) for a normalised tied head, then
+  // optionally soft-capped, then cast to f32.
+  void finish_logits(float* logits, int64_t n) const {
+    float div = c_.logits_via_embedding && c_.normalize_embedding_logits
+                    ? round_to_bf16(float(std::sqrt(double(c_.emb_dim))))
+                    : 1.0f;
+    float cap = float(c_.final_logits_soft_cap);
+    for (int64_t i = 0; i < n; ++i) {
+      float z = round_to_bf16(logits[i]);
+      if (div != 1.0f) z = round_to_bf16(z / div);
+      if (cap > 0) z = round_to_bf16(cap * std::tanh(z / cap));
+      logits[i] = z;
+    }
+  }
+
+  const ModelConfig& c_;
+  int64_t chunk_;
+  int64_t E_, H_, Rq_, Rkv_, Dn_, Dr_, Dv_, Dqk_, Dl_;
+  int threads_ = 1;
+  ops::Rope rope_;
+  float query_scale_ = 1.0f;
+  std::vector<DeepSeekLayer> layers_;
+  const uint16_t* embedding_ = nullptr;
+  const uint16_t* final_norm_ = nullptr;
+  std::optional<ops::Linear> head_;
+  std::optional<ops::Router> router_;
+  std::optional<ops::ExpertBatches> batches_;
+  int64_t scratch_stride_ = 0;
+  // Activations ([max_chunk, ·]); see attention() and moe() for their roles.
+  std::vector<float> x_, o_, cq_, q_, ckv_, qa_, att_, vo_, gate_, up_, router_logits_, weights_,
+      routed_, scores_;
+  std::vector<uint16_t> xb_, cq_b_, vo_b_, act_b_, xg_b_;
+  std::vector<int32_t> experts_;
+};
+
+}  // namespace
+
+std::unique_ptr<Model> make_deepseek_model(std::unique_ptr<Artifact> artifact,
+                                           const ModelOptions& opt) {
+  return std::make_unique<DeepSeekModel>(std::move(artifact), opt);
+}
+
+}  // namespace kiln

@@ -1,6 +1,7 @@
 // A model ready to compute: the verified artifact plus weights prepared for the matmul kernels.
 // One subclass per model family, each with its forward pass in one readable file
-// (engine/llama.cpp for Llama 2/3/3.1, Mistral, Qwen3).
+// (engine/llama.cpp for Llama 2/3/3.1, Mistral, Qwen3; engine/deepseek.cpp for DeepSeek V2/V3 and
+// Kimi K2).
 #pragma once
 
 #include <cstdint>
@@ -20,7 +21,11 @@ struct ModelOptions {
   int64_t max_chunk = 512;      // prefill processes at most this many tokens per pass
 };
 
-// Keys and values of one sequence, bf16, per layer [capacity, kv_heads · head_dim].
+// The attention cache of one sequence, bf16, one buffer per layer. Its row layout belongs to the
+// model family that made it (Model::new_cache):
+//   Llama:    k and v, each [capacity, kv_heads · head_dim].
+//   DeepSeek: k only, [capacity, kv_lora_rank + qk_rope_head_dim] rows of the normalised latent
+//             and the roped shared key (MLA's compressed cache); v is empty.
 struct KvCache {
   int64_t capacity = 0;
   int64_t length = 0;  // positions filled
@@ -35,7 +40,10 @@ class Model {
   const Artifact& artifact() const { return *artifact_; }
   const ModelConfig& config() const { return artifact_->config(); }
 
-  KvCache new_cache(int64_t capacity) const;
+  // An empty cache for `capacity` positions in this model's layout (see KvCache).
+  virtual KvCache new_cache(int64_t capacity) const;
+  // Bytes the cache holds per position, summed over the layers.
+  virtual int64_t kv_bytes_per_token() const;
 
   // Runs tokens at positions [cache.length, cache.length + n) of one sequence, appending their
   // keys/values to `cache`. Writes f32 logits for every position ([n, vocab]) if `all_logits`,
@@ -50,5 +58,7 @@ class Model {
 
 std::unique_ptr<Model> make_llama_model(std::unique_ptr<Artifact> artifact,
                                         const ModelOptions& opt);
+std::unique_ptr<Model> make_deepseek_model(std::unique_ptr<Artifact> artifact,
+                                           const ModelOptions& opt);
 
 }  // namespace kiln

@@ -102,6 +102,25 @@ void AddRound(float* HWY_RESTRICT x, const float* HWY_RESTRICT y, int64_t n) {
   }
 }
 
+void AddWeightedBf16(float* HWY_RESTRICT acc, const float* HWY_RESTRICT y, float w, int64_t n) {
+  const DF d;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const VF vw = hn::Set(d, w);
+  int64_t i = 0;
+  for (; i + N <= n; i += N) {
+    const VF yb = RoundBf16(d, hn::LoadU(d, y + i));
+    hn::StoreU(hn::MulAdd(vw, yb, hn::LoadU(d, acc + i)), d, acc + i);
+  }
+  if (i < n) {
+    HWY_ALIGN float ba[kMaxLanes] = {};
+    HWY_ALIGN float by[kMaxLanes] = {};
+    std::memcpy(ba, acc + i, size_t(n - i) * sizeof(float));
+    std::memcpy(by, y + i, size_t(n - i) * sizeof(float));
+    hn::Store(hn::MulAdd(vw, RoundBf16(d, hn::Load(d, by)), hn::Load(d, ba)), d, ba);
+    std::memcpy(acc + i, ba, size_t(n - i) * sizeof(float));
+  }
+}
+
 void ToBf16(const float* HWY_RESTRICT x, int64_t n, uint16_t* HWY_RESTRICT out) {
   const DF d;
   const int64_t N = int64_t(hn::Lanes(d));
@@ -223,8 +242,8 @@ void RmsNormBf16(const float* x, const uint16_t* scale, int64_t rows, int64_t di
 // x·cos ∓ y·sin that MaxText evaluates; for HalfSplit with bf16 inputs the products are exact
 // anyway.
 
-void RopeHalfSplit(float* HWY_RESTRICT x, int64_t heads, int64_t dim, const float* HWY_RESTRICT cos,
-                   const float* HWY_RESTRICT sin) {
+void RopeHalfSplit(float* HWY_RESTRICT x, int64_t heads, int64_t stride, int64_t dim,
+                   const float* HWY_RESTRICT cos, const float* HWY_RESTRICT sin) {
   const DF d;
   const int64_t N = int64_t(hn::Lanes(d));
   const int64_t half = dim / 2;
@@ -233,7 +252,7 @@ void RopeHalfSplit(float* HWY_RESTRICT x, int64_t heads, int64_t dim, const floa
     o2 = RoundBf16(d, hn::Add(hn::Mul(b, c), hn::Mul(a, s)));
   };
   for (int64_t h = 0; h < heads; ++h) {
-    float* x1 = x + h * dim;
+    float* x1 = x + h * stride;
     float* x2 = x1 + half;
     int64_t i = 0;
     for (; i + N <= half; i += N) {
@@ -261,7 +280,7 @@ void RopeHalfSplit(float* HWY_RESTRICT x, int64_t heads, int64_t dim, const floa
   }
 }
 
-void RopeInterleaved(float* HWY_RESTRICT x, int64_t heads, int64_t dim,
+void RopeInterleaved(float* HWY_RESTRICT x, int64_t heads, int64_t stride, int64_t dim,
                      const float* HWY_RESTRICT cos, const float* HWY_RESTRICT sin) {
   const DF d;
   const int64_t N = int64_t(hn::Lanes(d));
@@ -275,7 +294,7 @@ void RopeInterleaved(float* HWY_RESTRICT x, int64_t heads, int64_t dim,
     hn::StoreInterleaved2(oe, oo, d, p);
   };
   for (int64_t h = 0; h < heads; ++h) {
-    float* xh = x + h * dim;
+    float* xh = x + h * stride;
     int64_t i = 0;  // pair index
     for (; i + N <= half; i += N) rotate(xh + 2 * i, cos + i, sin + i);
     if (i < half) {
@@ -286,6 +305,139 @@ void RopeInterleaved(float* HWY_RESTRICT x, int64_t heads, int64_t dim,
       std::memcpy(bs, sin + i, rem * sizeof(float));
       rotate(bx, bc, bs);
       std::memcpy(xh + 2 * i, bx, 2 * rem * sizeof(float));
+    }
+  }
+}
+
+// YaRN with interleaved input pairs (x[2i], x[2i+1]) and concatenated output [Re | Im]
+// (spec §2.3c). The output slots overlap other pairs' inputs, so each head is first copied into a
+// zero-padded buffer; whole vectors only (a tail is padding), so every element goes through the
+// same vector code. The half-split-input YaRN variant is RopeHalfSplit with f32 sin/cos.
+void RopeYarnInterleaved(float* HWY_RESTRICT x, int64_t heads, int64_t stride, int64_t dim,
+                         const float* HWY_RESTRICT cos, const float* HWY_RESTRICT sin) {
+  const DF d;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const int64_t half = dim / 2;
+  const int64_t padded = (half + N - 1) / N * N;  // pairs, rounded up to whole vectors
+  HWY_ALIGN float in[2 * kYarnMaxHeadDim + 2 * kMaxLanes];
+  HWY_ALIGN float re[kYarnMaxHeadDim / 2 + kMaxLanes];
+  HWY_ALIGN float im[kYarnMaxHeadDim / 2 + kMaxLanes];
+  HWY_ALIGN float c[kYarnMaxHeadDim / 2 + kMaxLanes];
+  HWY_ALIGN float s[kYarnMaxHeadDim / 2 + kMaxLanes];
+  std::memset(c + half, 0, size_t(padded - half) * sizeof(float));
+  std::memset(s + half, 0, size_t(padded - half) * sizeof(float));
+  std::memcpy(c, cos, size_t(half) * sizeof(float));
+  std::memcpy(s, sin, size_t(half) * sizeof(float));
+  for (int64_t h = 0; h < heads; ++h) {
+    float* xh = x + h * stride;
+    std::memcpy(in, xh, size_t(dim) * sizeof(float));
+    std::memset(in + dim, 0, size_t(2 * padded - dim) * sizeof(float));
+    for (int64_t i = 0; i < padded; i += N) {
+      VF ev, od;
+      hn::LoadInterleaved2(d, in + 2 * i, ev, od);
+      const VF cv = hn::Load(d, c + i), sv = hn::Load(d, s + i);
+      hn::Store(RoundBf16(d, hn::Sub(hn::Mul(ev, cv), hn::Mul(od, sv))), d, re + i);
+      hn::Store(RoundBf16(d, hn::Add(hn::Mul(od, cv), hn::Mul(ev, sv))), d, im + i);
+    }
+    std::memcpy(xh, re, size_t(half) * sizeof(float));
+    std::memcpy(xh + half, im, size_t(half) * sizeof(float));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Strided small products for MLA's absorbed attention (see kernels.h). Tails of `dim` that are not
+// a whole vector go through a zero-padded buffer so results do not depend on where an element
+// sits; a weight row is only ever read for `dim` elements.
+
+// y[t, r] = x[t] · w[r] for four rows at a time: each row block is widened once per token from
+// L1, the four dot products reduced together.
+void MatmulXwt(const float* HWY_RESTRICT x, int64_t x_stride, int64_t T,
+               const uint16_t* HWY_RESTRICT w, int64_t w_stride, int64_t R, int64_t dim,
+               float* HWY_RESTRICT y, int64_t y_stride) {
+  const DF d;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const int64_t full = dim - dim % N;
+  const int64_t rem = dim - full;
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const int64_t m = std::min<int64_t>(4, R - r0);
+    const uint16_t* wr[4];
+    HWY_ALIGN uint16_t tail[4][kMaxLanes] = {};
+    for (int64_t j = 0; j < 4; ++j) {
+      wr[j] = w + (r0 + std::min(j, m - 1)) * w_stride;
+      if (rem) std::memcpy(tail[j], wr[j] + full, size_t(rem) * sizeof(uint16_t));
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * x_stride;
+      VF a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+      for (int64_t c = 0; c < full; c += N) {
+        const VF xv = hn::LoadU(d, xt + c);
+        a0 = hn::MulAdd(xv, LoadBf16(d, wr[0] + c), a0);
+        a1 = hn::MulAdd(xv, LoadBf16(d, wr[1] + c), a1);
+        a2 = hn::MulAdd(xv, LoadBf16(d, wr[2] + c), a2);
+        a3 = hn::MulAdd(xv, LoadBf16(d, wr[3] + c), a3);
+      }
+      if (rem) {
+        HWY_ALIGN float bx[kMaxLanes] = {};
+        std::memcpy(bx, xt + full, size_t(rem) * sizeof(float));
+        const VF xv = hn::Load(d, bx);
+        a0 = hn::MulAdd(xv, LoadBf16(d, tail[0]), a0);
+        a1 = hn::MulAdd(xv, LoadBf16(d, tail[1]), a1);
+        a2 = hn::MulAdd(xv, LoadBf16(d, tail[2]), a2);
+        a3 = hn::MulAdd(xv, LoadBf16(d, tail[3]), a3);
+      }
+      float* yt = y + t * y_stride + r0;
+      const VF acc[4] = {a0, a1, a2, a3};
+      for (int64_t j = 0; j < m; ++j) yt[j] = hn::GetLane(hn::SumOfLanes(d, acc[j]));
+    }
+  }
+}
+
+// y[t, :] = Σ_r x[t, r] · w[r, :]: the head dimension across lanes in blocks of up to four
+// vectors (accumulators in registers), the weight rows streamed once per token and block.
+void MatmulXw(const float* HWY_RESTRICT x, int64_t x_stride, int64_t T,
+              const uint16_t* HWY_RESTRICT w, int64_t w_stride, int64_t R, int64_t dim,
+              float* HWY_RESTRICT y, int64_t y_stride) {
+  const DF d;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const int64_t full = dim - dim % N;
+  const int64_t rem = dim - full;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * x_stride;
+    float* yt = y + t * y_stride;
+    int64_t c0 = 0;
+    for (; c0 + 4 * N <= full; c0 += 4 * N) {
+      VF a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+      const uint16_t* wr = w + c0;
+      for (int64_t r = 0; r < R; ++r, wr += w_stride) {
+        const VF xv = hn::Set(d, xt[r]);
+        a0 = hn::MulAdd(xv, LoadBf16(d, wr), a0);
+        a1 = hn::MulAdd(xv, LoadBf16(d, wr + N), a1);
+        a2 = hn::MulAdd(xv, LoadBf16(d, wr + 2 * N), a2);
+        a3 = hn::MulAdd(xv, LoadBf16(d, wr + 3 * N), a3);
+      }
+      hn::StoreU(a0, d, yt + c0);
+      hn::StoreU(a1, d, yt + c0 + N);
+      hn::StoreU(a2, d, yt + c0 + 2 * N);
+      hn::StoreU(a3, d, yt + c0 + 3 * N);
+    }
+    for (; c0 < full; c0 += N) {
+      VF a0 = hn::Zero(d);
+      const uint16_t* wr = w + c0;
+      for (int64_t r = 0; r < R; ++r, wr += w_stride)
+        a0 = hn::MulAdd(hn::Set(d, xt[r]), LoadBf16(d, wr), a0);
+      hn::StoreU(a0, d, yt + c0);
+    }
+    if (rem) {
+      VF a0 = hn::Zero(d);
+      const uint16_t* wr = w + full;
+      HWY_ALIGN uint16_t bw[kMaxLanes] = {};
+      for (int64_t r = 0; r < R; ++r, wr += w_stride) {
+        std::memcpy(bw, wr, size_t(rem) * sizeof(uint16_t));
+        a0 = hn::MulAdd(hn::Set(d, xt[r]), LoadBf16(d, bw), a0);
+      }
+      HWY_ALIGN float by[kMaxLanes];
+      hn::Store(a0, d, by);
+      std::memcpy(yt + full, by, size_t(rem) * sizeof(float));
     }
   }
 }
@@ -651,11 +803,15 @@ namespace kiln::ops {
 HWY_EXPORT(ScaleRound);
 HWY_EXPORT(AddRound);
 HWY_EXPORT(ToBf16);
+HWY_EXPORT(AddWeightedBf16);
 HWY_EXPORT(SiluMul);
 HWY_EXPORT(RmsNormF32);
 HWY_EXPORT(RmsNormBf16);
 HWY_EXPORT(RopeHalfSplit);
 HWY_EXPORT(RopeInterleaved);
+HWY_EXPORT(RopeYarnInterleaved);
+HWY_EXPORT(MatmulXwt);
+HWY_EXPORT(MatmulXw);
 HWY_EXPORT(Attend);
 HWY_EXPORT(TargetName);
 
@@ -680,6 +836,10 @@ void add_round(float* x, const float* y, int64_t n) {
   HWY_DYNAMIC_DISPATCH(AddRound)(x, y, n);
 }
 
+void add_weighted_bf16(float* acc, const float* y, float w, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(AddWeightedBf16)(acc, y, w, n);
+}
+
 void to_bf16(const float* x, int64_t n, uint16_t* out) {
   HWY_DYNAMIC_DISPATCH(ToBf16)(x, n, out);
 }
@@ -693,6 +853,16 @@ void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t n_ctx,
                 " (need n_ctx >= 1, H a multiple of K, kv_stride >= K*D)");
   }
   HWY_DYNAMIC_DISPATCH(Attend)(q, k, v, n_ctx, H, K, D, kv_stride, scratch, out);
+}
+
+void matmul_xwt(const float* x, int64_t x_stride, int64_t T, const uint16_t* w, int64_t w_stride,
+                int64_t R, int64_t dim, float* y, int64_t y_stride) {
+  HWY_DYNAMIC_DISPATCH(MatmulXwt)(x, x_stride, T, w, w_stride, R, dim, y, y_stride);
+}
+
+void matmul_xw(const float* x, int64_t x_stride, int64_t T, const uint16_t* w, int64_t w_stride,
+               int64_t R, int64_t dim, float* y, int64_t y_stride) {
+  HWY_DYNAMIC_DISPATCH(MatmulXw)(x, x_stride, T, w, w_stride, R, dim, y, y_stride);
 }
 
 const char* kernels_target_name() {
@@ -734,6 +904,9 @@ Rope::Rope(RopeLayout layout, int64_t head_dim, double min_timescale, double max
   if (max_positions < 1) {
     throw Error("RoPE: max_positions must be >= 1, got " + std::to_string(max_positions));
   }
+  if (layout == RopeLayout::Yarn) {
+    throw Error("RoPE: the YaRN layout needs its parameters (use the YarnParams constructor)");
+  }
   if (layout != RopeLayout::HalfSplit && layout != RopeLayout::Interleaved) {
     throw Error("RoPE: unknown layout " + std::to_string(int(layout)));
   }
@@ -772,18 +945,99 @@ Rope::Rope(RopeLayout layout, int64_t head_dim, double min_timescale, double max
   }
 }
 
-void Rope::apply(float* x, int64_t heads, int64_t pos) const {
+void yarn_correction_range(int64_t d, const YarnParams& p, double& low, double& high) {
+  const auto correction_dim = [&](double n) {
+    return double(d) * std::log(p.original_max_positions / (n * 2.0 * std::numbers::pi)) /
+           (2.0 * std::log(p.theta));
+  };
+  low = correction_dim(p.beta_fast);
+  high = correction_dim(p.beta_slow);
+  if (p.truncate) {
+    low = std::floor(low);
+    high = std::ceil(high);
+  }
+  low = std::max(low, 0.0);
+  high = std::min(high, double(d - 1));
+  if (low == high) high += 0.001;  // MaxText's _linear_ramp_factor: avoid a zero division
+}
+
+std::vector<float> yarn_inv_freq(int64_t d, const YarnParams& p) {
+  double low = 0, high = 0;
+  yarn_correction_range(d, p, low, high);
+  const int64_t half = d / 2;
+  // Each step one f32 operation, in MaxText's order (JAX turns the Python scalars into f32
+  // constants); pow is evaluated in double and rounded once.
+  const float theta = float(p.theta), factor = float(p.factor);
+  const float flow = float(low), span = float(high - low);
+  std::vector<float> f(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) {
+    const float expo = float(2 * i) / float(d);
+    const float b = 1.0f / float(std::pow(double(theta), double(expo)));
+    const float ramp = std::clamp((float(i) - flow) / span, 0.0f, 1.0f);
+    const float mask = 1.0f - ramp;
+    const float scaled = b / factor;
+    const float keep = 1.0f - mask;
+    const float a1 = scaled * keep;
+    const float a2 = b * mask;
+    f[size_t(i)] = a1 + a2;
+  }
+  return f;
+}
+
+Rope::Rope(const YarnParams& y, int64_t head_dim, int64_t max_positions)
+    : layout_(RopeLayout::Yarn),
+      head_dim_(head_dim),
+      max_positions_(max_positions),
+      yarn_interleave_(y.interleave) {
+  if (head_dim < 2 || head_dim % 2 != 0 || head_dim > kYarnMaxHeadDim) {
+    throw Error("YaRN RoPE: head_dim must be even, in [2, " + std::to_string(kYarnMaxHeadDim) +
+                "], got " + std::to_string(head_dim));
+  }
+  if (!(y.theta > 1.0) || !(y.factor > 0.0) || !(y.original_max_positions > 0.0) ||
+      !(y.beta_fast > 0.0) || !(y.beta_slow > 0.0) || !std::isfinite(y.theta) ||
+      !std::isfinite(y.factor)) {
+    throw Error(
+        "YaRN RoPE: theta must be > 1 and factor, original_max_position_embeddings, "
+        "beta_fast, beta_slow positive (got theta " +
+        std::to_string(y.theta) + ", factor " + std::to_string(y.factor) + ", original " +
+        std::to_string(y.original_max_positions) + ", betas " + std::to_string(y.beta_fast) + "/" +
+        std::to_string(y.beta_slow) + ")");
+  }
+  if (max_positions < 1) {
+    throw Error("YaRN RoPE: max_positions must be >= 1, got " + std::to_string(max_positions));
+  }
+  const std::vector<float> freq = yarn_inv_freq(head_dim, y);
+  const int64_t half = head_dim / 2;
+  cos_.resize(size_t(max_positions * half));
+  sin_.resize(size_t(max_positions * half));
+  for (int64_t p = 0; p < max_positions; ++p) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = float(p) * freq[size_t(i)];  // jnp.outer(t, freqs) in f32
+      cos_[size_t(p * half + i)] = float(std::cos(double(angle)));
+      sin_[size_t(p * half + i)] = float(std::sin(double(angle)));
+    }
+  }
+}
+
+void Rope::apply(float* x, int64_t heads, int64_t pos, int64_t stride) const {
   if (pos < 0 || pos >= max_positions_) {
     throw Error("RoPE: position " + std::to_string(pos) + " outside [0, " +
                 std::to_string(max_positions_) + ")");
   }
+  if (stride == 0) stride = head_dim_;
+  if (stride < head_dim_) {
+    throw Error("RoPE: head stride " + std::to_string(stride) + " is smaller than head_dim " +
+                std::to_string(head_dim_));
+  }
   const int64_t half = head_dim_ / 2;
   const float* c = cos_.data() + pos * half;
   const float* s = sin_.data() + pos * half;
-  if (layout_ == RopeLayout::HalfSplit) {
-    HWY_DYNAMIC_DISPATCH(RopeHalfSplit)(x, heads, head_dim_, c, s);
-  } else {
-    HWY_DYNAMIC_DISPATCH(RopeInterleaved)(x, heads, head_dim_, c, s);
+  if (layout_ == RopeLayout::Interleaved) {
+    HWY_DYNAMIC_DISPATCH(RopeInterleaved)(x, heads, stride, head_dim_, c, s);
+  } else if (layout_ == RopeLayout::Yarn && yarn_interleave_) {
+    HWY_DYNAMIC_DISPATCH(RopeYarnInterleaved)(x, heads, stride, head_dim_, c, s);
+  } else {  // HalfSplit, and YaRN with (x[i], x[i + d/2]) pairs: the same rotation
+    HWY_DYNAMIC_DISPATCH(RopeHalfSplit)(x, heads, stride, head_dim_, c, s);
   }
 }
 

@@ -1,0 +1,826 @@
+// DeepSeek-family pieces: YaRN RoPE (spec §2.3c), the strided kernels of MLA's absorbed attention,
+// MoE routing and expert grouping (spec §2.7), and the DeepSeek forward pass end to end on a tiny
+// exported model: decoding through the latent KV cache gives the logits of a full prefill, the
+// per-token path allocates nothing, and the cache holds Rkv + Dr values per token and layer.
+//
+// Built as its own executable (it needs the exporter and the engine, and interposes malloc):
+//   deepseek_tests = executable('deepseek_tests', 'tests/unit/yarn_moe_test.cpp',
+//     link_with : test_main, dependencies : [export_dep, engine_dep, doctest_dep, json_dep])
+//   test('deepseek', deepseek_tests)
+#include <doctest/doctest.h>
+#include <hwy/targets.h>
+#include <malloc.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <numbers>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/bf16.h"
+#include "common/error.h"
+#include "engine/engine.h"
+#include "engine/ops/kernels.h"
+#include "engine/ops/moe.h"
+#include "export/exporter.h"
+
+// ---- heap allocation counter (as engine_test.cpp)
+// ------------------------------------------------ Interposes the C allocator itself, so
+// allocations inside oneDNN, OpenMP or libstdc++ count too.
+extern "C" {
+void* __libc_malloc(size_t);
+void* __libc_calloc(size_t, size_t);
+void* __libc_realloc(void*, size_t);
+void* __libc_memalign(size_t, size_t);
+}
+namespace {
+std::atomic<bool> g_counting{false};
+std::atomic<uint64_t> g_allocs{0};
+void note() {
+  if (g_counting.load(std::memory_order_relaxed)) g_allocs.fetch_add(1, std::memory_order_relaxed);
+}
+}  // namespace
+extern "C" {
+void* malloc(size_t n) {
+  note();
+  return __libc_malloc(n);
+}
+void* calloc(size_t a, size_t b) {
+  note();
+  return __libc_calloc(a, b);
+}
+void* realloc(void* p, size_t n) {
+  note();
+  return __libc_realloc(p, n);
+}
+int posix_memalign(void** out, size_t align, size_t n) {
+  note();
+  *out = __libc_memalign(align, n);
+  return *out ? 0 : 12;  // ENOMEM
+}
+void* aligned_alloc(size_t align, size_t n) {
+  note();
+  return __libc_memalign(align, n);
+}
+void* memalign(size_t align, size_t n) {
+  note();
+  return __libc_memalign(align, n);
+}
+}
+
+namespace fs = std::filesystem;
+using namespace kiln;
+using namespace kiln::ops;
+
+namespace {
+
+// Runs `body` once per Highway target compiled in and supported by this CPU.
+template <class F>
+void for_each_target(F&& body) {
+  struct Restore {
+    ~Restore() { hwy::SetSupportedTargetsForTest(0); }
+  } restore;
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    const std::string target_name = hwy::TargetName(target);
+    CAPTURE(target_name);
+    REQUIRE(std::string(kernels_target_name()) == target_name);
+    body();
+  }
+}
+
+std::vector<float> random_bf16(std::mt19937& rng, size_t n, float lo, float hi) {
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (auto& x : v) x = round_to_bf16(dist(rng));
+  return v;
+}
+
+std::vector<uint16_t> bits_of(const std::vector<float>& v) {
+  std::vector<uint16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = f32_to_bf16(v[i]);
+  return out;
+}
+
+YarnParams deepseek_v3_yarn() {
+  return YarnParams{10000.0, 40.0, 4096.0, 32.0, 1.0, true, true};
+}
+
+// The spec's formulas written out independently (f32 steps as MaxText evaluates them).
+std::vector<float> ref_inv_freq(int64_t d, double theta, double factor, double low, double high) {
+  std::vector<float> f;
+  for (int64_t i = 0; i < d / 2; ++i) {
+    const float b = 1.0f / float(std::pow(double(float(theta)), double(float(2 * i) / float(d))));
+    float ramp = (float(i) - float(low)) / float(high - low);
+    ramp = std::min(1.0f, std::max(0.0f, ramp));
+    const float smooth = 1.0f - ramp;
+    const float x = (b / float(factor)) * (1.0f - smooth);
+    const float y = b * smooth;
+    f.push_back(x + y);
+  }
+  return f;
+}
+
+// Rotation of one head: pairs (x[2i], x[2i+1]) or (x[i], x[i+d/2]); output [Re | Im].
+std::vector<float> ref_yarn(const std::vector<float>& x, const std::vector<float>& freq,
+                            int64_t pos, bool interleave) {
+  const size_t half = freq.size();
+  std::vector<float> out(2 * half);
+  for (size_t i = 0; i < half; ++i) {
+    const float ang = float(pos) * freq[i];
+    const float c = float(std::cos(double(ang))), s = float(std::sin(double(ang)));
+    const float re = interleave ? x[2 * i] : x[i];
+    const float im = interleave ? x[2 * i + 1] : x[i + half];
+    const float p1 = re * c, p2 = im * s, p3 = re * s, p4 = im * c;
+    out[i] = round_to_bf16(p1 - p2);
+    out[i + half] = round_to_bf16(p4 + p3);
+  }
+  return out;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// YaRN
+
+TEST_CASE("YaRN correction range: the spec's constants, clamping and the equal case") {
+  double low = 0, high = 0;
+  yarn_correction_range(64, deepseek_v3_yarn(), low, high);
+  CHECK(low == 10.0);  // spec §2.3(c): DeepSeek-V3
+  CHECK(high == 23.0);
+  YarnParams kimi{50000.0, 32.0, 4096.0, 1.0, 1.0, true, true};
+  yarn_correction_range(64, kimi, low, high);
+  CHECK(low == 19.0);  // Kimi-K2
+  CHECK(high == 20.0);
+  // Without truncation and beta_fast == beta_slow the range is empty: high += 0.001.
+  kimi.truncate = false;
+  yarn_correction_range(64, kimi, low, high);
+  const double c = 64.0 * std::log(4096.0 / (2.0 * std::numbers::pi)) / (2.0 * std::log(50000.0));
+  CHECK(low == c);
+  CHECK(high == c + 0.001);
+  // Clamped to [0, d − 1]: a tiny original context puts low below 0, a huge one high above d − 1.
+  YarnParams small = deepseek_v3_yarn();
+  small.original_max_positions = 8;
+  yarn_correction_range(64, small, low, high);
+  CHECK(low == 0.0);
+  YarnParams huge = deepseek_v3_yarn();
+  huge.original_max_positions = 1e12;
+  yarn_correction_range(64, huge, low, high);
+  CHECK(high == 63.0);
+}
+
+TEST_CASE("YaRN frequencies: unscaled below the range, / factor above it, ramp between") {
+  const YarnParams y = deepseek_v3_yarn();
+  const std::vector<float> f = yarn_inv_freq(64, y);
+  REQUIRE(f.size() == 32);
+  CHECK(f == ref_inv_freq(64, 1e4, 40.0, 10.0, 23.0));
+  const auto base = [](int64_t i) {
+    return 1.0f / float(std::pow(double(1e4f), double(float(2 * i) / 64.0f)));
+  };
+  CHECK(f[0] == 1.0f);
+  CHECK(f[9] == base(9));           // i < low: ramp 0
+  CHECK(f[10] == base(10));         // i = low: ramp 0
+  CHECK(f[23] == base(23) / 40.f);  // i = high: ramp 1
+  CHECK(f[31] == base(31) / 40.f);
+  for (int64_t i = 11; i < 23; ++i) {  // strictly between
+    CHECK(f[size_t(i)] < base(i));
+    CHECK(f[size_t(i)] > base(i) / 40.0f);
+  }
+  // Kimi-K2 (low 19, high 20): a one-step ramp.
+  const YarnParams kimi{50000.0, 32.0, 4096.0, 1.0, 1.0, true, true};
+  CHECK(yarn_inv_freq(64, kimi) == ref_inv_freq(64, 5e4, 32.0, 19.0, 20.0));
+  // The equal case's 0.001-wide ramp.
+  YarnParams eq = kimi;
+  eq.truncate = false;
+  double low = 0, high = 0;
+  yarn_correction_range(64, eq, low, high);
+  CHECK(yarn_inv_freq(64, eq) == ref_inv_freq(64, 5e4, 32.0, low, high));
+}
+
+TEST_CASE("YaRN RoPE matches the spec: interleaved or half-split input, concatenated output") {
+  std::mt19937 rng(31);
+  for_each_target([&] {
+    for (bool interleave : {true, false}) {
+      for (int64_t d : {2, 8, 18, 64, 128}) {
+        CAPTURE(interleave);
+        CAPTURE(d);
+        YarnParams y = deepseek_v3_yarn();
+        y.interleave = interleave;
+        y.original_max_positions = 64;  // the ramp lands inside d/2 for the small dims too
+        const Rope rope(y, d, 700);
+        CHECK(rope.head_dim() == d);
+        CHECK(rope.layout() == RopeLayout::Yarn);
+        const std::vector<float> freq = yarn_inv_freq(d, y);
+        // Heads at a stride larger than d (MLA's q_pe inside [q_nope | q_pe]): the rest of each
+        // row is left alone.
+        const int64_t heads = 3, stride = d + 5;
+        for (int64_t pos : {0, 1, 9, 300, 699}) {
+          CAPTURE(pos);
+          const auto x = random_bf16(rng, size_t(heads * stride), -3.0f, 3.0f);
+          auto got = x;
+          rope.apply(got.data(), heads, pos, stride);
+          for (int64_t h = 0; h < heads; ++h) {
+            const std::vector<float> xh(x.begin() + h * stride, x.begin() + h * stride + d);
+            const auto want = ref_yarn(xh, freq, pos, interleave);
+            for (int64_t i = 0; i < d; ++i) CHECK(got[size_t(h * stride + i)] == want[size_t(i)]);
+            for (int64_t i = d; i < stride; ++i)
+              CHECK(got[size_t(h * stride + i)] == x[size_t(h * stride + i)]);
+          }
+        }
+      }
+    }
+  });
+}
+
+TEST_CASE("YaRN RoPE at position 0 only de-interleaves; scores depend on relative position") {
+  YarnParams y = deepseek_v3_yarn();
+  const Rope rope(y, 8, 100);
+  std::vector<float> x = {1, 2, 3, 4, 5, 6, 7, 8};
+  rope.apply(x.data(), 1, 0);
+  CHECK(x == std::vector<float>{1, 3, 5, 7, 2, 4, 6, 8});
+  y.interleave = false;
+  const Rope half(y, 8, 100);
+  std::vector<float> z = {1, 2, 3, 4, 5, 6, 7, 8};
+  half.apply(z.data(), 1, 0);
+  CHECK(z == std::vector<float>{1, 2, 3, 4, 5, 6, 7, 8});
+
+  // q·k after rotation depends on the positions only through their difference (up to bf16).
+  std::mt19937 rng(4);
+  const Rope r64(deepseek_v3_yarn(), 64, 600);
+  const auto q = random_bf16(rng, 64, -1.0f, 1.0f), k = random_bf16(rng, 64, -1.0f, 1.0f);
+  const auto score = [&](int64_t pq, int64_t pk) {
+    auto a = q, b = k;
+    r64.apply(a.data(), 1, pq);
+    r64.apply(b.data(), 1, pk);
+    double s = 0;
+    for (size_t i = 0; i < 64; ++i) s += double(a[i]) * double(b[i]);
+    return s;
+  };
+  CHECK(score(10, 3) == doctest::Approx(score(500, 493)).epsilon(0.02));
+  CHECK(score(7, 7) == doctest::Approx(score(0, 0)).epsilon(0.02));
+}
+
+TEST_CASE("YaRN RoPE validates its arguments") {
+  const YarnParams y = deepseek_v3_yarn();
+  CHECK_THROWS_AS(Rope(RopeLayout::Yarn, 64, 1.0, 1e4, 1.0, false, 10), Error);
+  CHECK_THROWS_AS(Rope(y, 7, 10), Error);
+  CHECK_THROWS_AS(Rope(y, 0, 10), Error);
+  CHECK_THROWS_AS(Rope(y, 2 * kYarnMaxHeadDim, 10), Error);
+  CHECK_THROWS_AS(Rope(y, 64, 0), Error);
+  YarnParams bad = y;
+  bad.theta = 1.0;
+  CHECK_THROWS_AS(Rope(bad, 64, 10), Error);
+  bad = y;
+  bad.factor = 0.0;
+  CHECK_THROWS_AS(Rope(bad, 64, 10), Error);
+  bad = y;
+  bad.beta_slow = -1.0;
+  CHECK_THROWS_AS(Rope(bad, 64, 10), Error);
+  const Rope rope(y, 8, 10);
+  float x[16] = {};
+  CHECK_THROWS_AS(rope.apply(x, 1, 10), Error);
+  CHECK_THROWS_AS(rope.apply(x, 1, -1), Error);
+  CHECK_THROWS_AS(rope.apply(x, 2, 0, 4), Error);  // stride < head_dim
+}
+
+// ------------------------------------------------------------------------------------------------
+// Absorbed-attention kernels
+
+TEST_CASE("matmul_xwt and matmul_xw match a double-precision product (strided, odd sizes)") {
+  std::mt19937 rng(17);
+  for_each_target([&] {
+    for (int64_t dim : {1, 3, 16, 17, 40, 130}) {
+      for (int64_t R : {1, 5, 64}) {
+        for (int64_t T : {1, 4}) {
+          CAPTURE(dim);
+          CAPTURE(R);
+          CAPTURE(T);
+          const int64_t ws = dim + 7, xs_t = dim + 3, xs = R + 2, ys_t = R + 1, ys = dim + 2;
+          const auto w = bits_of(random_bf16(rng, size_t(R * ws), -1.0f, 1.0f));
+          // y = x · Wᵀ: x [T, dim]
+          const auto x1 = random_bf16(rng, size_t(T * xs_t), -2.0f, 2.0f);
+          std::vector<float> y1(size_t(T * ys_t), -7.0f);
+          matmul_xwt(x1.data(), xs_t, T, w.data(), ws, R, dim, y1.data(), ys_t);
+          for (int64_t t = 0; t < T; ++t) {
+            for (int64_t r = 0; r < R; ++r) {
+              double s = 0, mag = 0;
+              for (int64_t c = 0; c < dim; ++c) {
+                const double p =
+                    double(x1[size_t(t * xs_t + c)]) * bf16_to_f32(w[size_t(r * ws + c)]);
+                s += p;
+                mag += std::fabs(p);
+              }
+              CHECK(std::fabs(y1[size_t(t * ys_t + r)] - s) <= 1e-5 * mag + 1e-30);
+            }
+            CHECK(y1[size_t(t * ys_t + R)] == -7.0f);  // nothing written past R
+          }
+          // y = x · W: x [T, R]
+          const auto x2 = random_bf16(rng, size_t(T * xs), -2.0f, 2.0f);
+          std::vector<float> y2(size_t(T * ys), -7.0f);
+          matmul_xw(x2.data(), xs, T, w.data(), ws, R, dim, y2.data(), ys);
+          for (int64_t t = 0; t < T; ++t) {
+            for (int64_t c = 0; c < dim; ++c) {
+              double s = 0, mag = 0;
+              for (int64_t r = 0; r < R; ++r) {
+                const double p =
+                    double(x2[size_t(t * xs + r)]) * bf16_to_f32(w[size_t(r * ws + c)]);
+                s += p;
+                mag += std::fabs(p);
+              }
+              CHECK(std::fabs(y2[size_t(t * ys + c)] - s) <= 1e-5 * mag + 1e-30);
+            }
+            CHECK(y2[size_t(t * ys + dim)] == -7.0f);
+          }
+        }
+      }
+    }
+  });
+}
+
+TEST_CASE("add_weighted_bf16 adds w · bf16(y)") {
+  std::mt19937 rng(3);
+  for_each_target([&] {
+    for (int64_t n : {1, 7, 16, 33, 100}) {
+      std::uniform_real_distribution<float> dist(-3.0f, 3.0f);
+      std::vector<float> acc(static_cast<size_t>(n)), y(static_cast<size_t>(n));
+      for (auto& v : acc) v = dist(rng);
+      for (auto& v : y) v = dist(rng);  // not bf16: the kernel rounds it
+      auto got = acc;
+      add_weighted_bf16(got.data(), y.data(), 0.375f, n);
+      for (int64_t i = 0; i < n; ++i) {
+        const double want = double(acc[size_t(i)]) + 0.375 * double(round_to_bf16(y[size_t(i)]));
+        CHECK(got[size_t(i)] == doctest::Approx(want).epsilon(1e-6));
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Routing
+
+namespace {
+
+RoutingParams routing(int64_t X, int64_t k, ScoreFunc f, bool pre_bias, double rsf = 1.0) {
+  RoutingParams p;
+  p.num_experts = X;
+  p.top_k = k;
+  p.score_func = f;
+  p.weights_pre_bias = pre_bias;
+  p.routed_scaling_factor = rsf;
+  return p;
+}
+
+double sigmoid_bf16(double l) {
+  return round_to_bf16(float(1.0 / (1.0 + std::exp(-l))));
+}
+
+}  // namespace
+
+TEST_CASE("routing, sigmoid + bias: select with the bias, weight pre- or post-bias, renormalise") {
+  const std::vector<float> logits = {0.0f, 1.0f, -1.0f, 2.0f, 0.5f};
+  // The bias lifts expert 2 (lowest score) into the top 2 and sinks expert 3 (highest).
+  const std::vector<uint16_t> bias = bits_of({0.0f, 0.0f, 1.0f, -1.0f, 0.0f});
+  const double rsf = round_to_bf16(2.827f);  // Kimi's factor, taken as a bf16 constant
+  for (bool pre : {true, false}) {
+    CAPTURE(pre);
+    Router router(routing(5, 2, ScoreFunc::Sigmoid, pre, 2.827));
+    int32_t e[2];
+    float w[2];
+    router.route(logits.data(), bias.data(), 1, e, w);
+    const double s2 = sigmoid_bf16(-1.0), s1 = sigmoid_bf16(1.0);
+    const double b2 = round_to_bf16(float(s2 + 1.0));  // biased score of expert 2
+    CHECK(e[0] == 2);                                  // 1.27 > 0.73
+    CHECK(e[1] == 1);
+    const double w0 = pre ? s2 : b2, w1 = s1;
+    const double sum = round_to_bf16(float(w0 + w1)) + double(round_to_bf16(1e-20f));
+    CHECK(w[0] == round_to_bf16(float(w0 / sum * rsf)));
+    CHECK(w[1] == round_to_bf16(float(w1 / sum * rsf)));
+    CHECK(double(w[0]) + w[1] == doctest::Approx(rsf).epsilon(0.01));  // renormalised × rsf
+  }
+  // Without a bias the top scores win.
+  Router plain(routing(5, 2, ScoreFunc::Sigmoid, true));
+  int32_t e[2];
+  float w[2];
+  plain.route(logits.data(), nullptr, 1, e, w);
+  CHECK(e[0] == 3);
+  CHECK(e[1] == 1);
+}
+
+TEST_CASE("routing, softmax: probabilities × rsf, no renormalisation") {
+  const float ln2 = round_to_bf16(float(std::log(2.0)));
+  const std::vector<float> logits = {0.0f, ln2, -4.0f, 0.0f};
+  Router router(routing(4, 2, ScoreFunc::Softmax, false, 1.5));
+  int32_t e[2];
+  float w[2];
+  router.route(logits.data(), nullptr, 1, e, w);
+  CHECK(e[0] == 1);
+  CHECK(e[1] == 0);  // tie with expert 3: the lower index wins
+  // e_i = bf16(exp(l_i − max)), s = bf16(Σe), p = bf16(e/s), w = bf16(p · 1.5).
+  double ex[4], s = 0;
+  for (int i = 0; i < 4; ++i)
+    s += ex[i] = round_to_bf16(float(std::exp(double(logits[size_t(i)] - ln2))));
+  s = round_to_bf16(float(s));
+  CHECK(w[0] == round_to_bf16(float(double(round_to_bf16(float(ex[1] / s))) * 1.5)));
+  CHECK(w[1] == round_to_bf16(float(double(round_to_bf16(float(ex[0] / s))) * 1.5)));
+  CHECK(w[0] + w[1] < 1.5f * 0.99f);  // the top 2 of 4 do not carry all the mass
+}
+
+TEST_CASE("routing, no score function: raw logits; ties go to the lower expert") {
+  const std::vector<float> logits = {1.0f, 3.0f, 3.0f, 3.0f, -2.0f, 1.0f};
+  Router router(routing(6, 3, ScoreFunc::None, false, 2.0));
+  std::vector<int32_t> e(6);
+  std::vector<float> w(6);
+  router.route(logits.data(), nullptr, 1, e.data(), w.data());
+  CHECK(e[0] == 1);
+  CHECK(e[1] == 2);
+  CHECK(e[2] == 3);
+  CHECK(w[0] == 6.0f);
+  // Two tokens in one call are independent.
+  const std::vector<float> two = {1.0f, 3.0f,  3.0f, 3.0f, -2.0f, 1.0f,
+                                  9.0f, -1.0f, 0.0f, 0.0f, 8.0f,  7.0f};
+  router.route(two.data(), nullptr, 2, e.data(), w.data());
+  CHECK(std::vector<int32_t>(e.begin() + 3, e.end()) == std::vector<int32_t>{0, 4, 5});
+  // A NaN score is never chosen over a number.
+  const std::vector<float> nan = {
+      std::numeric_limits<float>::quiet_NaN(), -5.0f, -6.0f, -7.0f, -8.0f, -9.0f};
+  router.route(nan.data(), nullptr, 1, e.data(), w.data());
+  CHECK(e[0] == 1);
+  CHECK(e[1] == 2);
+  CHECK(e[2] == 3);
+}
+
+TEST_CASE("group-limited routing keeps the groups with the best top-2 sums") {
+  // 4 groups of 2. Group sums of the top 2: g0 = 5 − 10 = −5, g1 = 8, g2 = 4.5 − 10 = −5.5,
+  // g3 = 0. Kept: g1, g3 → experts 2, 3 (not 0 and 4, the two best experts overall).
+  const std::vector<float> logits = {5.0f, -10.0f, 4.0f, 4.0f, 4.5f, -10.0f, 0.0f, 0.0f};
+  RoutingParams p = routing(8, 2, ScoreFunc::None, true);
+  p.n_groups = 4;
+  p.topk_groups = 2;
+  Router router(p);
+  int32_t e[2];
+  float w[2];
+  router.route(logits.data(), nullptr, 1, e, w);
+  CHECK(e[0] == 2);
+  CHECK(e[1] == 3);
+  // Groups score the biased values, weights come from the unbiased ones.
+  const std::vector<uint16_t> bias = bits_of({0, 0, 0, 0, 0, 20, 0, 0});  // g2 = 4.5 + 10
+  router.route(logits.data(), bias.data(), 1, e, w);
+  CHECK(e[0] == 5);  // biased 10
+  CHECK(e[1] == 4);
+  CHECK(w[0] == -10.0f);  // pre-bias score
+  // Without groups: plain top-2.
+  Router flat(routing(8, 2, ScoreFunc::None, true));
+  flat.route(logits.data(), nullptr, 1, e, w);
+  CHECK(e[0] == 0);
+  CHECK(e[1] == 4);
+}
+
+TEST_CASE("routing parameters from a config: groups only with DeepSeek-V3 routing") {
+  ModelConfig c;
+  c.decoder_block = "deepseek";
+  c.num_experts = 16;
+  c.num_experts_per_tok = 3;
+  c.routed_score_func = "sigmoid";
+  c.routed_scaling_factor = 2.5;
+  c.n_routing_groups = 4;
+  c.topk_routing_group = 2;
+  c.routing_weights_pre_bias = true;  // deepseek3* name
+  RoutingParams p = RoutingParams::from_config(c);
+  CHECK(p.n_groups == 4);
+  CHECK(p.topk_groups == 2);
+  CHECK(p.score_func == ScoreFunc::Sigmoid);
+  CHECK(p.weights_pre_bias);
+  c.routing_weights_pre_bias = false;  // e.g. kimi-k2: MaxText ignores the group fields
+  p = RoutingParams::from_config(c);
+  CHECK(p.n_groups == -1);
+  c.routed_score_func = "softmax";
+  CHECK(RoutingParams::from_config(c).score_func == ScoreFunc::Softmax);
+  c.routed_score_func = "";
+  CHECK(RoutingParams::from_config(c).score_func == ScoreFunc::None);
+  c.routed_score_func = "sqrtsoftplus";
+  CHECK_THROWS_AS(RoutingParams::from_config(c), Error);
+}
+
+TEST_CASE("routing validates its parameters") {
+  CHECK_THROWS_AS(Router(routing(4, 0, ScoreFunc::None, false)), Error);
+  CHECK_THROWS_AS(Router(routing(4, 5, ScoreFunc::None, false)), Error);
+  CHECK_THROWS_AS(Router(routing(0, 1, ScoreFunc::None, false)), Error);
+  RoutingParams p = routing(8, 2, ScoreFunc::None, true);
+  p.n_groups = 3;  // does not divide 8
+  p.topk_groups = 1;
+  CHECK_THROWS_AS(Router{p}, Error);
+  p.n_groups = 8;  // groups of one expert
+  CHECK_THROWS_AS(Router{p}, Error);
+  p.n_groups = 4;
+  p.topk_groups = 5;
+  CHECK_THROWS_AS(Router{p}, Error);
+  p = routing(8, 5, ScoreFunc::None, true);
+  p.n_groups = 4;
+  p.topk_groups = 2;  // 4 experts kept, 5 wanted
+  CHECK_THROWS_AS(Router{p}, Error);
+}
+
+TEST_CASE("ExpertBatches groups (token, slot) pairs by expert, in token order") {
+  ExpertBatches b(4, 2, 8);
+  const std::vector<int32_t> experts = {2, 0, 0, 1, 2, 1};  // 3 tokens × 2 slots
+  b.build(experts.data(), 3);
+  CHECK(std::vector<int32_t>(b.active().begin(), b.active().end()) ==
+        std::vector<int32_t>{0, 1, 2});
+  auto v = [](std::span<const int32_t> s) { return std::vector<int32_t>(s.begin(), s.end()); };
+  CHECK(v(b.pairs(0)) == std::vector<int32_t>{1, 2});
+  CHECK(v(b.pairs(1)) == std::vector<int32_t>{3, 5});
+  CHECK(v(b.pairs(2)) == std::vector<int32_t>{0, 4});
+  CHECK(b.pairs(3).empty());
+  // Rebuilding for a smaller batch forgets the previous one.
+  const std::vector<int32_t> one = {3, 1};
+  b.build(one.data(), 1);
+  CHECK(v(b.active()) == std::vector<int32_t>{1, 3});
+  CHECK(v(b.pairs(3)) == std::vector<int32_t>{0});
+  CHECK(b.pairs(0).empty());
+  const std::vector<int32_t> bad = {0, 4};
+  CHECK_THROWS_AS(b.build(bad.data(), 1), Error);
+  std::vector<int32_t> many(20, 0);
+  CHECK_THROWS_AS(b.build(many.data(), 9), Error);
+}
+
+TEST_CASE("routing, grouping and the MLA kernels do not allocate") {
+  RoutingParams p = routing(16, 3, ScoreFunc::Sigmoid, true, 2.5);
+  p.n_groups = 4;
+  p.topk_groups = 2;
+  Router router(p);
+  ExpertBatches batches(16, 3, 4);
+  std::mt19937 rng(2);
+  const auto logits = random_bf16(rng, 64, -3.0f, 3.0f);
+  const auto bias = bits_of(random_bf16(rng, 16, -0.1f, 0.1f));
+  std::vector<int32_t> e(12);
+  std::vector<float> w(12);
+  const auto wkv = bits_of(random_bf16(rng, 64 * 64, -1.0f, 1.0f));
+  const auto x = random_bf16(rng, 4 * 64, -1.0f, 1.0f);
+  std::vector<float> y(4 * 64);
+  const Rope rope(deepseek_v3_yarn(), 64, 100);
+  std::vector<float> q = random_bf16(rng, 4 * 80, -1.0f, 1.0f);
+  const auto run = [&] {
+    router.route(logits.data(), bias.data(), 4, e.data(), w.data());
+    batches.build(e.data(), 4);
+    matmul_xwt(x.data(), 64, 4, wkv.data(), 64, 64, 64, y.data(), 64);
+    matmul_xw(x.data(), 64, 4, wkv.data(), 64, 64, 64, y.data(), 64);
+    add_weighted_bf16(y.data(), x.data(), 0.5f, 256);
+    rope.apply(q.data(), 4, 99, 80);
+  };
+  run();
+  g_allocs = 0;
+  g_counting = true;
+  run();
+  g_counting = false;
+  CHECK(g_allocs.load() == 0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The DeepSeek forward pass on a tiny exported model
+
+namespace {
+
+struct TinyDeepSeek {
+  fs::path dir;
+  fs::path artifact;
+  int64_t L = 3, Rkv = 16, Dr = 8, H = 8, Dn = 16,
+          Dv = 16;  // H >= 8: decode runs heads in parallel
+};
+
+// Unrolled MaxText Linen keys (spec §1.7): one dense layer, two MoE layers with a router bias and
+// a shared expert, q_lora_rank > 0, DeepSeek-V3 routing.
+TinyDeepSeek make_tiny_deepseek() {
+  TinyDeepSeek m;
+  m.dir = fs::temp_directory_path() / "kiln_deepseek_test";
+  fs::remove_all(m.dir);
+  fs::create_directories(m.dir);
+  m.artifact = m.dir / "model.kiln";
+  const int64_t E = 64, H = m.H, Rq = 24, Rkv = m.Rkv, Dn = m.Dn, Dr = m.Dr, Dv = m.Dv, F = 96,
+                Fm = 32, X = 8, S = 1, V = 256;
+
+  struct T {
+    std::string key;
+    std::vector<int64_t> shape;
+    float scale;  // 0 → ones (norm scales)
+  };
+  const std::string p = "params.params.";
+  std::vector<T> ts = {{p + "token_embedder.embedding", {V, E}, 1.0f},
+                       {p + "decoder.decoder_norm.scale", {E}, 0},
+                       {p + "decoder.logits_dense.kernel", {E, V}, 0.3f}};
+  for (int64_t l = 0; l < m.L; ++l) {
+    const bool dense = l == 0;
+    const std::string b =
+        p + "decoder." + (dense ? "dense_layers_0." : "moe_layers_" + std::to_string(l - 1) + ".");
+    const std::string a = b + "self_attention.";
+    ts.push_back({b + "pre_self_attention_layer_norm.scale", {E}, 0});
+    ts.push_back({b + "post_self_attention_layer_norm.scale", {E}, 0});
+    ts.push_back({a + "wq_a.kernel", {E, Rq}, 0.25f});
+    ts.push_back({a + "q_norm.scale", {Rq}, 0});
+    ts.push_back({a + "wq_b.kernel", {Rq, H, Dn + Dr}, 0.6f});
+    ts.push_back({a + "wkv_a.kernel", {E, Rkv + Dr}, 0.25f});
+    ts.push_back({a + "kv_norm.scale", {Rkv}, 0});
+    ts.push_back({a + "wkv_b.kernel", {Rkv, H, Dn + Dv}, 0.6f});
+    ts.push_back({a + "out.kernel", {H, Dv, E}, 0.15f});
+    if (dense) {
+      ts.push_back({b + "mlp.wi_0.kernel", {E, F}, 0.2f});
+      ts.push_back({b + "mlp.wi_1.kernel", {E, F}, 0.2f});
+      ts.push_back({b + "mlp.wo.kernel", {F, E}, 0.2f});
+    } else {
+      const std::string r = b + "DeepSeekMoeBlock_0.MoeBlock_0.";
+      const std::string s = b + "DeepSeekMoeBlock_0.shared_experts.";
+      ts.push_back({r + "gate.kernel", {E, X}, 0.4f});
+      ts.push_back({r + "gate.bias", {X}, 0.1f});
+      ts.push_back({r + "wi_0", {X, E, Fm}, 0.2f});
+      ts.push_back({r + "wi_1", {X, E, Fm}, 0.2f});
+      ts.push_back({r + "wo", {X, Fm, E}, 0.25f});
+      ts.push_back({s + "wi_0.kernel", {E, S * Fm}, 0.2f});
+      ts.push_back({s + "wi_1.kernel", {E, S * Fm}, 0.2f});
+      ts.push_back({s + "wo.kernel", {S * Fm, E}, 0.25f});
+    }
+  }
+  nlohmann::json header = nlohmann::json::object();
+  std::vector<float> data;
+  uint64_t seed = 424242;
+  for (const auto& t : ts) {
+    int64_t n = 1;
+    for (auto d : t.shape) n *= d;
+    const uint64_t begin = data.size() * 4;
+    for (int64_t i = 0; i < n; ++i) {
+      seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+      const float u = float((seed >> 40) & 0xffffff) / float(1 << 24) * 2.0f - 1.0f;  // [-1, 1)
+      data.push_back(t.scale == 0 ? 1.0f + 0.1f * u : u * t.scale * 1.7f);
+    }
+    header[t.key] = {
+        {"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {begin, data.size() * 4}}};
+  }
+  const std::string h = header.dump();
+  const uint64_t hlen = h.size();
+  std::ofstream f(m.dir / "model.safetensors", std::ios::binary);
+  f.write(reinterpret_cast<const char*>(&hlen), 8);
+  f << h;
+  f.write(reinterpret_cast<const char*>(data.data()), std::streamsize(data.size() * 4));
+  f.close();
+
+  const nlohmann::json cfg = {{"decoder_block", "deepseek"},
+                              {"model_name", "deepseek3-test"},
+                              {"attention_type", "mla"},
+                              {"emb_dim", E},
+                              {"num_query_heads", H},
+                              {"num_kv_heads", H},
+                              {"num_decoder_layers", m.L},
+                              {"first_num_dense_layers", 1},
+                              {"mlp_dim", F},
+                              {"moe_mlp_dim", Fm},
+                              {"num_experts", X},
+                              {"num_experts_per_tok", 2},
+                              {"shared_experts", S},
+                              {"routed_scaling_factor", 2.5},
+                              {"routed_score_func", "sigmoid"},
+                              {"routed_bias", true},
+                              {"q_lora_rank", Rq},
+                              {"kv_lora_rank", Rkv},
+                              {"qk_nope_head_dim", Dn},
+                              {"qk_rope_head_dim", Dr},
+                              {"v_head_dim", Dv},
+                              {"rope_type", "yarn"},
+                              {"original_max_position_embeddings", 64},
+                              {"max_position_embeddings", 4096},
+                              {"vocab_size", V},
+                              {"scan_layers", false},
+                              {"max_target_length", 96}};
+  std::ofstream(m.dir / "config.json") << cfg.dump();
+
+  ExportOptions opt;
+  opt.checkpoints = {(m.dir / "model.safetensors").string()};
+  opt.config_path = (m.dir / "config.json").string();
+  opt.out_dir = m.artifact.string();
+  export_artifact(opt);
+  return m;
+}
+
+const TinyDeepSeek& tiny() {
+  static TinyDeepSeek m = make_tiny_deepseek();
+  return m;
+}
+
+EngineOptions options(bool relayout, int64_t max_chunk = 512) {
+  EngineOptions o;
+  o.model.threads = 2;
+  o.model.relayout = relayout;
+  o.model.max_chunk = max_chunk;
+  return o;
+}
+
+double max_abs(const float* a, size_t n) {
+  double m = 0;
+  for (size_t i = 0; i < n; ++i) m = std::max(m, double(std::fabs(a[i])));
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("DeepSeek: the cache holds the latent and the rope key only") {
+  auto engine = Engine::open(tiny().artifact.string(), options(true));
+  const TinyDeepSeek& m = tiny();
+  Model& model = engine->model();
+  CHECK(model.kv_bytes_per_token() == m.L * (m.Rkv + m.Dr) * 2);
+  const KvCache cache = model.new_cache(10);
+  REQUIRE(cache.k.size() == size_t(m.L));
+  CHECK(cache.k[0].size() == size_t(10 * (m.Rkv + m.Dr)));
+  CHECK(cache.v.empty());
+  // The expanded cache MaxText's naive decode keeps: H · (Dn + Dr) keys + H · Dv values.
+  const int64_t expanded = m.L * m.H * (m.Dn + m.Dr + m.Dv) * 2;
+  MESSAGE("KV bytes per token: latent " << model.kv_bytes_per_token() << ", expanded " << expanded);
+  CHECK(model.kv_bytes_per_token() < expanded);
+}
+
+TEST_CASE("DeepSeek: decoding through the latent cache gives the logits of a full prefill") {
+  for (bool relayout : {true, false}) {
+    CAPTURE(relayout);
+    auto engine = Engine::open(tiny().artifact.string(), options(relayout));
+    const int64_t V = engine->config().vocab_size;
+    std::vector<int32_t> seq = {7, 1, 200, 33, 5, 99, 14};
+    std::vector<std::vector<float>> steps;
+    int32_t tok = engine->prefill(seq, SamplingParams{});
+    std::vector<int32_t> decoded = {tok};
+    for (int i = 0; i < 20; ++i) {
+      seq.push_back(tok);
+      tok = engine->generate();
+      decoded.push_back(tok);
+      steps.emplace_back(engine->last_logits().begin(), engine->last_logits().end());
+    }
+    std::vector<float> all(seq.size() * size_t(V));
+    engine->prefill_logits(seq, all.data());
+    double max_diff = 0;
+    const double scale = max_abs(all.data(), all.size());
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const float* row = all.data() + (seq.size() - steps.size() + i) * size_t(V);
+      for (int64_t v = 0; v < V; ++v)
+        max_diff = std::max(max_diff, double(std::fabs(row[v] - steps[i][size_t(v)])));
+      // The prefill's greedy choice at that position is the token decode produced next.
+      CHECK(std::max_element(row, row + V) - row == decoded[i + 1]);
+    }
+    MESSAGE("decode vs prefill (relayout " << relayout << "): max |dlogit| = " << max_diff
+                                           << " of max |logit| " << scale);
+    CHECK(max_diff <= 0.02 * scale);
+  }
+}
+
+TEST_CASE("DeepSeek: a prefill split into chunks gives the logits of one pass") {
+  const std::vector<int32_t> seq = {3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4};
+  auto one = Engine::open(tiny().artifact.string(), options(true));
+  auto chunked = Engine::open(tiny().artifact.string(), options(true, 3));
+  const int64_t V = one->config().vocab_size;
+  std::vector<float> a(seq.size() * size_t(V)), b(a.size());
+  one->prefill_logits(seq, a.data());
+  chunked->prefill_logits(seq, b.data());
+  double max_diff = 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    max_diff = std::max(max_diff, double(std::fabs(a[i] - b[i])));
+  MESSAGE("chunks of 3 vs one pass: max |dlogit| = " << max_diff);
+  CHECK(max_diff <= 0.02 * max_abs(a.data(), a.size()));
+}
+
+TEST_CASE("DeepSeek: generate() performs no heap allocation") {
+  for (bool relayout : {true, false}) {
+    CAPTURE(relayout);
+    auto engine = Engine::open(tiny().artifact.string(), options(relayout));
+    std::vector<int32_t> prompt = {3, 14, 15, 92, 65, 35};
+    SamplingParams sp;
+    sp.temperature = 0.8f;
+    sp.top_k = 40;
+    sp.seed = 7;
+    engine->prefill(prompt, sp);
+    engine->generate();
+    g_allocs = 0;
+    g_counting = true;
+    for (int i = 0; i < 32; ++i) engine->generate();
+    g_counting = false;
+    CHECK(g_allocs.load() == 0);
+  }
+}
+
+TEST_CASE("DeepSeek: bad requests are errors") {
+  auto engine = Engine::open(tiny().artifact.string(), options(false));
+  std::vector<int32_t> bad = {1, 256};
+  CHECK_THROWS_WITH_AS(engine->prefill(bad, {}), doctest::Contains("outside the vocabulary"),
+                       Error);
+  std::vector<int32_t> too_long(97, 1);
+  CHECK_THROWS_AS(engine->prefill(too_long, {}), Error);
+  // A cache in another family's layout is refused, not misread.
+  KvCache wrong;
+  wrong.capacity = 4;
+  wrong.k.assign(3, std::vector<uint16_t>(4));
+  float logits[256];
+  const int32_t tok = 1;
+  CHECK_THROWS_WITH_AS(
+      engine->model().forward(std::span<const int32_t>(&tok, 1), wrong, logits, false),
+      doctest::Contains("new_cache"), Error);
+}
