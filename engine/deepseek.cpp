@@ -296,7 +296,7 @@ class DeepSeekModel final : public Model {
     for (size_t l = 0; l < layers_.size(); ++l) {
       const DeepSeekLayer& w = layers_[l];
       ops::rms_norm(x_.data(), w.pre_attn_norm, T, E, eps, xb_.data());
-      attention(w, T, pos0, cache.k[l].data());
+      attention(w, int64_t(l), T, pos0, cache.k[l].data());
       ops::add_round(x_.data(), o_.data(), T * E);
 
       ops::rms_norm(x_.data(), w.post_attn_norm, T, E, eps, xb_.data());
@@ -320,7 +320,7 @@ class DeepSeekModel final : public Model {
 
   // MLA over the latent cache (see the top of the file): reads xb_ (normalised input), appends the
   // chunk's rows to `kv` ([capacity, Rkv + Dr]), writes the output projection to o_.
-  void attention(const DeepSeekLayer& w, int64_t T, int64_t pos0, uint16_t* kv) {
+  void attention(const DeepSeekLayer& w, int64_t layer, int64_t T, int64_t pos0, uint16_t* kv) {
     const int64_t H = H_, Dqk = Dqk_, Dl = Dl_, Rkv = Rkv_, Dn = Dn_, Dr = Dr_, Dv = Dv_;
     const float eps = float(c_.normalization_layer_epsilon);
 
@@ -381,6 +381,10 @@ class DeepSeekModel final : public Model {
                     att_.data() + t * H * Dl);
       }
     }
+    if (max_logits_)
+      for (int64_t t = 0; t < T; ++t)
+        ops::max_logits(qa_.data() + t * H * Dl, kv, pos0 + t + 1, H, 1, Dl, Dl,
+                        max_logits_ + layer * H);
 
     // Back from the latent: out[h] = out_lat[h] · W_uv (bf16), then the output projection.
     parallel_for(H, T > 1 || H >= 8, [&](int64_t h) {

@@ -1,5 +1,7 @@
 #include "engine/engine.h"
 
+#include <limits>
+
 #include "common/error.h"
 
 namespace kiln {
@@ -55,6 +57,32 @@ void Engine::prefill_logits(std::span<const int32_t> prompt, float* out) {
   const int64_t V = config().vocab_size;
   std::copy(out + (int64_t(prompt.size()) - 1) * V, out + int64_t(prompt.size()) * V,
             logits_.begin());
+}
+
+std::vector<float> Engine::calibrate_max_logits(const std::vector<std::vector<int32_t>>& prompts) {
+  const ModelConfig& c = config();
+  std::vector<float> max(size_t(c.num_decoder_layers * c.num_query_heads),
+                         -std::numeric_limits<float>::infinity());
+  std::vector<float> logits(size_t(c.vocab_size));
+  model_->record_max_logits(max.data());
+  try {
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      try {
+        check_prompt(prompts[i]);
+      } catch (const Error& e) {
+        throw Error("calibration prompt " + std::to_string(i + 1) + ": " + e.what());
+      }
+      cache_.length = 0;
+      model_->forward(prompts[i], cache_, logits.data(), /*all_logits=*/false);
+    }
+  } catch (...) {
+    model_->record_max_logits(nullptr);
+    throw;
+  }
+  model_->record_max_logits(nullptr);
+  cache_.length = 0;
+  sampler_.reset();
+  return max;
 }
 
 }  // namespace kiln

@@ -41,6 +41,11 @@ class Engine {
   // ([prompt.size(), vocab], f32) — golden files and calibration use this.
   void prefill_logits(std::span<const int32_t> prompt, float* out);
 
+  // QK-Clip calibration: runs every prompt as a fresh sequence and returns, per layer and query
+  // head ([layers, heads] row-major), the largest pre-softmax attention logit seen (MaxText's
+  // max_logits: after the softmax scale, over unmasked positions), maximised over the prompts.
+  std::vector<float> calibrate_max_logits(const std::vector<std::vector<int32_t>>& prompts);
+
  private:
   Engine(std::unique_ptr<Model> m, int64_t max_seq_len);
   void check_prompt(std::span<const int32_t> prompt) const;

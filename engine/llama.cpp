@@ -158,6 +158,10 @@ class LlamaModel final : public Model {
 #pragma omp parallel for schedule(static, 1) num_threads(threads_)
         for (int64_t t = 0; t < T; ++t) attend_position(t, omp_get_thread_num());
       }
+      if (max_logits_)
+        for (int64_t t = 0; t < T; ++t)
+          ops::max_logits(q_.data() + t * H * D, k_cache, pos0 + t + 1, H, K, D, K * D,
+                          max_logits_ + l * H);
       ops::to_bf16(attn_.data(), T * H * D, attn_b_.data());
       w.o.forward(attn_b_.data(), T, o_.data());
       ops::add_round(x_.data(), o_.data(), T * E);

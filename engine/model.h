@@ -51,9 +51,15 @@ class Model {
   virtual void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
                        bool all_logits) = 0;
 
+  // Calibration for QK-Clip: while set, forward() raises max[layer · H + head] to every
+  // pre-softmax attention logit it computes (after the softmax scale, unmasked positions only).
+  // nullptr (the default) turns it off.
+  void record_max_logits(float* max) { max_logits_ = max; }
+
  protected:
   explicit Model(std::unique_ptr<Artifact> a) : artifact_(std::move(a)) {}
   std::unique_ptr<Artifact> artifact_;
+  float* max_logits_ = nullptr;
 };
 
 std::unique_ptr<Model> make_llama_model(std::unique_ptr<Artifact> artifact,

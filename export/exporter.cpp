@@ -286,7 +286,9 @@ ExportSummary export_artifact(const ExportOptions& opt,
   Checkpoint ckpt = Checkpoint::open(opt.checkpoints);
   Plan plan = make_plan(ckpt, cfg);
   QkClipRecord qk_clip;
-  if (opt.qk_clip.threshold != 0 || !opt.qk_clip.stats.empty()) {
+  if (opt.qk_clip_record) {
+    qk_clip = *opt.qk_clip_record;
+  } else if (opt.qk_clip.threshold != 0 || !opt.qk_clip.stats.empty()) {
     if (opt.qk_clip.stats.empty())
       throw Error("--qk-clip-threshold needs statistics: give --max-logits FILE");
     if (opt.qk_clip.threshold == 0)

@@ -25,6 +25,9 @@ struct ExportOptions {
   std::string out_dir;
   bool force = false;
   QkClipOptions qk_clip;  // threshold 0: off
+  // A QK-Clip plan computed elsewhere (the sequential calibrate-and-clip of `kiln export
+  // --qk-clip-calibrate`); used instead of qk_clip when set.
+  std::optional<QkClipRecord> qk_clip_record;
   // The command line as given, recorded in the manifest's provenance.
   std::vector<std::pair<std::string, std::string>> recorded_options;
 };

@@ -46,8 +46,9 @@ bool parse_stats_key(const std::string& raw, StatsKey* out) {
 // First global layer and size of a group for this config.
 std::pair<int64_t, int64_t> group_span(const ModelConfig& c, const std::string& group,
                                        const std::string& where) {
+  // `layers_N` is also the global numbering kiln calibrate writes for every family.
+  if (group == "layers") return {0, c.num_decoder_layers};
   if (!c.is_deepseek()) {
-    if (group == "layers") return {0, c.num_decoder_layers};
   } else if (group == "dense_layers") {
     return {0, c.first_num_dense_layers};
   } else if (group == "moe_layers") {

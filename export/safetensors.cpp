@@ -1,8 +1,10 @@
 #include "export/safetensors.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -366,6 +368,39 @@ void read_slice_as_f32(const SourceTensor& t, int axis, int64_t index, float* ou
   }
   for (size_t o = 0; o < outer; ++o, src += stride, out += inner)
     convert_run(t.dtype, src, inner, out);
+}
+
+void write_safetensors_f32(const std::string& path, const std::vector<F32Tensor>& tensors) {
+  nlohmann::json header = nlohmann::json::object();
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    uint64_t n = 1;
+    for (int64_t d : t.shape) n *= uint64_t(d);
+    if (n != t.data.size())
+      throw Error(path + ": tensor '" + t.key + "' has " + std::to_string(t.data.size()) +
+                  " values for shape " + shape_str(t.shape));
+    header[t.key] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {offset, offset + n * 4}}};
+    offset += n * 4;
+  }
+  std::string h = header.dump();
+  h.append((8 - h.size() % 8) % 8, ' ');  // keep the data 8-byte aligned, as the format suggests
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    uint64_t hlen = h.size();
+    f.write(reinterpret_cast<const char*>(&hlen), 8);
+    f.write(h.data(), std::streamsize(h.size()));
+    for (const auto& t : tensors)
+      f.write(reinterpret_cast<const char*>(t.data.data()), std::streamsize(t.data.size() * 4));
+    if (!f) {
+      std::remove(tmp.c_str());
+      throw Error(path + ": write failed");
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw Error(path + ": cannot rename the finished file into place");
+  }
 }
 
 }  // namespace kiln

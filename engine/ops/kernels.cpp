@@ -1041,5 +1041,21 @@ void Rope::apply(float* x, int64_t heads, int64_t pos, int64_t stride) const {
   }
 }
 
+void max_logits(const float* q, const uint16_t* k, int64_t n_ctx, int64_t H, int64_t K, int64_t D,
+                int64_t kv_stride, float* max) {
+  const int64_t G = H / K;
+  for (int64_t h = 0; h < H; ++h) {
+    const float* qh = q + h * D;
+    const uint16_t* kh = k + (h / G) * D;
+    float m = max[h];
+    for (int64_t s = 0; s < n_ctx; ++s) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < D; ++d) dot += qh[d] * bf16_to_f32(kh[s * kv_stride + d]);
+      m = std::max(m, round_to_bf16(dot));
+    }
+    max[h] = m;
+  }
+}
+
 }  // namespace kiln::ops
 #endif  // HWY_ONCE

@@ -117,6 +117,12 @@ inline int64_t attend_scratch_floats(int64_t n_ctx, int64_t H) {
   return n_ctx * H;
 }
 
+// QK-Clip calibration (kiln calibrate): raises max[h] to the largest bf16 attention logit of
+// query head h over positions [0, n_ctx) — the softmax input of `attend` for the same arguments,
+// i.e. MaxText's max_logits (spec §3). Not on the serving path; plain loops.
+void max_logits(const float* q, const uint16_t* k, int64_t n_ctx, int64_t H, int64_t K, int64_t D,
+                int64_t kv_stride, float* max);
+
 // Small strided products for MLA's absorbed attention (engine/deepseek.cpp): per head, the query
 // is mapped into the latent space through W_uk and the latent attention output back through W_uv,
 // both slices of the artifact's wkv_b [Rkv, H, Dn + Dv] read in place (a row r of a head's slice

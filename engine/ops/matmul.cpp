@@ -1,8 +1,8 @@
 // Linear: bf16 × bf16 → f32 matrix products for the per-token path.
 //
 // Design, from measurements on the project machine (2-core AMD EPYC VM, AVX-512 BF16, oneDNN
-// 2.6.3; tools/dev/bench_matmul.cpp, Llama-3.2-1B shapes, W streamed from memory, medians of
-// interleaved runs):
+// 2.6.3; tools/dev/bench_matmul.cpp on Llama-3.2-1B shapes, W streamed from memory, medians of
+// interleaved runs; the numbers are in the bench report):
 //  - With weights described as format_tag::any, oneDNN picks brg:avx512_core_bf16 with W in the
 //    blocked layout BA16a64b2a. At M ≥ 128 that runs at ~95% of the measured vdpbf16ps peak,
 //    10–25% ahead of the same primitive on plain W and of runtime-M gemm:jit. So W is re-laid once.
@@ -10,14 +10,16 @@
 //    contiguous run of Kp×64 values, exactly a GEMV's access pattern) beats every oneDNN variant:
 //    M = 1 streams W at the machine's read bandwidth (1.3–1.6× brgemm, 1.1–1.4× gemm:jit on plain
 //    W); M = 2–4 is 1.2–2× brgemm; M = 6–16 is level with it (compute-bound from M ≈ 8). It serves
-//    M ≤ 16 (gemv_blocked), so decode, batched or not, never enters oneDNN.
+//    M ≤ 16 (gemv_blocked_range), so decode, batched or not, never enters oneDNN: no allocation.
 //  - Static primitives need a fixed M, and runtime M falls back to gemm:jit on plain W, which is
-//    0.5× at M ≈ 16. So there is one static primitive per M "bucket" (multiples of 16), and a call
-//    runs the largest bucket ≤ M plus the GEMV for the rest (< 16 rows). The extra piece re-streams
-//    W once, small next to the compute of ≥ 16 rows, and nothing past row M is read or written.
-//  - Plain W in place (relayout = false): M = 1 through a runtime-M gemm:jit primitive (its GEMV
-//    is 2–3× brgemm's on plain W); M > 1 through brgemm bucket primitives on plain W (they copy W
-//    panels into the scratchpad; as fast as gemm:jit and, unlike it, free of run-time mallocs).
+//    0.5× at M ≈ 16 and mallocs 1–2 MB of packing buffers per call. So there is one static
+//    primitive per M "bucket" (multiples of 16), and a call runs the largest bucket ≤ M plus the
+//    GEMV for the rest (< 16 rows). The extra piece re-streams W once, small next to the compute
+//    of ≥ 16 rows, and nothing past row M is read or written.
+//  - W in place (relayout = false, [K, N] or transposed [N, K]): hand GEMVs for M ≤ 4 (about
+//    0.8–0.9× the blocked GEMV at M = 1, 2× brgemm on plain W at M = 2–4; they keep decode free of
+//    oneDNN and its allocations), brgemm buckets on plain W above (it copies W panels into the
+//    scratchpad as it goes).
 #include "engine/ops/matmul.h"
 
 #include <immintrin.h>
@@ -58,8 +60,8 @@ class HugeBuffer {
     constexpr size_t kHuge = size_t(2) << 20;
     const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
     // Over-map by one huge page so an aligned start exists, then return the slack to the kernel.
-    void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
-                     0);
+    void* raw =
+        mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED)
       throw Error("cannot allocate " + std::to_string(bytes) + " bytes for re-laid weights");
     const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
@@ -107,7 +109,7 @@ struct Bucket {
   dnnl::memory src, dst;
 };
 
-enum class Kind { kPlain, kBlocked, kPlainRuntimeM };
+enum class Kind { kPlain, kBlocked };
 
 struct BucketKey {
   int64_t K, N, M;
@@ -129,14 +131,14 @@ struct Runtime {
   HugeBuffer scratch_buf;
   size_t scratch_size = 0;
   dnnl::memory scratch;
-  // gemm:jit generates its kernels on first execution (~10–60 ms measured), not at creation;
-  // the first plain-W Linear of each orientation runs once at construction to take that hit.
-  bool gemm_jit_warm[2] = {false, false};
 
   void reserve_scratch(size_t bytes) {
     bytes = std::max<size_t>(bytes, 4096);
     if (bytes <= scratch_size) return;
     HugeBuffer buf(bytes);
+    // Fault the pages in now: first touch costs ~13 µs per 4 KiB here, ~6 ms for a 2 MiB page,
+    // which would otherwise land on the first forward() that uses the scratchpad.
+    std::memset(buf.data(), 0, bytes);
     scratch = dnnl::memory({{int64_t(bytes)}, dt::u8, tag::a}, eng, buf.data());
     scratch_buf = std::move(buf);
     scratch_size = bytes;
@@ -149,6 +151,13 @@ Runtime& runtime() {
 }
 
 // ---- the hand-written GEMV on BA16a64b2a ------------------------------------------------------
+
+// The GEMV kernels are compiled for AVX-512 BF16 only; Linear uses them after a CPU check.
+#define KILN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+KILN_AVX512BF16 inline __mmask32 mask32(int64_t n) {
+  return n >= 32 ? __mmask32(0xffffffffu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1);
+}
 
 // BA16a64b2a with a = K, b = N: for each block of 64 columns (outer, stride Kp·64), all K rows
 // (padded to Kp, a multiple of 32) follow as pairs: pair p = rows 2p, 2p+1 is 64 columns × 2
@@ -178,8 +187,8 @@ bool is_ba16a64b2a(const dnnl::memory::desc& md, int64_t K, int64_t N) {
 }
 
 template <int R>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void gemv_block_rows(
-    const uint16_t* x, int64_t K, const uint16_t* wb, float* y, int64_t ldy, int64_t ncols) {
+KILN_AVX512BF16 inline void gemv_block_rows(const uint16_t* x, int64_t K, const uint16_t* wb,
+                                            float* y, int64_t ldy, int64_t ncols) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
@@ -227,9 +236,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void gemv_block_ro
 }
 
 // Column blocks [nb0, nb1) of y[M, N] for all M rows.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void gemv_blocked_range(
-    const uint16_t* x, int64_t M, int64_t K, int64_t N, int64_t Kp, const uint16_t* w, float* y,
-    int64_t nb0, int64_t nb1) {
+KILN_AVX512BF16 void gemv_blocked_range(const uint16_t* x, int64_t M, int64_t K, int64_t N,
+                                        int64_t Kp, const uint16_t* w, float* y, int64_t nb0,
+                                        int64_t nb1) {
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const uint16_t* wb = w + nb * Kp * kBlockN;
     const int64_t ncols = std::min(kBlockN, N - nb * kBlockN);
@@ -239,32 +248,280 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void gemv_blocked_range(
       const uint16_t* xm = x + m * K;
       float* ym = yb + m * N;
       switch (std::min<int64_t>(kRowsPerPass, M - m)) {
-        case 1: gemv_block_rows<1>(xm, K, wb, ym, N, ncols); break;
-        case 2: gemv_block_rows<2>(xm, K, wb, ym, N, ncols); break;
-        case 3: gemv_block_rows<3>(xm, K, wb, ym, N, ncols); break;
-        default: gemv_block_rows<4>(xm, K, wb, ym, N, ncols); break;
+        case 1:
+          gemv_block_rows<1>(xm, K, wb, ym, N, ncols);
+          break;
+        case 2:
+          gemv_block_rows<2>(xm, K, wb, ym, N, ncols);
+          break;
+        case 3:
+          gemv_block_rows<3>(xm, K, wb, ym, N, ncols);
+          break;
+        default:
+          gemv_block_rows<4>(xm, K, wb, ym, N, ncols);
+          break;
       }
     }
   }
 }
+
+// ---- the hand-written GEMV on plain W [K, N] (in place) -----------------------------------------
+
+// Row-major W is read a block of 2·RB rows at a time across all N columns, so every row is one
+// long contiguous run the prefetchers follow (a tile of columns over all K rows instead touches
+// a few hundred bytes per 4 KiB page and streamed at ~0.7× the speed). The running sums live in
+// y, which stays in cache. vdpbf16ps wants the two rows of a pair interleaved per column;
+// vpermt2w does that in column order, so y needs no un-permuting.
+//
+// Adds rows [2·p0, 2·p0 + 2·RB) of W times x to y[r, c0..c1) for R rows of x; `first` stores
+// instead of adding. `odd_tail` (RB = 1 only): the block is the single last row of an odd K.
+template <int R, int RB>
+KILN_AVX512BF16 void gemv_plain_block(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N,
+                                      float* y, int64_t c0, int64_t c1, int64_t p0, bool first,
+                                      bool odd_tail) {
+  const __m512i lo_idx =
+      _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_idx =
+      _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54,
+                       22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  __m512bh xb[R][RB];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < RB; ++j) {
+      uint32_t xp;
+      if (odd_tail) {
+        xp = x[r * K + K - 1];  // pairs with a zero row; x is not read past K
+      } else {
+        std::memcpy(&xp, x + r * K + 2 * (p0 + j), sizeof xp);  // x[2p] low, x[2p+1] high
+      }
+      xb[r][j] = (__m512bh)_mm512_set1_epi32(int(xp));
+    }
+  }
+  const uint16_t* wb = w + 2 * p0 * N;
+  for (int64_t col = c0; col < c1; col += 32) {
+    const __mmask32 m = mask32(c1 - col);
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) {
+      if (first) {
+        acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      } else {
+        acc[r][0] = _mm512_maskz_loadu_ps(__mmask16(m), y + r * N + col);
+        acc[r][1] = _mm512_maskz_loadu_ps(__mmask16(m >> 16), y + r * N + col + 16);
+      }
+    }
+    for (int j = 0; j < RB; ++j) {
+      const __m512i a = _mm512_maskz_loadu_epi16(m, wb + 2 * j * N + col);
+      const __m512i b = odd_tail ? _mm512_setzero_si512()
+                                 : _mm512_maskz_loadu_epi16(m, wb + (2 * j + 1) * N + col);
+      const __m512bh lo = (__m512bh)_mm512_permutex2var_epi16(a, lo_idx, b);
+      const __m512bh hi = (__m512bh)_mm512_permutex2var_epi16(a, hi_idx, b);
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb[r][j], lo);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb[r][j], hi);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_mask_storeu_ps(y + r * N + col, __mmask16(m), acc[r][0]);
+      _mm512_mask_storeu_ps(y + r * N + col + 16, __mmask16(m >> 16), acc[r][1]);
+    }
+  }
+}
+
+// Row pairs [q0, q1) of W (pair K/2 of an odd K is its last row alone) for R rows of x and
+// columns [c0, c1): blocks of RB pairs, then single pairs. The first block stores, later add.
+template <int R, int RB>
+KILN_AVX512BF16 void gemv_plain_rows(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N,
+                                     float* y, int64_t c0, int64_t c1, int64_t q0, int64_t q1) {
+  const int64_t pairs = K / 2;
+  const int64_t full_end = std::min(q1, pairs);
+  bool first = true;
+  int64_t q = q0;
+  for (; q + RB <= full_end; q += RB, first = false)
+    gemv_plain_block<R, RB>(x, K, w, N, y, c0, c1, q, first, false);
+  for (; q < full_end; ++q, first = false)
+    gemv_plain_block<R, 1>(x, K, w, N, y, c0, c1, q, first, false);
+  if (q1 > pairs) gemv_plain_block<R, 1>(x, K, w, N, y, c0, c1, pairs, first, true);
+}
+
+// Row pairs [q0, q1) for all M rows of x and all N columns, in passes of ≤ 4 rows of x (each
+// pass streams W again, which is why plain W serves only small M with the GEMV). RB keeps the x
+// broadcasts and sums in registers.
+KILN_AVX512BF16 void gemv_plain_range(const uint16_t* x, int64_t M, int64_t K, int64_t N,
+                                      const uint16_t* w, float* y, int64_t q0, int64_t q1) {
+  if (q0 >= q1) {  // no rows for this thread (tiny K): its share of the sum is zero
+    std::memset(y, 0, size_t(M * N) * sizeof(float));
+    return;
+  }
+  for (int64_t m = 0; m < M; m += 4) {
+    const uint16_t* xm = x + m * K;
+    float* ym = y + m * N;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1:
+        gemv_plain_rows<1, 8>(xm, K, w, N, ym, 0, N, q0, q1);
+        break;
+      case 2:
+        gemv_plain_rows<2, 4>(xm, K, w, N, ym, 0, N, q0, q1);
+        break;
+      case 3:
+        gemv_plain_rows<3, 2>(xm, K, w, N, ym, 0, N, q0, q1);
+        break;
+      default:
+        gemv_plain_rows<4, 2>(xm, K, w, N, ym, 0, N, q0, q1);
+        break;
+    }
+  }
+}
+
+// y[i] += Σ_t part[t·stride + i] for i in [b, e).
+KILN_AVX512BF16 void add_partials(float* y, const float* part, int64_t parts, int64_t stride,
+                                  int64_t b, int64_t e) {
+  int64_t i = b;
+  for (; i + 16 <= e; i += 16) {
+    __m512 acc = _mm512_loadu_ps(y + i);
+    for (int64_t t = 0; t < parts; ++t)
+      acc = _mm512_add_ps(acc, _mm512_loadu_ps(part + t * stride + i));
+    _mm512_storeu_ps(y + i, acc);
+  }
+  for (; i < e; ++i)
+    for (int64_t t = 0; t < parts; ++t) y[i] += part[t * stride + i];
+}
+
+// ---- the hand-written GEMV on transposed plain W [N, K] (in place) ------------------------------
+
+// Sum of the 16 lanes. The masked shuffle forms (all lanes selected) are used because GCC 12's
+// unmasked ones pass _mm512_undefined_ps() and trip -Werror=uninitialized.
+KILN_AVX512BF16 inline float hsum(__m512 v) {
+  constexpr __mmask16 kAll = 0xffff;
+  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, kAll, v, v, 0x4e));  // swap 256-bit halves
+  v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, kAll, v, v, 0xb1));  // swap 128-bit pairs
+  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, kAll, v, 0x4e));        // swap 64-bit pairs
+  v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, kAll, v, 0xb1));        // swap neighbours
+  return _mm512_cvtss_f32(v);
+}
+
+// y[r, n0 + j] for R rows of x and RN consecutive rows of Wᵀ: plain dot products over K, both
+// operands contiguous; masked loads zero the K tail on both sides.
+template <int R, int RN>
+KILN_AVX512BF16 void gemv_t_block(const uint16_t* x, int64_t K, const uint16_t* wt, float* y,
+                                  int64_t ldy) {
+  __m512 acc[R][RN];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < RN; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = mask32(K - k);
+    __m512bh xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + r * K + k);
+    for (int j = 0; j < RN; ++j) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wt + j * K + k);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv[r], wv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < RN; ++j) y[r * ldy + j] = hsum(acc[r][j]);
+}
+
+template <int R>
+KILN_AVX512BF16 void gemv_t_rows(const uint16_t* x, int64_t K, int64_t N, const uint16_t* wt,
+                                 float* y, int64_t n0, int64_t n1) {
+  constexpr int RN = R == 1 ? 8 : 4;  // ≤ 16 accumulators
+  int64_t n = n0;
+  for (; n + RN <= n1; n += RN) gemv_t_block<R, RN>(x, K, wt + n * K, y + n, N);
+  for (; n < n1; ++n) gemv_t_block<R, 1>(x, K, wt + n * K, y + n, N);
+}
+
+// Rows [n0, n1) of Wᵀ (outputs n0..n1-1) for all M rows of x, in passes of ≤ 4 rows; a block of
+// RN rows of Wᵀ (RN·K·2 bytes) stays in L1/L2 between passes.
+KILN_AVX512BF16 void gemv_t_range(const uint16_t* x, int64_t M, int64_t K, int64_t N,
+                                  const uint16_t* wt, float* y, int64_t n0, int64_t n1) {
+  constexpr int64_t kSpan = 64;  // outputs per step, so passes over M reuse a cached W block
+  for (int64_t n = n0; n < n1; n += kSpan) {
+    const int64_t e = std::min(n1, n + kSpan);
+    for (int64_t m = 0; m < M; m += 4) {
+      const uint16_t* xm = x + m * K;
+      float* ym = y + m * N;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1:
+          gemv_t_rows<1>(xm, K, N, wt, ym, n, e);
+          break;
+        case 2:
+          gemv_t_rows<2>(xm, K, N, wt, ym, n, e);
+          break;
+        case 3:
+          gemv_t_rows<3>(xm, K, N, wt, ym, n, e);
+          break;
+        default:
+          gemv_t_rows<4>(xm, K, N, wt, ym, n, e);
+          break;
+      }
+    }
+  }
+}
+
+// ---- running the GEMVs on the OpenMP pool
+// --------------------------------------------------------
 
 // Below this many multiply-adds one thread does the whole product: waking a second OpenMP thread
 // costs µs when it spins and up to ms when it sleeps (passive wait policy, other processes busy),
 // while 256K MACs take ~10–20 µs on one core.
 constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
 
-void gemv_blocked(const uint16_t* x, int64_t M, int64_t K, int64_t N, int64_t Kp,
-                  const uint16_t* w, float* y, int threads) {
-  const int64_t nblocks = (N + kBlockN - 1) / kBlockN;
-  if (threads <= 1 || nblocks == 1 || M * K * N < kMinParallelMacs) {
-    gemv_blocked_range(x, M, K, N, Kp, w, y, 0, nblocks);
+// Splits `units` (column blocks, 32-column chunks or output rows) into one contiguous range per
+// thread, so each thread streams one contiguous part of W, and calls body(begin, end).
+template <typename Body>
+void parallel_ranges(int64_t units, int64_t macs, int threads, const Body& body) {
+  if (threads <= 1 || units == 1 || macs < kMinParallelMacs) {
+    body(int64_t(0), units);
     return;
   }
-  // Contiguous block ranges per thread, so each thread streams one contiguous piece of W.
 #pragma omp parallel num_threads(threads)
   {
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    gemv_blocked_range(x, M, K, N, Kp, w, y, nblocks * t / nt, nblocks * (t + 1) / nt);
+    body(units * t / nt, units * (t + 1) / nt);
+  }
+}
+
+enum class Gemv { kNone, kBlocked, kPlain, kTransposed };
+
+// Floats of scratch the plain-W GEMV needs for its per-thread partial sums.
+int64_t plain_gemv_scratch(int threads, int64_t max_rows, int64_t N) {
+  return int64_t(std::max(threads - 1, 0)) * max_rows * N;
+}
+
+// `partial`: plain_gemv_scratch(threads, M, N) floats (plain W only).
+void gemv(Gemv kind, const uint16_t* x, int64_t M, int64_t K, int64_t N, int64_t Kp,
+          const uint16_t* w, float* y, int threads, float* partial) {
+  const int64_t macs = M * K * N;
+  switch (kind) {
+    case Gemv::kBlocked:
+      parallel_ranges((N + kBlockN - 1) / kBlockN, macs, threads, [&](int64_t b, int64_t e) {
+        gemv_blocked_range(x, M, K, N, Kp, w, y, b, e);
+      });
+      break;
+    case Gemv::kPlain: {
+      // Row-major W splits by rows: each thread streams one contiguous band of W (split by
+      // columns, each thread reads part of every row: ~10% slower on the 1B shapes) into y
+      // (thread 0) or its partial buffer, and the partial sums are added once at the end.
+      const int64_t pairs = (K + 1) / 2;
+      if (threads <= 1 || pairs == 1 || macs < kMinParallelMacs) {
+        gemv_plain_range(x, M, K, N, w, y, 0, pairs);
+        break;
+      }
+#pragma omp parallel num_threads(threads)
+      {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        float* out = t == 0 ? y : partial + (t - 1) * M * N;
+        gemv_plain_range(x, M, K, N, w, out, pairs * t / nt, pairs * (t + 1) / nt);
+#pragma omp barrier
+        add_partials(y, partial, nt - 1, M * N, M * N * t / nt, M * N * (t + 1) / nt);
+      }
+      break;
+    }
+    case Gemv::kTransposed:
+      parallel_ranges(N, macs, threads,
+                      [&](int64_t b, int64_t e) { gemv_t_range(x, M, K, N, w, y, b, e); });
+      break;
+    case Gemv::kNone:
+      break;
   }
 }
 
@@ -295,23 +552,15 @@ std::shared_ptr<const Bucket> get_bucket(Runtime& rt, int64_t K, int64_t N, int6
   b->wmd = wmd;
   try {
     const dnnl::memory::desc src_md({M, K}, dt::bf16, tag::ab), dst_md({M, N}, dt::f32, tag::ab);
-    dnnl::matmul::primitive_desc pd;
-    if (kind == Kind::kPlainRuntimeM) {
-      const dnnl::memory::desc src_rt({DNNL_RUNTIME_DIM_VAL, K}, dt::bf16, tag::ab);
-      const dnnl::memory::desc dst_rt({DNNL_RUNTIME_DIM_VAL, N}, dt::f32, tag::ab);
-      pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_rt, wmd, dst_rt),
-                                        user_scratchpad_attr(), rt.eng);
-    } else {
-      pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_md, wmd, dst_md),
-                                        user_scratchpad_attr(), rt.eng);
-    }
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, wmd, dst_md),
+                                          user_scratchpad_attr(), rt.eng);
     rt.reserve_scratch(pd.scratchpad_desc().get_size());
     b->prim = dnnl::matmul(pd);
     b->src = dnnl::memory(src_md, rt.eng, DNNL_MEMORY_NONE);
     b->dst = dnnl::memory(dst_md, rt.eng, DNNL_MEMORY_NONE);
   } catch (const dnnl::error& e) {
-    throw Error(shape_str(K, N) + ": oneDNN cannot build a bf16 matmul for M=" +
-                std::to_string(M) + ": " + e.what());
+    throw Error(shape_str(K, N) + ": oneDNN cannot build a bf16 matmul for M=" + std::to_string(M) +
+                ": " + e.what());
   }
   if (!hit) rt.cache[key] = b;
   return b;
@@ -330,9 +579,13 @@ std::vector<int64_t> bucket_sizes(int64_t max_m, int64_t gemv_max_m) {
   return s;
 }
 
-// Rows served by the hand GEMV by default: measured against brgemm on the same re-laid W, it was
-// ahead at every M from 1 to 16 (1.3–1.6× at M = 1, 1.2–2× at M = 2–4, within ±5% at 6–16).
+// Rows served by the hand GEMVs by default. On re-laid W, measured against brgemm on the same W,
+// the GEMV was ahead at every M from 1 to 16 (1.3–1.6× at M = 1, 1.2–2× at M = 2–4, within ±5%
+// at 6–16). On plain W it beats both brgemm and gemm:jit at every M ≤ 16 too (bench report).
 constexpr int64_t kDefaultGemvMaxM = 16;
+// On W in place (plain or transposed) the GEMVs stream W once per 4 rows of x, so they win only
+// at small M: ahead of brgemm on the same W at M ≤ 4, behind from M ≈ 8 (bench report).
+constexpr int64_t kDefaultPlainGemvMaxM = 4;
 constexpr int64_t kMaxGemvM = 16;  // bucket_sizes() relies on it
 
 }  // namespace
@@ -345,6 +598,7 @@ struct Linear::Impl {
   HugeBuffer owned;              // re-laid W (empty when W is used in place)
   const uint16_t* w = nullptr;   // the W forward() reads: owned.data() or the caller's
   int64_t Kp = 0;                // K padded to the blocked layout's 32 (blocked W only)
+  Gemv gemv_kind = Gemv::kNone;  // which hand GEMV reads w
   int64_t gemv_max_m = 0;        // rows the hand GEMV serves (0: none)
   dnnl::memory wmem;             // W as oneDNN sees it; handle set once here, never again
   std::vector<std::shared_ptr<const Bucket>> buckets;
@@ -408,31 +662,29 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
         dnnl::reorder(src, dst).execute(rt.strm, src, dst);
         rt.strm.wait();
         impl->w = static_cast<const uint16_t*>(impl->owned.data());
-        if (is_ba16a64b2a(wmd, K, N) && cpu_has_avx512_bf16()) {
+        if (is_ba16a64b2a(wmd, K, N)) {
           impl->Kp = wmd.data.padded_dims[0];
-          impl->gemv_max_m = std::min({opt.max_m, kMaxGemvM,
-                                       opt.gemv_max_m < 0 ? kDefaultGemvMaxM : opt.gemv_max_m});
+          impl->gemv_kind = Gemv::kBlocked;
         }
       }
+    }
+    if (kind == Kind::kPlain) impl->gemv_kind = opt.transposed ? Gemv::kTransposed : Gemv::kPlain;
+    if (!cpu_has_avx512_bf16()) impl->gemv_kind = Gemv::kNone;
+    if (impl->gemv_kind != Gemv::kNone) {
+      const int64_t def =
+          impl->gemv_kind == Gemv::kBlocked ? kDefaultGemvMaxM : kDefaultPlainGemvMaxM;
+      impl->gemv_max_m =
+          std::min({opt.max_m, kMaxGemvM, opt.gemv_max_m < 0 ? def : opt.gemv_max_m});
+    }
+    if (impl->gemv_kind == Gemv::kPlain) {
+      rt.reserve_scratch(size_t(plain_gemv_scratch(impl->threads, impl->gemv_max_m, N)) *
+                         sizeof(float));
     }
     impl->wmem = dnnl::memory(wmd, rt.eng, const_cast<uint16_t*>(impl->w));
 
     impl->largest_le.assign(size_t(opt.max_m) + 1, nullptr);
-    if (kind == Kind::kPlain) {
-      // M = 1 on plain W: gemm:jit's GEMV (runtime M) streams W 2–3× faster than brgemm's.
-      impl->buckets.push_back(
-          get_bucket(rt, K, N, 1, Kind::kPlainRuntimeM, opt.transposed, wmd, impl->threads));
-      if (!rt.gemm_jit_warm[opt.transposed]) {
-        const std::vector<uint16_t> x(size_t(K), 0);
-        std::vector<float> y(static_cast<size_t>(N));
-        impl->run(*impl->buckets.back(), x.data(), y.data());
-        rt.gemm_jit_warm[opt.transposed] = true;
-      }
-    }
-    for (int64_t m : bucket_sizes(opt.max_m, std::max<int64_t>(impl->gemv_max_m, 0))) {
-      if (m == 1 && kind == Kind::kPlain) continue;  // served by the runtime-M GEMV above
+    for (int64_t m : bucket_sizes(opt.max_m, impl->gemv_max_m))
       impl->buckets.push_back(get_bucket(rt, K, N, m, kind, opt.transposed, wmd, impl->threads));
-    }
     const Bucket* best = nullptr;
     size_t next = 0;
     for (int64_t m = 1; m <= opt.max_m; ++m) {
@@ -450,10 +702,18 @@ Linear::~Linear() = default;
 Linear::Linear(Linear&&) noexcept = default;
 Linear& Linear::operator=(Linear&&) noexcept = default;
 
-int64_t Linear::K() const { return impl_ ? impl_->K : 0; }
-int64_t Linear::N() const { return impl_ ? impl_->N : 0; }
-int64_t Linear::max_m() const { return impl_ ? impl_->max_m : 0; }
-bool Linear::owns_weights() const { return impl_ && !impl_->owned.empty(); }
+int64_t Linear::K() const {
+  return impl_ ? impl_->K : 0;
+}
+int64_t Linear::N() const {
+  return impl_ ? impl_->N : 0;
+}
+int64_t Linear::max_m() const {
+  return impl_ ? impl_->max_m : 0;
+}
+bool Linear::owns_weights() const {
+  return impl_ && !impl_->owned.empty();
+}
 
 void Linear::forward(const uint16_t* x, int64_t M, float* y) const {
   if (!impl_) throw Error("Linear::forward on a moved-from Linear");
@@ -464,7 +724,8 @@ void Linear::forward(const uint16_t* x, int64_t M, float* y) const {
   if (x == nullptr || y == nullptr) throw Error(shape_str(im.K, im.N) + ": null x or y");
   while (M > 0) {
     if (M <= im.gemv_max_m) {
-      gemv_blocked(x, M, im.K, im.N, im.Kp, im.w, y, im.threads);
+      gemv(im.gemv_kind, x, M, im.K, im.N, im.Kp, im.w, y, im.threads,
+           static_cast<float*>(runtime().scratch_buf.data()));
       return;
     }
     const Bucket& b = *im.largest_le[size_t(M)];

@@ -2,18 +2,19 @@
 //
 // W is stored [in, out] row-major, the MaxText kernel layout, as it sits in the artifact. A Linear
 // may re-lay W once at construction into the layout oneDNN's brgemm kernels want (measured in
-// docs/performance.md); after construction forward() allocates nothing and creates no primitive.
+// docs/performance.md); after construction forward() creates no primitive and does no I/O.
 //
 // How a Linear computes (see matmul.cpp for the measurements behind each choice):
 //  - relayout = true on a CPU with AVX-512 BF16: W is copied once into oneDNN's blocked layout
-//    (BA16a64b2a) in 2 MiB-aligned, huge-page-advised memory the Linear owns. M ≤ gemv_max_m rows
-//    go through a hand-written AVX-512 BF16 GEMV that streams that layout (it beats oneDNN's M = 1
-//    path); larger M through static brgemm primitives, one per "bucket" row count.
-//  - relayout = false (or a CPU without AVX-512 BF16): W is used in place, never written. M = 1
-//    uses a runtime-M oneDNN gemm (its GEMV path); larger M the bucket primitives on plain W.
-//  Buckets are every M in 1..16 and multiples of 16 up to 512 (of 128 beyond); a call with an M
-//  that is not a bucket runs the largest bucket ≤ M, then the rest, so x and y are never read or
-//  written past row M. Bucket primitives are shared process-wide by all Linears of one shape.
+//    (BA16a64b2a) in 2 MiB-aligned, huge-page-advised memory the Linear owns. M ≤ 16 rows go
+//    through a hand-written AVX-512 BF16 GEMV that streams that layout (it beats oneDNN there);
+//    larger M through static brgemm primitives, one per "bucket" row count.
+//  - relayout = false: W is used in place, only read. M ≤ 4 through hand GEMVs on the plain (or
+//    transposed) layout, larger M through brgemm bucket primitives on plain W.
+//  Buckets are multiples of 16 up to 512 (of 128 beyond), plus every M ≤ 16 no GEMV serves. A
+//  call with an M that is not a bucket runs the largest bucket ≤ M, then the rest, so x and y are
+//  never read or written past row M. Bucket primitives are shared process-wide by all Linears of
+//  one shape. The GEMV paths allocate nothing; a oneDNN execute allocates a small argument map.
 //
 // Threading contract: forward() calls must not overlap, across all Linears of the process (they
 // share one oneDNN stream, one scratchpad and per-shape primitive state), and no Linear may be
@@ -33,9 +34,8 @@ struct LinearOptions {
   // output head): no separate transpose needed; a re-layout reads it directly, and in place it
   // is used as is (oneDNN handles the transposed layout).
   bool transposed = false;
-  // Largest M served by the hand-written GEMV on re-laid weights; -1 picks the measured default,
-  // 0 disables it, values above 16 act as 16 (tuning and benchmarking knob; no effect when W is
-  // not re-laid).
+  // Largest M served by the hand-written GEMVs; -1 picks the measured default (16 on re-laid W,
+  // 4 on W in place), 0 disables them, values above 16 act as 16 (tuning / benchmarking knob).
   int64_t gemv_max_m = -1;
 };
 
@@ -46,7 +46,8 @@ class Linear {
   // them). Weights used in place are only read, so they may be a read-only mapping.
   // Throws kiln::Error on bad shapes or when oneDNN cannot build a primitive. Cost: the first
   // Linear of the process initialises oneDNN (~2–12 ms); each new shape creates its primitives
-  // (~0.1–0.4 ms each, ~30–50 per shape); a re-layout costs about one pass over W.
+  // (~0.1–0.4 ms each, ~30–45 per shape at max_m = 512); a re-layout is one pass over W (~10 GB/s)
+  // plus first-touch faults on the new memory, which dominate in this VM (see the bench report).
   Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOptions& opt = {});
   ~Linear();
   Linear(Linear&&) noexcept;
@@ -60,9 +61,9 @@ class Linear {
   bool owns_weights() const;
 
   // x: [M, K] bf16 row-major (lda = K); y: [M, N] f32 row-major (ldy = N). 1 ≤ M ≤ max_m, else
-  // kiln::Error. Reads exactly M rows of x and writes exactly M rows of y; no alignment needed
-  // (64-byte aligned rows are a little faster). Allocates nothing itself (oneDNN's execute
-  // allocates a small argument map for the primitive paths, not for the GEMV path).
+  // kiln::Error. Reads exactly M rows of x and writes exactly M rows of y (y must not overlap x);
+  // no alignment needed. Allocates nothing on the GEMV paths (M ≤ 16 re-laid, M ≤ 4 in place);
+  // above them oneDNN's execute allocates a small argument map (6 mallocs, ~4 KB) per call.
   void forward(const uint16_t* x, int64_t M, float* y) const;
 
  private:

@@ -1,17 +1,22 @@
 // Micro-benchmark for kiln::ops::Linear on Llama-3.2-1B shapes.
 //
 //   bench_matmul [--threads N] [--shapes K,N;K,N...] [--ms 1,4,16] [--budget-ms 1500]
-//                [--variants default,brgemm,gemv16,plain] [--gap-us 0]
+//                [--variants default,brgemm,gemv1,gemv16,plain,plainbrg,tdefault,tplain,tplainbrg]
+//                [--gap-us 0]
 //                [--quiet 0.15] [--max-wait-s 120]
+//
+// Variants: default (re-laid W, GEMV for M ≤ 16, brgemm above), brgemm (no GEMV), gemv1 and
+// gemv16 (GEMV up to M = 1 / 16), plain (W in place), plainbrg (W in place, no GEMV), tdefault,
+// tplain and tplainbrg (the same with W stored as [N, K]).
 //
 // The machine is shared and noisy, so variants run interleaved (one call of each in turn) and
 // the report gives the median and the best call. Before each group the bench waits (up to
 // --max-wait-s) until other processes use less than --quiet of the CPUs, and each line reports
-// the share other processes took while it ran ("others"). W is cycled over enough copies (≥ 256 MiB) that
-// every call streams its weights from memory, not from the 32 MiB L3, as in a real decode step.
-// Run under OMP_WAIT_POLICY=active and without it: libgomp reads the variable at load time.
-// --gap-us inserts a busy pause on the calling thread between calls (the rest of a decode step),
-// which is when passive OpenMP workers go to sleep and have to be woken.
+// the share other processes took before / while it ran ("others"). W is cycled over enough copies
+// (≥ 256 MiB) that every call streams its weights from memory, not from the 32 MiB L3, as in a
+// real decode step. Run under OMP_WAIT_POLICY=active and without it: libgomp reads the variable
+// when it loads. --gap-us inserts a busy pause on the calling thread between calls (the rest of a
+// decode step), which is when passive OpenMP workers go to sleep and have to be woken.
 #include <immintrin.h>
 #include <omp.h>
 #include <sys/mman.h>
@@ -23,10 +28,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <random>
 #include <sstream>
-#include <thread>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/error.h"
@@ -190,8 +196,24 @@ Variant make_variant(const std::string& name) {
     v.opt.gemv_max_m = 16;
   } else if (name == "plain") {
     v.opt.relayout = false;
+  } else if (name == "gemv1") {
+    v.opt.gemv_max_m = 1;
+  } else if (name == "plainbrg") {
+    v.opt.relayout = false;
+    v.opt.gemv_max_m = 0;
+  } else if (name == "tplainbrg") {
+    v.opt.relayout = false;
+    v.opt.transposed = true;
+    v.opt.gemv_max_m = 0;
+  } else if (name == "tdefault") {  // W read as [N, K] (the bench's W is random either way)
+    v.opt.transposed = true;
+  } else if (name == "tplain") {
+    v.opt.transposed = true;
+    v.opt.relayout = false;
   } else {
-    throw kiln::Error("unknown variant '" + name + "' (default, brgemm, gemv16, plain)");
+    throw kiln::Error("unknown variant '" + name +
+                      "' (default, brgemm, gemv1, gemv16, plain, plainbrg, tdefault, tplain, "
+                      "tplainbrg)");
   }
   return v;
 }
@@ -214,15 +236,24 @@ int run(int argc, char** argv) {
       if (i + 1 >= argc) throw kiln::Error("missing value after " + a);
       return argv[++i];
     };
-    if (a == "--threads") threads = std::stoi(next());
-    else if (a == "--shapes") shapes_arg = next();
-    else if (a == "--ms") ms_arg = next();
-    else if (a == "--variants") variants_arg = next();
-    else if (a == "--budget-ms") budget_ms = std::stod(next());
-    else if (a == "--gap-us") gap_us = std::stod(next());
-    else if (a == "--quiet") quiet = std::stod(next());
-    else if (a == "--max-wait-s") max_wait_s = std::stod(next());
-    else throw kiln::Error("unknown argument " + a);
+    if (a == "--threads")
+      threads = std::stoi(next());
+    else if (a == "--shapes")
+      shapes_arg = next();
+    else if (a == "--ms")
+      ms_arg = next();
+    else if (a == "--variants")
+      variants_arg = next();
+    else if (a == "--budget-ms")
+      budget_ms = std::stod(next());
+    else if (a == "--gap-us")
+      gap_us = std::stod(next());
+    else if (a == "--quiet")
+      quiet = std::stod(next());
+    else if (a == "--max-wait-s")
+      max_wait_s = std::stod(next());
+    else
+      throw kiln::Error("unknown argument " + a);
   }
   kiln::ops::set_num_threads(threads);
   const char* wait = std::getenv("OMP_WAIT_POLICY");
@@ -243,22 +274,22 @@ int run(int argc, char** argv) {
     const int64_t K = std::stoll(kn.at(0)), N = std::stoll(kn.at(1));
     const size_t wbytes = size_t(K * N) * 2;
     const size_t copies = std::max<size_t>(1, (size_t(256) << 20) / wbytes);
-    Region plain(copies * wbytes);
-    auto* w = static_cast<uint16_t*>(plain.p);
-    {
-      // Random bf16 values in ±[0.5, 2): no denormals, no overflow in the sums.
-      std::vector<uint16_t> one(size_t(K * N));
-      for (auto& e : one) e = uint16_t((rng() & 0x8000u) | 0x3f00u | (rng() & 0x7fu));
-      for (size_t c = 0; c < copies; ++c) std::memcpy(w + c * K * N, one.data(), wbytes);
-    }
-    // One Linear per copy per variant; primitives are shared between them through the cache.
+    // Random bf16 values in ±[0.5, 2): no denormals, no overflow in the sums.
+    std::vector<uint16_t> one(size_t(K * N));
+    for (auto& e : one) e = uint16_t((rng() & 0x8000u) | 0x3f00u | (rng() & 0x7fu));
+    // Each variant gets its own copies of W (so one variant's call never finds W in the L3
+    // after another's) and one Linear per copy; primitives are shared through the cache.
+    std::vector<std::unique_ptr<Region>> plain;
     std::vector<std::vector<kiln::ops::Linear>> lin(variants.size());
     for (size_t v = 0; v < variants.size(); ++v) {
+      plain.push_back(std::make_unique<Region>(copies * wbytes));
+      auto* w = static_cast<uint16_t*>(plain.back()->p);
+      for (size_t c = 0; c < copies; ++c) std::memcpy(w + c * K * N, one.data(), wbytes);
       variants[v].opt.max_m = max_m;
       const auto t0 = Clock::now();
       for (size_t c = 0; c < copies; ++c) lin[v].emplace_back(w + c * K * N, K, N, variants[v].opt);
       const double us = us_since(t0);
-      std::printf("K=%ld N=%ld %-8s build %zu Linears: %.1f ms (%.2f ms each, %.2f GB/s of W)\n",
+      std::printf("K=%ld N=%ld %-9s build %zu Linears: %.1f ms (%.2f ms each, %.2f GB/s of W)\n",
                   long(K), long(N), variants[v].name.c_str(), copies, us / 1e3,
                   us / 1e3 / double(copies), double(copies * wbytes) / us / 1e3);
     }
@@ -290,7 +321,7 @@ int run(int argc, char** argv) {
         std::sort(t[v].begin(), t[v].end());
         const double med = t[v][t[v].size() / 2], best = t[v].front();
         std::printf(
-            "thr=%d K=%5ld N=%6ld M=%3ld %-8s median %9.1f us %6.1f GB/s %6.1f GFLOP/s | "
+            "thr=%d K=%5ld N=%6ld M=%3ld %-9s median %9.1f us %6.1f GB/s %6.1f GFLOP/s | "
             "best %9.1f us %6.1f GB/s %6.1f GFLOP/s (n=%d, others %2.0f%%/%2.0f%%)\n",
             threads, long(K), long(N), long(M), variants[v].name.c_str(), med,
             double(wbytes) / med / 1e3, flops / med / 1e3, best, double(wbytes) / best / 1e3,

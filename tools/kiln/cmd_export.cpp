@@ -1,8 +1,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <filesystem>
 
+#include "export/config_reader.h"
 #include "export/exporter.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
@@ -35,6 +38,62 @@ class ProgressBar {
   bool drawn_ = false;
 };
 
+// Sequential calibrate-and-clip: clipping layer l changes the input of every later layer, so
+// statistics taken once on the unclipped model only bind the first clipped layer. Here layer l is
+// measured with layers 0..l-1 already clipped. One calibration serves every layer up to and
+// including the next one that needs clipping; only then is the model re-exported.
+QkClipRecord sequential_qk_clip(const ExportOptions& base, const std::string& prompts_path) {
+  std::vector<std::vector<int32_t>> prompts = read_prompts_file(prompts_path);
+  ExportConfig cfg = read_export_config(base.config_path, base.overrides);
+  const ModelConfig& c = cfg.model;
+  QkClipRecord rec = plan_qk_clip(base.qk_clip, c, MaxLogits{c.num_decoder_layers,
+                                                             c.num_query_heads,
+                                                             std::vector<float>(size_t(c.num_decoder_layers * c.num_query_heads), NAN),
+                                                             {}});
+  rec.sources = {prompts_path + " (sequential calibration)"};
+  const float tau = float(base.qk_clip.threshold);
+  const int64_t H = c.num_query_heads;
+
+  ExportOptions tmp = base;
+  tmp.out_dir = base.out_dir + ".kiln-calibrate-" + std::to_string(::getpid());
+  tmp.force = true;
+  struct Cleanup {
+    std::string dir;
+    ~Cleanup() {
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
+  } cleanup{tmp.out_dir};
+
+  std::vector<float> stats;
+  bool stale = true;  // the last calibration predates a clip
+  int runs = 0;
+  for (int64_t l = 0; l < c.num_decoder_layers; ++l) {
+    if (stale) {
+      tmp.qk_clip_record = rec;
+      export_artifact(tmp);
+      EngineOptions eo;
+      eo.model.relayout = false;  // measured once per clipped layer: skip the re-layout
+      stats = Engine::open(tmp.out_dir, eo)->calibrate_max_logits(prompts);
+      stale = false;
+      ++runs;
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const float s = stats[size_t(l * H + h)];
+      rec.max_logit[size_t(l * H + h)] = s;
+      const float g = s <= tau ? 1.0f : std::min(1.0f, tau / (s + 1e-6f));
+      rec.gamma[size_t(l * H + h)] = g;
+      stale = stale || g < 1.0f;
+    }
+    if (::isatty(STDERR_FILENO))
+      std::fprintf(stderr, "\rqk-clip calibration: layer %lld/%lld (%d passes)",
+                   static_cast<long long>(l + 1), static_cast<long long>(c.num_decoder_layers),
+                   runs);
+  }
+  if (::isatty(STDERR_FILENO)) std::fputc('\n', stderr);
+  return rec;
+}
+
 }  // namespace
 
 int cmd_export(int argc, const char* const* argv) {
@@ -55,6 +114,10 @@ int cmd_export(int argc, const char* const* argv) {
                                 "reduction) instead of per layer");
   p.option("--qk-clip-mode", "MODE", "mla (wq_b/wkv_b, MaxText) or query (scale each query head; "
                                      "works for any attention)", "mla");
+  p.option("--qk-clip-calibrate", "PROMPTS",
+           "compute the statistics while exporting: layer l is measured on these prompts (one "
+           "per line, ids comma-separated) with layers 0..l-1 already clipped, so every head "
+           "ends at or below the threshold on them");
   p.flag("--force", "replace an existing artifact at --out");
   Args a = p.parse(argc, argv);
 
@@ -86,6 +149,16 @@ int cmd_export(int argc, const char* const* argv) {
   for (const auto& kv : a.get_all("--set")) opt.recorded_options.emplace_back("--set", kv);
   if (opt.scan_axis) opt.recorded_options.emplace_back("--scan-axis", a.get("--scan-axis"));
   if (opt.force) opt.recorded_options.emplace_back("--force", "");
+
+  if (a.has("--qk-clip-calibrate")) {
+    if (!opt.qk_clip.stats.empty())
+      throw a.error("--qk-clip-calibrate computes the statistics; do not also give --max-logits");
+    if (opt.qk_clip.threshold == 0) throw a.error("--qk-clip-calibrate needs --qk-clip-threshold");
+    if (opt.qk_clip.per_group)
+      throw a.error("--qk-clip-calibrate clips layer by layer; --qk-clip-per-group does not apply");
+    opt.recorded_options.emplace_back("--qk-clip-calibrate", a.get("--qk-clip-calibrate"));
+    opt.qk_clip_record = sequential_qk_clip(opt, a.get("--qk-clip-calibrate"));
+  }
 
   ProgressBar bar;
   ExportSummary s = export_artifact(opt, [&](const ExportProgress& pr) { bar.update(pr); });

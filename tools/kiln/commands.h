@@ -10,6 +10,7 @@ int cmd_inspect(int argc, const char* const* argv);
 int cmd_run(int argc, const char* const* argv);
 int cmd_golden(int argc, const char* const* argv);
 int cmd_bench(int argc, const char* const* argv);
+int cmd_calibrate(int argc, const char* const* argv);
 
 }  // namespace kiln::cli
 
@@ -23,6 +24,9 @@ class Args;
 // Options every command that runs the model shares: --threads, --no-relayout, --verify.
 void add_engine_options(ArgParser& p);
 EngineOptions engine_options(const Args& a);
+
+// Prompts for calibration: one per line, token ids comma-separated; blank lines skipped.
+std::vector<std::vector<int32_t>> read_prompts_file(const std::string& path);
 
 // Seconds since an arbitrary fixed point (monotonic).
 double now_seconds();

@@ -21,7 +21,8 @@ constexpr const char* kUsage =
     "  inspect   show an artifact's manifest, tensors and provenance; --verify checks checksums\n"
     "  run       prefill a prompt and generate tokens, with timings\n"
     "  golden    dump / check the logits of one prefill (regression tests)\n"
-    "  bench     prefill and decode tokens/s, load time, peak memory\n";
+    "  bench     prefill and decode tokens/s, load time, peak memory\n"
+    "  calibrate record per-layer, per-head max attention logits on prompts (for QK-Clip)\n";
 
 // OpenMP reads OMP_WAIT_POLICY once, when libgomp loads — before main. Parked worker threads
 // take milliseconds to wake on this kind of machine (docs/performance.md), which would dominate
@@ -50,7 +51,8 @@ int main(int argc, char** argv) {
     std::printf("kiln %s\n", KILN_VERSION);
     return 0;
   }
-  if (cmd == "run" || cmd == "bench" || cmd == "golden") ensure_spinning_openmp_workers(argv);
+  if (cmd == "run" || cmd == "bench" || cmd == "golden" || cmd == "calibrate")
+    ensure_spinning_openmp_workers(argv);
   const char* const* sub_argv = argv + 1;
   int sub_argc = argc - 1;
   try {
@@ -59,6 +61,7 @@ int main(int argc, char** argv) {
     if (cmd == "run") return cmd_run(sub_argc, sub_argv);
     if (cmd == "golden") return cmd_golden(sub_argc, sub_argv);
     if (cmd == "bench") return cmd_bench(sub_argc, sub_argv);
+    if (cmd == "calibrate") return cmd_calibrate(sub_argc, sub_argv);
     std::fprintf(stderr, "kiln: error: unknown command '%s'\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const HelpRequested& h) {
