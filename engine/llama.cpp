@@ -66,11 +66,9 @@ class LlamaModel final : public Model {
     embedding_ = a.bf16(g, "token_embedding", {V, E});
     final_norm_ = a.bf16(g, "final_norm", {E});
     if (c_.logits_via_embedding) {
-      // The tied head multiplies by embeddingᵀ; oneDNN wants [in, out], so transpose it once.
-      tied_head_.resize(size_t(E * V));
-      for (int64_t vi = 0; vi < V; ++vi)
-        for (int64_t e = 0; e < E; ++e) tied_head_[size_t(e * V + vi)] = embedding_[vi * E + e];
-      head_.emplace(tied_head_.data(), E, V, lo);
+      ops::LinearOptions tied = lo;
+      tied.transposed = true;  // the tied head multiplies by embeddingᵀ: W is [V, E]
+      head_.emplace(embedding_, E, V, tied);
     } else {
       head_.emplace(a.bf16(g, "logits_dense", {E, V}), E, V, lo);
     }
@@ -207,7 +205,6 @@ class LlamaModel final : public Model {
   std::vector<LlamaLayer> layers_;
   const uint16_t* embedding_ = nullptr;
   const uint16_t* final_norm_ = nullptr;
-  std::vector<uint16_t> tied_head_;
   std::optional<ops::Linear> head_;
   std::vector<float> x_, o_, q_, k_, v_, attn_, gate_, up_, scores_;
   std::vector<uint16_t> xb_, attn_b_, act_b_;

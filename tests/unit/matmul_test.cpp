@@ -1,12 +1,15 @@
 // Linear against a naive reference: every input is a bf16 value, so each product is exact in f32
 // and the only difference to the double-precision reference is the summation order.
+#include "engine/ops/matmul.h"
+
+#include <doctest/doctest.h>
 #include <omp.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <doctest/doctest.h>
 #include <random>
 #include <string>
 #include <utility>
@@ -14,7 +17,6 @@
 
 #include "common/bf16.h"
 #include "common/error.h"
-#include "engine/ops/matmul.h"
 
 namespace {
 
@@ -32,19 +34,24 @@ std::vector<uint16_t> random_bf16(size_t n, uint32_t seed) {
 // Checks y (M×N) against x·W computed in double, within a bound scaled by Σ|x·w| per output.
 void check(const std::vector<uint16_t>& x, const std::vector<uint16_t>& w, int64_t M, int64_t K,
            int64_t N, const float* y) {
+  std::vector<double> ref(static_cast<size_t>(N)), mag(static_cast<size_t>(N));
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = 0; n < N; ++n) {
-      double ref = 0, mag = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const double p = double(kiln::bf16_to_f32(x[size_t(m * K + k)])) *
-                         double(kiln::bf16_to_f32(w[size_t(k * N + n)]));
-        ref += p;
-        mag += std::fabs(p);
+    std::fill(ref.begin(), ref.end(), 0.0);
+    std::fill(mag.begin(), mag.end(), 0.0);
+    for (int64_t k = 0; k < K; ++k) {  // row by row: W is read in order
+      const double xk = kiln::bf16_to_f32(x[size_t(m * K + k)]);
+      const uint16_t* wk = w.data() + k * N;
+      for (int64_t n = 0; n < N; ++n) {
+        const double p = xk * double(kiln::bf16_to_f32(wk[n]));
+        ref[size_t(n)] += p;
+        mag[size_t(n)] += std::fabs(p);
       }
-      const double err = std::fabs(double(y[m * N + n]) - ref);
-      if (err > 1e-5 * mag + 1e-6) {
-        FAIL_CHECK("y[" << m << "," << n << "] = " << y[m * N + n] << ", expected " << ref
-                        << " (M=" << M << " K=" << K << " N=" << N << ")");
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const double err = std::fabs(double(y[m * N + n]) - ref[size_t(n)]);
+      if (err > 1e-5 * mag[size_t(n)] + 1e-6) {
+        FAIL_CHECK("y[" << m << "," << n << "] = " << y[m * N + n] << ", expected "
+                        << ref[size_t(n)] << " (M=" << M << " K=" << K << " N=" << N << ")");
         return;
       }
     }
@@ -86,7 +93,7 @@ TEST_CASE("Linear matches a naive reference for many shapes") {
     int64_t K, N, max_m;
   };
   // K and N off the 16/32/64 grids, tiny and odd sizes, one realistic-width case.
-  const Shape shapes[] = {{64, 64, 40}, {33, 70, 40}, {100, 200, 40}, {1, 1, 20},
+  const Shape shapes[] = {{64, 64, 40}, {33, 70, 40},  {100, 200, 40}, {1, 1, 20},
                           {7, 3, 20},   {130, 17, 20}, {2048, 96, 40}};
   for (const Shape& s : shapes) {
     const std::vector<uint16_t> w = random_bf16(size_t(s.K * s.N), uint32_t(s.K * 7 + s.N));
@@ -113,20 +120,49 @@ TEST_CASE("Linear matches a naive reference for many shapes") {
   }
 }
 
+TEST_CASE("Linear with transposed weights ([N, K], e.g. a tied embedding)") {
+  const Threads one(1);
+  const std::pair<int64_t, int64_t> shapes[] = {{33, 70}, {128, 200}, {95, 17}};
+  for (const auto& [K, N] : shapes) {
+    const std::vector<uint16_t> w = random_bf16(size_t(K * N), uint32_t(K + N));
+    std::vector<uint16_t> wt(w.size());
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) wt[size_t(n * K + k)] = w[size_t(k * N + n)];
+    for (bool relayout : {true, false}) {
+      CAPTURE(K);
+      CAPTURE(N);
+      CAPTURE(relayout);
+      LinearOptions opt;
+      opt.max_m = 40;
+      opt.relayout = relayout;
+      opt.transposed = true;
+      const Linear lin(wt.data(), K, N, opt);
+      for (int64_t M : {1, 5, 16, 17, 37}) {
+        CAPTURE(M);
+        run_and_check(lin, w, M, uint32_t(M * 3));
+      }
+    }
+  }
+}
+
 TEST_CASE("Linear: every GEMV row count and the brgemm switch-over agree") {
   const Threads one(1);
   const int64_t K = 129, N = 130;
   const std::vector<uint16_t> w = random_bf16(size_t(K * N), 5);
   // 100 is clamped to 16; with 16, M = 17..31 split into the 16-row bucket plus GEMV rows.
-  for (int64_t gemv : {0, 1, 4, 9, 16, 100}) {
-    CAPTURE(gemv);
-    LinearOptions opt;
-    opt.max_m = 34;
-    opt.gemv_max_m = gemv;
-    const Linear lin(w.data(), K, N, opt);
-    for (int64_t M = 1; M <= 34; ++M) {
-      CAPTURE(M);
-      run_and_check(lin, w, M, uint32_t(M));
+  for (bool relayout : {true, false}) {
+    for (int64_t gemv : {0, 1, 4, 9, 16, 100}) {
+      CAPTURE(relayout);
+      CAPTURE(gemv);
+      LinearOptions opt;
+      opt.max_m = 34;
+      opt.relayout = relayout;
+      opt.gemv_max_m = gemv;
+      const Linear lin(w.data(), K, N, opt);
+      for (int64_t M = 1; M <= 34; ++M) {
+        CAPTURE(M);
+        run_and_check(lin, w, M, uint32_t(M));
+      }
     }
   }
 }
@@ -181,15 +217,28 @@ TEST_CASE("Linear with two threads: the GEMV and brgemm split the work correctly
   // 9 column blocks (an odd split) and enough work for the GEMV to go parallel.
   const int64_t K = 515, N = 570;
   const std::vector<uint16_t> w = random_bf16(size_t(K * N), 13);
-  for (bool relayout : {true, false}) {
-    CAPTURE(relayout);
-    LinearOptions opt;
-    opt.max_m = 40;
-    opt.relayout = relayout;
-    const Linear lin(w.data(), K, N, opt);
-    for (int64_t M : {1, 3, 16, 21, 40}) {
-      CAPTURE(M);
-      run_and_check(lin, w, M, uint32_t(M + 100));
+  std::vector<uint16_t> wt(w.size());
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) wt[size_t(n * K + k)] = w[size_t(k * N + n)];
+  for (bool transposed : {false, true}) {
+    for (bool relayout : {true, false}) {
+      for (int64_t gemv : {-1, 16}) {  // default, and every M ≤ 16 through the GEMV
+        CAPTURE(transposed);
+        CAPTURE(relayout);
+        CAPTURE(gemv);
+        LinearOptions opt;
+        opt.max_m = 40;
+        opt.relayout = relayout;
+        opt.transposed = transposed;
+        opt.gemv_max_m = gemv;
+        const Linear lin(transposed ? wt.data() : w.data(), K, N, opt);
+        const std::vector<int64_t> ms =
+            gemv < 0 ? std::vector<int64_t>{1, 3, 21, 40} : std::vector<int64_t>{13};
+        for (int64_t M : ms) {
+          CAPTURE(M);
+          run_and_check(lin, w, M, uint32_t(M + 100));
+        }
+      }
     }
   }
 }
