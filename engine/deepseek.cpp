@@ -101,9 +101,8 @@ constexpr int64_t kMinRelayoutBytes = int64_t(1) << 20;
 class DeepSeekModel final : public Model {
  public:
   DeepSeekModel(std::unique_ptr<Artifact> artifact, const ModelOptions& opt)
-      : Model(std::move(artifact)),
+      : Model(std::move(artifact), opt.max_chunk),
         c_(config()),
-        chunk_(std::max<int64_t>(1, opt.max_chunk)),
         E_(c_.emb_dim),
         H_(c_.num_query_heads),
         Rq_(c_.q_lora_rank),
@@ -219,34 +218,16 @@ class DeepSeekModel final : public Model {
     return cache;  // v unused: the latent row is both key and value
   }
 
+  void check_cache(const KvCache& cache) const override {
+    if (cache.k.size() != layers_.size() ||
+        (cache.capacity > 0 && cache.k[0].size() != size_t(cache.capacity * Dl_)))
+      throw Error("forward: the KV cache was not made by this model's new_cache()");
+  }
+
   int64_t kv_bytes_per_token() const override {
     return c_.num_decoder_layers * Dl_ * int64_t(sizeof(uint16_t));
   }
 
-  void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
-               bool all_logits) override {
-    const int64_t n = int64_t(tokens.size());
-    if (n == 0) throw Error("forward: no tokens given");
-    if (cache.length + n > cache.capacity)
-      throw Error("forward: sequence of " + std::to_string(cache.length + n) +
-                  " tokens exceeds the KV cache capacity " + std::to_string(cache.capacity));
-    if (cache.length + n > c_.max_target_length)
-      throw Error("forward: sequence of " + std::to_string(cache.length + n) +
-                  " tokens exceeds max_target_length " + std::to_string(c_.max_target_length));
-    if (cache.k.size() != layers_.size() ||
-        (cache.capacity > 0 && cache.k[0].size() != size_t(cache.capacity * Dl_)))
-      throw Error("forward: the KV cache was not made by this model's new_cache()");
-    for (int32_t t : tokens)
-      if (t < 0 || t >= c_.vocab_size)
-        throw Error("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
-                    std::to_string(c_.vocab_size) + ")");
-    for (int64_t begin = 0; begin < n; begin += chunk_) {
-      int64_t T = std::min(chunk_, n - begin);
-      bool last_chunk = begin + T == n;
-      float* out = all_logits ? logits + begin * c_.vocab_size : logits;
-      forward_chunk(tokens.data() + begin, T, cache, out, all_logits, last_chunk);
-    }
-  }
 
  private:
   static ops::YarnParams yarn_params(const ModelConfig& c) {
@@ -285,7 +266,7 @@ class DeepSeekModel final : public Model {
   }
 
   void forward_chunk(const int32_t* tokens, int64_t T, KvCache& cache, float* logits,
-                     bool all_logits, bool last_chunk) {
+                     bool all_logits, bool last_chunk) override {
     const int64_t E = E_;
     const float eps = float(c_.normalization_layer_epsilon);
     const int64_t pos0 = cache.length;
@@ -438,23 +419,8 @@ class DeepSeekModel final : public Model {
     for (int64_t i = 0; i < n; ++i) body(i);
   }
 
-  // MaxText's head produces bf16 logits, divided by sqrt(E) for a normalised tied head, then
-  // optionally soft-capped, then cast to f32.
-  void finish_logits(float* logits, int64_t n) const {
-    float div = c_.logits_via_embedding && c_.normalize_embedding_logits
-                    ? round_to_bf16(float(std::sqrt(double(c_.emb_dim))))
-                    : 1.0f;
-    float cap = float(c_.final_logits_soft_cap);
-    for (int64_t i = 0; i < n; ++i) {
-      float z = round_to_bf16(logits[i]);
-      if (div != 1.0f) z = round_to_bf16(z / div);
-      if (cap > 0) z = round_to_bf16(cap * std::tanh(z / cap));
-      logits[i] = z;
-    }
-  }
 
   const ModelConfig& c_;
-  int64_t chunk_;
   int64_t E_, H_, Rq_, Rkv_, Dn_, Dr_, Dv_, Dqk_, Dl_;
   int threads_ = 1;
   ops::Rope rope_;

@@ -35,9 +35,8 @@ struct LlamaLayer {
 class LlamaModel final : public Model {
  public:
   LlamaModel(std::unique_ptr<Artifact> artifact, const ModelOptions& opt)
-      : Model(std::move(artifact)),
+      : Model(std::move(artifact), opt.max_chunk),
         c_(config()),
-        chunk_(std::max<int64_t>(1, opt.max_chunk)),
         rope_(c_.rope_layout, c_.head_dim, c_.rope_min_timescale, c_.rope_max_timescale,
               c_.rope_linear_scaling_factor, c_.rope_use_scale, c_.max_target_length) {
     const int64_t E = c_.emb_dim, H = c_.num_query_heads, K = c_.num_kv_heads, D = c_.head_dim,
@@ -90,28 +89,10 @@ class LlamaModel final : public Model {
     scores_.resize(size_t(threads_ * ops::attend_scratch_floats(c_.max_target_length, H)));
   }
 
-  void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
-               bool all_logits) override {
-    const int64_t n = int64_t(tokens.size());
-    if (n == 0) throw Error("forward: no tokens given");
-    if (cache.length + n > cache.capacity)
-      throw Error("forward: sequence of " + std::to_string(cache.length + n) +
-                  " tokens exceeds the KV cache capacity " + std::to_string(cache.capacity));
-    for (int32_t t : tokens)
-      if (t < 0 || t >= c_.vocab_size)
-        throw Error("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
-                    std::to_string(c_.vocab_size) + ")");
-    for (int64_t begin = 0; begin < n; begin += chunk_) {
-      int64_t T = std::min(chunk_, n - begin);
-      bool last_chunk = begin + T == n;
-      float* out = all_logits ? logits + begin * c_.vocab_size : logits;
-      forward_chunk(tokens.data() + begin, T, cache, out, all_logits, last_chunk);
-    }
-  }
 
  private:
   void forward_chunk(const int32_t* tokens, int64_t T, KvCache& cache, float* logits,
-                     bool all_logits, bool last_chunk) {
+                     bool all_logits, bool last_chunk) override {
     const int64_t E = c_.emb_dim, H = c_.num_query_heads, K = c_.num_kv_heads, D = c_.head_dim,
                   F = c_.mlp_dim;
     const float eps = float(c_.normalization_layer_epsilon);
@@ -183,23 +164,8 @@ class LlamaModel final : public Model {
     finish_logits(logits, M * c_.vocab_size);
   }
 
-  // MaxText's head produces bf16 logits, divided by sqrt(E) for a normalised tied head, then
-  // optionally soft-capped, then cast to f32.
-  void finish_logits(float* logits, int64_t n) const {
-    float div = c_.logits_via_embedding && c_.normalize_embedding_logits
-                    ? float(std::sqrt(double(c_.emb_dim)))
-                    : 1.0f;
-    float cap = float(c_.final_logits_soft_cap);
-    for (int64_t i = 0; i < n; ++i) {
-      float z = round_to_bf16(logits[i]);
-      if (div != 1.0f) z = round_to_bf16(z / div);
-      if (cap > 0) z = round_to_bf16(cap * std::tanh(z / cap));
-      logits[i] = z;
-    }
-  }
 
   const ModelConfig& c_;
-  int64_t chunk_;
   int threads_ = 1;
   ops::Rope rope_;
   std::vector<LlamaLayer> layers_;

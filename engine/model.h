@@ -4,6 +4,7 @@
 // Kimi K2).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -48,8 +49,9 @@ class Model {
   // Runs tokens at positions [cache.length, cache.length + n) of one sequence, appending their
   // keys/values to `cache`. Writes f32 logits for every position ([n, vocab]) if `all_logits`,
   // else only for the last one ([vocab]). Allocates nothing.
-  virtual void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
-                       bool all_logits) = 0;
+  // Throws kiln::Error for token ids outside the vocabulary, a sequence longer than the cache or
+  // max_target_length, or a cache from another model's new_cache().
+  void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits, bool all_logits);
 
   // Calibration for QK-Clip: while set, forward() raises max[layer · H + head] to every
   // pre-softmax attention logit it computes (after the softmax scale, unmasked positions only).
@@ -57,8 +59,22 @@ class Model {
   void record_max_logits(float* max) { max_logits_ = max; }
 
  protected:
-  explicit Model(std::unique_ptr<Artifact> a) : artifact_(std::move(a)) {}
+  Model(std::unique_ptr<Artifact> a, int64_t max_chunk)
+      : artifact_(std::move(a)), chunk_(std::max<int64_t>(1, max_chunk)) {}
+
+  // One family's forward pass over T ≤ chunk_ tokens at positions [cache.length, + T), request
+  // already validated; writes logits of every row (all_logits) or, in the last chunk, of the last.
+  virtual void forward_chunk(const int32_t* tokens, int64_t T, KvCache& cache, float* logits,
+                             bool all_logits, bool last_chunk) = 0;
+  // Throws if `cache` was not made by this model's new_cache().
+  virtual void check_cache(const KvCache& cache) const;
+
+  // MaxText's output head: bf16 logits, divided by sqrt(emb_dim) for a normalised tied head, then
+  // the optional soft cap, then f32 (spec §2.1).
+  void finish_logits(float* logits, int64_t n) const;
+
   std::unique_ptr<Artifact> artifact_;
+  int64_t chunk_;  // prefill processes at most this many tokens per pass
   float* max_logits_ = nullptr;
 };
 

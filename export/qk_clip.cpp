@@ -65,6 +65,9 @@ MaxLogits read_max_logits(const QkClipOptions& opt, const ModelConfig& c) {
   out.layers = c.num_decoder_layers;
   out.heads = c.num_query_heads;
   out.s.assign(size_t(out.layers * out.heads), kNoStats);
+  // Layers whose statistics came stacked for their scanned group (only those share a gamma in
+  // per-group mode: MaxText reduces over an unrolled layer's own statistics only).
+  std::vector<bool> stacked(size_t(out.layers), false);
   auto merge = [&](int64_t layer, int64_t h, float v) {
     float& s = out.s[size_t(layer * out.heads + h)];
     s = std::isnan(s) ? v : std::max(s, v);
@@ -97,6 +100,7 @@ MaxLogits read_max_logits(const QkClipOptions& opt, const ModelConfig& c) {
         const size_t per_layer = v.size() / size_t(count);
         for (size_t i = 0; i < v.size(); ++i)
           merge(first + int64_t(i / per_layer), int64_t(i) % out.heads, v[i]);
+        for (int64_t l = first; l < first + count; ++l) stacked[size_t(l)] = true;
       }
       ++used;
     }
@@ -116,9 +120,10 @@ MaxLogits read_max_logits(const QkClipOptions& opt, const ModelConfig& c) {
         float m = kNoStats;
         for (int64_t l = first; l < first + count; ++l) {
           float s = out.s[size_t(l * out.heads + h)];
-          if (!std::isnan(s)) m = std::isnan(m) ? s : std::max(m, s);
+          if (stacked[size_t(l)] && !std::isnan(s)) m = std::isnan(m) ? s : std::max(m, s);
         }
-        for (int64_t l = first; l < first + count; ++l) out.s[size_t(l * out.heads + h)] = m;
+        for (int64_t l = first; l < first + count; ++l)
+          if (stacked[size_t(l)]) out.s[size_t(l * out.heads + h)] = m;
       }
     }
   }
@@ -139,6 +144,16 @@ QkClipRecord plan_qk_clip(const QkClipOptions& opt, const ModelConfig& c, const 
   r.mode = opt.mode;
   r.per_group = opt.per_group;
   r.sources = stats.sources;
+  if (opt.mode == "query") {
+    r.targets = c.is_deepseek() ? std::string(c.q_lora_rank > 0 ? "wq_b" : "query") +
+                                      " query heads x gamma"
+                                : "query kernel heads x gamma";
+  } else if (c.q_lora_rank > 0) {
+    r.targets = "wq_b nope x sqrt(gamma), rope x gamma; wkv_b k_nope x sqrt(gamma)";
+  } else {
+    r.targets = "query nope x sqrt(gamma), rope x gamma (q_lora_rank 0: MaxText leaves the query "
+                "kernel unclipped, kiln clips it); wkv_b k_nope x sqrt(gamma)";
+  }
   r.heads = stats.heads;
   r.max_logit = stats.s;
   r.gamma.resize(stats.s.size());

@@ -101,7 +101,7 @@ std::vector<uint8_t> serialize_manifest(const Manifest& m) {
     std::vector<flatbuffers::Offset<flatbuffers::String>> srcs;
     for (const auto& src : q.sources) srcs.push_back(b.CreateString(src));
     qk = fb::CreateQkClipDirect(b, q.threshold, q.mode.c_str(), q.per_group, &srcs, q.heads,
-                                &q.gamma, &q.max_logit);
+                                &q.gamma, &q.max_logit, q.targets.c_str());
   }
   auto root = fb::CreateManifestDirect(b, kFormatMajor, kFormatMinor, config, &blobs,
                                        m.tokenizer.empty() ? nullptr : &m.tokenizer, prov, qk);
@@ -149,6 +149,7 @@ Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& pat
     r.applied = true;
     r.threshold = q->threshold();
     r.mode = q->mode() ? q->mode()->str() : "";
+    r.targets = q->targets() ? q->targets()->str() : "";
     r.per_group = q->per_group();
     if (q->sources())
       for (const auto* src : *q->sources()) r.sources.push_back(src->str());

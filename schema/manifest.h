@@ -38,6 +38,7 @@ struct QkClipRecord {
   bool applied = false;
   double threshold = 0;
   std::string mode;          // "mla" | "query"
+  std::string targets;       // which tensors and columns were scaled, in words
   bool per_group = false;
   std::vector<std::string> sources;
   int64_t heads = 0;

@@ -143,7 +143,8 @@ int cmd_inspect(int argc, const char* const* argv) {
       }
       layers.push_back({{"layer", l}, {"gamma", g}, {"max_logit", s}});
     }
-    qk_json = {{"threshold", qk.threshold}, {"mode", qk.mode},     {"per_group", qk.per_group},
+    qk_json = {{"threshold", qk.threshold}, {"mode", qk.mode},     {"targets", qk.targets},
+               {"per_group", qk.per_group},
                {"sources", qk.sources},     {"heads_clipped", qk.clipped_heads()},
                {"layers", layers}};
   }
@@ -200,6 +201,7 @@ int cmd_inspect(int argc, const char* const* argv) {
                 qk.threshold, qk.mode.c_str(), qk.per_group ? "per scanned group" : "per layer",
                 static_cast<long long>(qk.clipped_heads()), qk.gamma.size(),
                 qk.sources.empty() ? "-" : qk.sources.front().c_str());
+    std::printf("  scaled: %s\n", qk.targets.c_str());
     for (int64_t l = 0; l < m.config.num_decoder_layers; ++l) {
       std::string line;
       bool any = false;
