@@ -9,10 +9,8 @@
 //   test('deepseek', deepseek_tests)
 #include <doctest/doctest.h>
 #include <hwy/targets.h>
-#include <malloc.h>
 
 #include <algorithm>
-#include <atomic>
 #include <bit>
 #include <cmath>
 #include <filesystem>
@@ -30,50 +28,8 @@
 #include "engine/ops/kernels.h"
 #include "engine/ops/moe.h"
 #include "export/exporter.h"
+#include "tests/unit/alloc_counter.h"
 
-// ---- heap allocation counter (as engine_test.cpp)
-// ------------------------------------------------ Interposes the C allocator itself, so
-// allocations inside oneDNN, OpenMP or libstdc++ count too.
-extern "C" {
-void* __libc_malloc(size_t);
-void* __libc_calloc(size_t, size_t);
-void* __libc_realloc(void*, size_t);
-void* __libc_memalign(size_t, size_t);
-}
-namespace {
-std::atomic<bool> g_counting{false};
-std::atomic<uint64_t> g_allocs{0};
-void note() {
-  if (g_counting.load(std::memory_order_relaxed)) g_allocs.fetch_add(1, std::memory_order_relaxed);
-}
-}  // namespace
-extern "C" {
-void* malloc(size_t n) {
-  note();
-  return __libc_malloc(n);
-}
-void* calloc(size_t a, size_t b) {
-  note();
-  return __libc_calloc(a, b);
-}
-void* realloc(void* p, size_t n) {
-  note();
-  return __libc_realloc(p, n);
-}
-int posix_memalign(void** out, size_t align, size_t n) {
-  note();
-  *out = __libc_memalign(align, n);
-  return *out ? 0 : 12;  // ENOMEM
-}
-void* aligned_alloc(size_t align, size_t n) {
-  note();
-  return __libc_memalign(align, n);
-}
-void* memalign(size_t align, size_t n) {
-  note();
-  return __libc_memalign(align, n);
-}
-}
 
 namespace fs = std::filesystem;
 using namespace kiln;
@@ -575,11 +531,9 @@ TEST_CASE("routing, grouping and the MLA kernels do not allocate") {
     rope.apply(q.data(), 4, 99, 80);
   };
   run();
-  g_allocs = 0;
-  g_counting = true;
+  kiln::test::start_counting_allocations();
   run();
-  g_counting = false;
-  CHECK(g_allocs.load() == 0);
+  CHECK(kiln::test::stop_counting_allocations() == 0);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -799,11 +753,9 @@ TEST_CASE("DeepSeek: generate() performs no heap allocation") {
     sp.seed = 7;
     engine->prefill(prompt, sp);
     engine->generate();
-    g_allocs = 0;
-    g_counting = true;
+    kiln::test::start_counting_allocations();
     for (int i = 0; i < 32; ++i) engine->generate();
-    g_counting = false;
-    CHECK(g_allocs.load() == 0);
+    CHECK(kiln::test::stop_counting_allocations() == 0);
   }
 }
 

@@ -2,10 +2,10 @@
 // rules out oneDNN primitive creation, which allocates), decoding through the KV cache gives the
 // logits a full prefill gives, and bad requests are errors.
 #include <doctest/doctest.h>
-#include <malloc.h>
 
-#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -15,50 +15,8 @@
 #include "common/error.h"
 #include "engine/engine.h"
 #include "export/exporter.h"
+#include "tests/unit/alloc_counter.h"
 
-// ---- heap allocation counter -------------------------------------------------------------------
-// Interposes the C allocator itself (not just operator new), so allocations inside oneDNN,
-// OpenMP or libstdc++ are counted too. glibc exports its implementations as __libc_*.
-extern "C" {
-void* __libc_malloc(size_t);
-void* __libc_calloc(size_t, size_t);
-void* __libc_realloc(void*, size_t);
-void* __libc_memalign(size_t, size_t);
-}
-namespace {
-std::atomic<bool> g_counting{false};
-std::atomic<uint64_t> g_allocs{0};
-void note() {
-  if (g_counting.load(std::memory_order_relaxed)) g_allocs.fetch_add(1, std::memory_order_relaxed);
-}
-}  // namespace
-extern "C" {
-void* malloc(size_t n) {
-  note();
-  return __libc_malloc(n);
-}
-void* calloc(size_t a, size_t b) {
-  note();
-  return __libc_calloc(a, b);
-}
-void* realloc(void* p, size_t n) {
-  note();
-  return __libc_realloc(p, n);
-}
-int posix_memalign(void** out, size_t align, size_t n) {
-  note();
-  *out = __libc_memalign(align, n);
-  return *out ? 0 : 12;  // ENOMEM
-}
-void* aligned_alloc(size_t align, size_t n) {
-  note();
-  return __libc_memalign(align, n);
-}
-void* memalign(size_t align, size_t n) {
-  note();
-  return __libc_memalign(align, n);
-}
-}
 
 namespace fs = std::filesystem;
 using namespace kiln;
@@ -148,6 +106,15 @@ EngineOptions options(bool relayout) {
 
 }  // namespace
 
+TEST_CASE("the allocation counter sees allocations (including operator new)") {
+  kiln::test::start_counting_allocations();
+  auto v = std::make_unique<std::vector<int>>(100);
+  void* p = std::malloc(16);
+  uint64_t n = kiln::test::stop_counting_allocations();
+  std::free(p);
+  CHECK(n >= 3);
+}
+
 TEST_CASE("generate() performs no heap allocation (and so creates no oneDNN primitive)") {
   for (bool relayout : {true, false}) {
     CAPTURE(relayout);
@@ -160,11 +127,9 @@ TEST_CASE("generate() performs no heap allocation (and so creates no oneDNN prim
     sp.seed = 7;
     engine->prefill(prompt, sp);
     engine->generate();  // first token: lazily initialised state, if any, is not per-token
-    g_allocs = 0;
-    g_counting = true;
+    kiln::test::start_counting_allocations();
     for (int i = 0; i < 32; ++i) engine->generate();
-    g_counting = false;
-    CHECK(g_allocs.load() == 0);
+    CHECK(kiln::test::stop_counting_allocations() == 0);
   }
 }
 
