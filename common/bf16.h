@@ -8,7 +8,9 @@
 
 namespace kiln {
 
-inline float bf16_to_f32(uint16_t b) { return std::bit_cast<float>(uint32_t(b) << 16); }
+inline float bf16_to_f32(uint16_t b) {
+  return std::bit_cast<float>(uint32_t(b) << 16);
+}
 
 inline uint16_t f32_to_bf16(float f) {
   uint32_t u = std::bit_cast<uint32_t>(f);
@@ -19,7 +21,9 @@ inline uint16_t f32_to_bf16(float f) {
 
 // Rounds f to the nearest bf16 value and returns it as f32 (used to mirror MaxText's bf16
 // rounding points while computing in f32).
-inline float round_to_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+inline float round_to_bf16(float f) {
+  return bf16_to_f32(f32_to_bf16(f));
+}
 
 float f16_to_f32(uint16_t h);
 

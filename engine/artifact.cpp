@@ -43,8 +43,8 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
     const BlobEntry& e = blobs[i];
     int want_layer = int(i) - 1;
     if (e.layer != want_layer)
-      throw Error(mpath + ": blob '" + e.file + "' is listed for layer " +
-                  std::to_string(e.layer) + ", expected " + std::to_string(want_layer));
+      throw Error(mpath + ": blob '" + e.file + "' is listed for layer " + std::to_string(e.layer) +
+                  ", expected " + std::to_string(want_layer));
     if (e.file.find('/') != std::string::npos || e.file.find("..") != std::string::npos)
       throw Error(mpath + ": blob file name '" + e.file + "' must be a plain file name");
     std::string path = (fs::path(dir) / e.file).string();
@@ -58,8 +58,8 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
     if (view.layer() != want_layer || view.kind() != e.kind)
       throw Error(path + ": header says layer " + std::to_string(view.layer()) +
                   ", the manifest expects " + std::to_string(want_layer));
-    check_tensor_set(view, want_layer < 0 ? global_tensor_specs(c)
-                                          : layer_tensor_specs(c, want_layer));
+    check_tensor_set(view,
+                     want_layer < 0 ? global_tensor_specs(c) : layer_tensor_specs(c, want_layer));
     if (opt.verify_checksums) view.verify_checksums();
     a->files_.push_back(std::move(file));
     a->views_.push_back(std::move(view));

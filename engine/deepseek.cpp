@@ -228,7 +228,6 @@ class DeepSeekModel final : public Model {
     return c_.num_decoder_layers * Dl_ * int64_t(sizeof(uint16_t));
   }
 
-
  private:
   static ops::YarnParams yarn_params(const ModelConfig& c) {
     ops::YarnParams y;
@@ -418,7 +417,6 @@ class DeepSeekModel final : public Model {
 #pragma omp parallel for schedule(static) num_threads(threads_)
     for (int64_t i = 0; i < n; ++i) body(i);
   }
-
 
   const ModelConfig& c_;
   int64_t E_, H_, Rq_, Rkv_, Dn_, Dr_, Dv_, Dqk_, Dl_;

@@ -12,7 +12,8 @@ std::unique_ptr<Engine> Engine::open(const std::string& dir, const EngineOptions
   if (opt.max_seq_len > ctx)
     throw Error(dir + ": requested context " + std::to_string(opt.max_seq_len) +
                 " exceeds the model's max_target_length " + std::to_string(ctx));
-  return std::unique_ptr<Engine>(new Engine(std::move(model), opt.max_seq_len > 0 ? opt.max_seq_len : ctx));
+  return std::unique_ptr<Engine>(
+      new Engine(std::move(model), opt.max_seq_len > 0 ? opt.max_seq_len : ctx));
 }
 
 Engine::Engine(std::unique_ptr<Model> m, int64_t max_seq_len)

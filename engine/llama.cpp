@@ -89,7 +89,6 @@ class LlamaModel final : public Model {
     scores_.resize(size_t(threads_ * ops::attend_scratch_floats(c_.max_target_length, H)));
   }
 
-
  private:
   void forward_chunk(const int32_t* tokens, int64_t T, KvCache& cache, float* logits,
                      bool all_logits, bool last_chunk) override {
@@ -163,7 +162,6 @@ class LlamaModel final : public Model {
     head_->forward(xb_.data(), M, logits);
     finish_logits(logits, M * c_.vocab_size);
   }
-
 
   const ModelConfig& c_;
   int threads_ = 1;

@@ -1,8 +1,7 @@
 #include "engine/model.h"
 
-#include <thread>
-
 #include <cmath>
+#include <thread>
 
 #include "common/bf16.h"
 #include "common/error.h"

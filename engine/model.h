@@ -16,10 +16,10 @@
 namespace kiln {
 
 struct ModelOptions {
-  int threads = 0;              // 0 → every core
+  int threads = 0;  // 0 → every core
   bool verify_checksums = false;
-  bool relayout = true;         // copy weights once into the matmul kernels' preferred layout
-  int64_t max_chunk = 512;      // prefill processes at most this many tokens per pass
+  bool relayout = true;     // copy weights once into the matmul kernels' preferred layout
+  int64_t max_chunk = 512;  // prefill processes at most this many tokens per pass
 };
 
 // The attention cache of one sequence, bf16, one buffer per layer. Its row layout belongs to the

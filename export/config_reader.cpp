@@ -436,8 +436,7 @@ void read_deepseek_fields(const std::string& path, const Fields& f, ModelConfig&
                 "' is not supported for decoder_block deepseek (expected yarn)");
   m.rope_layout = RopeLayout::Yarn;
   m.max_position_embeddings = f.get_int("max_position_embeddings").value_or(163840);
-  m.original_max_position_embeddings =
-      f.get_int("original_max_position_embeddings").value_or(4096);
+  m.original_max_position_embeddings = f.get_int("original_max_position_embeddings").value_or(4096);
   m.rope_factor = f.get_double("rope_factor").value_or(40.0);
   m.beta_fast = f.get_double("beta_fast").value_or(32.0);
   m.beta_slow = f.get_double("beta_slow").value_or(1.0);
@@ -445,8 +444,9 @@ void read_deepseek_fields(const std::string& path, const Fields& f, ModelConfig&
   m.rope_interleave = f.get_bool("rope_interleave").value_or(true);
   m.rope_truncate = f.get_bool("rope_truncate").value_or(true);
   if (f.get_bool("rope_attention_scaling").value_or(false))
-    throw Error(path + ": rope_attention_scaling: true is not supported (MaxText's DeepSeek "
-                       "configs keep it false and put mscale into the softmax scale)");
+    throw Error(path +
+                ": rope_attention_scaling: true is not supported (MaxText's DeepSeek "
+                "configs keep it false and put mscale into the softmax scale)");
   // Spec §2.5 step 3: Dqk^-0.5, times (0.1·mscale·ln(factor) + 1)² when the context is extended.
   double s = 1.0 / std::sqrt(double(m.qk_nope_head_dim + m.qk_rope_head_dim));
   if (m.max_position_embeddings > m.original_max_position_embeddings) {

@@ -14,8 +14,8 @@ namespace kiln {
 
 struct ExportConfig {
   ModelConfig model;
-  bool scan_layers = true;   // MaxText `scan_layers`
-  int param_scan_axis = 1;   // MaxText `param_scan_axis`
+  bool scan_layers = true;  // MaxText `scan_layers`
+  int param_scan_axis = 1;  // MaxText `param_scan_axis`
   // Every key/value as read (after overrides), kept for provenance.
   std::vector<std::pair<std::string, std::string>> raw;
 };

@@ -92,12 +92,14 @@ struct GroupSpan {
 
 std::vector<GroupSpan> layer_groups(const ModelConfig& mc) {
   if (!mc.is_deepseek()) return {{"layers", 0, mc.num_decoder_layers}};
-  return {{"dense_layers", 0, mc.first_num_dense_layers},
-          {"moe_layers", mc.first_num_dense_layers,
-           mc.num_decoder_layers - mc.first_num_dense_layers}};
+  return {
+      {"dense_layers", 0, mc.first_num_dense_layers},
+      {"moe_layers", mc.first_num_dense_layers, mc.num_decoder_layers - mc.first_num_dense_layers}};
 }
 
-std::string file_of(const SourceTensor& t) { return t.file ? t.file->path() : "?"; }
+std::string file_of(const SourceTensor& t) {
+  return t.file ? t.file->path() : "?";
+}
 
 uint64_t numel(const std::vector<int64_t>& s) {
   uint64_t n = 1;
@@ -165,8 +167,9 @@ Plan make_plan(const Checkpoint& ckpt, const ExportConfig& cfg) {
       missing.push_back(key);
       continue;
     }
-    check_shape(*it->second, spec.shape, "(vocab_size " + std::to_string(mc.vocab_size) +
-                                             ", emb_dim " + std::to_string(mc.emb_dim) + ")");
+    check_shape(*it->second, spec.shape,
+                "(vocab_size " + std::to_string(mc.vocab_size) + ", emb_dim " +
+                    std::to_string(mc.emb_dim) + ")");
     consumed.insert(key);
     globals.tensors.push_back({spec, {it->second, -1, 0}});
   }
@@ -192,8 +195,7 @@ Plan make_plan(const Checkpoint& ckpt, const ExportConfig& cfg) {
         if (group.scanned()) {
           if (j == 0)
             check_shape(*src.tensor,
-                        scanned_shape(spec.shape, span.count, cfg.param_scan_axis,
-                                      src.tensor->key),
+                        scanned_shape(spec.shape, span.count, cfg.param_scan_axis, src.tensor->key),
                         "(layer parameter " + shape_to_string(spec.shape) + " with " +
                             std::to_string(span.count) + " layers of '" + span.name +
                             "' stacked on axis " + std::to_string(cfg.param_scan_axis) + ")");
@@ -210,8 +212,10 @@ Plan make_plan(const Checkpoint& ckpt, const ExportConfig& cfg) {
   if (!missing.empty()) {
     std::string list;
     for (size_t i = 0; i < missing.size() && i < 4; ++i) list += (i ? "', '" : "") + missing[i];
-    if (missing.size() > 4) list += "' and " + std::to_string(missing.size() - 4) + " more";
-    else list += "'";
+    if (missing.size() > 4)
+      list += "' and " + std::to_string(missing.size() - 4) + " more";
+    else
+      list += "'";
     throw Error(checkpoint_names(ckpt) + ": missing tensor" + (missing.size() > 1 ? "s" : "") +
                 " '" + list + " (" + std::string(key_layout_name(plan.layout)) +
                 " layout; required by decoder_block " + mc.decoder_block + ")");
@@ -228,9 +232,15 @@ Plan make_plan(const Checkpoint& ckpt, const ExportConfig& cfg) {
 void source_range_to_f32(const SourceTensor& t, uint64_t begin, uint64_t n, float* out) {
   const uint8_t* p = t.data + begin * dtype_size(t.dtype);
   switch (t.dtype) {
-    case DType::F32: std::copy_n(reinterpret_cast<const float*>(p), n, out); break;
-    case DType::BF16: convert_bf16_to_f32(reinterpret_cast<const uint16_t*>(p), out, n); break;
-    case DType::F16: convert_f16_to_f32(reinterpret_cast<const uint16_t*>(p), out, n); break;
+    case DType::F32:
+      std::copy_n(reinterpret_cast<const float*>(p), n, out);
+      break;
+    case DType::BF16:
+      convert_bf16_to_f32(reinterpret_cast<const uint16_t*>(p), out, n);
+      break;
+    case DType::F16:
+      convert_f16_to_f32(reinterpret_cast<const uint16_t*>(p), out, n);
+      break;
   }
 }
 
@@ -291,8 +301,7 @@ ExportSummary export_artifact(const ExportOptions& opt,
   } else if (opt.qk_clip.threshold != 0 || !opt.qk_clip.stats.empty()) {
     if (opt.qk_clip.stats.empty())
       throw Error("--qk-clip-threshold needs statistics: give --max-logits FILE");
-    if (opt.qk_clip.threshold == 0)
-      throw Error("--max-logits needs --qk-clip-threshold TAU");
+    if (opt.qk_clip.threshold == 0) throw Error("--max-logits needs --qk-clip-threshold TAU");
     qk_clip = plan_qk_clip(opt.qk_clip, cfg.model, read_max_logits(opt.qk_clip, cfg.model));
   }
 
@@ -374,7 +383,8 @@ ExportSummary export_artifact(const ExportOptions& opt,
   if (fs::exists(out)) {
     old = parent / ("." + out.filename().string() + ".kiln-old-" + std::to_string(getpid()));
     fs::rename(out, old, ec);
-    if (ec) throw Error(out.string() + ": cannot move the existing artifact aside: " + ec.message());
+    if (ec)
+      throw Error(out.string() + ": cannot move the existing artifact aside: " + ec.message());
   }
   fs::rename(tmp.path(), out, ec);
   if (ec) {

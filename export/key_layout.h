@@ -2,9 +2,10 @@
 //
 // Canonical path: the MaxText module path with components joined by '/', without the container
 // prefix (`params/params/`, `model/`, `base/`) or the NNX `value` leaf, e.g.
-//   params.params.decoder.layers.self_attention.query.kernel  → decoder/layers/self_attention/query/kernel
-//   model/decoder/layers_3/mlp/wo/kernel/value                 → decoder/layers_3/mlp/wo/kernel
-//   decoder.decoder_norm.scale.value                           → decoder/decoder_norm/scale
+//   params.params.decoder.layers.self_attention.query.kernel  →
+//   decoder/layers/self_attention/query/kernel model/decoder/layers_3/mlp/wo/kernel/value →
+//   decoder/layers_3/mlp/wo/kernel decoder.decoder_norm.scale.value                           →
+//   decoder/decoder_norm/scale
 // Separators '/' and '.' are both accepted. LoRA leaf names contain a literal dot ("lora_a.kernel",
 // "lora_b.kernel") and stay one component.
 #pragma once

@@ -16,7 +16,7 @@ constexpr float kNoStats = std::numeric_limits<float>::quiet_NaN();
 
 // Where a max-logits key belongs: the layer group and, for an unrolled key, the layer in it.
 struct StatsKey {
-  std::string group;  // layers | dense_layers | moe_layers
+  std::string group;   // layers | dense_layers | moe_layers
   int64_t index = -1;  // -1: stacked over the group's layers on the first axis
 };
 
@@ -88,14 +88,14 @@ MaxLogits read_max_logits(const QkClipOptions& opt, const ModelConfig& c) {
       read_as_f32(t, v.data());
       if (key.index >= 0) {
         if (key.index >= count)
-          throw Error(where + ": layer " + std::to_string(key.index) + " is outside '" +
-                      key.group + "' (" + std::to_string(count) + " layers)");
+          throw Error(where + ": layer " + std::to_string(key.index) + " is outside '" + key.group +
+                      "' (" + std::to_string(count) + " layers)");
         for (size_t i = 0; i < v.size(); ++i)
           merge(first + key.index, int64_t(i) % out.heads, v[i]);
       } else {
         if (t.shape.size() < 2 || t.shape.front() != count)
-          throw Error(where + " has shape " + shape_to_string(t.shape) +
-                      ", expected the " + std::to_string(count) + " layers of '" + key.group +
+          throw Error(where + " has shape " + shape_to_string(t.shape) + ", expected the " +
+                      std::to_string(count) + " layers of '" + key.group +
                       "' on the first axis ([layers, ..., heads])");
         const size_t per_layer = v.size() / size_t(count);
         for (size_t i = 0; i < v.size(); ++i)
@@ -105,9 +105,10 @@ MaxLogits read_max_logits(const QkClipOptions& opt, const ModelConfig& c) {
       ++used;
     }
     if (used == 0)
-      throw Error(path + ": no max-logit statistics (expected keys ending in "
-                         "'self_attention.attention_op.max_logits' or "
-                         "'self_attention.max_logits')");
+      throw Error(path +
+                  ": no max-logit statistics (expected keys ending in "
+                  "'self_attention.attention_op.max_logits' or "
+                  "'self_attention.max_logits')");
   }
   if (opt.per_group) {
     // MaxText reduces over every axis but heads, which for a scanned group includes its layers.
@@ -145,14 +146,15 @@ QkClipRecord plan_qk_clip(const QkClipOptions& opt, const ModelConfig& c, const 
   r.per_group = opt.per_group;
   r.sources = stats.sources;
   if (opt.mode == "query") {
-    r.targets = c.is_deepseek() ? std::string(c.q_lora_rank > 0 ? "wq_b" : "query") +
-                                      " query heads x gamma"
-                                : "query kernel heads x gamma";
+    r.targets = c.is_deepseek()
+                    ? std::string(c.q_lora_rank > 0 ? "wq_b" : "query") + " query heads x gamma"
+                    : "query kernel heads x gamma";
   } else if (c.q_lora_rank > 0) {
     r.targets = "wq_b nope x sqrt(gamma), rope x gamma; wkv_b k_nope x sqrt(gamma)";
   } else {
-    r.targets = "query nope x sqrt(gamma), rope x gamma (q_lora_rank 0: MaxText leaves the query "
-                "kernel unclipped, kiln clips it); wkv_b k_nope x sqrt(gamma)";
+    r.targets =
+        "query nope x sqrt(gamma), rope x gamma (q_lora_rank 0: MaxText leaves the query "
+        "kernel unclipped, kiln clips it); wkv_b k_nope x sqrt(gamma)";
   }
   r.heads = stats.heads;
   r.max_logit = stats.s;

@@ -379,7 +379,8 @@ void write_safetensors_f32(const std::string& path, const std::vector<F32Tensor>
     if (n != t.data.size())
       throw Error(path + ": tensor '" + t.key + "' has " + std::to_string(t.data.size()) +
                   " values for shape " + shape_str(t.shape));
-    header[t.key] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {offset, offset + n * 4}}};
+    header[t.key] = {
+        {"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {offset, offset + n * 4}}};
     offset += n * 4;
   }
   std::string h = header.dump();

@@ -15,7 +15,7 @@
 namespace kiln {
 
 struct SourceTensor {
-  std::string key;              // the key exactly as stored in the file
+  std::string key;  // the key exactly as stored in the file
   DType dtype = DType::F32;
   std::vector<int64_t> shape;
   const uint8_t* data = nullptr;  // into the file's mapping

@@ -13,7 +13,9 @@ namespace kiln {
 
 namespace {
 
-uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+uint64_t align_up(uint64_t v, uint64_t a) {
+  return (v + a - 1) / a * a;
+}
 
 template <typename T>
 void put_le(uint8_t* p, T v) {

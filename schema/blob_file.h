@@ -71,9 +71,9 @@ class BlobWriter {
   LayerKind kind_;
   std::vector<BlobTensorInfo> tensors_;
   std::FILE* file_ = nullptr;
-  size_t current_ = 0;       // index of the tensor being written
-  uint64_t written_ = 0;     // bytes of the current tensor written so far
-  uint64_t file_pos_ = 0;    // current write position
+  size_t current_ = 0;     // index of the tensor being written
+  uint64_t written_ = 0;   // bytes of the current tensor written so far
+  uint64_t file_pos_ = 0;  // current write position
   uint64_t total_size_ = 0;
 };
 
@@ -94,7 +94,9 @@ class BlobView {
   // Throws naming the tensor if absent or if its dtype/shape differ from the expectation.
   const BlobTensorInfo& expect(const std::string& name, DType dtype,
                                const std::vector<int64_t>& shape) const;
-  std::span<const uint8_t> bytes(const BlobTensorInfo& t) const { return {data_ + t.offset, t.length}; }
+  std::span<const uint8_t> bytes(const BlobTensorInfo& t) const {
+    return {data_ + t.offset, t.length};
+  }
   // Recomputes every tensor's CRC-32C; throws naming the first tensor that does not match.
   void verify_checksums() const;
   const std::string& path() const { return path_; }

@@ -82,9 +82,8 @@ std::vector<uint8_t> serialize_manifest(const Manifest& m) {
   auto config = config_to_fb(b, m.config);
   std::vector<flatbuffers::Offset<fb::BlobRef>> blobs;
   for (const auto& e : m.blobs)
-    blobs.push_back(fb::CreateBlobRefDirect(b, e.file.c_str(), e.layer,
-                                            static_cast<fb::LayerKind>(e.kind), e.size,
-                                            e.header_crc32c));
+    blobs.push_back(fb::CreateBlobRefDirect(
+        b, e.file.c_str(), e.layer, static_cast<fb::LayerKind>(e.kind), e.size, e.header_crc32c));
   const auto& p = m.provenance;
   std::vector<flatbuffers::Offset<fb::SourceFile>> sources;
   for (const auto& [path, size] : p.sources)
@@ -121,8 +120,7 @@ Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& pat
   m.format_minor = f->format_minor();
   if (m.format_major != kFormatMajor)
     throw Error(path + ": manifest format version " + std::to_string(m.format_major) +
-                " is not supported (this kiln reads version " + std::to_string(kFormatMajor) +
-                ")");
+                " is not supported (this kiln reads version " + std::to_string(kFormatMajor) + ")");
   m.config = config_from_fb(*f->config());
   m.config.validate(path);
   for (const auto* e : *f->blobs())
@@ -134,13 +132,15 @@ Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& pat
     m.provenance.exporter_version = s(p->exporter_version());
     m.provenance.created_utc = s(p->created_utc());
     if (p->sources())
-      for (const auto* src : *p->sources()) m.provenance.sources.emplace_back(s(src->path()), src->size());
+      for (const auto* src : *p->sources())
+        m.provenance.sources.emplace_back(s(src->path()), src->size());
     m.provenance.config_source = s(p->config_source());
     m.provenance.key_layout = s(p->key_layout());
     m.provenance.scanned = p->scanned();
     m.provenance.scan_axis = p->scan_axis();
     if (p->options())
-      for (const auto* kv : *p->options()) m.provenance.options.emplace_back(s(kv->key()), s(kv->value()));
+      for (const auto* kv : *p->options())
+        m.provenance.options.emplace_back(s(kv->key()), s(kv->value()));
     m.provenance.nonfinite_nan = p->nonfinite_nan();
     m.provenance.nonfinite_inf = p->nonfinite_inf();
   }
@@ -157,8 +157,7 @@ Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& pat
     if (q->gamma()) r.gamma.assign(q->gamma()->begin(), q->gamma()->end());
     if (q->max_logit()) r.max_logit.assign(q->max_logit()->begin(), q->max_logit()->end());
     const size_t want = size_t(m.config.num_decoder_layers * r.heads);
-    if (r.heads != m.config.num_query_heads || r.gamma.size() != want ||
-        r.max_logit.size() != want)
+    if (r.heads != m.config.num_query_heads || r.gamma.size() != want || r.max_logit.size() != want)
       throw Error(path + ": QK-Clip record does not match the config (expected " +
                   std::to_string(want) + " gammas)");
   }

@@ -37,13 +37,13 @@ struct Provenance {
 struct QkClipRecord {
   bool applied = false;
   double threshold = 0;
-  std::string mode;          // "mla" | "query"
-  std::string targets;       // which tensors and columns were scaled, in words
+  std::string mode;     // "mla" | "query"
+  std::string targets;  // which tensors and columns were scaled, in words
   bool per_group = false;
   std::vector<std::string> sources;
   int64_t heads = 0;
-  std::vector<float> gamma;       // [layers, heads]; 1 = untouched
-  std::vector<float> max_logit;   // [layers, heads]; NaN where no statistics
+  std::vector<float> gamma;      // [layers, heads]; 1 = untouched
+  std::vector<float> max_logit;  // [layers, heads]; NaN where no statistics
   int64_t clipped_heads() const {
     int64_t n = 0;
     for (float g : gamma) n += g < 1.0f;

@@ -96,9 +96,9 @@ std::vector<TensorSpec> layer_tensor_specs(const ModelConfig& c, int layer) {
   const int64_t E = c.emb_dim, H = c.num_query_heads, K = c.num_kv_heads, D = c.head_dim,
                 F = c.mlp_dim;
   std::vector<TensorSpec> specs = {
-      {"pre_attn_norm", {E}},  {"attn.q", {E, H, D}},  {"attn.k", {E, K, D}},
-      {"attn.v", {E, K, D}},   {"attn.o", {H, D, E}},  {"post_attn_norm", {E}},
-      {"mlp.wi_0", {E, F}},    {"mlp.wi_1", {E, F}},   {"mlp.wo", {F, E}},
+      {"pre_attn_norm", {E}}, {"attn.q", {E, H, D}}, {"attn.k", {E, K, D}},
+      {"attn.v", {E, K, D}},  {"attn.o", {H, D, E}}, {"post_attn_norm", {E}},
+      {"mlp.wi_0", {E, F}},   {"mlp.wi_1", {E, F}},  {"mlp.wo", {F, E}},
   };
   if (c.use_qk_norm) {
     specs.push_back({"attn.q_norm", {D}});

@@ -67,7 +67,9 @@ struct ModelConfig {
   bool rope_truncate = true;
 
   bool is_deepseek() const { return decoder_block == "deepseek"; }
-  bool is_moe_layer(int64_t layer) const { return is_deepseek() && layer >= first_num_dense_layers; }
+  bool is_moe_layer(int64_t layer) const {
+    return is_deepseek() && layer >= first_num_dense_layers;
+  }
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
 
   // Throws kiln::Error("<where>: ...") naming the first inconsistent field (non-positive dims,

@@ -1,10 +1,10 @@
+#include "common/bf16.h"
+
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <limits>
 #include <vector>
-
-#include "common/bf16.h"
 
 using namespace kiln;
 
@@ -42,7 +42,8 @@ TEST_CASE("f32_to_bf16 handles subnormals") {
 
 TEST_CASE("bulk conversion equals scalar conversion and counts non-finite values") {
   std::vector<float> x;
-  for (int i = 0; i < 1000; ++i) x.push_back(std::ldexp(float(i * 7919 % 1013) - 500.5f, i % 40 - 20));
+  for (int i = 0; i < 1000; ++i)
+    x.push_back(std::ldexp(float(i * 7919 % 1013) - 500.5f, i % 40 - 20));
   x[17] = std::numeric_limits<float>::quiet_NaN();
   x[18] = std::numeric_limits<float>::infinity();
   x[999] = -std::numeric_limits<float>::infinity();

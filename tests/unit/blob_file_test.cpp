@@ -1,3 +1,5 @@
+#include "schema/blob_file.h"
+
 #include <doctest/doctest.h>
 
 #include <cstring>
@@ -8,7 +10,6 @@
 
 #include "common/error.h"
 #include "common/mapped_file.h"
-#include "schema/blob_file.h"
 
 using namespace kiln;
 namespace fs = std::filesystem;

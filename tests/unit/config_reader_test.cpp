@@ -320,8 +320,9 @@ vocab_size: 256
   }
   SUBCASE("unsupported decoder_block lists the supported ones") {
     const std::string msg = err("g3.yml", base + "decoder_block: gpt3\n");
-    CHECK(contains(msg, "decoder_block 'gpt3' is not supported (supported: llama2, mistral, "
-                        "qwen3, deepseek)"));
+    CHECK(contains(msg,
+                   "decoder_block 'gpt3' is not supported (supported: llama2, mistral, "
+                   "qwen3, deepseek)"));
     // A deepseek config names the MLA fields it misses.
     CHECK(contains(err("ds.yml", base + "decoder_block: deepseek\n"),
                    "kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim"));

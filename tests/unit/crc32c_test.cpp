@@ -1,9 +1,9 @@
+#include "common/crc32c.h"
+
 #include <doctest/doctest.h>
 
 #include <cstring>
 #include <string>
-
-#include "common/crc32c.h"
 
 TEST_CASE("crc32c matches the standard check values") {
   const char* s = "123456789";

@@ -30,7 +30,6 @@
 #include "export/exporter.h"
 #include "tests/unit/alloc_counter.h"
 
-
 namespace fs = std::filesystem;
 using namespace kiln;
 using namespace kiln::ops;

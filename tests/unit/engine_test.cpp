@@ -1,22 +1,22 @@
 // Engine-level tests on a tiny exported model: the per-token path allocates nothing (which also
 // rules out oneDNN primitive creation, which allocates), decoding through the KV cache gives the
 // logits a full prefill gives, and bad requests are errors.
+#include "engine/engine.h"
+
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <cstdlib>
-#include <memory>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 
 #include "common/bf16.h"
 #include "common/error.h"
-#include "engine/engine.h"
 #include "export/exporter.h"
 #include "tests/unit/alloc_counter.h"
-
 
 namespace fs = std::filesystem;
 using namespace kiln;
@@ -68,7 +68,8 @@ TinyModel make_tiny_model(const std::string& name, bool tied) {
       float u = float((seed >> 40) & 0xffffff) / float(1 << 24) * 2.0f - 1.0f;  // [-1, 1)
       data.push_back(t.scale == 0 ? 1.0f : u * t.scale * 1.7f);
     }
-    header[t.key] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {begin, data.size() * 4}}};
+    header[t.key] = {
+        {"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {begin, data.size() * 4}}};
   }
   std::string h = header.dump();
   uint64_t hlen = h.size();
@@ -78,10 +79,10 @@ TinyModel make_tiny_model(const std::string& name, bool tied) {
   f.write(reinterpret_cast<const char*>(data.data()), std::streamsize(data.size() * 4));
   f.close();
 
-  nlohmann::json cfg = {{"decoder_block", "llama2"}, {"emb_dim", E},  {"num_query_heads", H},
-                        {"num_kv_heads", K},         {"head_dim", D}, {"mlp_dim", F},
-                        {"num_decoder_layers", L},   {"vocab_size", V},
-                        {"max_target_length", 96},   {"logits_via_embedding", tied}};
+  nlohmann::json cfg = {{"decoder_block", "llama2"},   {"emb_dim", E},    {"num_query_heads", H},
+                        {"num_kv_heads", K},           {"head_dim", D},   {"mlp_dim", F},
+                        {"num_decoder_layers", L},     {"vocab_size", V}, {"max_target_length", 96},
+                        {"logits_via_embedding", tied}};
   std::ofstream(m.dir / "config.json") << cfg.dump();
 
   ExportOptions opt;

@@ -88,14 +88,22 @@ Fixture make_deepseek(const std::string& name, int64_t H, int64_t L) {
     fx.params[k + "mlp.wo.kernel"] = filled({F, E}, s + 12);
   }
   write_safetensors(fx.dir / "model.safetensors", fx.params);
-  nlohmann::json cfg = {{"decoder_block", "deepseek"},  {"model_name", "deepseek3-test"},
-                        {"emb_dim", E},                 {"num_query_heads", H},
-                        {"num_kv_heads", H},            {"mlp_dim", F},
-                        {"num_decoder_layers", L},      {"first_num_dense_layers", L},
-                        {"vocab_size", V},              {"q_lora_rank", R},
-                        {"kv_lora_rank", R},            {"qk_nope_head_dim", 4},
-                        {"qk_rope_head_dim", 2},        {"v_head_dim", 2},
-                        {"rope_type", "yarn"},          {"scan_layers", false}};
+  nlohmann::json cfg = {{"decoder_block", "deepseek"},
+                        {"model_name", "deepseek3-test"},
+                        {"emb_dim", E},
+                        {"num_query_heads", H},
+                        {"num_kv_heads", H},
+                        {"mlp_dim", F},
+                        {"num_decoder_layers", L},
+                        {"first_num_dense_layers", L},
+                        {"vocab_size", V},
+                        {"q_lora_rank", R},
+                        {"kv_lora_rank", R},
+                        {"qk_nope_head_dim", 4},
+                        {"qk_rope_head_dim", 2},
+                        {"v_head_dim", 2},
+                        {"rope_type", "yarn"},
+                        {"scan_layers", false}};
   std::ofstream(fx.dir / "config.json") << cfg.dump();
   return fx;
 }
@@ -134,21 +142,25 @@ Manifest artifact_manifest(const std::string& dir) {
   return parse_manifest(f.data(), f.size(), f.path());
 }
 
-float gamma_of(float tau, float s) { return std::min(1.0f, tau / (s + 1e-6f)); }
+float gamma_of(float tau, float s) {
+  return std::min(1.0f, tau / (s + 1e-6f));
+}
 
 // Element [r, h, j] of a [rank, H, 6] kernel.
 float at(const std::vector<float>& w, int64_t H, int64_t r, int64_t h, int64_t j) {
   return w[size_t((r * H + h) * 6 + j)];
 }
 
-const std::string kStatsKey = "intermediates.decoder.dense_layers_0.self_attention.attention_op.max_logits";
+const std::string kStatsKey =
+    "intermediates.decoder.dense_layers_0.self_attention.attention_op.max_logits";
 
 }  // namespace
 
 TEST_CASE("QK-Clip: per-head scaling of wq_b and wkv_b (test_apply_qk_clip_logic)") {
   Fixture fx = make_deepseek("logic", 2, 1);
   ExportOptions o = options(fx, "clipped.kiln");
-  o.qk_clip = {10.0, {write_stats(fx, "stats.safetensors", {{kStatsKey, {{1, 2}, {20, 5}}}}).string()}};
+  o.qk_clip = {10.0,
+               {write_stats(fx, "stats.safetensors", {{kStatsKey, {{1, 2}, {20, 5}}}}).string()}};
   export_artifact(o);
   const std::string l0 = "params.params.decoder.dense_layers_0.self_attention.";
   const auto& q0 = fx.params.at(l0 + "wq_b.kernel").data;
@@ -163,7 +175,7 @@ TEST_CASE("QK-Clip: per-head scaling of wq_b and wkv_b (test_apply_qk_clip_logic
       float qs = j < 4 ? sg : g;
       CHECK(at(q, 2, r, 0, j) == round_to_bf16(at(q0, 2, r, 0, j) * qs));
       CHECK(at(q, 2, r, 1, j) == round_to_bf16(at(q0, 2, r, 1, j)));  // head 1 below tau
-      float ks = j < 4 ? sg : 1.0f;                                    // values untouched
+      float ks = j < 4 ? sg : 1.0f;                                   // values untouched
       CHECK(at(kv, 2, r, 0, j) == round_to_bf16(at(kv0, 2, r, 0, j) * ks));
       CHECK(at(kv, 2, r, 1, j) == round_to_bf16(at(kv0, 2, r, 1, j)));
     }
@@ -179,12 +191,14 @@ TEST_CASE("QK-Clip: only heads above tau change (test_verify_per_head_clipping)"
   Fixture fx = make_deepseek("perhead", 3, 1);
   ExportOptions o = options(fx, "clipped.kiln");
   // The key form without attention_op, as a Linen sow tuple (`.0`), `/` separators.
-  o.qk_clip = {10.0, {write_stats(fx, "stats.safetensors",
-                                  {{"decoder/dense_layers_0/self_attention/max_logits/0",
-                                    {{1, 3}, {40, 9.9f, 1}}}})
-                          .string()}};
+  o.qk_clip = {10.0,
+               {write_stats(fx, "stats.safetensors",
+                            {{"decoder/dense_layers_0/self_attention/max_logits/0",
+                              {{1, 3}, {40, 9.9f, 1}}}})
+                    .string()}};
   export_artifact(o);
-  const auto& q0 = fx.params.at("params.params.decoder.dense_layers_0.self_attention.wq_b.kernel").data;
+  const auto& q0 =
+      fx.params.at("params.params.decoder.dense_layers_0.self_attention.wq_b.kernel").data;
   auto q = artifact_tensor(o.out_dir, 0, "attn.wq_b");
   const float g = gamma_of(10, 40);
   for (int64_t r = 0; r < 4; ++r)
@@ -200,10 +214,12 @@ TEST_CASE("QK-Clip: below the threshold the weights are bit-identical, wkv_a nev
   ExportOptions plain = options(fx, "plain.kiln");
   export_artifact(plain);
   ExportOptions below = options(fx, "below.kiln");
-  below.qk_clip = {100.0, {write_stats(fx, "s50.safetensors", {{kStatsKey, {{1, 1}, {50}}}}).string()}};
+  below.qk_clip = {100.0,
+                   {write_stats(fx, "s50.safetensors", {{kStatsKey, {{1, 1}, {50}}}}).string()}};
   export_artifact(below);
   ExportOptions above = options(fx, "above.kiln");
-  above.qk_clip = {10.0, {write_stats(fx, "s100.safetensors", {{kStatsKey, {{1, 1}, {100}}}}).string()}};
+  above.qk_clip = {10.0,
+                   {write_stats(fx, "s100.safetensors", {{kStatsKey, {{1, 1}, {100}}}}).string()}};
   export_artifact(above);
   for (const char* name : {"attn.wq_b", "attn.wkv_b", "attn.wkv_a", "attn.wq_a", "attn.o"})
     CHECK(artifact_tensor(below.out_dir, 0, name) == artifact_tensor(plain.out_dir, 0, name));
@@ -220,14 +236,17 @@ TEST_CASE("QK-Clip: layers without statistics are untouched; stacked stats; per 
 
   SUBCASE("statistics for layer 1 only") {
     ExportOptions o = options(fx, "one.kiln");
-    o.qk_clip = {10.0, {write_stats(fx, "s.safetensors",
-                                    {{"intermediates.decoder.dense_layers_1.self_attention."
-                                      "attention_op.max_logits",
-                                      {{2, 2}, {30, 1, 25, 2}}}})  // batch 2: max over batch
-                            .string()}};
+    o.qk_clip = {10.0,
+                 {write_stats(fx, "s.safetensors",
+                              {{"intermediates.decoder.dense_layers_1.self_attention."
+                                "attention_op.max_logits",
+                                {{2, 2}, {30, 1, 25, 2}}}})  // batch 2: max over batch
+                      .string()}};
     export_artifact(o);
-    CHECK(artifact_tensor(o.out_dir, 0, "attn.wq_b") == artifact_tensor(plain.out_dir, 0, "attn.wq_b"));
-    CHECK(artifact_tensor(o.out_dir, 1, "attn.wq_b") != artifact_tensor(plain.out_dir, 1, "attn.wq_b"));
+    CHECK(artifact_tensor(o.out_dir, 0, "attn.wq_b") ==
+          artifact_tensor(plain.out_dir, 0, "attn.wq_b"));
+    CHECK(artifact_tensor(o.out_dir, 1, "attn.wq_b") !=
+          artifact_tensor(plain.out_dir, 1, "attn.wq_b"));
     Manifest m = artifact_manifest(o.out_dir);
     CHECK(std::isnan(m.qk_clip.max_logit[0]));
     CHECK(m.qk_clip.gamma[0] == 1.0f);
@@ -258,11 +277,13 @@ TEST_CASE("QK-Clip: bad statistics and non-MLA models are refused with a clear e
   Fixture fx = make_deepseek("errors", 2, 1);
   ExportOptions o = options(fx, "bad.kiln");
   SUBCASE("wrong head count") {
-    o.qk_clip = {10.0, {write_stats(fx, "h3.safetensors", {{kStatsKey, {{1, 3}, {1, 2, 3}}}}).string()}};
+    o.qk_clip = {10.0,
+                 {write_stats(fx, "h3.safetensors", {{kStatsKey, {{1, 3}, {1, 2, 3}}}}).string()}};
     CHECK_THROWS_WITH_AS(export_artifact(o), doctest::Contains("expected [..., 2]"), Error);
   }
   SUBCASE("no max-logit key") {
-    o.qk_clip = {10.0, {write_stats(fx, "none.safetensors", {{"something.else", {{1}, {1}}}}).string()}};
+    o.qk_clip = {10.0,
+                 {write_stats(fx, "none.safetensors", {{"something.else", {{1}, {1}}}}).string()}};
     CHECK_THROWS_WITH_AS(export_artifact(o), doctest::Contains("no max-logit statistics"), Error);
   }
   SUBCASE("threshold without statistics") {
@@ -292,12 +313,13 @@ TEST_CASE("QK-Clip: a Llama model needs --qk-clip-mode=query, which scales each 
   p[l + "mlp.wi_1.kernel"] = filled({E, F}, 11);
   p[l + "mlp.wo.kernel"] = filled({F, E}, 12);
   write_safetensors(dir / "model.safetensors", p);
-  nlohmann::json cfg = {{"decoder_block", "llama2"}, {"emb_dim", E},  {"num_query_heads", H},
-                        {"num_kv_heads", K},         {"head_dim", D}, {"mlp_dim", F},
+  nlohmann::json cfg = {{"decoder_block", "llama2"}, {"emb_dim", E},   {"num_query_heads", H},
+                        {"num_kv_heads", K},         {"head_dim", D},  {"mlp_dim", F},
                         {"num_decoder_layers", 1},   {"vocab_size", V}};
   std::ofstream(dir / "config.json") << cfg.dump();
-  write_safetensors(dir / "stats.safetensors",
-                    {{"decoder.layers_0.self_attention.attention_op.max_logits", {{1, 2}, {5, 40}}}});
+  write_safetensors(
+      dir / "stats.safetensors",
+      {{"decoder.layers_0.self_attention.attention_op.max_logits", {{1, 2}, {5, 40}}}});
   ExportOptions o;
   o.checkpoints = {(dir / "model.safetensors").string()};
   o.config_path = (dir / "config.json").string();

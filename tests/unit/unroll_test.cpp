@@ -1,3 +1,5 @@
+#include "export/unroll.h"
+
 #include <doctest/doctest.h>
 
 #include <cstring>
@@ -7,7 +9,6 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
-#include "export/unroll.h"
 
 using namespace kiln;
 namespace fs = std::filesystem;

@@ -18,7 +18,7 @@ double median(std::vector<double> v) {
 }
 
 double peak_rss_mib() {
-  struct rusage ru{};
+  struct rusage ru {};
   ::getrusage(RUSAGE_SELF, &ru);
   return double(ru.ru_maxrss) / 1024.0;  // Linux reports KiB
 }
@@ -86,8 +86,8 @@ int cmd_bench(int argc, const char* const* argv) {
   std::printf("prefill       %.1f tokens/s   (%lld-token prompt, median of %lld)\n",
               median(prefill_tps), static_cast<long long>(n_prompt),
               static_cast<long long>(repeat));
-  std::printf("decode        %.2f tokens/s   (%lld tokens, median of %lld)\n",
-              median(decode_tps), static_cast<long long>(n_gen), static_cast<long long>(repeat));
+  std::printf("decode        %.2f tokens/s   (%lld tokens, median of %lld)\n", median(decode_tps),
+              static_cast<long long>(n_gen), static_cast<long long>(repeat));
   std::printf("peak RSS      %.0f MiB\n", peak_rss_mib());
   return 0;
 }

@@ -56,10 +56,11 @@ int cmd_calibrate(int argc, const char* const* argv) {
     out.push_back(std::move(t));
   }
   write_safetensors_f32(a.get("--out"), out);
-  std::printf("calibrated %zu prompts in %.2f s: largest max logit %.4g; wrote %lld layers x %lld "
-              "heads to %s\n",
-              prompts.size(), secs, double(overall), static_cast<long long>(c.num_decoder_layers),
-              static_cast<long long>(c.num_query_heads), a.get("--out").c_str());
+  std::printf(
+      "calibrated %zu prompts in %.2f s: largest max logit %.4g; wrote %lld layers x %lld "
+      "heads to %s\n",
+      prompts.size(), secs, double(overall), static_cast<long long>(c.num_decoder_layers),
+      static_cast<long long>(c.num_query_heads), a.get("--out").c_str());
   return 0;
 }
 

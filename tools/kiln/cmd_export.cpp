@@ -46,10 +46,12 @@ QkClipRecord sequential_qk_clip(const ExportOptions& base, const std::string& pr
   std::vector<std::vector<int32_t>> prompts = read_prompts_file(prompts_path);
   ExportConfig cfg = read_export_config(base.config_path, base.overrides);
   const ModelConfig& c = cfg.model;
-  QkClipRecord rec = plan_qk_clip(base.qk_clip, c, MaxLogits{c.num_decoder_layers,
-                                                             c.num_query_heads,
-                                                             std::vector<float>(size_t(c.num_decoder_layers * c.num_query_heads), NAN),
-                                                             {}});
+  QkClipRecord rec = plan_qk_clip(
+      base.qk_clip, c,
+      MaxLogits{c.num_decoder_layers,
+                c.num_query_heads,
+                std::vector<float>(size_t(c.num_decoder_layers * c.num_query_heads), NAN),
+                {}});
   rec.sources = {prompts_path + " (sequential calibration)"};
   const float tau = float(base.qk_clip.threshold);
   const int64_t H = c.num_query_heads;
@@ -104,16 +106,21 @@ int cmd_export(int argc, const char* const* argv) {
           required);
   p.option("--config", "FILE", "model config: JSON or MaxText model YAML", required);
   p.multi("--set", "KEY=VALUE", "override a config field (repeatable)");
-  p.option("--scan-axis", "N", "axis the scanned layers are stacked on (default: the config's "
-                               "param_scan_axis, MaxText default 1)");
+  p.option("--scan-axis", "N",
+           "axis the scanned layers are stacked on (default: the config's "
+           "param_scan_axis, MaxText default 1)");
   p.option("--out", "DIR", "artifact directory to write", required);
   p.multi("--max-logits", "FILE", "per-head max-logit statistics (safetensors) for QK-Clip");
-  p.option("--qk-clip-threshold", "TAU", "QK-Clip threshold: heads whose max logit exceeds TAU "
-                                         "are rescaled by gamma = TAU / max");
-  p.flag("--qk-clip-per-group", "one gamma per head for a whole scanned group (MaxText's "
-                                "reduction) instead of per layer");
-  p.option("--qk-clip-mode", "MODE", "mla (wq_b/wkv_b, MaxText) or query (scale each query head; "
-                                     "works for any attention)", "mla");
+  p.option("--qk-clip-threshold", "TAU",
+           "QK-Clip threshold: heads whose max logit exceeds TAU "
+           "are rescaled by gamma = TAU / max");
+  p.flag("--qk-clip-per-group",
+         "one gamma per head for a whole scanned group (MaxText's "
+         "reduction) instead of per layer");
+  p.option("--qk-clip-mode", "MODE",
+           "mla (wq_b/wkv_b, MaxText) or query (scale each query head; "
+           "works for any attention)",
+           "mla");
   p.option("--qk-clip-calibrate", "PROMPTS",
            "compute the statistics while exporting: layer l is measured on these prompts (one "
            "per line, ids comma-separated) with layers 0..l-1 already clipped, so every head "
@@ -163,8 +170,9 @@ int cmd_export(int argc, const char* const* argv) {
   ProgressBar bar;
   ExportSummary s = export_artifact(opt, [&](const ExportProgress& pr) { bar.update(pr); });
   if (s.nonfinite_nan || s.nonfinite_inf)
-    std::fprintf(stderr, "kiln: warning: the weights contain %llu NaN and %llu Inf values "
-                         "(kept as they are; recorded in the manifest)\n",
+    std::fprintf(stderr,
+                 "kiln: warning: the weights contain %llu NaN and %llu Inf values "
+                 "(kept as they are; recorded in the manifest)\n",
                  static_cast<unsigned long long>(s.nonfinite_nan),
                  static_cast<unsigned long long>(s.nonfinite_inf));
   if (s.qk_clip.applied) {

@@ -89,7 +89,8 @@ int cmd_golden(int argc, const char* const* argv) {
                   : "");
   if (!ok)
     throw Error(path + ": logits differ from the golden file (max |difference| " +
-                std::to_string(max_diff) + " > atol " + std::to_string(atol) + " or top-1 differs)");
+                std::to_string(max_diff) + " > atol " + std::to_string(atol) +
+                " or top-1 differs)");
   return 0;
 }
 

@@ -14,18 +14,24 @@ nlohmann::ordered_json config_json_common(const ModelConfig& c);
 
 const char* rope_layout_name(RopeLayout r) {
   switch (r) {
-    case RopeLayout::HalfSplit: return "half-split";
-    case RopeLayout::Interleaved: return "interleaved (llama3.1)";
-    case RopeLayout::Yarn: return "yarn";
+    case RopeLayout::HalfSplit:
+      return "half-split";
+    case RopeLayout::Interleaved:
+      return "interleaved (llama3.1)";
+    case RopeLayout::Yarn:
+      return "yarn";
   }
   return "?";
 }
 
 const char* kind_name(LayerKind k) {
   switch (k) {
-    case LayerKind::Globals: return "globals";
-    case LayerKind::Dense: return "dense";
-    case LayerKind::MoE: return "moe";
+    case LayerKind::Globals:
+      return "globals";
+    case LayerKind::Dense:
+      return "dense";
+    case LayerKind::MoE:
+      return "moe";
   }
   return "?";
 }
@@ -135,7 +141,8 @@ int cmd_inspect(int argc, const char* const* argv) {
   if (qk.applied) {
     nlohmann::ordered_json layers = nlohmann::ordered_json::array();
     for (int64_t l = 0; l < m.config.num_decoder_layers; ++l) {
-      nlohmann::ordered_json g = nlohmann::ordered_json::array(), s = nlohmann::ordered_json::array();
+      nlohmann::ordered_json g = nlohmann::ordered_json::array(),
+                             s = nlohmann::ordered_json::array();
       for (int64_t h = 0; h < qk.heads; ++h) {
         g.push_back(qk.gamma[size_t(l * qk.heads + h)]);
         float x = qk.max_logit[size_t(l * qk.heads + h)];
@@ -143,8 +150,8 @@ int cmd_inspect(int argc, const char* const* argv) {
       }
       layers.push_back({{"layer", l}, {"gamma", g}, {"max_logit", s}});
     }
-    qk_json = {{"threshold", qk.threshold}, {"mode", qk.mode},     {"targets", qk.targets},
-               {"per_group", qk.per_group},
+    qk_json = {{"threshold", qk.threshold}, {"mode", qk.mode},
+               {"targets", qk.targets},     {"per_group", qk.per_group},
                {"sources", qk.sources},     {"heads_clipped", qk.clipped_heads()},
                {"layers", layers}};
   }
@@ -183,8 +190,8 @@ int cmd_inspect(int argc, const char* const* argv) {
   std::printf("\nconfig\n");
   const nlohmann::ordered_json config = config_json(m.config);
   for (const auto& [k, val] : config.items())
-    std::printf("  %-28s %s\n", k.c_str(), val.is_string() ? val.get<std::string>().c_str()
-                                                             : val.dump().c_str());
+    std::printf("  %-28s %s\n", k.c_str(),
+                val.is_string() ? val.get<std::string>().c_str() : val.dump().c_str());
   std::printf("\nblobs\n");
   for (const auto& b : blobs) {
     std::printf("  %-18s %-8s %10.2f MiB  %zu tensors\n", b["file"].get<std::string>().c_str(),
@@ -214,7 +221,9 @@ int cmd_inspect(int argc, const char* const* argv) {
       }
       bool stats = !std::isnan(qk.max_logit[size_t(l * qk.heads)]);
       std::printf("  layer %3lld gamma%s%s\n", static_cast<long long>(l), line.c_str(),
-                  !stats ? "   (no statistics: untouched)" : any ? "" : "   (all below tau)");
+                  !stats ? "   (no statistics: untouched)"
+                  : any  ? ""
+                         : "   (all below tau)");
     }
   }
   std::printf("\nprovenance\n");

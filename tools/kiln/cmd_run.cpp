@@ -22,8 +22,7 @@ EngineOptions engine_options(const Args& a) {
 }
 
 double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 int cmd_run(int argc, const char* const* argv) {
