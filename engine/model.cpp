@@ -1,5 +1,7 @@
 #include "engine/model.h"
 
+#include <unistd.h>
+
 #include <cmath>
 #include <thread>
 
@@ -13,10 +15,17 @@ std::unique_ptr<Model> Model::open(const std::string& dir, const ModelOptions& o
   auto artifact = Artifact::open(dir, {opt.verify_checksums});
   int threads = opt.threads > 0 ? opt.threads : int(std::thread::hardware_concurrency());
   ops::set_num_threads(threads > 0 ? threads : 1);
+  // Re-laid weights live in anonymous memory; a model that would not fit beside the page cache
+  // and the rest of the process (e.g. DeepSeek-V2-Lite's 30 GiB on a 23 GiB machine) is used in
+  // place from the mapping instead of being killed by the OOM killer halfway through loading.
+  ModelOptions o = opt;
+  const double physical = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGESIZE));
+  if (o.relayout && physical > 0 && double(artifact->total_bytes()) > 0.7 * physical)
+    o.relayout = false;
   const std::string& block = artifact->config().decoder_block;
   if (block == "llama2" || block == "mistral" || block == "qwen3")
-    return make_llama_model(std::move(artifact), opt);
-  if (block == "deepseek") return make_deepseek_model(std::move(artifact), opt);
+    return make_llama_model(std::move(artifact), o);
+  if (block == "deepseek") return make_deepseek_model(std::move(artifact), o);
   throw Error(dir + ": decoder_block '" + block + "' has no forward pass in this kiln");
 }
 

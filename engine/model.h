@@ -18,7 +18,10 @@ namespace kiln {
 struct ModelOptions {
   int threads = 0;  // 0 → every core
   bool verify_checksums = false;
-  bool relayout = true;     // copy weights once into the matmul kernels' preferred layout
+  // Copy weights once into the matmul kernels' preferred layout (anonymous, huge-page memory).
+  // Ignored — weights used in place from the mapping — when the artifact exceeds 70 % of the
+  // machine's physical memory.
+  bool relayout = true;
   int64_t max_chunk = 512;  // prefill processes at most this many tokens per pass
 };
 
