@@ -13,6 +13,7 @@
 
 #include "common/bf16.h"
 #include "common/error.h"
+#include "common/interrupt.h"
 #include "export/config_reader.h"
 #include "export/key_layout.h"
 #include "export/safetensors.h"
@@ -332,6 +333,7 @@ ExportSummary export_artifact(const ExportOptions& opt,
     for (const auto& t : blob.tensors) specs.push_back(t.spec);
     BlobWriter writer((tmp.path() / blob.file).string(), blob.layer, blob.kind, specs);
     for (const auto& t : blob.tensors) {
+      throw_if_interrupted("export");
       uint64_t n = numel(t.spec.shape);
       if (blob.layer < 0) {
         for (uint64_t b = 0; b < n; b += kChunk) {

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -10,6 +11,7 @@
 
 #include "common/bf16.h"
 #include "common/error.h"
+#include "common/interrupt.h"
 #include "common/mapped_file.h"
 #include "export/exporter.h"
 #include "schema/blob_file.h"
@@ -339,4 +341,17 @@ TEST_CASE("QK-Clip: a Llama model needs --qk-clip-mode=query, which scales each 
   const auto& k0 = p.at(l + "self_attention.key.kernel").data;
   auto k = artifact_tensor(o.out_dir, 0, "attn.k");
   for (size_t i = 0; i < k.size(); ++i) CHECK(k[i] == round_to_bf16(k0[i]));  // keys untouched
+}
+
+TEST_CASE("an interrupted export throws Interrupted and leaves nothing behind") {
+  Fixture fx = make_deepseek("interrupt", 2, 1);
+  ExportOptions o = options(fx, "interrupted.kiln");
+  install_interrupt_handler();
+  std::raise(SIGINT);  // as if Ctrl-C arrived while the export ran
+  REQUIRE(interrupted());
+  CHECK_THROWS_AS(export_artifact(o), Interrupted);
+  clear_interrupted();
+  CHECK_FALSE(fs::exists(o.out_dir));
+  for (const auto& e : fs::directory_iterator(fx.dir))
+    CHECK(e.path().filename().string().find("kiln-tmp") == std::string::npos);
 }

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/error.h"
+#include "common/interrupt.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
 
@@ -56,7 +57,10 @@ int main(int argc, char** argv) {
   const char* const* sub_argv = argv + 1;
   int sub_argc = argc - 1;
   try {
-    if (cmd == "export") return cmd_export(sub_argc, sub_argv);
+    if (cmd == "export") {
+      kiln::install_interrupt_handler();  // Ctrl-C removes the half-written artifact
+      return cmd_export(sub_argc, sub_argv);
+    }
     if (cmd == "inspect") return cmd_inspect(sub_argc, sub_argv);
     if (cmd == "run") return cmd_run(sub_argc, sub_argv);
     if (cmd == "golden") return cmd_golden(sub_argc, sub_argv);
@@ -67,6 +71,9 @@ int main(int argc, char** argv) {
   } catch (const HelpRequested& h) {
     std::fputs(h.usage().c_str(), stdout);
     return 0;
+  } catch (const kiln::Interrupted& e) {
+    std::fprintf(stderr, "kiln: %s\n", e.what());
+    return 130;  // the shell's convention for SIGINT
   } catch (const kiln::UsageError& e) {
     std::fprintf(stderr, "kiln: error: %s\n", e.what());  // names the subcommand itself
     return 2;
