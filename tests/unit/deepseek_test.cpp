@@ -28,6 +28,7 @@
 #include "engine/ops/kernels.h"
 #include "engine/ops/moe.h"
 #include "export/exporter.h"
+#include "export/safetensors.h"
 #include "tests/unit/alloc_counter.h"
 
 namespace fs = std::filesystem;
@@ -598,28 +599,20 @@ TinyDeepSeek make_tiny_deepseek() {
       ts.push_back({s + "wo.kernel", {S * Fm, E}, 0.25f});
     }
   }
-  nlohmann::json header = nlohmann::json::object();
-  std::vector<float> data;
+  std::vector<F32Tensor> tensors;
   uint64_t seed = 424242;
   for (const auto& t : ts) {
     int64_t n = 1;
     for (auto d : t.shape) n *= d;
-    const uint64_t begin = data.size() * 4;
+    F32Tensor out{t.key, t.shape, {}};
     for (int64_t i = 0; i < n; ++i) {
       seed = seed * 6364136223846793005ull + 1442695040888963407ull;
       const float u = float((seed >> 40) & 0xffffff) / float(1 << 24) * 2.0f - 1.0f;  // [-1, 1)
-      data.push_back(t.scale == 0 ? 1.0f + 0.1f * u : u * t.scale * 1.7f);
+      out.data.push_back(t.scale == 0 ? 1.0f + 0.1f * u : u * t.scale * 1.7f);
     }
-    header[t.key] = {
-        {"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {begin, data.size() * 4}}};
+    tensors.push_back(std::move(out));
   }
-  const std::string h = header.dump();
-  const uint64_t hlen = h.size();
-  std::ofstream f(m.dir / "model.safetensors", std::ios::binary);
-  f.write(reinterpret_cast<const char*>(&hlen), 8);
-  f << h;
-  f.write(reinterpret_cast<const char*>(data.data()), std::streamsize(data.size() * 4));
-  f.close();
+  write_safetensors_f32((m.dir / "model.safetensors").string(), tensors);
 
   const nlohmann::json cfg = {{"decoder_block", "deepseek"},
                               {"model_name", "deepseek3-test"},

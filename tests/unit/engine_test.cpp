@@ -16,6 +16,7 @@
 #include "common/bf16.h"
 #include "common/error.h"
 #include "export/exporter.h"
+#include "export/safetensors.h"
 #include "tests/unit/alloc_counter.h"
 
 namespace fs = std::filesystem;
@@ -56,28 +57,20 @@ TinyModel make_tiny_model(const std::string& name, bool tied) {
       {l + "mlp.wo.kernel", {F, L, E}, 1.0f / 11},
   };
   if (!tied) ts.push_back({p + "decoder.logits_dense.kernel", {E, V}, 1.0f / 8});
-  nlohmann::json header = nlohmann::json::object();
-  std::vector<float> data;
+  std::vector<F32Tensor> tensors;
   uint64_t seed = 12345;
   for (const auto& t : ts) {
     int64_t n = 1;
     for (auto d : t.shape) n *= d;
-    uint64_t begin = data.size() * 4;
+    F32Tensor out{t.key, t.shape, {}};
     for (int64_t i = 0; i < n; ++i) {
       seed = seed * 6364136223846793005ull + 1442695040888963407ull;
-      float u = float((seed >> 40) & 0xffffff) / float(1 << 24) * 2.0f - 1.0f;  // [-1, 1)
-      data.push_back(t.scale == 0 ? 1.0f : u * t.scale * 1.7f);
+      const float u = float((seed >> 40) & 0xffffff) / float(1 << 24) * 2.0f - 1.0f;  // [-1, 1)
+      out.data.push_back(t.scale == 0 ? 1.0f : u * t.scale * 1.7f);
     }
-    header[t.key] = {
-        {"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {begin, data.size() * 4}}};
+    tensors.push_back(std::move(out));
   }
-  std::string h = header.dump();
-  uint64_t hlen = h.size();
-  std::ofstream f(m.dir / "model.safetensors", std::ios::binary);
-  f.write(reinterpret_cast<const char*>(&hlen), 8);
-  f << h;
-  f.write(reinterpret_cast<const char*>(data.data()), std::streamsize(data.size() * 4));
-  f.close();
+  write_safetensors_f32((m.dir / "model.safetensors").string(), tensors);
 
   nlohmann::json cfg = {{"decoder_block", "llama2"},   {"emb_dim", E},    {"num_query_heads", H},
                         {"num_kv_heads", K},           {"head_dim", D},   {"mlp_dim", F},

@@ -14,6 +14,7 @@
 #include "common/interrupt.h"
 #include "common/mapped_file.h"
 #include "export/exporter.h"
+#include "export/safetensors.h"
 #include "schema/blob_file.h"
 #include "schema/format.h"
 #include "schema/manifest.h"
@@ -30,19 +31,9 @@ struct Tensor {
 using TensorMap = std::map<std::string, Tensor>;
 
 void write_safetensors(const fs::path& path, const TensorMap& tensors) {
-  nlohmann::json h = nlohmann::json::object();
-  uint64_t off = 0;
-  for (const auto& [k, t] : tensors) {
-    h[k] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {off, off + t.data.size() * 4}}};
-    off += t.data.size() * 4;
-  }
-  std::string hs = h.dump();
-  uint64_t n = hs.size();
-  std::ofstream f(path, std::ios::binary);
-  f.write(reinterpret_cast<const char*>(&n), 8);
-  f << hs;
-  for (const auto& [k, t] : tensors)
-    f.write(reinterpret_cast<const char*>(t.data.data()), std::streamsize(t.data.size() * 4));
+  std::vector<F32Tensor> out;
+  for (const auto& [k, t] : tensors) out.push_back({k, t.shape, t.data});
+  write_safetensors_f32(path.string(), out);
 }
 
 Tensor filled(std::vector<int64_t> shape, uint32_t seed) {

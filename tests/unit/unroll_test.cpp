@@ -22,17 +22,9 @@ fs::path write_iota_tensor(const std::string& name, const std::vector<int64_t>& 
   fs::path p = dir / name;
   int64_t n = 1;
   for (auto d : shape) n *= d;
-  nlohmann::json h;
-  h["t"] = {{"dtype", "F32"}, {"shape", shape}, {"data_offsets", {0, n * 4}}};
-  std::string hs = h.dump();
-  uint64_t len = hs.size();
-  std::ofstream f(p, std::ios::binary);
-  f.write(reinterpret_cast<const char*>(&len), 8);
-  f << hs;
-  for (int64_t i = 0; i < n; ++i) {
-    float v = float(i);
-    f.write(reinterpret_cast<const char*>(&v), 4);
-  }
+  F32Tensor t{"t", shape, std::vector<float>(size_t(n))};
+  for (int64_t i = 0; i < n; ++i) t.data[size_t(i)] = float(i);
+  write_safetensors_f32(p.string(), {t});
   return p;
 }
 
