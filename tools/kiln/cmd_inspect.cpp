@@ -67,9 +67,11 @@ nlohmann::ordered_json config_json(const ModelConfig& c) {
   j["mscale"] = c.mscale;
   j["rope_interleave"] = c.rope_interleave;
   j["rope_truncate"] = c.rope_truncate;
-  for (const char* unused : {"head_dim", "mlp_dim", "rope_min_timescale",
-                             "rope_linear_scaling_factor", "rope_use_scale", "use_qk_norm"})
-    if (std::string(unused) != "mlp_dim" || c.first_num_dense_layers == 0) j.erase(unused);
+  // Llama-only fields mean nothing for MLA; mlp_dim only exists with dense layers.
+  for (const char* unused : {"head_dim", "rope_min_timescale", "rope_linear_scaling_factor",
+                             "rope_use_scale", "use_qk_norm"})
+    j.erase(unused);
+  if (c.first_num_dense_layers == 0) j.erase("mlp_dim");
   return j;
 }
 
