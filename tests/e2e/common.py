@@ -125,3 +125,14 @@ def check_long_logits(testcase, name, got, ref, length, log):
     testcase.assertLessEqual(ratio, REL_TOL, "%s: max|dlogit| ratio %.4f at pos %d"
                              % (name, ratio, int(delta.max(-1).argmax())))
     return ratio
+
+
+def add_variant_tests(cls, variants):
+    """Adds one test method per fixture variant to `cls`, each calling cls.run_variant(v)."""
+    def make(variant):
+        def test(self):
+            self.run_variant(variant)
+        test.__doc__ = "variant %s" % variant.name
+        return test
+    for v in variants:
+        setattr(cls, "test_" + v.name.replace("-", "_").replace(".", "_"), make(v))

@@ -148,16 +148,7 @@ class DeepSeekMatrixTest(common.TempDirCase):
         compare_logits(self, v.name + " (prefill of all 51)", full, model.logits(seq), seq)
 
 
-def _make_test(variant):
-    def test(self):
-        self.run_variant(variant)
-    test.__doc__ = "variant %s" % variant.name
-    return test
-
-
-for _v in mdf.variants():
-    setattr(DeepSeekMatrixTest, "test_" + _v.name.replace("-", "_").replace(".", "_"),
-            _make_test(_v))
+common.add_variant_tests(DeepSeekMatrixTest, mdf.variants())
 
 
 class DeepSeekLongContextTest(common.TempDirCase):

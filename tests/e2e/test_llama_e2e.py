@@ -123,16 +123,7 @@ class LlamaMatrixTest(common.TempDirCase):
                        want_greedy)
 
 
-def _make_test(variant):
-    def test(self):
-        self.run_variant(variant)
-    test.__doc__ = "variant %s" % variant.name
-    return test
-
-
-for _v in mf.variants():
-    setattr(LlamaMatrixTest, "test_" + _v.name.replace("-", "_").replace(".", "_"),
-            _make_test(_v))
+common.add_variant_tests(LlamaMatrixTest, mf.variants())
 
 
 class KilnCliTest(common.TempDirCase):
