@@ -253,6 +253,34 @@ class BadInputTest(common.TempDirCase):
         self.assertIn(res.rc, (1, 2), res.describe())
         self.assertFalse(os.path.exists(self.out))
 
+    # -- calibration prompts ---------------------------------------------------------------------
+
+    def calibrate(self, prompts_text):
+        self.assertKilnOk(self.export(), "export")
+        prompts = os.path.join(self.tmp, "prompts.txt")
+        with open(prompts, "w") as f:
+            f.write(prompts_text)
+        stats = os.path.join(self.tmp, "stats.safetensors")
+        res = kiln("calibrate", self.out, "--tokens-file", prompts, "--out", stats)
+        self.assertEqual(res.rc, 1, "expected exit 1:\n" + res.describe())
+        self.assertEqual(len(res.stderr_lines), 1, res.describe())
+        self.assertIn("prompts.txt", res.stderr_lines[0], res.describe())
+        self.assertFalse(os.path.exists(stats), "statistics written despite the error")
+        print("    %-40s %s" % (self._testMethodName, res.stderr_lines[0]))
+        return res.stderr_lines[0]
+
+    def test_calibrate_malformed_prompt_line(self):
+        msg = self.calibrate("1,2,3\n4,x,6\n")
+        self.assertIn("line 2", msg)
+
+    def test_calibrate_token_outside_vocabulary(self):
+        msg = self.calibrate("1,2,3\n1,99999\n")
+        self.assertIn("prompt 2", msg)
+        self.assertIn("vocabulary", msg)
+
+    def test_calibrate_empty_prompts_file(self):
+        self.assertIn("no prompts", self.calibrate("\n\n"))
+
 
 if __name__ == "__main__":
     unittest.main()

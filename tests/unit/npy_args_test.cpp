@@ -280,7 +280,7 @@ TEST_CASE("token lists") {
   CHECK(parse_token_list("42", "--tokens") == std::vector<int32_t>{42});
 
   auto message = [](const char* text) {
-    return error_message([&] { parse_token_list(text, "--tokens"); });
+    return error_message([&] { parse_token_list(text, "option '--tokens'"); });
   };
   CHECK(message("") == "option '--tokens' needs at least one token id");
   CHECK(message("  ") == "option '--tokens' needs at least one token id");

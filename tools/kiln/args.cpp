@@ -385,7 +385,7 @@ double Args::get_double(std::string_view name, double min, double max) const {
 
 std::vector<int32_t> Args::get_token_list(std::string_view name) const {
   try {
-    return parse_token_list(single(name), std::string(name));
+    return parse_token_list(single(name), "option '" + std::string(name) + "'");
   } catch (const UsageError& e) {
     throw error(e.what());
   }
@@ -408,8 +408,7 @@ UsageError Args::error(const std::string& message) const {
 
 // ----- token lists -------------------------------------------------------------------------------
 
-std::vector<int32_t> parse_token_list(const std::string& text, const std::string& option_name) {
-  const std::string what = "option '" + option_name + "'";
+std::vector<int32_t> parse_token_list(const std::string& text, const std::string& what) {
   if (trim(text).empty()) throw UsageError(what + " needs at least one token id");
 
   std::vector<int32_t> tokens;

@@ -155,7 +155,8 @@ class Args {
 
 // Parses a comma-separated list of non-negative token ids ("1,2,3"; spaces around items are
 // allowed). An empty list, an empty item or anything that is not an int32 token id is a
-// UsageError naming `option_name` and the offending item.
-std::vector<int32_t> parse_token_list(const std::string& text, const std::string& option_name);
+// UsageError that starts with `what` (e.g. "option '--tokens'" or "prompts.txt: line 3") and
+// names the offending item.
+std::vector<int32_t> parse_token_list(const std::string& text, const std::string& what);
 
 }  // namespace kiln::cli

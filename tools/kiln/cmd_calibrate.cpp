@@ -17,13 +17,22 @@ std::vector<std::vector<int32_t>> read_prompts_file(const std::string& path) {
   for (int n = 1; std::getline(in, line); ++n) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     try {
-      prompts.push_back(parse_token_list(line, "line " + std::to_string(n)));
+      prompts.push_back(parse_token_list(line, path + ": line " + std::to_string(n)));
     } catch (const UsageError& e) {
-      throw Error(path + ": " + e.what());
+      throw Error(e.what());  // bad file content is bad input (exit 1), not bad usage
     }
   }
   if (prompts.empty()) throw Error(path + ": no prompts (expected one comma-separated line each)");
   return prompts;
+}
+
+std::vector<float> calibrate(Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
+                             const std::string& prompts_path) {
+  try {
+    return engine.calibrate_max_logits(prompts);
+  } catch (const Error& e) {
+    throw Error(prompts_path + ": " + e.what());  // e.g. a token outside the vocabulary
+  }
 }
 
 int cmd_calibrate(int argc, const char* const* argv) {
@@ -42,7 +51,7 @@ int cmd_calibrate(int argc, const char* const* argv) {
   auto engine = Engine::open(a.positional(0), engine_options(a));
   const ModelConfig& c = engine->config();
   double t0 = now_seconds();
-  std::vector<float> max = engine->calibrate_max_logits(prompts);
+  std::vector<float> max = calibrate(*engine, prompts, a.get("--tokens-file"));
   double secs = now_seconds() - t0;
 
   // One key per unrolled layer, MaxText's intermediate form [batch = 1, heads].

@@ -76,7 +76,7 @@ QkClipRecord sequential_qk_clip(const ExportOptions& base, const std::string& pr
       export_artifact(tmp);
       EngineOptions eo;
       eo.model.relayout = false;  // measured once per clipped layer: skip the re-layout
-      stats = Engine::open(tmp.out_dir, eo)->calibrate_max_logits(prompts);
+      stats = calibrate(*Engine::open(tmp.out_dir, eo), prompts, prompts_path);
       stale = false;
       ++runs;
     }

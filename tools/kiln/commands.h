@@ -28,6 +28,10 @@ EngineOptions engine_options(const Args& a);
 // Prompts for calibration: one per line, token ids comma-separated; blank lines skipped.
 std::vector<std::vector<int32_t>> read_prompts_file(const std::string& path);
 
+// Engine::calibrate_max_logits with errors prefixed by the prompts file's name.
+std::vector<float> calibrate(Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
+                             const std::string& prompts_path);
+
 // Seconds since an arbitrary fixed point (monotonic).
 double now_seconds();
 
