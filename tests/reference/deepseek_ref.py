@@ -787,28 +787,8 @@ def reference_max_logits(checkpoint_paths, config, tokens, overrides=(), scan_ax
 
 
 def main(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(description="numpy reference forward pass (DeepSeek family)")
-    ap.add_argument("--checkpoint", action="append", required=True)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--scan-axis", type=int)
-    ap.add_argument("--tokens", required=True)
-    ap.add_argument("--max-tokens", type=int, default=0)
-    ap.add_argument("--out", help="write f32 logits [T, V] to this .npy")
-    ap.add_argument("--max-logits", help="write f32 max logits [L, H] to this .npy")
-    a = ap.parse_args(argv)
-    toks = [int(t) for t in a.tokens.split(",")]
-    m = RefModel.load(a.checkpoint, a.config, a.set, a.scan_axis)
-    lg = m.logits(toks)
-    if a.out:
-        np.save(a.out, lg)
-    if a.max_logits:
-        np.save(a.max_logits, m.max_logits(toks))
-    print("argmax per position:", [int(i) for i in lg.argmax(-1)])
-    if a.max_tokens:
-        print("greedy:", m.greedy(toks, a.max_tokens))
-    return 0
+    return _lr.cli_main(RefModel, "numpy reference forward pass (DeepSeek family)", argv,
+                        with_max_logits=True)
 
 
 if __name__ == "__main__":

@@ -556,9 +556,10 @@ def reference_greedy(checkpoint_paths, config, tokens, n, overrides=(), scan_axi
     return RefModel.load(checkpoint_paths, config, overrides, scan_axis).greedy(tokens, n)
 
 
-def main(argv=None):
+def cli_main(model_class, description, argv=None, with_max_logits=False):
+    """The reference's command line, shared by every family's module."""
     import argparse
-    ap = argparse.ArgumentParser(description="numpy reference forward pass")
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--checkpoint", action="append", required=True)
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[])
@@ -566,16 +567,24 @@ def main(argv=None):
     ap.add_argument("--tokens", required=True)
     ap.add_argument("--max-tokens", type=int, default=0)
     ap.add_argument("--out", help="write f32 logits [T, V] to this .npy")
+    if with_max_logits:
+        ap.add_argument("--max-logits", help="write f32 max logits [L, H] to this .npy")
     a = ap.parse_args(argv)
     toks = [int(t) for t in a.tokens.split(",")]
-    m = RefModel.load(a.checkpoint, a.config, a.set, a.scan_axis)
+    m = model_class.load(a.checkpoint, a.config, a.set, a.scan_axis)
     lg = m.logits(toks)
     if a.out:
         np.save(a.out, lg)
+    if with_max_logits and a.max_logits:
+        np.save(a.max_logits, m.max_logits(toks))
     print("argmax per position:", [int(i) for i in lg.argmax(-1)])
     if a.max_tokens:
         print("greedy:", m.greedy(toks, a.max_tokens))
     return 0
+
+
+def main(argv=None):
+    return cli_main(RefModel, "numpy reference forward pass", argv)
 
 
 if __name__ == "__main__":
