@@ -40,7 +40,6 @@ group-limited routing the codes are laid out so that limiting to the top groups 
 choice, with wide gaps both between groups and inside the kept groups.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -488,30 +487,8 @@ def variant_by_name(name):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", help="output directory")
-    ap.add_argument("--variant", default="ds3-linen-scan1-f32", help="named variant (--list)")
-    ap.add_argument("--list", action="store_true", help="list the named variants")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a DSVariant field, e.g. --set num_decoder_layers=4")
-    a = ap.parse_args(argv)
-    if a.list:
-        for v in variants():
-            print(v.name)
-        return 0
-    if not a.out:
-        ap.error("--out is required")
-    v = variant_by_name(a.variant)
-    fields = {f.name for f in dataclasses.fields(DSVariant)}
-    for kv in a.set:
-        k, _, val = kv.partition("=")
-        if k not in fields:
-            ap.error("unknown DSVariant field %r" % k)
-        v = v.replace(**{k: mf._parse_value(val)})
-    fx = write_fixture(v, a.out)
-    print(json.dumps({"checkpoint": fx.checkpoint_args, "config": fx.config_path,
-                      "files": fx.checkpoint_files}, indent=2))
-    return 0
+    return mf.cli_main(__doc__.split("\n")[0], DSVariant, variants, variant_by_name,
+                       write_fixture, "ds3-linen-scan1-f32", argv)
 
 
 if __name__ == "__main__":

@@ -443,31 +443,39 @@ def _parse_value(s):
     return s
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def cli_main(description, variant_class, variants_fn, by_name, write, default_variant,
+             argv=None):
+    """The fixture generators' command line, shared by every family's module."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", help="output directory")
-    ap.add_argument("--variant", default="linen-scan1-f32", help="named variant (see --list)")
+    ap.add_argument("--variant", default=default_variant, help="named variant (see --list)")
     ap.add_argument("--list", action="store_true", help="list the named variants")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a Variant field, e.g. --set num_decoder_layers=4")
+                    help="override a %s field, e.g. --set num_decoder_layers=4"
+                    % variant_class.__name__)
     a = ap.parse_args(argv)
     if a.list:
-        for v in variants():
+        for v in variants_fn():
             print(v.name)
         return 0
     if not a.out:
         ap.error("--out is required")
-    v = variant_by_name(a.variant)
-    fields = {f.name for f in dataclasses.fields(Variant)}
+    v = by_name(a.variant)
+    fields = {f.name for f in dataclasses.fields(variant_class)}
     for kv in a.set:
         k, _, val = kv.partition("=")
         if k not in fields:
-            ap.error("unknown Variant field %r" % k)
+            ap.error("unknown %s field %r" % (variant_class.__name__, k))
         v = v.replace(**{k: _parse_value(val)})
-    fx = write_fixture(v, a.out)
+    fx = write(v, a.out)
     print(json.dumps({"checkpoint": fx.checkpoint_args, "config": fx.config_path,
                       "files": fx.checkpoint_files}, indent=2))
     return 0
+
+
+def main(argv=None):
+    return cli_main(__doc__.split("\n")[0], Variant, variants, variant_by_name, write_fixture,
+                    "linen-scan1-f32", argv)
 
 
 if __name__ == "__main__":
