@@ -224,6 +224,12 @@ class DeepSeekModel final : public Model {
       throw Error("forward: the KV cache was not made by this model's new_cache()");
   }
 
+  void reserve_lora(int64_t rank) override {
+    Model::reserve_lora(rank);
+    if (int64_t(lora_z_.size()) < rank) lora_z_.resize(size_t(rank));
+    lora_d_.resize(size_t(std::max(Rkv_, Dv_)));
+  }
+
   int64_t kv_bytes_per_token() const override {
     return c_.num_decoder_layers * Dl_ * int64_t(sizeof(uint16_t));
   }
@@ -255,76 +261,86 @@ class DeepSeekModel final : public Model {
                ops::Linear(a.bf16(b, prefix + "wo", {F, E}), F, E, lo)};
   }
 
-  // out[T, E] (f32, unrounded projection output) = (silu(x·Wi0) * (x·Wi1))·Wo, spec §2.6.
-  void run_mlp(const Mlp& m, const uint16_t* x, int64_t T, float* out) {
+  // out[T, E] (f32, unrounded projection output) = (silu(x·Wi0) * (x·Wi1))·Wo, spec §2.6. With
+  // `rows` (the dense MLP; experts take no LoRA), each row adds its adapter's deltas.
+  void run_mlp(const Mlp& m, const uint16_t* x, int64_t T, float* out, const Rows* rows = nullptr,
+               int64_t layer = 0) {
     const int64_t F = m.wi_0.N();
     m.wi_0.forward(x, T, gate_.data());
     m.wi_1.forward(x, T, up_.data());
+    if (rows) {
+      apply_lora(*rows, layer, LoraSlot::wi_0, x, gate_.data());
+      apply_lora(*rows, layer, LoraSlot::wi_1, x, up_.data());
+    }
     ops::silu_mul(gate_.data(), up_.data(), T * F, act_b_.data());
     m.wo.forward(act_b_.data(), T, out);
+    if (rows) apply_lora(*rows, layer, LoraSlot::wo, act_b_.data(), out);
   }
 
-  void forward_chunk(const int32_t* tokens, int64_t T, KvCache& cache, float* logits,
-                     bool all_logits, bool last_chunk) override {
-    const int64_t E = E_;
+  void forward_rows(const Rows& rows, float* logits) override {
+    const int64_t E = E_, T = rows.n;
     const float eps = float(c_.normalization_layer_epsilon);
-    const int64_t pos0 = cache.length;
 
     for (int64_t t = 0; t < T; ++t)
-      convert_bf16_to_f32(embedding_ + int64_t(tokens[t]) * E, x_.data() + t * E, size_t(E));
+      convert_bf16_to_f32(embedding_ + int64_t(rows.token[t]) * E, x_.data() + t * E, size_t(E));
 
     for (size_t l = 0; l < layers_.size(); ++l) {
       const DeepSeekLayer& w = layers_[l];
       ops::rms_norm(x_.data(), w.pre_attn_norm, T, E, eps, xb_.data());
-      attention(w, int64_t(l), T, pos0, cache.k[l].data());
+      attention(w, int64_t(l), rows);
       ops::add_round(x_.data(), o_.data(), T * E);
 
       ops::rms_norm(x_.data(), w.post_attn_norm, T, E, eps, xb_.data());
       if (w.mlp) {
-        run_mlp(*w.mlp, xb_.data(), T, o_.data());
+        run_mlp(*w.mlp, xb_.data(), T, o_.data(), &rows, int64_t(l));
       } else {
         moe(w, T);
       }
       ops::add_round(x_.data(), o_.data(), T * E);
     }
-    cache.length += T;
 
-    // Output head, for every row or only the sequence's last one.
-    if (!all_logits && !last_chunk) return;
-    const float* rows = all_logits ? x_.data() : x_.data() + (T - 1) * E;
-    int64_t M = all_logits ? T : 1;
-    ops::rms_norm(rows, final_norm_, M, E, eps, xb_.data());
-    head_->forward(xb_.data(), M, logits);
-    finish_logits(logits, M * c_.vocab_size);
+    // Output head, for the rows that want logits.
+    if (rows.n_logits == 0) return;
+    for (int64_t i = 0; i < rows.n_logits; ++i)
+      ops::rms_norm(x_.data() + rows.logit_row[i] * E, final_norm_, 1, E, eps,
+                    xb_.data() + i * E);
+    head_->forward(xb_.data(), rows.n_logits, logits);
+    finish_logits(logits, rows.n_logits * c_.vocab_size);
   }
 
-  // MLA over the latent cache (see the top of the file): reads xb_ (normalised input), appends the
-  // chunk's rows to `kv` ([capacity, Rkv + Dr]), writes the output projection to o_.
-  void attention(const DeepSeekLayer& w, int64_t layer, int64_t T, int64_t pos0, uint16_t* kv) {
+  // MLA over the latent caches (see the top of the file): reads xb_ (normalised input), appends
+  // each row's cache entry at its position, writes the output projection to o_.
+  void attention(const DeepSeekLayer& w, int64_t layer, const Rows& rows) {
     const int64_t H = H_, Dqk = Dqk_, Dl = Dl_, Rkv = Rkv_, Dn = Dn_, Dr = Dr_, Dv = Dv_;
+    const int64_t T = rows.n;
     const float eps = float(c_.normalization_layer_epsilon);
+    auto cache_of = [&](int64_t t) { return rows.cache[t]->k[size_t(layer)].data(); };
 
     // Query [T, H, Dn + Dr]: projection (bf16), YaRN on the rope part, × the softmax scale.
     if (w.wq_a) {
       w.wq_a->forward(xb_.data(), T, cq_.data());
+      apply_lora(rows, layer, LoraSlot::wq_a, xb_.data(), cq_.data());
       ops::scale_round(cq_.data(), T * Rq_, 1.0f);
       ops::rms_norm(cq_.data(), w.q_a_norm, T, Rq_, eps, cq_b_.data());
       w.wq_b->forward(cq_b_.data(), T, q_.data());
+      apply_lora(rows, layer, LoraSlot::wq_b, cq_b_.data(), q_.data());
     } else {
       w.query->forward(xb_.data(), T, q_.data());
+      apply_lora(rows, layer, LoraSlot::query, xb_.data(), q_.data());
     }
     ops::scale_round(q_.data(), T * H * Dqk, 1.0f);
-    for (int64_t t = 0; t < T; ++t) rope_.apply(q_.data() + t * H * Dqk + Dn, H, pos0 + t, Dqk);
+    for (int64_t t = 0; t < T; ++t) rope_.apply(q_.data() + t * H * Dqk + Dn, H, rows.pos[t], Dqk);
     ops::scale_round(q_.data(), T * H * Dqk, query_scale_);
 
     // Cache rows: [rms(c) | YaRN(k_pe)], bf16.
     w.wkv_a->forward(xb_.data(), T, ckv_.data());
+    apply_lora(rows, layer, LoraSlot::wkv_a, xb_.data(), ckv_.data());
     ops::scale_round(ckv_.data(), T * Dl, 1.0f);
     for (int64_t t = 0; t < T; ++t) {
       float* src = ckv_.data() + t * Dl;
-      uint16_t* row = kv + (pos0 + t) * Dl;
+      uint16_t* row = cache_of(t) + rows.pos[t] * Dl;
       ops::rms_norm(src, w.kv_a_norm, 1, Rkv, eps, row);
-      rope_.apply(src + Rkv, 1, pos0 + t);
+      rope_.apply(src + Rkv, 1, rows.pos[t]);
       ops::to_bf16(src + Rkv, Dr, row + Rkv);
     }
 
@@ -338,12 +354,14 @@ class DeepSeekModel final : public Model {
         std::memcpy(qa_.data() + (t * H + h) * Dl + Rkv, q_.data() + (t * H + h) * Dqk + Dn,
                     size_t(Dr) * sizeof(float));
     });
+    if (rows.any_adapter) absorbed_lora_query(rows, layer);
 
-    // Causal attention over the cache: one shared key/value row per position (K = 1).
+    // Causal attention over each row's cache: one shared key/value row per position (K = 1).
     if (T == 1) {
-      // Decode: spread groups of heads over the threads (ops::attend shares each cache row among
-      // up to 4 heads at a time).
-      const int64_t n_ctx = pos0 + 1;
+      // One row: spread groups of heads over the threads (ops::attend shares each cache row
+      // among up to 4 heads at a time).
+      const int64_t n_ctx = rows.pos[0] + 1;
+      const uint16_t* kv = cache_of(0);
       const int64_t blocks = (H + 3) / 4;
       parallel_for(blocks, blocks > 1, [&](int64_t bi) {
         const int64_t h0 = bi * 4, hc = std::min<int64_t>(4, H - h0);
@@ -352,18 +370,19 @@ class DeepSeekModel final : public Model {
                     att_.data() + h0 * Dl);
       });
     } else {
-      // Prefill: positions are independent given the cache; interleaved, since later positions
-      // attend to more keys.
+      // Rows are independent given the caches; interleaved, since later positions attend to
+      // more keys.
 #pragma omp parallel for schedule(static, 1) num_threads(threads_)
       for (int64_t t = 0; t < T; ++t) {
         float* scratch = scores_.data() + omp_get_thread_num() * scratch_stride_;
-        ops::attend(qa_.data() + t * H * Dl, kv, kv, pos0 + t + 1, H, 1, Dl, Dl, scratch,
+        const uint16_t* kv = cache_of(t);
+        ops::attend(qa_.data() + t * H * Dl, kv, kv, rows.pos[t] + 1, H, 1, Dl, Dl, scratch,
                     att_.data() + t * H * Dl);
       }
     }
     if (max_logits_)
       for (int64_t t = 0; t < T; ++t)
-        ops::max_logits(qa_.data() + t * H * Dl, kv, pos0 + t + 1, H, 1, Dl, Dl,
+        ops::max_logits(qa_.data() + t * H * Dl, cache_of(t), rows.pos[t] + 1, H, 1, Dl, Dl,
                         max_logits_ + layer * H);
 
     // Back from the latent: out[h] = out_lat[h] · W_uv (bf16), then the output projection.
@@ -372,8 +391,54 @@ class DeepSeekModel final : public Model {
       ops::matmul_xw(att_.data() + h * Dl, H * Dl, T, w_uv, wrow, Rkv, Dv, vo_.data() + h * Dv,
                      H * Dv);
     });
+    if (rows.any_adapter) absorbed_lora_value(rows, layer);
     ops::to_bf16(vo_.data(), T * H * Dv, vo_b_.data());
     w.o->forward(vo_b_.data(), T, o_.data());
+    apply_lora(rows, layer, LoraSlot::o, vo_b_.data(), o_.data());
+  }
+
+  // LoRA on Wkv_b (W' = W + s·A·B, A [Rkv, r], B [r, H·(Dn + Dv)]) inside the absorbed attention,
+  // without forming W': the key side adds s·A·(B_uk[h]·q_nope[h]) to q_lat[h], the value side
+  // s·(out_lat[h]·A)·B_uv[h] to out[h] — the same products as the expanded MaxText computation
+  // with the merged weights, up to rounding.
+  void absorbed_lora_query(const Rows& rows, int64_t layer) {
+    const int64_t H = H_, Dqk = Dqk_, Dl = Dl_, Rkv = Rkv_, Dn = Dn_, Dv = Dv_;
+    for (int64_t t = 0; t < rows.n; ++t) {
+      const LoraFactors* f = rows.adapter[t] ? rows.adapter[t]->get(layer, LoraSlot::wkv_b)
+                                             : nullptr;
+      if (!f) continue;
+      const int64_t r = f->rank, N = H * (Dn + Dv);
+      for (int64_t h = 0; h < H; ++h) {
+        float* z = lora_z_.data();
+        ops::matmul_xwt(q_.data() + (t * H + h) * Dqk, Dqk, 1, f->b + h * (Dn + Dv), N, r, Dn, z,
+                        r);  // z = B_uk[h] · q_nope[h]
+        for (int64_t j = 0; j < r; ++j) z[j] *= f->scale;
+        float* d = lora_d_.data();
+        ops::matmul_xwt(z, r, 1, f->a, r, Rkv, r, d, Rkv);  // d = A · z
+        float* q_lat = qa_.data() + (t * H + h) * Dl;
+        for (int64_t i = 0; i < Rkv; ++i) q_lat[i] += d[i];
+      }
+    }
+  }
+
+  void absorbed_lora_value(const Rows& rows, int64_t layer) {
+    const int64_t H = H_, Dl = Dl_, Rkv = Rkv_, Dn = Dn_, Dv = Dv_;
+    for (int64_t t = 0; t < rows.n; ++t) {
+      const LoraFactors* f = rows.adapter[t] ? rows.adapter[t]->get(layer, LoraSlot::wkv_b)
+                                             : nullptr;
+      if (!f) continue;
+      const int64_t r = f->rank, N = H * (Dn + Dv);
+      for (int64_t h = 0; h < H; ++h) {
+        float* z = lora_z_.data();
+        ops::matmul_xw(att_.data() + (t * H + h) * Dl, Dl, 1, f->a, r, Rkv, r, z,
+                       r);  // z = out_lat[h] · A
+        for (int64_t j = 0; j < r; ++j) z[j] *= f->scale;
+        float* d = lora_d_.data();
+        ops::matmul_xw(z, r, 1, f->b + h * (Dn + Dv) + Dn, N, r, Dv, d, Dv);  // d = z · B_uv[h]
+        float* out = vo_.data() + (t * H + h) * Dv;
+        for (int64_t i = 0; i < Dv; ++i) out[i] += d[i];
+      }
+    }
   }
 
   // Routed + shared experts of xb_ into o_ (bf16 values; add_round rounds again, a no-op).
@@ -433,6 +498,8 @@ class DeepSeekModel final : public Model {
   // Activations ([max_chunk, ·]); see attention() and moe() for their roles.
   std::vector<float> x_, o_, cq_, q_, ckv_, qa_, att_, vo_, gate_, up_, router_logits_, weights_,
       routed_, scores_;
+  // Scratch of the Wkv_b LoRA (absorbed_lora_*): r and max(Rkv, Dv) floats.
+  std::vector<float> lora_z_, lora_d_;
   std::vector<uint16_t> xb_, cq_b_, vo_b_, act_b_, xg_b_;
   std::vector<int32_t> experts_;
 };

@@ -1,6 +1,6 @@
 // The Llama-family forward pass (Llama 2/3/3.1, Mistral, Qwen3-dense), spec §2.1–2.4:
 //
-//   x = embed(tokens)
+//   x = embed(tokens)                 (every projection W also adds a row's LoRA s·(x·A)·B)
 //   for each layer:
 //     h   = x + Wo · attention(rope(norm_q(Wq · rms(x))), rope(norm_k(Wk · rms(x))), Wv · rms(x))
 //     x   = h + Wd · (silu(Wg · rms(h)) * (Wu · rms(h)))
@@ -90,26 +90,28 @@ class LlamaModel final : public Model {
   }
 
  private:
-  void forward_chunk(const int32_t* tokens, int64_t T, KvCache& cache, float* logits,
-                     bool all_logits, bool last_chunk) override {
+  void forward_rows(const Rows& rows, float* logits) override {
     const int64_t E = c_.emb_dim, H = c_.num_query_heads, K = c_.num_kv_heads, D = c_.head_dim,
                   F = c_.mlp_dim;
     const float eps = float(c_.normalization_layer_epsilon);
-    const int64_t pos0 = cache.length;
+    const int64_t T = rows.n;
 
     for (int64_t t = 0; t < T; ++t)
-      convert_bf16_to_f32(embedding_ + int64_t(tokens[t]) * E, x_.data() + t * E, size_t(E));
+      convert_bf16_to_f32(embedding_ + int64_t(rows.token[t]) * E, x_.data() + t * E, size_t(E));
 
     for (size_t l = 0; l < layers_.size(); ++l) {
       const LlamaLayer& w = layers_[l];
-      uint16_t* k_cache = cache.k[l].data();
-      uint16_t* v_cache = cache.v[l].data();
+      // Projection (+ the row's LoRA, if any): y = x·W + s·(x·A)·B.
+      auto project = [&](const ops::Linear& lin, LoraSlot slot, const uint16_t* x, float* y) {
+        lin.forward(x, T, y);
+        apply_lora(rows, int64_t(l), slot, x, y);
+      };
 
       // Attention block.
       ops::rms_norm(x_.data(), w.pre_attn_norm, T, E, eps, xb_.data());
-      w.q.forward(xb_.data(), T, q_.data());
-      w.k.forward(xb_.data(), T, k_.data());
-      w.v.forward(xb_.data(), T, v_.data());
+      project(w.q, LoraSlot::q, xb_.data(), q_.data());
+      project(w.k, LoraSlot::k, xb_.data(), k_.data());
+      project(w.v, LoraSlot::v, xb_.data(), v_.data());
       ops::scale_round(q_.data(), T * H * D, 1.0f);  // projection outputs are bf16 in MaxText
       ops::scale_round(k_.data(), T * K * D, 1.0f);
       if (w.q_norm) {
@@ -117,50 +119,51 @@ class LlamaModel final : public Model {
         ops::rms_norm(k_.data(), w.k_norm, T * K, D, eps, k_.data());
       }
       for (int64_t t = 0; t < T; ++t) {
-        rope_.apply(q_.data() + t * H * D, H, pos0 + t);
-        rope_.apply(k_.data() + t * K * D, K, pos0 + t);
-        ops::to_bf16(k_.data() + t * K * D, K * D, k_cache + (pos0 + t) * K * D);
-        ops::to_bf16(v_.data() + t * K * D, K * D, v_cache + (pos0 + t) * K * D);
+        const int64_t pos = rows.pos[t];
+        rope_.apply(q_.data() + t * H * D, H, pos);
+        rope_.apply(k_.data() + t * K * D, K, pos);
+        ops::to_bf16(k_.data() + t * K * D, K * D, rows.cache[t]->k[l].data() + pos * K * D);
+        ops::to_bf16(v_.data() + t * K * D, K * D, rows.cache[t]->v[l].data() + pos * K * D);
       }
       if (c_.query_scale != 1.0) ops::scale_round(q_.data(), T * H * D, float(c_.query_scale));
-      // Positions are independent given the cache; spread them over the threads (interleaved,
-      // since later positions attend to more keys).
+      // Rows are independent given the caches; spread them over the threads (interleaved, since
+      // later positions attend to more keys).
       const int64_t scratch = ops::attend_scratch_floats(c_.max_target_length, H);
-      auto attend_position = [&](int64_t t, int thread) {
-        ops::attend(q_.data() + t * H * D, k_cache, v_cache, pos0 + t + 1, H, K, D, K * D,
-                    scores_.data() + thread * scratch, attn_.data() + t * H * D);
+      auto attend_row = [&](int64_t t, int thread) {
+        const KvCache& kv = *rows.cache[t];
+        ops::attend(q_.data() + t * H * D, kv.k[l].data(), kv.v[l].data(), rows.pos[t] + 1, H, K,
+                    D, K * D, scores_.data() + thread * scratch, attn_.data() + t * H * D);
       };
       if (T == 1) {
-        attend_position(0, 0);  // decode: an OpenMP region would cost more than it saves
+        attend_row(0, 0);  // decode: an OpenMP region would cost more than it saves
       } else {
 #pragma omp parallel for schedule(static, 1) num_threads(threads_)
-        for (int64_t t = 0; t < T; ++t) attend_position(t, omp_get_thread_num());
+        for (int64_t t = 0; t < T; ++t) attend_row(t, omp_get_thread_num());
       }
       if (max_logits_)
         for (int64_t t = 0; t < T; ++t)
-          ops::max_logits(q_.data() + t * H * D, k_cache, pos0 + t + 1, H, K, D, K * D,
-                          max_logits_ + l * H);
+          ops::max_logits(q_.data() + t * H * D, rows.cache[t]->k[l].data(), rows.pos[t] + 1, H,
+                          K, D, K * D, max_logits_ + l * H);
       ops::to_bf16(attn_.data(), T * H * D, attn_b_.data());
-      w.o.forward(attn_b_.data(), T, o_.data());
+      project(w.o, LoraSlot::o, attn_b_.data(), o_.data());
       ops::add_round(x_.data(), o_.data(), T * E);
 
       // MLP block.
       ops::rms_norm(x_.data(), w.post_attn_norm, T, E, eps, xb_.data());
-      w.wi_0.forward(xb_.data(), T, gate_.data());
-      w.wi_1.forward(xb_.data(), T, up_.data());
+      project(w.wi_0, LoraSlot::wi_0, xb_.data(), gate_.data());
+      project(w.wi_1, LoraSlot::wi_1, xb_.data(), up_.data());
       ops::silu_mul(gate_.data(), up_.data(), T * F, act_b_.data());
-      w.wo.forward(act_b_.data(), T, o_.data());
+      project(w.wo, LoraSlot::wo, act_b_.data(), o_.data());
       ops::add_round(x_.data(), o_.data(), T * E);
     }
-    cache.length += T;
 
-    // Output head, for every row or only the sequence's last one.
-    if (!all_logits && !last_chunk) return;
-    const float* rows = all_logits ? x_.data() : x_.data() + (T - 1) * E;
-    int64_t M = all_logits ? T : 1;
-    ops::rms_norm(rows, final_norm_, M, E, eps, xb_.data());
-    head_->forward(xb_.data(), M, logits);
-    finish_logits(logits, M * c_.vocab_size);
+    // Output head, for the rows that want logits.
+    if (rows.n_logits == 0) return;
+    for (int64_t i = 0; i < rows.n_logits; ++i)
+      ops::rms_norm(x_.data() + rows.logit_row[i] * E, final_norm_, 1, E, eps,
+                    xb_.data() + i * E);
+    head_->forward(xb_.data(), rows.n_logits, logits);
+    finish_logits(logits, rows.n_logits * c_.vocab_size);
   }
 
   const ModelConfig& c_;

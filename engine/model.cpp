@@ -1,12 +1,15 @@
 #include "engine/model.h"
 
+#include <omp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <thread>
 
 #include "common/bf16.h"
 #include "common/error.h"
+#include "engine/ops/kernels.h"
 #include "engine/ops/matmul.h"
 
 namespace kiln {
@@ -45,8 +48,17 @@ int64_t Model::kv_bytes_per_token() const {
   return c.num_decoder_layers * 2 * c.num_kv_heads * c.head_dim * int64_t(sizeof(uint16_t));
 }
 
-void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
-                    bool all_logits) {
+Model::Model(std::unique_ptr<Artifact> a, int64_t max_chunk)
+    : artifact_(std::move(a)), chunk_(std::max<int64_t>(1, max_chunk)) {
+  const size_t n = size_t(chunk_);
+  row_token_.resize(n);
+  row_pos_.resize(n);
+  logit_rows_.resize(n);
+  row_cache_.resize(n);
+  row_adapter_.resize(n);
+}
+
+void Model::validate(std::span<const int32_t> tokens, const KvCache& cache) const {
   const ModelConfig& c = config();
   const int64_t n = int64_t(tokens.size());
   if (n == 0) throw Error("forward: no tokens given");
@@ -61,10 +73,131 @@ void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logi
     if (t < 0 || t >= c.vocab_size)
       throw Error("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
                   std::to_string(c.vocab_size) + ")");
+}
+
+void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
+                    bool all_logits, const LoraAdapter* adapter) {
+  const ModelConfig& c = config();
+  validate(tokens, cache);
+  if (adapter && adapter->max_rank() > lora_rank_)
+    throw Error("forward: adapter '" + adapter->name() + "' needs reserve_lora(" +
+                std::to_string(adapter->max_rank()) + ") first");
+  const int64_t n = int64_t(tokens.size());
   for (int64_t begin = 0; begin < n; begin += chunk_) {
     const int64_t T = std::min(chunk_, n - begin);
-    float* out = all_logits ? logits + begin * c.vocab_size : logits;
-    forward_chunk(tokens.data() + begin, T, cache, out, all_logits, begin + T == n);
+    const bool last = begin + T == n;
+    for (int64_t t = 0; t < T; ++t) {
+      row_token_[size_t(t)] = tokens[size_t(begin + t)];
+      row_pos_[size_t(t)] = cache.length + t;
+      row_cache_[size_t(t)] = &cache;
+      row_adapter_[size_t(t)] = adapter;
+      logit_rows_[size_t(t)] = t;
+    }
+    Rows rows{T, row_token_.data(), row_pos_.data(), row_cache_.data(), row_adapter_.data(),
+              adapter != nullptr, logit_rows_.data(), 0};
+    if (all_logits) {
+      rows.n_logits = T;
+    } else if (last) {
+      rows.logit_row = logit_rows_.data() + (T - 1);
+      rows.n_logits = 1;
+    }
+    forward_rows(rows, all_logits ? logits + begin * c.vocab_size : logits);
+    cache.length += T;
+  }
+}
+
+void Model::forward_batch(std::span<const SequenceStep> steps, float* logits) {
+  int64_t total = 0;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const SequenceStep& s = steps[i];
+    if (!s.cache) throw Error("forward_batch: step " + std::to_string(i) + " has no cache");
+    validate(s.tokens, *s.cache);
+    for (size_t j = 0; j < i; ++j)
+      if (steps[j].cache == s.cache)
+        throw Error("forward_batch: steps " + std::to_string(j) + " and " + std::to_string(i) +
+                    " share one KV cache");
+    if (s.adapter && s.adapter->max_rank() > lora_rank_)
+      throw Error("forward_batch: adapter '" + s.adapter->name() + "' needs reserve_lora(" +
+                  std::to_string(s.adapter->max_rank()) + ") first");
+    total += int64_t(s.tokens.size());
+  }
+  if (steps.empty()) throw Error("forward_batch: no sequences given");
+  if (total > chunk_)
+    throw Error("forward_batch: " + std::to_string(total) + " tokens exceed max_chunk " +
+                std::to_string(chunk_));
+  int64_t t = 0;
+  bool any_adapter = false;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const SequenceStep& s = steps[i];
+    for (size_t j = 0; j < s.tokens.size(); ++j, ++t) {
+      row_token_[size_t(t)] = s.tokens[j];
+      row_pos_[size_t(t)] = s.cache->length + int64_t(j);
+      row_cache_[size_t(t)] = s.cache;
+      row_adapter_[size_t(t)] = s.adapter;
+    }
+    logit_rows_[i] = t - 1;
+    any_adapter = any_adapter || s.adapter;
+  }
+  Rows rows{total, row_token_.data(), row_pos_.data(), row_cache_.data(), row_adapter_.data(),
+            any_adapter, logit_rows_.data(), int64_t(steps.size())};
+  forward_rows(rows, logits);
+  for (const SequenceStep& s : steps) s.cache->length += int64_t(s.tokens.size());
+}
+
+int64_t Model::lora_dim() const {
+  const ModelConfig& c = config();
+  int64_t d = std::max({c.emb_dim, c.num_query_heads * c.head_dim, c.mlp_dim,
+                        c.num_kv_heads * c.head_dim});
+  if (c.is_deepseek())
+    d = std::max({d, c.q_lora_rank, c.num_query_heads * c.qk_head_dim(),
+                  c.kv_lora_rank + c.qk_rope_head_dim,
+                  c.num_query_heads * (c.qk_nope_head_dim + c.v_head_dim),
+                  c.num_query_heads * c.v_head_dim});
+  return d;
+}
+
+void Model::reserve_lora(int64_t rank) {
+  if (rank <= lora_rank_) return;
+  const size_t rows = size_t(chunk_), dim = size_t(lora_dim());
+  lora_x_.resize(rows * dim);
+  lora_y_.resize(rows * dim);
+  lora_u_.resize(rows * size_t(rank));
+  lora_rank_ = rank;
+}
+
+void Model::apply_lora(const Rows& rows, int64_t layer, LoraSlot slot, const uint16_t* x,
+                       float* y) const {
+  if (!rows.any_adapter) return;
+  // Runs of consecutive rows sharing an adapter go through the factors together.
+  for (int64_t t0 = 0; t0 < rows.n;) {
+    const LoraAdapter* a = rows.adapter[t0];
+    int64_t t1 = t0 + 1;
+    while (t1 < rows.n && rows.adapter[t1] == a) ++t1;
+    const LoraFactors* f = a ? a->get(layer, slot) : nullptr;
+    if (f) {
+      const int64_t K = f->in, N = f->out, r = f->rank, T = t1 - t0;
+      auto run = [&](int64_t b, int64_t e) {  // rows [t0 + b, t0 + e)
+        float* xf = lora_x_.data() + b * K;
+        float* u = lora_u_.data() + b * r;
+        float* d = lora_y_.data() + b * N;
+        convert_bf16_to_f32(x + (t0 + b) * K, xf, size_t((e - b) * K));
+        ops::matmul_xw(xf, K, e - b, f->a, r, K, r, u, r);  // u = x·A
+        for (int64_t i = 0; i < (e - b) * r; ++i) u[i] *= f->scale;
+        ops::matmul_xw(u, r, e - b, f->b, N, r, N, d, N);  // d = s·u·B
+        float* yr = y + (t0 + b) * N;
+        for (int64_t i = 0; i < (e - b) * N; ++i) yr[i] += d[i];
+      };
+      if (T >= 8) {
+#pragma omp parallel
+        {
+          const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+          run(T * id / nt, T * (id + 1) / nt);
+        }
+      } else {
+        run(0, T);
+      }
+    }
+    t0 = t1;
   }
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "engine/artifact.h"
+#include "engine/lora.h"
 
 namespace kiln {
 
@@ -36,6 +37,13 @@ struct KvCache {
   std::vector<std::vector<uint16_t>> k, v;
 };
 
+// One sequence's share of a batched forward pass (Model::forward_batch).
+struct SequenceStep {
+  std::span<const int32_t> tokens;
+  KvCache* cache = nullptr;
+  const LoraAdapter* adapter = nullptr;  // nullptr: the base weights alone
+};
+
 class Model {
  public:
   static std::unique_ptr<Model> open(const std::string& dir, const ModelOptions& opt = {});
@@ -54,7 +62,21 @@ class Model {
   // else only for the last one ([vocab]). Allocates nothing.
   // Throws kiln::Error for token ids outside the vocabulary, a sequence longer than the cache or
   // max_target_length, or a cache from another model's new_cache().
-  void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits, bool all_logits);
+  // With `adapter`, every projection it adapts computes x·W + s·(x·A)·B.
+  void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits, bool all_logits,
+               const LoraAdapter* adapter = nullptr);
+
+  // Several sequences in one pass (continuous batching): each step's tokens go to positions
+  // [cache.length, + n) of its own cache and attend only to that cache; the projections of all
+  // rows run as one batched matmul, each row with its own adapter (or none). Writes the logits of
+  // each step's last token to logits[i · vocab]. At most max_chunk() tokens in all, distinct
+  // caches. Allocates nothing. Throws like forward().
+  void forward_batch(std::span<const SequenceStep> steps, float* logits);
+  int64_t max_chunk() const { return chunk_; }
+
+  // Sizes the LoRA scratch for adapters up to `rank` (call before running such an adapter;
+  // Engine does it when it loads one). Not on the per-token path.
+  virtual void reserve_lora(int64_t rank);
 
   // Calibration for QK-Clip: while set, forward() raises max[layer · H + head] to every
   // pre-softmax attention logit it computes (after the softmax scale, unmasked positions only).
@@ -62,13 +84,30 @@ class Model {
   void record_max_logits(float* max) { max_logits_ = max; }
 
  protected:
-  Model(std::unique_ptr<Artifact> a, int64_t max_chunk)
-      : artifact_(std::move(a)), chunk_(std::max<int64_t>(1, max_chunk)) {}
+  Model(std::unique_ptr<Artifact> a, int64_t max_chunk);
 
-  // One family's forward pass over T ≤ chunk_ tokens at positions [cache.length, + T), request
-  // already validated; writes logits of every row (all_logits) or, in the last chunk, of the last.
-  virtual void forward_chunk(const int32_t* tokens, int64_t T, KvCache& cache, float* logits,
-                             bool all_logits, bool last_chunk) = 0;
+  // The rows of one pass (≤ chunk_), already validated: row t is token[t] at position pos[t] of
+  // sequence cache[t], run with adapter[t] (nullptr: none). Logits are written for the rows
+  // logit_row[0 .. n_logits), in that order.
+  struct Rows {
+    int64_t n = 0;
+    const int32_t* token = nullptr;
+    const int64_t* pos = nullptr;
+    KvCache* const* cache = nullptr;
+    const LoraAdapter* const* adapter = nullptr;
+    bool any_adapter = false;
+    const int64_t* logit_row = nullptr;
+    int64_t n_logits = 0;
+  };
+  // One family's forward pass over `rows`; appends each row's key/value at its position of its
+  // cache (the caller advances the caches' lengths).
+  virtual void forward_rows(const Rows& rows, float* logits) = 0;
+
+  // y[t] += s·(x[t]·A)·B for every row t whose adapter adapts (layer, slot); x [n, in] bf16,
+  // y [n, out] f32 (row strides in, out). Rows without an adapter are untouched.
+  void apply_lora(const Rows& rows, int64_t layer, LoraSlot slot, const uint16_t* x,
+                  float* y) const;
+
   // Throws if `cache` was not made by this model's new_cache().
   virtual void check_cache(const KvCache& cache) const;
 
@@ -79,6 +118,19 @@ class Model {
   std::unique_ptr<Artifact> artifact_;
   int64_t chunk_;  // prefill processes at most this many tokens per pass
   float* max_logits_ = nullptr;
+
+ private:
+  void validate(std::span<const int32_t> tokens, const KvCache& cache) const;
+  int64_t lora_dim() const;  // the widest input or output of any adaptable projection
+
+  // Per-row descriptors of one pass, sized chunk_ at construction.
+  std::vector<int32_t> row_token_;
+  std::vector<int64_t> row_pos_, logit_rows_;
+  std::vector<KvCache*> row_cache_;
+  std::vector<const LoraAdapter*> row_adapter_;
+  // LoRA scratch (reserve_lora): f32 inputs, x·A, and (x·A)·B of a pass.
+  mutable std::vector<float> lora_x_, lora_u_, lora_y_;
+  int64_t lora_rank_ = 0;
 };
 
 std::unique_ptr<Model> make_llama_model(std::unique_ptr<Artifact> artifact,

@@ -14,8 +14,10 @@
 #include "common/bf16.h"
 #include "common/error.h"
 #include "common/interrupt.h"
+#include "export/adapter.h"
 #include "export/config_reader.h"
 #include "export/key_layout.h"
+#include "export/param_names.h"
 #include "export/safetensors.h"
 #include "export/unroll.h"
 #include "schema/format.h"
@@ -26,61 +28,6 @@ namespace kiln {
 namespace fs = std::filesystem;
 
 namespace {
-
-// Canonical artifact tensor name ← MaxText parameter path (spec §1.3, §1.4, §1.6).
-struct NameMapping {
-  const char* name;
-  const char* maxtext;
-};
-constexpr NameMapping kGlobalNames[] = {
-    {"token_embedding", "token_embedder/embedding"},
-    {"final_norm", "decoder/decoder_norm/scale"},
-    {"logits_dense", "decoder/logits_dense/kernel"},
-};
-constexpr NameMapping kLlamaLayerNames[] = {
-    {"pre_attn_norm", "pre_self_attention_layer_norm/scale"},
-    {"attn.q", "self_attention/query/kernel"},
-    {"attn.k", "self_attention/key/kernel"},
-    {"attn.v", "self_attention/value/kernel"},
-    {"attn.o", "self_attention/out/kernel"},
-    {"attn.q_norm", "self_attention/query_norm/scale"},
-    {"attn.k_norm", "self_attention/key_norm/scale"},
-    {"post_attn_norm", "post_self_attention_layer_norm/scale"},
-    {"mlp.wi_0", "mlp/wi_0/kernel"},
-    {"mlp.wi_1", "mlp/wi_1/kernel"},
-    {"mlp.wo", "mlp/wo/kernel"},
-};
-
-constexpr NameMapping kDeepSeekLayerNames[] = {
-    {"pre_attn_norm", "pre_self_attention_layer_norm/scale"},
-    {"attn.wq_a", "self_attention/wq_a/kernel"},
-    {"attn.q_a_norm", "self_attention/q_norm/scale"},
-    {"attn.wq_b", "self_attention/wq_b/kernel"},
-    {"attn.query", "self_attention/query/kernel"},
-    {"attn.wkv_a", "self_attention/wkv_a/kernel"},
-    {"attn.kv_a_norm", "self_attention/kv_norm/scale"},
-    {"attn.wkv_b", "self_attention/wkv_b/kernel"},
-    {"attn.o", "self_attention/out/kernel"},
-    {"post_attn_norm", "post_self_attention_layer_norm/scale"},
-    {"mlp.wi_0", "mlp/wi_0/kernel"},
-    {"mlp.wi_1", "mlp/wi_1/kernel"},
-    {"mlp.wo", "mlp/wo/kernel"},
-    {"moe.gate", "DeepSeekMoeBlock_0/MoeBlock_0/gate/kernel"},
-    {"moe.gate_bias", "DeepSeekMoeBlock_0/MoeBlock_0/gate/bias"},
-    {"moe.experts.wi_0", "DeepSeekMoeBlock_0/MoeBlock_0/wi_0"},
-    {"moe.experts.wi_1", "DeepSeekMoeBlock_0/MoeBlock_0/wi_1"},
-    {"moe.experts.wo", "DeepSeekMoeBlock_0/MoeBlock_0/wo"},
-    {"moe.shared.wi_0", "DeepSeekMoeBlock_0/shared_experts/wi_0/kernel"},
-    {"moe.shared.wi_1", "DeepSeekMoeBlock_0/shared_experts/wi_1/kernel"},
-    {"moe.shared.wo", "DeepSeekMoeBlock_0/shared_experts/wo/kernel"},
-};
-
-template <size_t N>
-const char* maxtext_path(const NameMapping (&table)[N], const std::string& name) {
-  for (const auto& m : table)
-    if (name == m.name) return m.maxtext;
-  throw Error("internal: no MaxText name for tensor '" + name + "'");
-}
 
 // A scanned layer group and the global layers it holds (spec §1.2, §1.7): Llama-family models
 // have one group `layers`; DeepSeek has `dense_layers` then `moe_layers`, numbered globally with
@@ -306,6 +253,17 @@ ExportSummary export_artifact(const ExportOptions& opt,
     qk_clip = plan_qk_clip(opt.qk_clip, cfg.model, read_max_logits(opt.qk_clip, cfg.model));
   }
 
+  // Adapters are checked against the config before anything is written.
+  std::vector<AdapterSource> loras;
+  for (const LoraOption& l : opt.loras) {
+    if (!opt.merge_lora) check_adapter_name(l.name, l.dir + " (--lora-name)");
+    loras.push_back(AdapterSource::open(l.dir, cfg.model, l.scale));
+  }
+  for (size_t i = 0; i < opt.loras.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (!opt.merge_lora && opt.loras[i].name == opt.loras[j].name)
+        throw Error("--lora-name '" + opt.loras[i].name + "' is given twice");
+
   fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
   if (!fs::is_directory(parent))
     throw Error(out.string() + ": parent directory '" + parent.string() + "' does not exist");
@@ -348,6 +306,9 @@ ExportSummary export_artifact(const ExportOptions& opt,
         }
       } else {
         unroll_scanned_layer(t.src, f32.data());
+        if (opt.merge_lora)
+          for (const AdapterSource& lora : loras)
+            if (lora.find(blob.layer, t.spec.name)) merge_lora(lora.read(blob.layer, t.spec.name), f32.data());
         apply_qk_clip(qk_clip, cfg.model, blob.layer, t.spec.name, f32.data());
         nonfinite += convert_f32_to_bf16(f32.data(), bf16.data(), n);
         writer.write_tensor(t.spec.name, bf16.data(), n * 2);
@@ -359,6 +320,18 @@ ExportSummary export_artifact(const ExportOptions& opt,
     prog.blobs_done++;
     prog.bytes_written += res.size;
     if (progress) progress(prog);
+  }
+
+  for (size_t i = 0; i < loras.size(); ++i) {
+    if (opt.merge_lora) {
+      manifest.adapters.push_back(merged_adapter_record(loras[i]));
+    } else {
+      const std::string& name = opt.loras[i].name;
+      AdapterRecord r = write_adapter_blobs(loras[i], cfg.model, name,
+                                            (tmp.path() / kAdaptersDir / name).string());
+      for (const auto& b : r.blobs) prog.bytes_written += b.size;
+      manifest.adapters.push_back(std::move(r));
+    }
   }
 
   Provenance& p = manifest.provenance;
@@ -403,6 +376,7 @@ ExportSummary export_artifact(const ExportOptions& opt,
   summary.key_layout = p.key_layout;
   summary.scanned = plan.scanned;
   summary.qk_clip = qk_clip;
+  summary.adapters = manifest.adapters;
   summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return summary;
 }

@@ -1,7 +1,8 @@
 // `kiln export`: training checkpoint + config → artifact directory (design.md §3).
 //
-// Stage order per layer: read → canonicalise names → unroll → QK-Clip → convert to bf16 once →
-// write.
+// Stage order per layer: read → canonicalise names → unroll → merge LoRA (--merge-lora) →
+// QK-Clip (so the clip applies to the merged weights) → convert to bf16 once → write. Run-time
+// adapters (--lora-name) are written after the base as adapters/<name>/ (export/adapter.h).
 // One tensor is held in f32 at a time (peak memory ≈ the largest layer tensor + a constant), the
 // artifact is written to a temporary sibling directory and renamed into place only when complete.
 #pragma once
@@ -14,8 +15,16 @@
 #include <vector>
 
 #include "export/qk_clip.h"
+#include "schema/manifest.h"
 
 namespace kiln {
+
+// One --lora adapter directory.
+struct LoraOption {
+  std::string dir;
+  std::string name;  // run-time adapter name (--lora-name); empty when merged
+  double scale = 1;  // --lora-scale, multiplies the adapter's own alpha/r
+};
 
 struct ExportOptions {
   std::vector<std::string> checkpoints;
@@ -28,6 +37,10 @@ struct ExportOptions {
   // A QK-Clip plan computed elsewhere (the sequential calibrate-and-clip of `kiln export
   // --qk-clip-calibrate`); used instead of qk_clip when set.
   std::optional<QkClipRecord> qk_clip_record;
+  // LoRA adapters: all folded into the weights (merge_lora), or each written as a run-time
+  // adapter under its name.
+  std::vector<LoraOption> loras;
+  bool merge_lora = false;
   // The command line as given, recorded in the manifest's provenance.
   std::vector<std::pair<std::string, std::string>> recorded_options;
 };
@@ -47,6 +60,7 @@ struct ExportSummary {
   bool scanned = false;
   double seconds = 0;
   QkClipRecord qk_clip;
+  std::vector<AdapterRecord> adapters;
 };
 
 // Throws kiln::Error (one line naming the file and key) on any bad input; nothing is left at

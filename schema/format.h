@@ -6,10 +6,11 @@
 namespace kiln {
 
 inline constexpr uint16_t kFormatMajor = 1;
-inline constexpr uint16_t kFormatMinor = 1;  // 1.1: DeepSeek-family config fields
+inline constexpr uint16_t kFormatMinor = 2;  // 1.1: DeepSeek config; 1.2: LoRA adapters
 inline constexpr uint64_t kTensorAlignment = 64;
 
 inline constexpr const char* kManifestFile = "manifest.kfb";
 inline constexpr const char* kGlobalsFile = "globals.kblob";
+inline constexpr const char* kAdaptersDir = "adapters";
 
 }  // namespace kiln

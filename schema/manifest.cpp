@@ -102,8 +102,24 @@ std::vector<uint8_t> serialize_manifest(const Manifest& m) {
     qk = fb::CreateQkClipDirect(b, q.threshold, q.mode.c_str(), q.per_group, &srcs, q.heads,
                                 &q.gamma, &q.max_logit, q.targets.c_str());
   }
+  std::vector<flatbuffers::Offset<fb::Adapter>> adapters;
+  for (const auto& a : m.adapters) {
+    std::vector<flatbuffers::Offset<fb::LoraTarget>> targets;
+    for (const auto& t : a.targets)
+      targets.push_back(fb::CreateLoraTargetDirect(b, t.layer, t.tensor.c_str(), t.rank, t.scale));
+    std::vector<flatbuffers::Offset<fb::BlobRef>> ablobs;
+    for (const auto& e : a.blobs)
+      ablobs.push_back(fb::CreateBlobRefDirect(b, e.file.c_str(), e.layer,
+                                               static_cast<fb::LayerKind>(e.kind), e.size,
+                                               e.header_crc32c));
+    adapters.push_back(fb::CreateAdapterDirect(b, a.name.c_str(), a.merged, a.format.c_str(),
+                                               a.source.c_str(), a.rank, a.lora_alpha,
+                                               a.use_rslora, a.lora_scale, &targets, &ablobs,
+                                               a.created_utc.c_str()));
+  }
   auto root = fb::CreateManifestDirect(b, kFormatMajor, kFormatMinor, config, &blobs,
-                                       m.tokenizer.empty() ? nullptr : &m.tokenizer, prov, qk);
+                                       m.tokenizer.empty() ? nullptr : &m.tokenizer, prov, qk,
+                                       adapters.empty() ? nullptr : &adapters);
   fb::FinishManifestBuffer(b, root);
   return {b.GetBufferPointer(), b.GetBufferPointer() + b.GetSize()};
 }
@@ -161,7 +177,45 @@ Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& pat
       throw Error(path + ": QK-Clip record does not match the config (expected " +
                   std::to_string(want) + " gammas)");
   }
+  if (f->adapters()) {
+    auto s = [](const flatbuffers::String* x) { return x ? x->str() : std::string(); };
+    for (const auto* a : *f->adapters()) {
+      AdapterRecord r;
+      r.name = a->name()->str();
+      check_adapter_name(r.name, path);
+      r.merged = a->merged();
+      r.format = s(a->format());
+      r.source = s(a->source());
+      r.rank = a->rank();
+      r.lora_alpha = a->lora_alpha();
+      r.use_rslora = a->use_rslora();
+      r.lora_scale = a->lora_scale();
+      r.created_utc = s(a->created_utc());
+      if (a->targets())
+        for (const auto* t : *a->targets()) {
+          if (t->layer() < 0 || t->layer() >= m.config.num_decoder_layers || t->rank() <= 0)
+            throw Error(path + ": adapter '" + r.name + "' has a target outside the model (layer " +
+                        std::to_string(t->layer()) + ", rank " + std::to_string(t->rank()) + ")");
+          r.targets.push_back({t->layer(), s(t->tensor()), t->rank(), t->scale()});
+        }
+      if (a->blobs())
+        for (const auto* e : *a->blobs())
+          r.blobs.push_back({e->file()->str(), e->layer(), static_cast<LayerKind>(e->kind()),
+                             e->size(), e->header_crc32c()});
+      m.adapters.push_back(std::move(r));
+    }
+  }
   return m;
+}
+
+void check_adapter_name(const std::string& name, const std::string& where) {
+  bool ok = !name.empty() && name.size() <= 128 && name[0] != '.';
+  for (char ch : name)
+    ok = ok && ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                ch == '-' || ch == '_' || ch == '.');
+  if (!ok)
+    throw Error(where + ": adapter name '" + name +
+                "' is not allowed (letters, digits, '-', '_', '.'; not starting with '.')");
 }
 
 }  // namespace kiln

@@ -51,6 +51,32 @@ struct QkClipRecord {
   }
 };
 
+// A LoRA adapter recorded in the manifest (kiln.fbs `Adapter`).
+struct AdapterTargetRecord {
+  int layer = 0;
+  std::string tensor;
+  int64_t rank = 0;
+  float scale = 0;
+};
+struct AdapterRecord {
+  std::string name;
+  bool merged = false;  // folded into the base weights at export: no blobs
+  std::string format;   // "maxtext" | "peft"
+  std::string source;
+  int64_t rank = 0;
+  double lora_alpha = 0;
+  bool use_rslora = false;
+  double lora_scale = 1;
+  std::vector<AdapterTargetRecord> targets;
+  std::vector<BlobEntry> blobs;  // relative to the artifact directory
+  std::string created_utc;
+  uint64_t bytes() const {
+    uint64_t n = 0;
+    for (const auto& b : blobs) n += b.size;
+    return n;
+  }
+};
+
 struct Manifest {
   uint16_t format_major = 0;
   uint16_t format_minor = 0;
@@ -59,7 +85,18 @@ struct Manifest {
   std::vector<uint8_t> tokenizer;
   Provenance provenance;
   QkClipRecord qk_clip;
+  std::vector<AdapterRecord> adapters;
+
+  const AdapterRecord* find_adapter(const std::string& name) const {
+    for (const auto& a : adapters)
+      if (!a.merged && a.name == name) return &a;
+    return nullptr;
+  }
 };
+
+// Adapter names become directory names: letters, digits, '-', '_', '.', not starting with '.'.
+// Throws kiln::Error naming `where` otherwise.
+void check_adapter_name(const std::string& name, const std::string& where);
 
 std::vector<uint8_t> serialize_manifest(const Manifest& m);
 

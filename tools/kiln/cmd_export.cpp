@@ -125,6 +125,14 @@ int cmd_export(int argc, const char* const* argv) {
            "compute the statistics while exporting: layer l is measured on these prompts (one "
            "per line, ids comma-separated) with layers 0..l-1 already clipped, so every head "
            "ends at or below the threshold on them");
+  p.multi("--lora", "DIR",
+          "a LoRA adapter (MaxText or PEFT directory; repeatable): folded into the weights with "
+          "--merge-lora, else written as a run-time adapter named by --lora-name");
+  p.multi("--lora-name", "NAME", "name of the run-time adapter from the matching --lora");
+  p.option("--lora-scale", "S", "multiplies every adapter's own scale (alpha/r)", "1");
+  p.flag("--merge-lora",
+         "fold the --lora adapters into the base weights (W + s·A·B in f32, rounded to bf16 "
+         "once; before QK-Clip)");
   p.flag("--force", "replace an existing artifact at --out");
   Args a = p.parse(argc, argv);
 
@@ -157,6 +165,26 @@ int cmd_export(int argc, const char* const* argv) {
   if (opt.scan_axis) opt.recorded_options.emplace_back("--scan-axis", a.get("--scan-axis"));
   if (opt.force) opt.recorded_options.emplace_back("--force", "");
 
+  const auto lora_dirs = a.get_all("--lora");
+  const auto lora_names = a.get_all("--lora-name");
+  const double lora_scale = a.get_double("--lora-scale", -1e6, 1e6);
+  opt.merge_lora = a.has("--merge-lora");
+  if (opt.merge_lora && !lora_names.empty())
+    throw a.error("--merge-lora folds the adapters into the weights; do not also give --lora-name");
+  if (opt.merge_lora && lora_dirs.empty()) throw a.error("--merge-lora needs --lora DIR");
+  if (!opt.merge_lora && lora_names.size() != lora_dirs.size())
+    throw a.error("give one --lora-name per --lora (or --merge-lora): " +
+                  std::to_string(lora_dirs.size()) + " --lora, " +
+                  std::to_string(lora_names.size()) + " --lora-name");
+  if (a.given("--lora-scale") && lora_dirs.empty()) throw a.error("--lora-scale needs --lora DIR");
+  for (size_t i = 0; i < lora_dirs.size(); ++i) {
+    opt.loras.push_back({lora_dirs[i], opt.merge_lora ? "" : lora_names[i], lora_scale});
+    opt.recorded_options.emplace_back("--lora", lora_dirs[i]);
+    if (!opt.merge_lora) opt.recorded_options.emplace_back("--lora-name", lora_names[i]);
+  }
+  if (a.given("--lora-scale")) opt.recorded_options.emplace_back("--lora-scale", a.get("--lora-scale"));
+  if (opt.merge_lora) opt.recorded_options.emplace_back("--merge-lora", "");
+
   if (a.has("--qk-clip-calibrate")) {
     if (!opt.qk_clip.stats.empty())
       throw a.error("--qk-clip-calibrate computes the statistics; do not also give --max-logits");
@@ -184,6 +212,10 @@ int cmd_export(int argc, const char* const* argv) {
                 static_cast<long long>(s.qk_clip.clipped_heads()), s.qk_clip.gamma.size(),
                 double(min_gamma));
   }
+  for (const auto& ad : s.adapters)
+    std::printf("LoRA %s (%s, rank %lld, %zu tensors)%s\n", ad.name.c_str(), ad.format.c_str(),
+                static_cast<long long>(ad.rank), ad.targets.size(),
+                ad.merged ? ": merged into the weights" : ": run-time adapter");
   std::printf("exported %lld layers (%s, %s) to %s: %.1f MiB in %.2f s\n",
               static_cast<long long>(s.layers), s.key_layout.c_str(),
               s.scanned ? "scanned" : "unrolled", opt.out_dir.c_str(),

@@ -9,9 +9,10 @@ namespace kiln::cli {
 
 namespace {
 
-std::vector<float> prefill_logits(Engine& e, const std::vector<int32_t>& prompt) {
+std::vector<float> prefill_logits(Engine& e, const std::vector<int32_t>& prompt,
+                                  const std::string& adapter) {
   std::vector<float> logits(prompt.size() * size_t(e.config().vocab_size));
-  e.prefill_logits(prompt, logits.data());
+  e.prefill_logits(prompt, logits.data(), adapter);
   return logits;
 }
 
@@ -28,8 +29,8 @@ int cmd_golden(int argc, const char* const* argv) {
   if (argc < 2 || (std::string(argv[1]) != "dump" && std::string(argv[1]) != "check")) {
     if (argc >= 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
       std::printf(
-          "usage: kiln golden dump DIR --tokens LIST --out FILE.npy\n"
-          "       kiln golden check DIR --tokens LIST --expect FILE.npy [--atol A]\n"
+          "usage: kiln golden dump DIR --tokens LIST --out FILE.npy [--adapter NAME]\n"
+          "       kiln golden check DIR --tokens LIST --expect FILE.npy [--atol A] [--adapter NAME]\n"
           "Dumps or checks the f32 logits [tokens, vocab] of one prefill.\n");
       return 0;
     }
@@ -47,14 +48,17 @@ int cmd_golden(int argc, const char* const* argv) {
     p.option("--expect", "FILE.npy", "logits written by 'kiln golden dump'", required);
     p.option("--atol", "A", "largest allowed |difference| of any logit", "1e-3");
   }
+  p.option("--adapter", "NAME", "run-time LoRA adapter of the artifact");
   add_engine_options(p);
   Args a = p.parse(argc - 1, argv + 1);
   std::vector<int32_t> prompt = a.get_token_list("--tokens");
   auto engine = Engine::open(a.positional(0), engine_options(a));
+  const std::string adapter = a.has("--adapter") ? a.get("--adapter") : "";
+  if (!adapter.empty()) engine->load_adapter(adapter);
   const int64_t V = engine->config().vocab_size, T = int64_t(prompt.size());
 
   if (dump) {
-    std::vector<float> logits = prefill_logits(*engine, prompt);
+    std::vector<float> logits = prefill_logits(*engine, prompt, adapter);
     write_npy_f32(a.get("--out"), logits.data(), {T, V});
     std::printf("wrote logits [%lld, %lld] to %s\n", static_cast<long long>(T),
                 static_cast<long long>(V), a.get("--out").c_str());
@@ -67,7 +71,7 @@ int cmd_golden(int argc, const char* const* argv) {
   if (expect.shape != std::vector<int64_t>{T, V})
     throw Error(path + ": holds logits of shape " + shape_to_string(expect.shape) + ", expected [" +
                 std::to_string(T) + ", " + std::to_string(V) + "] for these tokens and this model");
-  std::vector<float> logits = prefill_logits(*engine, prompt);
+  std::vector<float> logits = prefill_logits(*engine, prompt, adapter);
   double max_diff = 0;
   int64_t where = 0, top1_mismatch = -1;
   for (int64_t i = 0; i < T * V; ++i) {

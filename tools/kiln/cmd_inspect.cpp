@@ -1,5 +1,6 @@
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "engine/artifact.h"
@@ -112,6 +113,26 @@ int cmd_inspect(int argc, const char* const* argv) {
   auto art = Artifact::open(a.positional(0), {verify});
   const Manifest& m = art->manifest();
   const Provenance& pv = m.provenance;
+  // Run-time adapters are mapped and checked like the engine loads them (and, with --verify,
+  // checksummed); their memory is the mapped blob bytes.
+  nlohmann::ordered_json adapters = nlohmann::ordered_json::array();
+  uint64_t adapter_bytes = 0;
+  for (const AdapterRecord& ad : m.adapters) {
+    if (!ad.merged) adapter_bytes += LoraAdapter::open(art->dir(), m.config, ad, verify)->bytes();
+    std::map<std::string, int64_t> per_tensor;
+    for (const auto& t : ad.targets) per_tensor[t.tensor]++;
+    adapters.push_back({{"name", ad.name},
+                        {"merged", ad.merged},
+                        {"format", ad.format},
+                        {"source", ad.source},
+                        {"rank", ad.rank},
+                        {"lora_alpha", ad.lora_alpha},
+                        {"use_rslora", ad.use_rslora},
+                        {"lora_scale", ad.lora_scale},
+                        {"targets", ad.targets.size()},
+                        {"tensors", per_tensor},
+                        {"bytes", ad.bytes()}});
+  }
 
   uint64_t n_tensors = 0, n_params = 0;
   nlohmann::ordered_json blobs = nlohmann::ordered_json::array();
@@ -170,6 +191,8 @@ int cmd_inspect(int argc, const char* const* argv) {
         {"blobs", blobs},
         {"tokenizer_bytes", m.tokenizer.size()},
         {"qk_clip", qk_json},
+        {"adapters", adapters},
+        {"adapter_bytes", adapter_bytes},
         {"provenance",
          {{"exporter_version", pv.exporter_version},
           {"created_utc", pv.created_utc},
@@ -227,6 +250,11 @@ int cmd_inspect(int argc, const char* const* argv) {
                   : any  ? ""
                          : "   (all below tau)");
     }
+  }
+  if (!m.adapters.empty()) {
+    std::printf("\nadapters   %zu, %.2f MiB of run-time adapter blobs\n", m.adapters.size(),
+                double(adapter_bytes) / (1 << 20));
+    print_adapters(m);
   }
   std::printf("\nprovenance\n");
   std::printf("  exporter      kiln %s, %s\n", pv.exporter_version.c_str(), pv.created_utc.c_str());

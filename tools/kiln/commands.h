@@ -11,6 +11,7 @@ int cmd_run(int argc, const char* const* argv);
 int cmd_golden(int argc, const char* const* argv);
 int cmd_bench(int argc, const char* const* argv);
 int cmd_calibrate(int argc, const char* const* argv);
+int cmd_adapter(int argc, const char* const* argv);
 
 }  // namespace kiln::cli
 
@@ -31,6 +32,9 @@ std::vector<std::vector<int32_t>> read_prompts_file(const std::string& path);
 // Engine::calibrate_max_logits with errors prefixed by the prompts file's name.
 std::vector<float> calibrate(Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
                              const std::string& prompts_path);
+
+// Adapters recorded in a manifest (tools/kiln/cmd_adapter.cpp; also used by inspect).
+void print_adapters(const Manifest& m);
 
 // Seconds since an arbitrary fixed point (monotonic).
 double now_seconds();

@@ -23,7 +23,8 @@ constexpr const char* kUsage =
     "  run       prefill a prompt and generate tokens, with timings\n"
     "  golden    dump / check the logits of one prefill (regression tests)\n"
     "  bench     prefill and decode tokens/s, load time, peak memory\n"
-    "  calibrate record per-layer, per-head max attention logits on prompts (for QK-Clip)\n";
+    "  calibrate record per-layer, per-head max attention logits on prompts (for QK-Clip)\n"
+    "  adapter   add / remove / list the run-time LoRA adapters of an artifact\n";
 
 // OpenMP reads OMP_WAIT_POLICY once, when libgomp loads — before main. Parked worker threads
 // take milliseconds to wake on this kind of machine (docs/performance.md), which would dominate
@@ -60,6 +61,10 @@ int main(int argc, char** argv) {
     if (cmd == "export") {
       kiln::install_interrupt_handler();  // Ctrl-C removes the half-written artifact
       return cmd_export(sub_argc, sub_argv);
+    }
+    if (cmd == "adapter") {
+      kiln::install_interrupt_handler();
+      return cmd_adapter(sub_argc, sub_argv);
     }
     if (cmd == "inspect") return cmd_inspect(sub_argc, sub_argv);
     if (cmd == "run") return cmd_run(sub_argc, sub_argv);

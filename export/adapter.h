@@ -1,0 +1,44 @@
+// Run-time LoRA adapters inside an artifact (issue 4): per-layer adapter blobs under
+// adapters/<name>/, recorded in the manifest. Written by `kiln export --lora DIR --lora-name NAME`
+// and by `kiln adapter add` for an existing artifact, which never touches the base blobs.
+#pragma once
+
+#include <string>
+
+#include "export/lora.h"
+#include "schema/manifest.h"
+
+namespace kiln {
+
+// Writes the adapter's blobs (bf16 "<tensor>.lora_a" [in, r] and "<tensor>.lora_b" [r, out], one
+// blob per adapted layer) into `dir` (created; normally a temporary directory the caller renames
+// to <artifact>/adapters/<name>) and returns the manifest record, blob paths relative to the
+// artifact directory. Checks for Ctrl-C between tensors.
+AdapterRecord write_adapter_blobs(const AdapterSource& src, const ModelConfig& base,
+                                  const std::string& name, const std::string& dir);
+
+// The record of an adapter folded into the base weights at export (provenance only, no blobs).
+AdapterRecord merged_adapter_record(const AdapterSource& src);
+
+struct AddAdapterOptions {
+  std::string artifact;
+  std::string adapter_dir;
+  std::string name;
+  double lora_scale = 1;
+  bool force = false;  // replace an adapter of the same name
+};
+
+// `kiln adapter add`: reads the manifest, checks the adapter against the artifact's config, writes
+// adapters/<name>/ and then swaps in the updated manifest. On any error the artifact is left as it
+// was (no new directory, manifest unchanged).
+AdapterRecord add_adapter(const AddAdapterOptions& opt);
+
+// `kiln adapter remove`: drops the record from the manifest, then deletes adapters/<name>/.
+void remove_adapter(const std::string& artifact, const std::string& name);
+
+// Reads and parses <artifact>/manifest.kfb.
+Manifest read_manifest(const std::string& artifact);
+// Replaces <artifact>/manifest.kfb atomically (temporary file + rename).
+void write_manifest(const std::string& artifact, const Manifest& m);
+
+}  // namespace kiln

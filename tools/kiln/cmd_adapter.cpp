@@ -1,0 +1,118 @@
+// `kiln adapter add|remove|list`: run-time LoRA adapters of an existing artifact. The base blobs
+// are never rewritten; only adapters/<name>/ and the manifest change.
+#include <cstdio>
+#include <map>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "export/adapter.h"
+#include "tools/kiln/args.h"
+#include "tools/kiln/commands.h"
+
+namespace kiln::cli {
+
+namespace {
+
+constexpr const char* kAdapterUsage =
+    "usage: kiln adapter add ARTIFACT ADAPTER_DIR --name NAME [--lora-scale S] [--force]\n"
+    "       kiln adapter remove ARTIFACT NAME\n"
+    "       kiln adapter list ARTIFACT [--json]\n"
+    "Adds, removes or lists the run-time LoRA adapters of an artifact (MaxText or PEFT adapter\n"
+    "directories; the base weights are not rewritten).\n";
+
+nlohmann::json adapter_json(const AdapterRecord& a) {
+  std::map<std::string, int64_t> per_tensor;
+  for (const auto& t : a.targets) per_tensor[t.tensor]++;
+  return {{"name", a.name},
+          {"merged", a.merged},
+          {"format", a.format},
+          {"source", a.source},
+          {"rank", a.rank},
+          {"lora_alpha", a.lora_alpha},
+          {"use_rslora", a.use_rslora},
+          {"lora_scale", a.lora_scale},
+          {"targets", a.targets.size()},
+          {"tensors", per_tensor},
+          {"blobs", a.blobs.size()},
+          {"bytes", a.bytes()},
+          {"created_utc", a.created_utc}};
+}
+
+void print_adapter_line(const AdapterRecord& a) {
+  std::map<std::string, int64_t> per_tensor;
+  for (const auto& t : a.targets) per_tensor[t.tensor]++;
+  std::string tensors;
+  for (const auto& [name, n] : per_tensor)
+    tensors += (tensors.empty() ? "" : ", ") + name + "×" + std::to_string(n);
+  std::printf("  %-16s %-7s rank %-4lld %8.2f MiB  %s%s\n", a.name.c_str(), a.format.c_str(),
+              static_cast<long long>(a.rank), double(a.bytes()) / (1 << 20), tensors.c_str(),
+              a.merged ? "  (merged at export)" : "");
+}
+
+}  // namespace
+
+// Shared with `kiln inspect`.
+nlohmann::json adapters_json(const Manifest& m) {
+  nlohmann::json list = nlohmann::json::array();
+  for (const auto& a : m.adapters) list.push_back(adapter_json(a));
+  return list;
+}
+
+void print_adapters(const Manifest& m) {
+  for (const auto& a : m.adapters) print_adapter_line(a);
+}
+
+int cmd_adapter(int argc, const char* const* argv) {
+  const std::string sub = argc >= 2 ? argv[1] : "";
+  if (sub == "--help" || sub == "-h") {
+    std::fputs(kAdapterUsage, stdout);
+    return 0;
+  }
+  if (sub == "add") {
+    ArgParser p("kiln adapter add",
+                "Adds a run-time LoRA adapter (MaxText or PEFT directory) to an artifact.");
+    p.positional("ARTIFACT", "artifact directory");
+    p.positional("ADAPTER_DIR", "adapter directory (adapter_config.json + safetensors)");
+    p.option("--name", "NAME", "adapter name (letters, digits, '-', '_', '.')", required);
+    p.option("--lora-scale", "S", "multiplies the adapter's own scale (alpha/r)", "1");
+    p.flag("--force", "replace an adapter of the same name");
+    Args a = p.parse(argc - 1, argv + 1);
+    AddAdapterOptions opt{a.positional(0), a.positional(1), a.get("--name"),
+                          a.get_double("--lora-scale", -1e6, 1e6), a.has("--force")};
+    const double t0 = now_seconds();
+    AdapterRecord r = add_adapter(opt);
+    std::printf("added adapter %s to %s: %s, rank %lld, %zu tensors, %.2f MiB in %.2f s\n",
+                r.name.c_str(), opt.artifact.c_str(), r.format.c_str(),
+                static_cast<long long>(r.rank), r.targets.size(), double(r.bytes()) / (1 << 20),
+                now_seconds() - t0);
+    return 0;
+  }
+  if (sub == "remove") {
+    ArgParser p("kiln adapter remove", "Removes a run-time LoRA adapter from an artifact.");
+    p.positional("ARTIFACT", "artifact directory");
+    p.positional("NAME", "adapter name");
+    Args a = p.parse(argc - 1, argv + 1);
+    remove_adapter(a.positional(0), a.positional(1));
+    std::printf("removed adapter %s from %s\n", a.positional(1).c_str(), a.positional(0).c_str());
+    return 0;
+  }
+  if (sub == "list") {
+    ArgParser p("kiln adapter list", "Lists the LoRA adapters recorded in an artifact.");
+    p.positional("ARTIFACT", "artifact directory");
+    p.flag("--json", "print one JSON object");
+    Args a = p.parse(argc - 1, argv + 1);
+    Manifest m = read_manifest(a.positional(0));
+    if (a.has("--json")) {
+      std::printf("%s\n", nlohmann::json{{"adapters", adapters_json(m)}}.dump().c_str());
+    } else if (m.adapters.empty()) {
+      std::printf("%s: no adapters\n", a.positional(0).c_str());
+    } else {
+      print_adapters(m);
+    }
+    return 0;
+  }
+  throw UsageError("kiln adapter: expected 'add', 'remove' or 'list' (see 'kiln adapter --help')");
+}
+
+}  // namespace kiln::cli
