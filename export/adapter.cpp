@@ -11,6 +11,7 @@
 #include "common/error.h"
 #include "common/interrupt.h"
 #include "common/mapped_file.h"
+#include "export/qk_clip.h"
 #include "schema/blob_file.h"
 #include "schema/format.h"
 
@@ -67,7 +68,8 @@ AdapterRecord merged_adapter_record(const AdapterSource& src) {
 }
 
 AdapterRecord write_adapter_blobs(const AdapterSource& src, const ModelConfig& base,
-                                  const std::string& name, const std::string& dir) {
+                                  const QkClipRecord& qk_clip, const std::string& name,
+                                  const std::string& dir) {
   check_adapter_name(name, src.dir());
   AdapterRecord record = record_of(src);
   record.name = name;
@@ -91,6 +93,7 @@ AdapterRecord write_adapter_blobs(const AdapterSource& src, const ModelConfig& b
     for (size_t j = i; j < end; ++j) {
       throw_if_interrupted("adapter");
       LoraDelta d = src.read(layer, targets[j].tensor);
+      apply_qk_clip_to_lora_b(qk_clip, base, layer, targets[j].tensor, d.b.data(), d.rank);
       a16.resize(d.a.size());
       b16.resize(d.b.size());
       NonFiniteCounts bad = convert_f32_to_bf16(d.a.data(), a16.data(), d.a.size());
@@ -149,7 +152,7 @@ AdapterRecord add_adapter(const AddAdapterOptions& opt) {
   const bool made_adapters_dir = !fs::exists(adapters);
   RemoveOnExit drop_tmp(tmp);
   RemoveOnExit drop_adapters_dir(made_adapters_dir ? adapters : fs::path());
-  AdapterRecord record = write_adapter_blobs(src, m.config, opt.name, tmp.string());
+  AdapterRecord record = write_adapter_blobs(src, m.config, m.qk_clip, opt.name, tmp.string());
 
   // Swap in: the old directory (with --force) moves aside until the new manifest is in place.
   std::error_code ec;

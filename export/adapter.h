@@ -13,9 +13,12 @@ namespace kiln {
 // Writes the adapter's blobs (bf16 "<tensor>.lora_a" [in, r] and "<tensor>.lora_b" [r, out], one
 // blob per adapted layer) into `dir` (created; normally a temporary directory the caller renames
 // to <artifact>/adapters/<name>) and returns the manifest record, blob paths relative to the
-// artifact directory. Checks for Ctrl-C between tensors.
+// artifact directory. When the base was exported with QK-Clip (`qk_clip.applied`), B of every
+// clipped tensor gets the same per-head column scales (apply_qk_clip_to_lora_b), so base + adapter
+// at run time equals the clip of the merged weights. Checks for Ctrl-C between tensors.
 AdapterRecord write_adapter_blobs(const AdapterSource& src, const ModelConfig& base,
-                                  const std::string& name, const std::string& dir);
+                                  const QkClipRecord& qk_clip, const std::string& name,
+                                  const std::string& dir);
 
 // The record of an adapter folded into the base weights at export (provenance only, no blobs).
 AdapterRecord merged_adapter_record(const AdapterSource& src);

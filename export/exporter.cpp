@@ -327,7 +327,7 @@ ExportSummary export_artifact(const ExportOptions& opt,
       manifest.adapters.push_back(merged_adapter_record(loras[i]));
     } else {
       const std::string& name = opt.loras[i].name;
-      AdapterRecord r = write_adapter_blobs(loras[i], cfg.model, name,
+      AdapterRecord r = write_adapter_blobs(loras[i], cfg.model, qk_clip, name,
                                             (tmp.path() / kAdaptersDir / name).string());
       for (const auto& b : r.blobs) prog.bytes_written += b.size;
       manifest.adapters.push_back(std::move(r));

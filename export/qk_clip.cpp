@@ -170,8 +170,12 @@ QkClipRecord plan_qk_clip(const QkClipOptions& opt, const ModelConfig& c, const 
   return r;
 }
 
-bool apply_qk_clip(const QkClipRecord& rec, const ModelConfig& c, int64_t layer,
-                   const std::string& name, float* w) {
+namespace {
+
+// Every tensor QK-Clip touches is [rows, H, cols] and is scaled per output column; `rows` < 0 means
+// the base kernel's own row count.
+bool scale_clipped_columns(const QkClipRecord& rec, const ModelConfig& c, int64_t layer,
+                           const std::string& name, float* w, int64_t rows_override) {
   if (!rec.applied) return false;
   const float* gamma = rec.gamma.data() + layer * rec.heads;
   if (std::all_of(gamma, gamma + rec.heads, [](float g) { return g == 1.0f; })) return false;
@@ -197,6 +201,7 @@ bool apply_qk_clip(const QkClipRecord& rec, const ModelConfig& c, int64_t layer,
   } else {
     return false;
   }
+  if (rows_override >= 0) rows = rows_override;
   for (int64_t h = 0; h < H; ++h) {
     const float g = gamma[h];
     if (g == 1.0f) continue;
@@ -209,6 +214,18 @@ bool apply_qk_clip(const QkClipRecord& rec, const ModelConfig& c, int64_t layer,
     }
   }
   return true;
+}
+
+}  // namespace
+
+bool apply_qk_clip(const QkClipRecord& rec, const ModelConfig& c, int64_t layer,
+                   const std::string& name, float* w) {
+  return scale_clipped_columns(rec, c, layer, name, w, -1);
+}
+
+bool apply_qk_clip_to_lora_b(const QkClipRecord& rec, const ModelConfig& c, int64_t layer,
+                             const std::string& name, float* b, int64_t rank) {
+  return scale_clipped_columns(rec, c, layer, name, b, rank);
 }
 
 }  // namespace kiln

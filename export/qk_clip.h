@@ -47,4 +47,10 @@ QkClipRecord plan_qk_clip(const QkClipOptions& opt, const ModelConfig& c, const 
 bool apply_qk_clip(const QkClipRecord& rec, const ModelConfig& c, int64_t layer,
                    const std::string& name, float* w);
 
+// The same column scaling on the B factor [rank, out] of a LoRA pair on tensor `name`. QK-Clip
+// scales output columns only, so clip(W + s·A·B) = clip(W) + s·A·clip(B): a run-time adapter of a
+// clipped artifact with B scaled this way computes exactly what merging and then clipping would.
+bool apply_qk_clip_to_lora_b(const QkClipRecord& rec, const ModelConfig& c, int64_t layer,
+                             const std::string& name, float* b, int64_t rank);
+
 }  // namespace kiln

@@ -529,6 +529,118 @@ class LoraMixedBatchTest(LoraCase):
             % (len(rows), ", ".join(str(n) for n, _, _ in requests)))
 
 
+class LoraThenQkClipTest(LoraCase):
+    """`--merge-lora` with QK-Clip: the adapter is merged first and the clip scales the merged
+    weights (issue 4 item 2). wq_b / wkv_b of the artifact equal the reference's
+    bf16(clip(W + s·A·B)) to within one bf16 step (f32 vs f64 accumulation of A·B may round the
+    other way), while the other order, bf16(clip(W) + s·A·B), is far off on every clipped head."""
+
+    def test_merge_happens_before_qk_clip(self):
+        import qk_clip_ref as qc
+        import test_qk_clip_e2e as tq
+        fx = self.fixture("qkclip-ds3")
+        v = fx.variant
+        base = L.load_base(fx)
+        cfg = base[0]
+        ad = self.adapter(fx, L.AdapterSpec(fmt="peft", targets=("wq_b", "wkv_b", "wq_a"), r=4,
+                                            lora_alpha=8.0, gain=0.5, seed=61), "clip")
+        Lyr, H = v.num_decoder_layers, v.num_query_heads
+        S = np.full((Lyr, H), 3.0, dtype=np.float32)
+        S[:, 0] = 2 * tq.TAU                      # head 0 of every layer: gamma 1/2
+        S[1, H - 1] = 4 * tq.TAU                  # and one more head in layer 1: gamma 1/4
+        stats = os.path.join(self.tmp, "stats.safetensors")
+        qc.write_max_logits(stats, tq.stats_with_batch(S, np.random.default_rng(2)), fx.config,
+                            form="layers")
+        gammas = qc.gammas_from_stats(S, tq.TAU)
+        art_path = self.export(fx, os.path.join(self.tmp, "a.kiln"), "--lora", ad.directory,
+                               "--merge-lora", "--max-logits", stats, "--qk-clip-threshold",
+                               tq.TAU, what="export --merge-lora --max-logits")
+        art = tq.Artifact(self, art_path)
+        self.assertIsNotNone(art.qk, "no qk_clip record")
+        np.testing.assert_array_equal(art.gammas(), gammas)
+
+        _, _, merged, _ = L.merged_raw_layers(fx, [ad], base=base)
+        merge_then_clip = qc.clip_layers(merged, gammas, cfg)
+        clip_then_merge = L.merged_raw_layers(
+            fx, [ad], base=(cfg, base[1], qc.clip_layers(base[2], gammas, cfg)))[2]
+        Dn = cfg["qk_nope_head_dim"]
+        for l in range(Lyr):
+            for name in ("attn.wq_b", "attn.wkv_b"):
+                canon = tq.CLIP_TENSORS[name]
+                got = art.bits(l, name)
+                want = st.f32_to_bf16_bits(merge_then_clip[l][canon]).reshape(got.shape)
+                steps = np.abs(got.astype(np.int32) - want.astype(np.int32))
+                self.assertLessEqual(int(steps.max()), 1, "layer %d %s: differs from "
+                                     "bf16(clip(W + dW)) by %d bf16 steps"
+                                     % (l, name, int(steps.max())))
+                other = st.f32_to_bf16_bits(clip_then_merge[l][canon]).reshape(got.shape)
+                g = st.bf16_bits_to_f32(got).reshape(got.shape)[:, 0, :Dn]
+                o = st.bf16_bits_to_f32(other).reshape(got.shape)[:, 0, :Dn]
+                rel = float(np.abs(g - o).max() / np.abs(o).max())
+                self.assertGreater(rel, 0.02, "layer %d %s head 0: merge-then-clip and "
+                                   "clip-then-merge agree (%.4f); the test cannot tell the order"
+                                   % (l, name, rel))
+        log("    merge then QK-Clip: wq_b / wkv_b within one bf16 step of bf16(clip(W + dW)) in "
+            "all %d layers" % Lyr)
+
+    def test_runtime_adapter_of_clipped_artifact(self):
+        """A run-time adapter of a clipped artifact (export --lora-name, and adapter add) has
+        B's columns scaled by the artifact's gammas, so base + adapter computes
+        clip(W) + s·A·clip(B) = clip(W + s·A·B): the stored B equals the reference's
+        bf16(clip(B)) and the logits match the merged-then-clipped reference."""
+        import qk_clip_ref as qc
+        import test_qk_clip_e2e as tq
+        fx = self.fixture("qkclip-ds3")
+        v = fx.variant
+        base = L.load_base(fx)
+        cfg = base[0]
+        ad = self.adapter(fx, L.AdapterSpec(fmt="maxtext", targets=("wq_b", "wkv_b", "o"),
+                                            names="path", r=4, lora_alpha=8.0, gain=0.35,
+                                            seed=62), "clip")
+        Lyr, H = v.num_decoder_layers, v.num_query_heads
+        S = np.full((Lyr, H), 3.0, dtype=np.float32)
+        S[:, 1] = 2 * tq.TAU
+        S[2, 0] = 3 * tq.TAU
+        stats = os.path.join(self.tmp, "stats.safetensors")
+        qc.write_max_logits(stats, tq.stats_with_batch(S, np.random.default_rng(3)), fx.config,
+                            form="layers")
+        gammas = qc.gammas_from_stats(S, tq.TAU)
+        clip_args = ["--max-logits", stats, "--qk-clip-threshold", tq.TAU]
+        exported = self.export(fx, os.path.join(self.tmp, "x.kiln"), "--lora", ad.directory,
+                               "--lora-name", "ad1", *clip_args)
+        added = self.export(fx, os.path.join(self.tmp, "y.kiln"), *clip_args)
+        self.assertKilnOk(kiln("adapter", "add", added, ad.directory, "--name", "ad1"),
+                          "adapter add to a clipped artifact")
+
+        _, pairs = L.read_adapter(ad.directory, cfg)
+        dn = cfg["qk_nope_head_dim"]
+        for art in (exported, added):
+            for l in range(Lyr):
+                blob = tq.read_blob(os.path.join(art, "adapters", "ad1", "layer-%03d.kblob" % l))
+                for tensor, module, rope_power in (("attn.wq_b", "self_attention/wq_b", 1),
+                                                   ("attn.wkv_b", "self_attention/wkv_b", 0)):
+                    got = np.frombuffer(blob[tensor + ".lora_b"], dtype="<u2")
+                    b2 = pairs[(l, module)].b2.astype(np.float32)
+                    r = b2.shape[0]
+                    want = st.f32_to_bf16_bits(qc._scale_nope_rope(
+                        b2.reshape(r, H, -1), gammas[l], dn, rope_power)).reshape(-1)
+                    steps = np.abs(got.astype(np.int32) - want.astype(np.int32))
+                    self.assertLessEqual(int(steps.max()), 1, "%s layer %d %s.lora_b: not B with "
+                                         "the artifact's QK-Clip column scales" % (art, l, tensor))
+                    plain = st.f32_to_bf16_bits(b2).reshape(-1)
+                    self.assertFalse(np.array_equal(got, plain), "%s layer %d %s.lora_b: "
+                                     "unscaled although the layer has clipped heads"
+                                     % (art, l, tensor))
+
+        _, _, merged, _ = L.merged_raw_layers(fx, [ad], base=base)
+        model = dr.RefModel(cfg, base[1], qc.clip_layers(merged, gammas, cfg))
+        clipped_base = dr.RefModel(cfg, base[1], qc.clip_layers(base[2], gammas, cfg))
+        prompt, want = self.prompt_for(fx, model, clipped_base, self._testMethodName)
+        for what, art in (("export --lora-name", exported), ("adapter add", added)):
+            self.check_artifact("clipped + run-time adapter [%s]" % what, art, model, prompt,
+                                want, adapter="ad1")
+
+
 # ------------------------------------------------------------------------------------------------
 # bad adapters
 

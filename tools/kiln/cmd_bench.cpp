@@ -1,8 +1,11 @@
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
 
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
@@ -23,16 +26,60 @@ double peak_rss_mib() {
   return double(ru.ru_maxrss) / 1024.0;  // Linux reports KiB
 }
 
+// Resident memory now (not the peak): /proc/self/statm's second field, in pages.
+double current_rss_mib() {
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return 0.0;
+  long long size = 0, resident = 0;
+  const int n = std::fscanf(f, "%lld %lld", &size, &resident);
+  std::fclose(f);
+  return n == 2 ? double(resident) * double(::sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0) : 0.0;
+}
+
+long long major_faults() {
+  struct rusage ru {};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_majflt;
+}
+
+// What loading a run-time adapter into the open engine costs: it maps the adapter's blobs only, so
+// the resident set grows by about the adapter's size and the base weights are not touched.
+struct AdapterLoad {
+  std::string name;
+  double seconds = 0, rss_before_mib = 0, rss_after_mib = 0;
+  uint64_t bytes = 0;
+  int64_t rank = 0;
+  long long major_faults = 0;
+};
+
+AdapterLoad load_adapter_measured(Engine& engine, const std::string& name) {
+  AdapterLoad m;
+  m.name = name;
+  m.rss_before_mib = current_rss_mib();
+  const long long faults = major_faults();
+  const double t0 = now_seconds();
+  const LoraAdapter& a = engine.load_adapter(name);
+  m.seconds = now_seconds() - t0;
+  m.major_faults = major_faults() - faults;
+  m.rss_after_mib = current_rss_mib();
+  m.bytes = a.bytes();
+  m.rank = a.max_rank();
+  return m;
+}
+
 }  // namespace
 
 int cmd_bench(int argc, const char* const* argv) {
   ArgParser p("kiln bench",
               "Measures load time, prefill and decode tokens/s (medians over --repeat runs) and "
-              "peak resident memory on a seeded pseudo-random prompt.");
+              "peak resident memory on a seeded pseudo-random prompt. With --adapter, also what "
+              "loading that run-time adapter into the open engine costs (time, resident memory), "
+              "and the runs use it.");
   p.positional("DIR", "artifact directory");
   p.option("--prompt-tokens", "N", "prompt length for the prefill measurement", "512");
   p.option("--gen-tokens", "N", "tokens generated for the decode measurement", "128");
   p.option("--repeat", "R", "runs; the medians are reported", "3");
+  p.option("--adapter", "NAME", "load this run-time adapter after the base and run with it");
   add_engine_options(p);
   p.flag("--json", "print one JSON object");
   Args a = p.parse(argc, argv);
@@ -48,6 +95,10 @@ int cmd_bench(int argc, const char* const* argv) {
     throw Error("--prompt-tokens + --gen-tokens = " + std::to_string(n_prompt + n_gen) +
                 " exceeds the model's context of " + std::to_string(engine->max_seq_len()));
 
+  std::optional<AdapterLoad> adapter;
+  if (a.has("--adapter")) adapter = load_adapter_measured(*engine, a.get("--adapter"));
+  const std::string adapter_name = adapter ? adapter->name : std::string();
+
   Rng rng(42);
   std::vector<int32_t> prompt(static_cast<size_t>(n_prompt));
   for (auto& t : prompt) t = int32_t(rng.next() % uint64_t(engine->config().vocab_size));
@@ -55,7 +106,7 @@ int cmd_bench(int argc, const char* const* argv) {
   std::vector<double> prefill_tps, decode_tps;
   for (int64_t r = 0; r < repeat; ++r) {
     double t1 = now_seconds();
-    engine->prefill(prompt, SamplingParams{});
+    engine->prefill(prompt, SamplingParams{}, adapter_name);
     double t2 = now_seconds();
     for (int64_t i = 0; i < n_gen; ++i) engine->generate();
     double t3 = now_seconds();
@@ -79,10 +130,24 @@ int cmd_bench(int argc, const char* const* argv) {
                                 {"prefill_runs", prefill_tps},
                                 {"decode_runs", decode_tps},
                                 {"peak_rss_mib", peak_rss_mib()}};
+    if (adapter)
+      j["adapter"] = {{"name", adapter->name},
+                      {"rank", adapter->rank},
+                      {"bytes", adapter->bytes},
+                      {"load_seconds", adapter->seconds},
+                      {"rss_before_mib", adapter->rss_before_mib},
+                      {"rss_after_mib", adapter->rss_after_mib},
+                      {"major_faults", adapter->major_faults}};
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
   std::printf("load          %.3f s\n", t_load);
+  if (adapter)
+    std::printf("adapter       '%s' (rank %lld, %.1f MiB): loaded in %.4f s, resident %.0f -> "
+                "%.0f MiB, %lld major page faults\n",
+                adapter->name.c_str(), static_cast<long long>(adapter->rank),
+                double(adapter->bytes) / (1024.0 * 1024.0), adapter->seconds,
+                adapter->rss_before_mib, adapter->rss_after_mib, adapter->major_faults);
   std::printf("prefill       %.1f tokens/s   (%lld-token prompt, median of %lld)\n",
               median(prefill_tps), static_cast<long long>(n_prompt),
               static_cast<long long>(repeat));

@@ -102,10 +102,10 @@ int cmd_export(int argc, const char* const* argv) {
   ArgParser p("kiln export",
               "Exports a MaxText training checkpoint (safetensors; scanned or unrolled layers; "
               "Linen or NNX keys) to an artifact directory of per-layer bf16 blobs.");
-  p.multi("--checkpoint", "PATH", "a .safetensors file or a sharded *.index.json (repeatable)",
+  p.multi("--checkpoint", "PATH", "a .safetensors file or a sharded *.index.json",
           required);
   p.option("--config", "FILE", "model config: JSON or MaxText model YAML", required);
-  p.multi("--set", "KEY=VALUE", "override a config field (repeatable)");
+  p.multi("--set", "KEY=VALUE", "override a config field");
   p.option("--scan-axis", "N",
            "axis the scanned layers are stacked on (default: the config's "
            "param_scan_axis, MaxText default 1)");
@@ -126,7 +126,7 @@ int cmd_export(int argc, const char* const* argv) {
            "per line, ids comma-separated) with layers 0..l-1 already clipped, so every head "
            "ends at or below the threshold on them");
   p.multi("--lora", "DIR",
-          "a LoRA adapter (MaxText or PEFT directory; repeatable): folded into the weights with "
+          "a LoRA adapter (MaxText or PEFT directory): folded into the weights with "
           "--merge-lora, else written as a run-time adapter named by --lora-name");
   p.multi("--lora-name", "NAME", "name of the run-time adapter from the matching --lora");
   p.option("--lora-scale", "S", "multiplies every adapter's own scale (alpha/r)", "1");
