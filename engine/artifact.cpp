@@ -49,15 +49,7 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
       throw Error(mpath + ": blob file name '" + e.file + "' must be a plain file name");
     std::string path = (fs::path(dir) / e.file).string();
     auto file = std::make_unique<MappedFile>(path);
-    if (file->size() != e.size)
-      throw Error(path + ": is " + std::to_string(file->size()) + " bytes, the manifest says " +
-                  std::to_string(e.size) + " (truncated or replaced)");
-    BlobView view(file->data(), file->size(), path);
-    if (view.header_crc32c() != e.header_crc32c)
-      throw Error(path + ": header checksum differs from the manifest's (blob replaced?)");
-    if (view.layer() != want_layer || view.kind() != e.kind)
-      throw Error(path + ": header says layer " + std::to_string(view.layer()) +
-                  ", the manifest expects " + std::to_string(want_layer));
+    BlobView view = check_listed_blob(*file, e, path);
     check_tensor_set(view,
                      want_layer < 0 ? global_tensor_specs(c) : layer_tensor_specs(c, want_layer));
     if (opt.verify_checksums) view.verify_checksums();
@@ -65,6 +57,23 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
     a->views_.push_back(std::move(view));
   }
   return a;
+}
+
+BlobView check_listed_blob(const MappedFile& file, const BlobEntry& e, const std::string& path) {
+  if (file.size() != e.size)
+    throw Error(path + ": is " + std::to_string(file.size()) + " bytes, the manifest says " +
+                std::to_string(e.size) + " (truncated or replaced)");
+  BlobView view(file.data(), file.size(), path);
+  if (view.header_crc32c() != e.header_crc32c)
+    throw Error(path + ": header checksum differs from the manifest's (blob replaced?)");
+  if (view.layer() != e.layer)
+    throw Error(path + ": header says layer " + std::to_string(view.layer()) +
+                ", the manifest lists layer " + std::to_string(e.layer));
+  if (view.kind() != e.kind)
+    throw Error(path + ": header says layer kind " + std::to_string(int(view.kind())) +
+                ", the manifest lists kind " + std::to_string(int(e.kind)) +
+                " (0 globals, 1 dense, 2 moe)");
+  return view;
 }
 
 uint64_t Artifact::total_bytes() const {

@@ -12,6 +12,10 @@
 
 namespace kiln {
 
+// Checks a mapped blob against its manifest entry (size, header checksum, layer and kind; `path`
+// names it in errors) and returns its view. Shared by the base blobs and the adapter blobs.
+BlobView check_listed_blob(const MappedFile& file, const BlobEntry& e, const std::string& path);
+
 struct ArtifactOptions {
   bool verify_checksums = false;  // also recompute every tensor's CRC-32C (reads everything)
 };

@@ -302,8 +302,7 @@ class DeepSeekModel final : public Model {
     // Output head, for the rows that want logits.
     if (rows.n_logits == 0) return;
     for (int64_t i = 0; i < rows.n_logits; ++i)
-      ops::rms_norm(x_.data() + rows.logit_row[i] * E, final_norm_, 1, E, eps,
-                    xb_.data() + i * E);
+      ops::rms_norm(x_.data() + rows.logit_row[i] * E, final_norm_, 1, E, eps, xb_.data() + i * E);
     head_->forward(xb_.data(), rows.n_logits, logits);
     finish_logits(logits, rows.n_logits * c_.vocab_size);
   }
@@ -404,8 +403,8 @@ class DeepSeekModel final : public Model {
   void absorbed_lora_query(const Rows& rows, int64_t layer) {
     const int64_t H = H_, Dqk = Dqk_, Dl = Dl_, Rkv = Rkv_, Dn = Dn_, Dv = Dv_;
     for (int64_t t = 0; t < rows.n; ++t) {
-      const LoraFactors* f = rows.adapter[t] ? rows.adapter[t]->get(layer, LoraSlot::wkv_b)
-                                             : nullptr;
+      const LoraFactors* f =
+          rows.adapter[t] ? rows.adapter[t]->get(layer, LoraSlot::wkv_b) : nullptr;
       if (!f) continue;
       const int64_t r = f->rank, N = H * (Dn + Dv);
       for (int64_t h = 0; h < H; ++h) {
@@ -424,8 +423,8 @@ class DeepSeekModel final : public Model {
   void absorbed_lora_value(const Rows& rows, int64_t layer) {
     const int64_t H = H_, Dl = Dl_, Rkv = Rkv_, Dn = Dn_, Dv = Dv_;
     for (int64_t t = 0; t < rows.n; ++t) {
-      const LoraFactors* f = rows.adapter[t] ? rows.adapter[t]->get(layer, LoraSlot::wkv_b)
-                                             : nullptr;
+      const LoraFactors* f =
+          rows.adapter[t] ? rows.adapter[t]->get(layer, LoraSlot::wkv_b) : nullptr;
       if (!f) continue;
       const int64_t r = f->rank, N = H * (Dn + Dv);
       for (int64_t h = 0; h < H; ++h) {

@@ -75,8 +75,8 @@ const LoraAdapter* Engine::adapter_for(const std::string& name) const {
   return it->second.get();
 }
 
-int32_t Engine::insert(int64_t slot, std::span<const int32_t> prompt, const SamplingParams& sampling,
-                       const std::string& adapter) {
+int32_t Engine::insert(int64_t slot, std::span<const int32_t> prompt,
+                       const SamplingParams& sampling, const std::string& adapter) {
   if (slot < 0 || slot >= slots())
     throw Error("insert: slot " + std::to_string(slot) + " does not exist (the engine has " +
                 std::to_string(slots()) + ")");

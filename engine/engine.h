@@ -46,8 +46,7 @@ class Engine {
 
   // Runs `prompt` as a fresh sequence and writes the logits of every position to `out`
   // ([prompt.size(), vocab], f32) — golden files and calibration use this.
-  void prefill_logits(std::span<const int32_t> prompt, float* out,
-                      const std::string& adapter = "");
+  void prefill_logits(std::span<const int32_t> prompt, float* out, const std::string& adapter = "");
 
   // Run-time LoRA. load_adapter maps adapters/<name>/ as recorded in the artifact's manifest
   // (re-read from disk, so adapters added after open are found) and verifies it; the base weights

@@ -131,8 +131,8 @@ class LlamaModel final : public Model {
       const int64_t scratch = ops::attend_scratch_floats(c_.max_target_length, H);
       auto attend_row = [&](int64_t t, int thread) {
         const KvCache& kv = *rows.cache[t];
-        ops::attend(q_.data() + t * H * D, kv.k[l].data(), kv.v[l].data(), rows.pos[t] + 1, H, K,
-                    D, K * D, scores_.data() + thread * scratch, attn_.data() + t * H * D);
+        ops::attend(q_.data() + t * H * D, kv.k[l].data(), kv.v[l].data(), rows.pos[t] + 1, H, K, D,
+                    K * D, scores_.data() + thread * scratch, attn_.data() + t * H * D);
       };
       if (T == 1) {
         attend_row(0, 0);  // decode: an OpenMP region would cost more than it saves
@@ -142,8 +142,8 @@ class LlamaModel final : public Model {
       }
       if (max_logits_)
         for (int64_t t = 0; t < T; ++t)
-          ops::max_logits(q_.data() + t * H * D, rows.cache[t]->k[l].data(), rows.pos[t] + 1, H,
-                          K, D, K * D, max_logits_ + l * H);
+          ops::max_logits(q_.data() + t * H * D, rows.cache[t]->k[l].data(), rows.pos[t] + 1, H, K,
+                          D, K * D, max_logits_ + l * H);
       ops::to_bf16(attn_.data(), T * H * D, attn_b_.data());
       project(w.o, LoraSlot::o, attn_b_.data(), o_.data());
       ops::add_round(x_.data(), o_.data(), T * E);
@@ -160,8 +160,7 @@ class LlamaModel final : public Model {
     // Output head, for the rows that want logits.
     if (rows.n_logits == 0) return;
     for (int64_t i = 0; i < rows.n_logits; ++i)
-      ops::rms_norm(x_.data() + rows.logit_row[i] * E, final_norm_, 1, E, eps,
-                    xb_.data() + i * E);
+      ops::rms_norm(x_.data() + rows.logit_row[i] * E, final_norm_, 1, E, eps, xb_.data() + i * E);
     head_->forward(xb_.data(), rows.n_logits, logits);
     finish_logits(logits, rows.n_logits * c_.vocab_size);
   }

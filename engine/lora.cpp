@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "common/error.h"
+#include "engine/artifact.h"
 #include "schema/blob_file.h"
 
 namespace kiln {
@@ -24,8 +25,7 @@ std::optional<LoraSlot> lora_slot(const std::string& tensor) {
 }
 
 std::shared_ptr<const LoraAdapter> LoraAdapter::open(const std::string& artifact_dir,
-                                                     const ModelConfig& c,
-                                                     const AdapterRecord& rec,
+                                                     const ModelConfig& c, const AdapterRecord& rec,
                                                      bool verify_checksums) {
   if (rec.merged)
     throw Error(artifact_dir + ": adapter '" + rec.name +
@@ -45,16 +45,11 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::open(const std::string& artifact
     const std::string path = (fs::path(artifact_dir) / rel).string();
     if (!fs::exists(path))
       throw Error(path + ": missing (adapter '" + rec.name + "' is listed in the manifest)");
+    if (e.layer < 0 || e.layer >= c.num_decoder_layers)
+      throw Error(path + ": the manifest lists it for layer " + std::to_string(e.layer) +
+                  ", outside the model's " + std::to_string(c.num_decoder_layers) + " layers");
     auto file = std::make_unique<MappedFile>(path);
-    if (file->size() != e.size)
-      throw Error(path + ": is " + std::to_string(file->size()) + " bytes, the manifest says " +
-                  std::to_string(e.size) + " (truncated or replaced)");
-    BlobView view(file->data(), file->size(), path);
-    if (view.header_crc32c() != e.header_crc32c)
-      throw Error(path + ": header checksum differs from the manifest's (blob replaced?)");
-    if (view.layer() != e.layer || e.layer < 0 || e.layer >= c.num_decoder_layers)
-      throw Error(path + ": header says layer " + std::to_string(view.layer()) +
-                  ", the manifest lists layer " + std::to_string(e.layer));
+    BlobView view = check_listed_blob(*file, e, path);
     if (verify_checksums) view.verify_checksums();
     size_t used = 0;
     for (const AdapterTargetRecord& t : rec.targets) {
@@ -80,7 +75,11 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::open(const std::string& artifact
       const BlobTensorInfo& b = view.expect(t.tensor + ".lora_b", DType::BF16, {t.rank, out});
       LoraFactors& f = ad->table_[size_t(t.layer) * size_t(LoraSlot::count) + size_t(*slot)];
       f = {reinterpret_cast<const uint16_t*>(view.bytes(a).data()),
-           reinterpret_cast<const uint16_t*>(view.bytes(b).data()), in, out, t.rank, t.scale};
+           reinterpret_cast<const uint16_t*>(view.bytes(b).data()),
+           in,
+           out,
+           t.rank,
+           t.scale};
       ad->max_rank_ = std::max(ad->max_rank_, t.rank);
       used += 2;
     }

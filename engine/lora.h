@@ -16,8 +16,18 @@ namespace kiln {
 
 // The projections LoRA can adapt, one slot per canonical tensor (export/lora.h names them).
 enum class LoraSlot : uint8_t {
-  q, k, v, o, wi_0, wi_1, wo,       // Llama family (o and the dense MLP also DeepSeek)
-  wq_a, wq_b, query, wkv_a, wkv_b,  // DeepSeek MLA
+  q,
+  k,
+  v,
+  o,
+  wi_0,
+  wi_1,
+  wo,  // Llama family (o and the dense MLP also DeepSeek)
+  wq_a,
+  wq_b,
+  query,
+  wkv_a,
+  wkv_b,  // DeepSeek MLA
   count
 };
 std::optional<LoraSlot> lora_slot(const std::string& tensor);

@@ -75,8 +75,8 @@ void Model::validate(std::span<const int32_t> tokens, const KvCache& cache) cons
                   std::to_string(c.vocab_size) + ")");
 }
 
-void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
-                    bool all_logits, const LoraAdapter* adapter) {
+void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logits, bool all_logits,
+                    const LoraAdapter* adapter) {
   const ModelConfig& c = config();
   validate(tokens, cache);
   if (adapter && adapter->max_rank() > lora_rank_)
@@ -93,8 +93,14 @@ void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logi
       row_adapter_[size_t(t)] = adapter;
       logit_rows_[size_t(t)] = t;
     }
-    Rows rows{T, row_token_.data(), row_pos_.data(), row_cache_.data(), row_adapter_.data(),
-              adapter != nullptr, logit_rows_.data(), 0};
+    Rows rows{T,
+              row_token_.data(),
+              row_pos_.data(),
+              row_cache_.data(),
+              row_adapter_.data(),
+              adapter != nullptr,
+              logit_rows_.data(),
+              0};
     if (all_logits) {
       rows.n_logits = T;
     } else if (last) {
@@ -138,16 +144,17 @@ void Model::forward_batch(std::span<const SequenceStep> steps, float* logits) {
     logit_rows_[i] = t - 1;
     any_adapter = any_adapter || s.adapter;
   }
-  Rows rows{total, row_token_.data(), row_pos_.data(), row_cache_.data(), row_adapter_.data(),
-            any_adapter, logit_rows_.data(), int64_t(steps.size())};
+  Rows rows{
+      total,       row_token_.data(),  row_pos_.data(),      row_cache_.data(), row_adapter_.data(),
+      any_adapter, logit_rows_.data(), int64_t(steps.size())};
   forward_rows(rows, logits);
   for (const SequenceStep& s : steps) s.cache->length += int64_t(s.tokens.size());
 }
 
 int64_t Model::lora_dim() const {
   const ModelConfig& c = config();
-  int64_t d = std::max({c.emb_dim, c.num_query_heads * c.head_dim, c.mlp_dim,
-                        c.num_kv_heads * c.head_dim});
+  int64_t d =
+      std::max({c.emb_dim, c.num_query_heads * c.head_dim, c.mlp_dim, c.num_kv_heads * c.head_dim});
   if (c.is_deepseek())
     d = std::max({d, c.q_lora_rank, c.num_query_heads * c.qk_head_dim(),
                   c.kv_lora_rank + c.qk_rope_head_dim,

@@ -121,8 +121,8 @@ Manifest read_manifest(const std::string& artifact) {
 
 void write_manifest(const std::string& artifact, const Manifest& m) {
   const fs::path path = fs::path(artifact) / kManifestFile;
-  const fs::path tmp = fs::path(artifact) / (std::string(".") + kManifestFile + ".tmp-" +
-                                             std::to_string(getpid()));
+  const fs::path tmp =
+      fs::path(artifact) / (std::string(".") + kManifestFile + ".tmp-" + std::to_string(getpid()));
   RemoveOnExit cleanup(tmp);
   std::vector<uint8_t> bytes = serialize_manifest(m);
   {
@@ -160,7 +160,8 @@ AdapterRecord add_adapter(const AddAdapterOptions& opt) {
   RemoveOnExit drop_old(old);
   if (fs::exists(final_dir)) {
     fs::rename(final_dir, old, ec);
-    if (ec) throw Error(final_dir.string() + ": cannot move the old adapter aside: " + ec.message());
+    if (ec)
+      throw Error(final_dir.string() + ": cannot move the old adapter aside: " + ec.message());
   }
   fs::rename(tmp, final_dir, ec);
   if (ec) {
@@ -168,7 +169,8 @@ AdapterRecord add_adapter(const AddAdapterOptions& opt) {
     throw Error(final_dir.string() + ": cannot rename the new adapter into place: " + ec.message());
   }
   drop_tmp.release();
-  std::erase_if(m.adapters, [&](const AdapterRecord& a) { return !a.merged && a.name == opt.name; });
+  std::erase_if(m.adapters,
+                [&](const AdapterRecord& a) { return !a.merged && a.name == opt.name; });
   m.adapters.push_back(record);
   try {
     write_manifest(opt.artifact, m);
@@ -183,8 +185,7 @@ AdapterRecord add_adapter(const AddAdapterOptions& opt) {
 
 void remove_adapter(const std::string& artifact, const std::string& name) {
   Manifest m = read_manifest(artifact);
-  if (!m.find_adapter(name))
-    throw Error(artifact + ": has no adapter named '" + name + "'");
+  if (!m.find_adapter(name)) throw Error(artifact + ": has no adapter named '" + name + "'");
   std::erase_if(m.adapters, [&](const AdapterRecord& a) { return !a.merged && a.name == name; });
   write_manifest(artifact, m);
   std::error_code ec;

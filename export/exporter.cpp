@@ -308,7 +308,8 @@ ExportSummary export_artifact(const ExportOptions& opt,
         unroll_scanned_layer(t.src, f32.data());
         if (opt.merge_lora)
           for (const AdapterSource& lora : loras)
-            if (lora.find(blob.layer, t.spec.name)) merge_lora(lora.read(blob.layer, t.spec.name), f32.data());
+            if (lora.find(blob.layer, t.spec.name))
+              merge_lora(lora.read(blob.layer, t.spec.name), f32.data());
         apply_qk_clip(qk_clip, cfg.model, blob.layer, t.spec.name, f32.data());
         nonfinite += convert_f32_to_bf16(f32.data(), bf16.data(), n);
         writer.write_tensor(t.spec.name, bf16.data(), n * 2);

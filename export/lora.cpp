@@ -674,8 +674,8 @@ void AdapterSource::Impl::open_peft(const AdapterConfig& cfg) {
       // even when those tensors are missing from the file, rather than run half an adapter.
       if (name == "embed_tokens" || name == "lm_head" || name.ends_with(".embed_tokens") ||
           name.ends_with(".lm_head"))
-        throw cfg.error("target_modules", "entry '" + name +
-                                              "': LoRA on embed_tokens / lm_head is not supported");
+        throw cfg.error("target_modules",
+                        "entry '" + name + "': LoRA on embed_tokens / lm_head is not supported");
       tm_list.push_back(name);
     }
   } else {

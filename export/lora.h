@@ -50,7 +50,7 @@ struct LoraTargetInfo {
   int layer = 0;
   std::string tensor;  // canonical, e.g. "attn.q"
   int64_t rank = 0;
-  double scale = 0;    // effective: the adapter's alpha/r (or rsLoRA form) × the user's scale
+  double scale = 0;  // effective: the adapter's alpha/r (or rsLoRA form) × the user's scale
   std::string a_key, b_key;  // the stored keys (for messages)
 };
 

@@ -109,13 +109,11 @@ std::vector<uint8_t> serialize_manifest(const Manifest& m) {
       targets.push_back(fb::CreateLoraTargetDirect(b, t.layer, t.tensor.c_str(), t.rank, t.scale));
     std::vector<flatbuffers::Offset<fb::BlobRef>> ablobs;
     for (const auto& e : a.blobs)
-      ablobs.push_back(fb::CreateBlobRefDirect(b, e.file.c_str(), e.layer,
-                                               static_cast<fb::LayerKind>(e.kind), e.size,
-                                               e.header_crc32c));
-    adapters.push_back(fb::CreateAdapterDirect(b, a.name.c_str(), a.merged, a.format.c_str(),
-                                               a.source.c_str(), a.rank, a.lora_alpha,
-                                               a.use_rslora, a.lora_scale, &targets, &ablobs,
-                                               a.created_utc.c_str()));
+      ablobs.push_back(fb::CreateBlobRefDirect(
+          b, e.file.c_str(), e.layer, static_cast<fb::LayerKind>(e.kind), e.size, e.header_crc32c));
+    adapters.push_back(fb::CreateAdapterDirect(
+        b, a.name.c_str(), a.merged, a.format.c_str(), a.source.c_str(), a.rank, a.lora_alpha,
+        a.use_rslora, a.lora_scale, &targets, &ablobs, a.created_utc.c_str()));
   }
   auto root = fb::CreateManifestDirect(b, kFormatMajor, kFormatMinor, config, &blobs,
                                        m.tokenizer.empty() ? nullptr : &m.tokenizer, prov, qk,

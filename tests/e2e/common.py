@@ -111,6 +111,20 @@ REL_TOL = 0.02
 MIN_GAP = 0.03
 
 
+def log(msg):
+    """Progress lines of the e2e suite (measured tolerances), flushed so they interleave with
+    unittest's own output."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def describe_row(row, k=3):
+    """The k largest logits of one row as 'id:value, ...' (for failure messages)."""
+    import numpy as np
+    idx = np.argsort(-row, kind="stable")[:k]
+    return ", ".join("%d:%.4f" % (i, row[i]) for i in idx)
+
+
 def check_long_logits(testcase, name, got, ref, length, log):
     """Long prompts: near-tie rows (gap < MIN_GAP) are exempt from the top-1 check; returns ratio."""
     import numpy as np

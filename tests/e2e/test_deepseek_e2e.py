@@ -24,13 +24,12 @@ rounding only (kiln never materialises the bf16 k_nope / v), which is what max|d
 """
 
 import os
-import sys
 import unittest
 
 import numpy as np
 
 import common
-from common import kiln, tokens_arg
+from common import kiln, tokens_arg, log, describe_row
 
 import deepseek_ref as dr  # noqa: E402  (common puts tests/reference on sys.path)
 import make_deepseek_fixture as mdf  # noqa: E402
@@ -39,16 +38,6 @@ PROMPT_LEN = 20
 N_GEN = 32
 REL_TOL, MIN_GAP = common.REL_TOL, common.MIN_GAP
 MIN_ROUTE_GAP = 0.03
-
-
-def log(msg):
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
-
-
-def describe_row(row, k=3):
-    idx = np.argsort(-row, kind="stable")[:k]
-    return ", ".join("%d:%.4f" % (i, row[i]) for i in idx)
 
 
 def compare_logits(tc, name, got, ref, tokens, rows=None):

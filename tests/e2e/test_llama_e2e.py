@@ -14,33 +14,22 @@ the 32-token comparison really exercises kiln's decode path (see llama_ref.choos
 """
 
 import os
-import sys
 import unittest
 
 import numpy as np
 
 import common
-from common import kiln, lr, mf, tokens_arg
+from common import kiln, lr, mf, tokens_arg, log, describe_row
 
 PROMPT_LEN = 20
 N_GEN = 32
 REL_TOL, MIN_GAP = common.REL_TOL, common.MIN_GAP
 
 
-def log(msg):
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
-
-
 def ref_model(fx):
     v = fx.variant
     return lr.RefModel.load(fx.checkpoint_args, fx.config_path, v.set_overrides,
                             v.scan_axis if v.scanned else None)
-
-
-def describe_row(row, k=3):
-    idx = np.argsort(-row, kind="stable")[:k]
-    return ", ".join("%d:%.4f" % (i, row[i]) for i in idx)
 
 
 def compare_logits(tc, name, got, ref, tokens):

@@ -41,13 +41,12 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import unittest
 
 import numpy as np
 
 import common
-from common import kiln, mf, st, tokens_arg
+from common import kiln, mf, st, tokens_arg, log, describe_row
 
 import deepseek_ref as dr  # noqa: E402  (common puts tests/reference on sys.path)
 import llama_ref as lr  # noqa: E402
@@ -59,16 +58,6 @@ N_GEN = 32
 BATCH_GEN = 16
 REL_TOL, MIN_GAP = common.REL_TOL, common.MIN_GAP
 MIN_EFFECT = 0.1
-
-
-def log(msg):
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
-
-
-def describe_row(row, k=3):
-    idx = np.argsort(-row, kind="stable")[:k]
-    return ", ".join("%d:%.4f" % (i, row[i]) for i in idx)
 
 
 def norm_msg(s):
@@ -676,7 +665,7 @@ def _find(keys, *parts):
 
 
 def bad_missing_config(fx, d):
-    ad = L.write_adapter(fx, L.AdapterSpec(targets=("q", "v"), seed=1), d)
+    L.write_adapter(fx, L.AdapterSpec(targets=("q", "v"), seed=1), d)
     os.remove(os.path.join(d, "adapter_config.json"))
     return ["adapter_config.json"]
 

@@ -55,14 +55,13 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
 import unittest
 
 import numpy as np
 
 import common
-from common import kiln, tokens_arg, st, mf
+from common import kiln, tokens_arg, st, mf, log
 
 import deepseek_ref as dr  # noqa: E402  (common puts tests/reference on sys.path)
 import llama_ref as lr  # noqa: E402
@@ -81,11 +80,6 @@ GOLDEN_LEN = 20
 CLIP_TENSORS = {"attn.wq_b": "self_attention/wq_b/kernel",
                 "attn.query": "self_attention/query/kernel",
                 "attn.wkv_b": "self_attention/wkv_b/kernel"}
-
-
-def log(msg):
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
 
 
 def rounded(a, digits=4):

@@ -2,9 +2,8 @@
 // are never rewritten; only adapters/<name>/ and the manifest change.
 #include <cstdio>
 #include <map>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "export/adapter.h"
 #include "tools/kiln/args.h"

@@ -143,11 +143,12 @@ int cmd_bench(int argc, const char* const* argv) {
   }
   std::printf("load          %.3f s\n", t_load);
   if (adapter)
-    std::printf("adapter       '%s' (rank %lld, %.1f MiB): loaded in %.4f s, resident %.0f -> "
-                "%.0f MiB, %lld major page faults\n",
-                adapter->name.c_str(), static_cast<long long>(adapter->rank),
-                double(adapter->bytes) / (1024.0 * 1024.0), adapter->seconds,
-                adapter->rss_before_mib, adapter->rss_after_mib, adapter->major_faults);
+    std::printf(
+        "adapter       '%s' (rank %lld, %.1f MiB): loaded in %.4f s, resident %.0f -> "
+        "%.0f MiB, %lld major page faults\n",
+        adapter->name.c_str(), static_cast<long long>(adapter->rank),
+        double(adapter->bytes) / (1024.0 * 1024.0), adapter->seconds, adapter->rss_before_mib,
+        adapter->rss_after_mib, adapter->major_faults);
   std::printf("prefill       %.1f tokens/s   (%lld-token prompt, median of %lld)\n",
               median(prefill_tps), static_cast<long long>(n_prompt),
               static_cast<long long>(repeat));

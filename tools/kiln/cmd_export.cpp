@@ -102,8 +102,7 @@ int cmd_export(int argc, const char* const* argv) {
   ArgParser p("kiln export",
               "Exports a MaxText training checkpoint (safetensors; scanned or unrolled layers; "
               "Linen or NNX keys) to an artifact directory of per-layer bf16 blobs.");
-  p.multi("--checkpoint", "PATH", "a .safetensors file or a sharded *.index.json",
-          required);
+  p.multi("--checkpoint", "PATH", "a .safetensors file or a sharded *.index.json", required);
   p.option("--config", "FILE", "model config: JSON or MaxText model YAML", required);
   p.multi("--set", "KEY=VALUE", "override a config field");
   p.option("--scan-axis", "N",
@@ -173,16 +172,17 @@ int cmd_export(int argc, const char* const* argv) {
     throw a.error("--merge-lora folds the adapters into the weights; do not also give --lora-name");
   if (opt.merge_lora && lora_dirs.empty()) throw a.error("--merge-lora needs --lora DIR");
   if (!opt.merge_lora && lora_names.size() != lora_dirs.size())
-    throw a.error("give one --lora-name per --lora (or --merge-lora): " +
-                  std::to_string(lora_dirs.size()) + " --lora, " +
-                  std::to_string(lora_names.size()) + " --lora-name");
+    throw a.error(
+        "give one --lora-name per --lora (or --merge-lora): " + std::to_string(lora_dirs.size()) +
+        " --lora, " + std::to_string(lora_names.size()) + " --lora-name");
   if (a.given("--lora-scale") && lora_dirs.empty()) throw a.error("--lora-scale needs --lora DIR");
   for (size_t i = 0; i < lora_dirs.size(); ++i) {
     opt.loras.push_back({lora_dirs[i], opt.merge_lora ? "" : lora_names[i], lora_scale});
     opt.recorded_options.emplace_back("--lora", lora_dirs[i]);
     if (!opt.merge_lora) opt.recorded_options.emplace_back("--lora-name", lora_names[i]);
   }
-  if (a.given("--lora-scale")) opt.recorded_options.emplace_back("--lora-scale", a.get("--lora-scale"));
+  if (a.given("--lora-scale"))
+    opt.recorded_options.emplace_back("--lora-scale", a.get("--lora-scale"));
   if (opt.merge_lora) opt.recorded_options.emplace_back("--merge-lora", "");
 
   if (a.has("--qk-clip-calibrate")) {

@@ -30,7 +30,8 @@ int cmd_golden(int argc, const char* const* argv) {
     if (argc >= 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
       std::printf(
           "usage: kiln golden dump DIR --tokens LIST --out FILE.npy [--adapter NAME]\n"
-          "       kiln golden check DIR --tokens LIST --expect FILE.npy [--atol A] [--adapter NAME]\n"
+          "       kiln golden check DIR --tokens LIST --expect FILE.npy [--atol A] [--adapter "
+          "NAME]\n"
           "Dumps or checks the f32 logits [tokens, vocab] of one prefill.\n");
       return 0;
     }

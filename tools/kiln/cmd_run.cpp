@@ -109,10 +109,11 @@ int run_requests(Engine& engine, const std::vector<Request>& reqs, int64_t max_t
   if (json) {
     nlohmann::ordered_json list = nlohmann::ordered_json::array();
     for (size_t i = 0; i < reqs.size(); ++i)
-      list.push_back({{"tokens", out[i]},
-                      {"adapter", reqs[i].adapter.empty() ? nlohmann::ordered_json(nullptr)
-                                                          : nlohmann::ordered_json(reqs[i].adapter)},
-                      {"finish_reason", "length"}});
+      list.push_back(
+          {{"tokens", out[i]},
+           {"adapter", reqs[i].adapter.empty() ? nlohmann::ordered_json(nullptr)
+                                               : nlohmann::ordered_json(reqs[i].adapter)},
+           {"finish_reason", "length"}});
     nlohmann::ordered_json j = {{"requests", list},
                                 {"slots", S},
                                 {"load_seconds", t_load},
