@@ -1,5 +1,6 @@
 #include "engine/engine.h"
 
+#include <algorithm>
 #include <limits>
 
 #include "common/error.h"
@@ -14,22 +15,36 @@ std::unique_ptr<Engine> Engine::open(const std::string& dir, const EngineOptions
   if (opt.max_seq_len > ctx)
     throw Error(dir + ": requested context " + std::to_string(opt.max_seq_len) +
                 " exceeds the model's max_target_length " + std::to_string(ctx));
-  if (opt.slots < 0 || opt.slots > model->max_chunk())
-    throw Error(dir + ": " + std::to_string(opt.slots) + " decode slots requested; between 0 and " +
+  if (opt.slots < 1 || opt.slots > model->max_chunk())
+    throw Error(dir + ": " + std::to_string(opt.slots) + " decode slots requested; between 1 and " +
                 std::to_string(model->max_chunk()) + " (max_chunk) are supported");
   return std::unique_ptr<Engine>(
       new Engine(std::move(model), opt.max_seq_len > 0 ? opt.max_seq_len : ctx, opt.slots));
 }
 
 Engine::Engine(std::unique_ptr<Model> m, int64_t max_seq_len, int64_t slots)
-    : model_(std::move(m)),
-      cache_(model_->new_cache(max_seq_len)),
-      logits_(size_t(model_->config().vocab_size)) {
+    : model_(std::move(m)), max_seq_len_(max_seq_len) {
   slots_.resize(size_t(slots));
   for (Slot& s : slots_) s.cache = model_->new_cache(max_seq_len);
   steps_.reserve(size_t(slots));
   step_slot_.reserve(size_t(slots));
-  slot_logits_.resize(size_t(slots * model_->config().vocab_size));
+  step_tokens_.reserve(size_t(slots));
+  step_logits_.resize(size_t(slots * model_->config().vocab_size));
+  scratch_cache_ = model_->new_cache(max_seq_len);
+}
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::None:
+      return "";
+    case FinishReason::Stop:
+      return "stop";
+    case FinishReason::Length:
+      return "length";
+    case FinishReason::Context:
+      return "context";
+  }
+  return "";
 }
 
 const LoraAdapter& Engine::load_adapter(const std::string& name) {
@@ -55,9 +70,8 @@ void Engine::unload_adapter(const std::string& name) {
   auto it = adapters_.find(name);
   if (it == adapters_.end()) throw Error("unload_adapter: adapter '" + name + "' is not loaded");
   for (size_t i = 0; i < slots_.size(); ++i)
-    if (slots_[i].active && slots_[i].adapter == it->second)
+    if (slots_[i].busy && slots_[i].adapter == it->second)
       throw Error("unload_adapter: adapter '" + name + "' is in use by slot " + std::to_string(i));
-  if (adapter_ == it->second) adapter_.reset();
   adapters_.erase(it);
 }
 
@@ -67,74 +81,192 @@ std::vector<std::string> Engine::loaded_adapters() const {
   return names;
 }
 
-const LoraAdapter* Engine::adapter_for(const std::string& name) const {
+std::shared_ptr<const LoraAdapter> Engine::adapter_for(const std::string& name) const {
   if (name.empty()) return nullptr;
   auto it = adapters_.find(name);
   if (it == adapters_.end())
     throw Error("adapter '" + name + "' is not loaded (load_adapter first)");
-  return it->second.get();
+  return it->second;
 }
 
-int32_t Engine::insert(int64_t slot, std::span<const int32_t> prompt,
-                       const SamplingParams& sampling, const std::string& adapter) {
-  if (slot < 0 || slot >= slots())
-    throw Error("insert: slot " + std::to_string(slot) + " does not exist (the engine has " +
-                std::to_string(slots()) + ")");
-  Slot& s = slots_[size_t(slot)];
-  if (s.active) throw Error("insert: slot " + std::to_string(slot) + " is busy");
+// --- prefill ---------------------------------------------------------------------------------
+
+Prefix Engine::new_prefix(std::span<const int32_t> prompt, const std::string& adapter) {
   check_prompt(prompt);
-  const LoraAdapter* a = adapter_for(adapter);
-  auto sampler = std::make_unique<Sampler>(config().vocab_size, sampling);
-  s.cache.length = 0;
-  model_->forward(prompt, s.cache, logits_.data(), /*all_logits=*/false, a);
-  s.sampler = std::move(sampler);
-  s.adapter = a ? adapters_.at(adapter) : nullptr;
-  s.last_token = s.sampler->sample(logits_.data());
-  s.active = true;
-  return s.last_token;
+  Prefix p;
+  p.adapter = adapter_for(adapter);
+  p.cache = model_->new_cache(int64_t(prompt.size()));
+  p.logits.resize(size_t(config().vocab_size));
+  p.next_pos = int64_t(prompt.size());
+  return p;
 }
 
-void Engine::generate_slots(std::span<int32_t> tokens) {
-  if (int64_t(tokens.size()) < slots())
-    throw Error("generate_slots: room for " + std::to_string(tokens.size()) + " tokens, " +
-                std::to_string(slots()) + " slots");
+void Engine::sample_first(Prefix& p, const SamplingParams& sampling, int64_t n) const {
+  const int64_t V = config().vocab_size;
+  for (int64_t i = 0; i < n; ++i) {
+    SamplingParams sp = sampling;
+    sp.seed = sample_seed(sampling.seed, i);
+    auto sampler = std::make_unique<Sampler>(V, sp);
+    const int32_t token = sampler->sample(p.logits.data());
+    p.tokens.push_back(token);
+    p.token_logp.push_back(Sampler::log_prob(p.logits.data(), V, token));
+    p.samplers.push_back(std::move(sampler));
+  }
+}
+
+Prefix Engine::prefill(std::span<const int32_t> prompt, const SamplingParams& sampling,
+                       const std::string& adapter) {
+  return prefill_multisampling(prompt, 1, sampling, adapter);
+}
+
+Prefix Engine::prefill_multisampling(std::span<const int32_t> prompt, int64_t n,
+                                     const SamplingParams& sampling, const std::string& adapter) {
+  if (n < 1) throw Error("prefill_multisampling: n must be >= 1, got " + std::to_string(n));
+  Sampler check(config().vocab_size, sampling);  // bad parameters fail before the forward pass
+  Prefix p = new_prefix(prompt, adapter);
+  model_->forward(prompt, p.cache, p.logits.data(), /*all_logits=*/false, p.adapter.get());
+  sample_first(p, sampling, n);
+  return p;
+}
+
+std::vector<Prefix> Engine::prefill_concat(std::span<const PrefillRequest> requests) {
+  std::vector<Prefix> out;
+  out.reserve(requests.size());
+  for (const PrefillRequest& r : requests) {
+    Sampler check(config().vocab_size, r.sampling);
+    out.push_back(new_prefix(r.tokens, r.adapter));
+  }
+  const int64_t V = config().vocab_size, chunk = model_->max_chunk();
+  std::vector<SequenceStep> steps;
+  std::vector<size_t> members;
+  std::vector<float> logits;
+  auto run = [&]() {
+    if (steps.empty()) return;
+    logits.resize(steps.size() * size_t(V));
+    model_->forward_batch(steps, logits.data());
+    for (size_t j = 0; j < members.size(); ++j)
+      std::copy_n(logits.begin() + int64_t(j) * V, V, out[members[j]].logits.begin());
+    steps.clear();
+    members.clear();
+  };
+  int64_t packed = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const int64_t n = int64_t(requests[i].tokens.size());
+    if (n > chunk) {  // more than one pass on its own
+      model_->forward(requests[i].tokens, out[i].cache, out[i].logits.data(), false,
+                      out[i].adapter.get());
+      continue;
+    }
+    if (packed + n > chunk) {
+      run();
+      packed = 0;
+    }
+    steps.push_back({requests[i].tokens, &out[i].cache, out[i].adapter.get()});
+    members.push_back(i);
+    packed += n;
+  }
+  run();
+  for (size_t i = 0; i < requests.size(); ++i) sample_first(out[i], requests[i].sampling, 1);
+  return out;
+}
+
+// --- decode slots ----------------------------------------------------------------------------
+
+const Engine::Slot& Engine::slot_state(int64_t slot) const {
+  if (slot < 0 || slot >= slots())
+    throw Error("slot " + std::to_string(slot) + " does not exist (the engine has " +
+                std::to_string(slots()) + ")");
+  return slots_[size_t(slot)];
+}
+
+FinishReason Engine::finish_of(const Slot& s, int32_t token) const {
+  const SamplingParams& p = s.sampler->params();
+  if (std::find(p.stop_tokens.begin(), p.stop_tokens.end(), token) != p.stop_tokens.end())
+    return FinishReason::Stop;
+  if (p.max_new_tokens > 0 && s.produced >= p.max_new_tokens) return FinishReason::Length;
+  if (s.cache.length >= s.cache.capacity) return FinishReason::Context;
+  return FinishReason::None;
+}
+
+SlotToken Engine::place(Prefix& p, size_t sample, int64_t slot) {
+  slot_state(slot);
+  Slot& s = slots_[size_t(slot)];
+  if (s.busy) throw Error("insert: slot " + std::to_string(slot) + " is busy");
+  copy_cache(p.cache, s.cache);
+  s.sampler = std::move(p.samplers[sample]);
+  s.adapter = p.adapter;
+  s.last_token = p.tokens[sample];
+  s.produced = 1;
+  s.busy = true;
+  s.finish = finish_of(s, s.last_token);
+  return {slot, s.last_token, p.token_logp[sample], s.finish};
+}
+
+SlotToken Engine::insert(Prefix&& prefix, int64_t slot) {
+  if (prefix.samplers.size() != 1)
+    throw Error("insert: the prefix holds " + std::to_string(prefix.samplers.size()) +
+                " samples; use bulk_insert");
+  return place(prefix, 0, slot);
+}
+
+std::vector<SlotToken> Engine::bulk_insert(Prefix&& prefix, std::span<const int64_t> slots) {
+  if (slots.size() != prefix.samplers.size())
+    throw Error("bulk_insert: " + std::to_string(slots.size()) + " slots for a prefix of " +
+                std::to_string(prefix.samplers.size()) + " samples");
+  for (size_t i = 0; i < slots.size(); ++i) {
+    if (slot_state(slots[i]).busy)
+      throw Error("bulk_insert: slot " + std::to_string(slots[i]) + " is busy");
+    for (size_t j = 0; j < i; ++j)
+      if (slots[j] == slots[i])
+        throw Error("bulk_insert: slot " + std::to_string(slots[i]) + " is given twice");
+  }
+  std::vector<SlotToken> out;
+  for (size_t i = 0; i < slots.size(); ++i) out.push_back(place(prefix, i, slots[i]));
+  return out;
+}
+
+std::span<const SlotToken> Engine::generate() {
   steps_.clear();
   step_slot_.clear();
+  step_tokens_.clear();
   for (size_t i = 0; i < slots_.size(); ++i) {
-    tokens[i] = -1;
     Slot& s = slots_[i];
-    if (!s.active) continue;
-    if (s.cache.length >= s.cache.capacity)
-      throw Error("generate_slots: slot " + std::to_string(i) + " has filled its context of " +
-                  std::to_string(s.cache.capacity) + " tokens");
+    if (!s.busy || s.finish != FinishReason::None) continue;
     steps_.push_back({std::span<const int32_t>(&s.last_token, 1), &s.cache, s.adapter.get()});
     step_slot_.push_back(int64_t(i));
   }
-  if (steps_.empty()) return;
-  model_->forward_batch(steps_, slot_logits_.data());
+  if (steps_.empty()) return {};
+  model_->forward_batch(steps_, step_logits_.data());
   const int64_t V = config().vocab_size;
   for (size_t j = 0; j < steps_.size(); ++j) {
     Slot& s = slots_[size_t(step_slot_[j])];
-    s.last_token = s.sampler->sample(slot_logits_.data() + int64_t(j) * V);
-    tokens[size_t(step_slot_[j])] = s.last_token;
+    const float* logits = step_logits_.data() + int64_t(j) * V;
+    s.last_token = s.sampler->sample(logits);
+    s.produced += 1;
+    s.finish = finish_of(s, s.last_token);
+    step_tokens_.push_back(
+        {step_slot_[j], s.last_token, Sampler::log_prob(logits, V, s.last_token), s.finish});
   }
+  return step_tokens_;
 }
 
 void Engine::release(int64_t slot) {
-  if (slot < 0 || slot >= slots())
-    throw Error("release: slot " + std::to_string(slot) + " does not exist");
+  slot_state(slot);
   Slot& s = slots_[size_t(slot)];
-  s.active = false;
+  if (!s.busy) throw Error("release: slot " + std::to_string(slot) + " is not in use");
+  s.busy = false;
+  s.finish = FinishReason::None;
   s.adapter.reset();
   s.sampler.reset();
   s.cache.length = 0;
+  s.produced = 0;
 }
 
 void Engine::check_prompt(std::span<const int32_t> prompt) const {
   if (prompt.empty()) throw Error("prompt is empty");
-  if (int64_t(prompt.size()) > cache_.capacity)
+  if (int64_t(prompt.size()) > max_seq_len_)
     throw Error("prompt has " + std::to_string(prompt.size()) +
-                " tokens, longer than the context of " + std::to_string(cache_.capacity));
+                " tokens, longer than the context of " + std::to_string(max_seq_len_));
   const int64_t V = config().vocab_size;
   for (size_t i = 0; i < prompt.size(); ++i)
     if (prompt[i] < 0 || prompt[i] >= V)
@@ -142,37 +274,14 @@ void Engine::check_prompt(std::span<const int32_t> prompt) const {
                   ", outside the vocabulary [0, " + std::to_string(V) + ")");
 }
 
-int32_t Engine::prefill(std::span<const int32_t> prompt, const SamplingParams& sampling,
-                        const std::string& adapter) {
-  check_prompt(prompt);
-  const LoraAdapter* a = adapter_for(adapter);
-  sampler_ = std::make_unique<Sampler>(config().vocab_size, sampling);
-  adapter_ = a ? adapters_.at(adapter) : nullptr;
-  cache_.length = 0;
-  model_->forward(prompt, cache_, logits_.data(), /*all_logits=*/false, a);
-  last_token_ = sampler_->sample(logits_.data());
-  return last_token_;
-}
-
-int32_t Engine::generate() {
-  if (!sampler_) throw Error("generate() called before prefill()");
-  if (cache_.length >= cache_.capacity)
-    throw Error("context of " + std::to_string(cache_.capacity) + " tokens is full");
-  model_->forward(std::span<const int32_t>(&last_token_, 1), cache_, logits_.data(), false,
-                  adapter_.get());
-  last_token_ = sampler_->sample(logits_.data());
-  return last_token_;
-}
+// --- reference tooling -----------------------------------------------------------------------
 
 void Engine::prefill_logits(std::span<const int32_t> prompt, float* out,
                             const std::string& adapter) {
   check_prompt(prompt);
-  const LoraAdapter* a = adapter_for(adapter);
-  cache_.length = 0;
-  model_->forward(prompt, cache_, out, /*all_logits=*/true, a);
-  const int64_t V = config().vocab_size;
-  std::copy(out + (int64_t(prompt.size()) - 1) * V, out + int64_t(prompt.size()) * V,
-            logits_.begin());
+  const auto a = adapter_for(adapter);
+  scratch_cache_.length = 0;
+  model_->forward(prompt, scratch_cache_, out, /*all_logits=*/true, a.get());
 }
 
 std::vector<float> Engine::calibrate_max_logits(const std::vector<std::vector<int32_t>>& prompts) {
@@ -188,16 +297,15 @@ std::vector<float> Engine::calibrate_max_logits(const std::vector<std::vector<in
       } catch (const Error& e) {
         throw Error("calibration prompt " + std::to_string(i + 1) + ": " + e.what());
       }
-      cache_.length = 0;
-      model_->forward(prompts[i], cache_, logits.data(), /*all_logits=*/false);
+      scratch_cache_.length = 0;
+      model_->forward(prompts[i], scratch_cache_, logits.data(), /*all_logits=*/false);
     }
   } catch (...) {
     model_->record_max_logits(nullptr);
     throw;
   }
   model_->record_max_logits(nullptr);
-  cache_.length = 0;
-  sampler_.reset();
+  scratch_cache_.length = 0;
   return max;
 }
 

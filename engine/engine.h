@@ -1,6 +1,9 @@
-// The engine's entry point: open an artifact, prefill a prompt, generate tokens one at a time —
-// for one sequence (prefill / generate), or for several decode slots advanced together by one
-// batched pass (insert / generate_slots / release; continuous batching on Model::forward_batch).
+// The serving API, with MaxEngine's semantics (spec §6): prefill a prompt into a Prefix (its KV
+// cache, the logits at its last position and the first sampled token), insert the Prefix into a
+// free decode slot, and advance every active slot by one token per generate() — one batched
+// forward pass for all of them (continuous batching on Model::forward_batch). A request's tokens
+// and log-probabilities do not depend on what else is batched with it.
+//
 // Run-time LoRA adapters of the artifact are loaded by name while the base stays mapped; each
 // request names its adapter (or none), and one batched step mixes them row by row.
 #pragma once
@@ -21,7 +24,38 @@ namespace kiln {
 struct EngineOptions {
   ModelOptions model;
   int64_t max_seq_len = 0;  // 0 → the model's max_target_length
-  int64_t slots = 0;        // decode slots for insert / generate_slots (KV caches made at open)
+  int64_t slots = 1;        // decode slots; their KV caches (slots × max_seq_len) are made at open
+};
+
+// A prefilled prompt, ready to insert into a slot (MaxEngine's Prefix).
+struct Prefix {
+  KvCache cache;                  // the prompt's positions (capacity = prompt length)
+  std::vector<float> logits;      // [vocab] f32 at the last prompt position
+  std::vector<int32_t> tokens;    // the first sampled token; n of them from multisampling
+  std::vector<float> token_logp;  // log-softmax of the raw logits at each sampled token
+  int64_t next_pos = 0;           // the position the first generated token goes to
+  std::vector<std::unique_ptr<Sampler>> samplers;  // one per sample, continuing its stream
+  std::shared_ptr<const LoraAdapter> adapter;      // nullptr: the base weights
+};
+
+// One prompt of Engine::prefill_concat.
+struct PrefillRequest {
+  std::span<const int32_t> tokens;
+  SamplingParams sampling;
+  std::string adapter;  // a loaded adapter's name, or empty
+};
+
+enum class FinishReason { None, Stop, Length, Context };
+const char* finish_reason_name(FinishReason r);  // "", "stop", "length", "context"
+
+// A slot's token from generate() (or from insert: the prefill's token).
+struct SlotToken {
+  int64_t slot = -1;
+  int32_t token = -1;
+  float logp = 0;  // log-softmax of the raw logits at `token`
+  // Set on the request's last token: a stop token, max_new_tokens reached, or the context full.
+  // The slot then stays busy (not advanced) until release().
+  FinishReason finish = FinishReason::None;
 };
 
 class Engine {
@@ -30,74 +64,89 @@ class Engine {
 
   const ModelConfig& config() const { return model_->config(); }
   Model& model() { return *model_; }
-  int64_t max_seq_len() const { return cache_.capacity; }
-
-  // Starts a new sequence with `prompt` and returns the first token sampled from the logits of
-  // its last position. Throws kiln::Error for an empty prompt, ids outside the vocabulary or a
-  // prompt longer than the context.
-  // `adapter`: the name of a loaded adapter (load_adapter), or empty for the base weights.
-  int32_t prefill(std::span<const int32_t> prompt, const SamplingParams& sampling,
-                  const std::string& adapter = "");
-  // Feeds the last sampled token and returns the next one. Allocates nothing.
-  int32_t generate();
-  // Logits of the last computed position ([vocab]).
-  std::span<const float> last_logits() const { return logits_; }
-  int64_t position() const { return cache_.length; }
-
-  // Runs `prompt` as a fresh sequence and writes the logits of every position to `out`
-  // ([prompt.size(), vocab], f32) — golden files and calibration use this.
-  void prefill_logits(std::span<const int32_t> prompt, float* out, const std::string& adapter = "");
-
-  // Run-time LoRA. load_adapter maps adapters/<name>/ as recorded in the artifact's manifest
-  // (re-read from disk, so adapters added after open are found) and verifies it; the base weights
-  // are not read again. Loading a loaded name again is a no-op. unload_adapter throws while a
-  // slot uses it.
-  const LoraAdapter& load_adapter(const std::string& name);
-  void unload_adapter(const std::string& name);
-  std::vector<std::string> loaded_adapters() const;
-
-  // Decode slots (EngineOptions::slots). insert prefills `prompt` into the free slot `slot` and
-  // returns its first token; generate_slots advances every active slot by one token in one
-  // batched pass and writes each slot's new token to tokens[slot] (-1 for a free slot); a slot's
-  // tokens are the same as running its request alone. Throws for an unknown or busy slot, a full
-  // context, or bad prompts. generate_slots allocates nothing.
+  int64_t max_seq_len() const { return max_seq_len_; }
   int64_t slots() const { return int64_t(slots_.size()); }
-  int32_t insert(int64_t slot, std::span<const int32_t> prompt, const SamplingParams& sampling,
-                 const std::string& adapter = "");
-  void generate_slots(std::span<int32_t> tokens);
-  void release(int64_t slot);
-  bool slot_active(int64_t slot) const { return slots_.at(size_t(slot)).active; }
-  int64_t slot_position(int64_t slot) const { return slots_.at(size_t(slot)).cache.length; }
 
+  // --- prefill ---------------------------------------------------------------------------------
+  // Runs `prompt` and samples its first token. Throws kiln::Error for an empty prompt, a prompt
+  // longer than the context, an id outside the vocabulary, bad sampling parameters or an adapter
+  // that is not loaded.
+  Prefix prefill(std::span<const int32_t> prompt, const SamplingParams& sampling,
+                 const std::string& adapter = "");
+  // One prefill, then `n` independent first tokens from the same logits; sample i draws from the
+  // stream sample_seed(sampling.seed, i), which its slot continues (bulk_insert).
+  Prefix prefill_multisampling(std::span<const int32_t> prompt, int64_t n,
+                               const SamplingParams& sampling, const std::string& adapter = "");
+  // Several prompts packed into one forward pass: every row carries its own position (restarting
+  // at 0 per prompt) and its own cache, so attention stays inside its prompt (what MaxText's
+  // segment ids do). Prompts are packed up to max_chunk tokens per pass; a longer prompt gets a
+  // pass of its own. Each result equals that prompt's own prefill().
+  std::vector<Prefix> prefill_concat(std::span<const PrefillRequest> requests);
+
+  // --- decode slots ----------------------------------------------------------------------------
+  // Copies the prefix's cache into free slot `slot` and returns the prefill's token (with its
+  // finish reason: it may already end the request). Throws for an unknown or busy slot or a
+  // multi-sample prefix. The prefix is consumed.
+  SlotToken insert(Prefix&& prefix, int64_t slot);
+  // Sample i of a multisampling prefix into slots[i] (as many slots as samples).
+  std::vector<SlotToken> bulk_insert(Prefix&& prefix, std::span<const int64_t> slots);
+  // Advances every active (inserted, unfinished) slot by one token in one batched pass and
+  // returns their tokens in slot order (empty when no slot is active). The span stays valid until
+  // the next call. Allocates nothing.
+  std::span<const SlotToken> generate();
+  // Frees a busy slot (finished or not). Throws for an unknown or free slot.
+  void release(int64_t slot);
+  bool slot_busy(int64_t slot) const { return slot_state(slot).busy; }
+  bool slot_finished(int64_t slot) const { return slot_state(slot).finish != FinishReason::None; }
+  int64_t slot_position(int64_t slot) const { return slot_state(slot).cache.length; }
+
+  // --- reference tooling -----------------------------------------------------------------------
+  // Runs `prompt` as a fresh sequence and writes the logits of every position to `out`
+  // ([prompt.size(), vocab], f32) — golden files use this. Uses no slot.
+  void prefill_logits(std::span<const int32_t> prompt, float* out, const std::string& adapter = "");
   // QK-Clip calibration: runs every prompt as a fresh sequence and returns, per layer and query
   // head ([layers, heads] row-major), the largest pre-softmax attention logit seen (MaxText's
   // max_logits: after the softmax scale, over unmasked positions), maximised over the prompts.
   std::vector<float> calibrate_max_logits(const std::vector<std::vector<int32_t>>& prompts);
 
- private:
-  Engine(std::unique_ptr<Model> m, int64_t max_seq_len, int64_t slots);
-  void check_prompt(std::span<const int32_t> prompt) const;
-  const LoraAdapter* adapter_for(const std::string& name) const;
+  // --- run-time LoRA ---------------------------------------------------------------------------
+  // load_adapter maps adapters/<name>/ as recorded in the artifact's manifest (re-read from disk,
+  // so adapters added after open are found) and verifies it; the base weights are not read again.
+  // Loading a loaded name again is a no-op. unload_adapter throws while a busy slot uses it.
+  const LoraAdapter& load_adapter(const std::string& name);
+  void unload_adapter(const std::string& name);
+  std::vector<std::string> loaded_adapters() const;
 
+ private:
   struct Slot {
     KvCache cache;
     std::unique_ptr<Sampler> sampler;
     std::shared_ptr<const LoraAdapter> adapter;
     int32_t last_token = -1;
-    bool active = false;
+    int64_t produced = 0;  // tokens of this request so far, the prefill's included
+    bool busy = false;
+    FinishReason finish = FinishReason::None;
   };
 
+  Engine(std::unique_ptr<Model> m, int64_t max_seq_len, int64_t slots);
+  const Slot& slot_state(int64_t slot) const;
+  void check_prompt(std::span<const int32_t> prompt) const;
+  std::shared_ptr<const LoraAdapter> adapter_for(const std::string& name) const;
+  Prefix new_prefix(std::span<const int32_t> prompt, const std::string& adapter);
+  void sample_first(Prefix& p, const SamplingParams& sampling, int64_t n) const;
+  SlotToken place(Prefix& p, size_t sample, int64_t slot);
+  FinishReason finish_of(const Slot& s, int32_t token) const;
+
   std::unique_ptr<Model> model_;
+  int64_t max_seq_len_ = 0;
   std::map<std::string, std::shared_ptr<const LoraAdapter>> adapters_;
-  std::shared_ptr<const LoraAdapter> adapter_;  // of the single sequence
   std::vector<Slot> slots_;
+  // generate()'s batch, sized at open so the per-token path allocates nothing.
   std::vector<SequenceStep> steps_;
   std::vector<int64_t> step_slot_;
-  std::vector<float> slot_logits_;
-  KvCache cache_;
-  std::vector<float> logits_;
-  std::unique_ptr<Sampler> sampler_;
-  int32_t last_token_ = -1;
+  std::vector<float> step_logits_;
+  std::vector<SlotToken> step_tokens_;
+  KvCache scratch_cache_;  // prefill_logits and calibration
 };
 
 }  // namespace kiln

@@ -43,6 +43,25 @@ KvCache Model::new_cache(int64_t capacity) const {
   return cache;
 }
 
+void copy_cache(const KvCache& src, KvCache& dst) {
+  if (src.length > dst.capacity || src.k.size() != dst.k.size() || src.v.size() != dst.v.size())
+    throw Error("copy_cache: a cache of " + std::to_string(src.length) +
+                " positions does not fit this one (" + std::to_string(dst.capacity) +
+                " positions, or another model's layout)");
+  auto copy = [&](const std::vector<std::vector<uint16_t>>& from,
+                  std::vector<std::vector<uint16_t>>& to) {
+    for (size_t l = 0; l < from.size(); ++l) {
+      const size_t row = src.capacity > 0 ? from[l].size() / size_t(src.capacity) : 0;
+      if (dst.capacity > 0 && to[l].size() / size_t(dst.capacity) != row)
+        throw Error("copy_cache: layer " + std::to_string(l) + " rows differ in width");
+      std::copy_n(from[l].begin(), size_t(src.length) * row, to[l].begin());
+    }
+  };
+  copy(src.k, dst.k);
+  copy(src.v, dst.v);
+  dst.length = src.length;
+}
+
 int64_t Model::kv_bytes_per_token() const {
   const ModelConfig& c = config();
   return c.num_decoder_layers * 2 * c.num_kv_heads * c.head_dim * int64_t(sizeof(uint16_t));

@@ -37,6 +37,10 @@ struct KvCache {
   std::vector<std::vector<uint16_t>> k, v;
 };
 
+// Copies the first src.length positions of `src` into `dst` (same model, dst.capacity ≥
+// src.length) and sets dst.length; Engine::insert moves a prefilled prompt into its slot with it.
+void copy_cache(const KvCache& src, KvCache& dst);
+
 // One sequence's share of a batched forward pass (Model::forward_batch).
 struct SequenceStep {
   std::span<const int32_t> tokens;

@@ -1,14 +1,13 @@
-// Token selection with MaxEngine's semantics (spec §6, inference_utils.py::sampling):
-//   temperature == 0            greedy (argmax, lowest id on ties)
-//   T > 0, no top-k, no top-p   "weighted":  categorical(logits / T)
-//   T > 0, top-k only           "topk":      categorical over the k largest logits / T
-//   T > 0, top-p only           "nucleus":   sort descending, cumulative softmax of the
-//                               *untempered* logits over the whole vocabulary, cutoff index =
-//                               #(cum < p), keep every logit ≥ the cutoff logit (ties kept),
-//                               categorical(kept / T)
-//   T > 0, top-k and top-p      "composite": top-k, cumulative softmax of the untempered top-k
-//                               logits, keep sorted indices ≤ cutoff (the first index reaching p
-//                               included), categorical(kept / T)
+// Token selection with MaxEngine's semantics (spec §6, inference_utils.py::sampling), by
+// SamplingParams::algorithm:
+//   greedy     argmax, lowest id on ties
+//   weighted   categorical(logits / T)
+//   topk       categorical over the k largest logits / T
+//   nucleus    sort descending, cumulative softmax of the *untempered* logits over the whole
+//              vocabulary, cutoff index = #(cum < p), keep every logit ≥ the cutoff logit (ties
+//              kept), categorical(kept / T)
+//   composite  top-k, cumulative softmax of the untempered top-k logits, keep sorted indices ≤
+//              cutoff (the first index reaching p included), categorical(kept / max(T, 1e-6))
 // MaxText draws with jax.random (Gumbel-max); we cannot reproduce JAX's PRNG, so the draw is an
 // inverse-CDF walk with our own generator — same distribution, deterministic for a seed.
 // Probabilities are accumulated in double so the cutoff and the draw do not depend on the order
@@ -17,10 +16,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <string>
 
 #include "common/error.h"
+#include "engine/ops/kernels.h"
 
 namespace kiln {
 
@@ -82,7 +83,66 @@ int32_t nucleus_cutoff(const float* logits, const float* e, double target, int32
   return ids[hi - 1];
 }
 
+// A float for an error message ("%g": 1e-07, nan, inf).
+std::string show(float v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", double(v));
+  return buf;
+}
+
+constexpr SamplingAlgorithm kAlgorithms[] = {SamplingAlgorithm::Greedy, SamplingAlgorithm::Weighted,
+                                             SamplingAlgorithm::TopK, SamplingAlgorithm::Nucleus,
+                                             SamplingAlgorithm::Composite};
+
+// MaxText's floor on the composite temperature (temperature 0 is accepted there).
+constexpr float kMinCompositeTemperature = 1e-6f;
+
 }  // namespace
+
+const char* sampling_algorithm_name(SamplingAlgorithm a) {
+  switch (a) {
+    case SamplingAlgorithm::Greedy:
+      return "greedy";
+    case SamplingAlgorithm::Weighted:
+      return "weighted";
+    case SamplingAlgorithm::TopK:
+      return "topk";
+    case SamplingAlgorithm::Nucleus:
+      return "nucleus";
+    case SamplingAlgorithm::Composite:
+      return "composite";
+  }
+  return "unknown";
+}
+
+SamplingAlgorithm parse_sampling_algorithm(const std::string& name) {
+  std::string valid;
+  for (SamplingAlgorithm a : kAlgorithms) {
+    if (name == sampling_algorithm_name(a)) return a;
+    valid += valid.empty() ? "" : ", ";
+    valid += sampling_algorithm_name(a);
+  }
+  std::string shown;  // keep the message on one line
+  for (char c : name) shown += (c == '\n' || c == '\r') ? ' ' : c;
+  throw Error("sampling: unknown algorithm '" + shown + "' (valid: " + valid + ")");
+}
+
+SamplingAlgorithm infer_sampling_algorithm(float temperature, int32_t top_k, float top_p) {
+  if (temperature == 0.0f) return SamplingAlgorithm::Greedy;
+  if (top_k > 0 && top_p < 1.0f) return SamplingAlgorithm::Composite;
+  if (top_k > 0) return SamplingAlgorithm::TopK;
+  if (top_p < 1.0f) return SamplingAlgorithm::Nucleus;
+  return SamplingAlgorithm::Weighted;
+}
+
+uint64_t sample_seed(uint64_t seed, int64_t index) {
+  if (index == 0) return seed;
+  // SplitMix64's finaliser over seed and index (an odd multiple of index, so distinct indices give
+  // distinct inputs, and the finaliser is a bijection), salted so that the result is not one of
+  // the words Rng(seed) itself draws from the same SplitMix64 sequence.
+  uint64_t x = (seed ^ 0x5851F42D4C957F2Dull) + uint64_t(index) * 0xD1B54A32D192ED03ull;
+  return splitmix64(x);
+}
 
 Rng::Rng(uint64_t seed) {
   uint64_t x = seed;
@@ -110,39 +170,74 @@ Sampler::Sampler(int64_t vocab_size, const SamplingParams& p)
   if (vocab_size < 1 || vocab_size > std::numeric_limits<int32_t>::max()) {
     throw Error("sampling: vocab_size must be in [1, 2^31), got " + std::to_string(vocab_size));
   }
-  if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature)) {
-    throw Error("sampling: temperature must be finite and >= 0, got " +
-                std::to_string(p.temperature));
+  const std::string name = sampling_algorithm_name(p.algorithm);
+  const float t = p.temperature;
+  switch (p.algorithm) {
+    case SamplingAlgorithm::Greedy:
+      break;
+    case SamplingAlgorithm::Weighted:
+    case SamplingAlgorithm::TopK:
+    case SamplingAlgorithm::Nucleus:
+      if (!(t > 0.0f) || !std::isfinite(t)) {
+        throw Error("sampling: " + name + " needs a finite temperature > 0, got " + show(t));
+      }
+      break;
+    case SamplingAlgorithm::Composite:
+      if (!(t >= 0.0f) || !std::isfinite(t)) {
+        throw Error("sampling: composite needs a finite temperature >= 0, got " + show(t));
+      }
+      break;
+    default:
+      throw Error("sampling: unknown algorithm " + std::to_string(int(p.algorithm)));
   }
-  if (p.top_k < 0) throw Error("sampling: top_k must be >= 0, got " + std::to_string(p.top_k));
-  if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
-    throw Error("sampling: top_p must be in (0, 1], got " + std::to_string(p.top_p));
+  if ((p.algorithm == SamplingAlgorithm::TopK || p.algorithm == SamplingAlgorithm::Composite) &&
+      p.top_k <= 0) {
+    throw Error("sampling: " + name + " needs top_k > 0, got " + std::to_string(p.top_k));
   }
-  probs_.resize(size_t(vocab_size));
-  order_.resize(size_t(vocab_size));
+  if (p.algorithm == SamplingAlgorithm::Nucleus && !(p.top_p >= 0.0f)) {
+    throw Error("sampling: nucleus needs top_p >= 0, got " + show(p.top_p));
+  }
+  if (p.algorithm == SamplingAlgorithm::Composite && !(p.top_p > 0.0f && p.top_p <= 1.0f)) {
+    throw Error("sampling: composite needs top_p in (0, 1], got " + show(p.top_p));
+  }
+  for (const int32_t id : p.stop_tokens) {
+    if (id < 0 || int64_t(id) >= vocab_size) {
+      throw Error("sampling: stop token " + std::to_string(id) + " outside the vocabulary of " +
+                  std::to_string(vocab_size));
+    }
+  }
+  if (p.max_new_tokens < 0) {
+    throw Error("sampling: max_new_tokens must be >= 0, got " + std::to_string(p.max_new_tokens));
+  }
+  if (p.algorithm != SamplingAlgorithm::Greedy) {
+    probs_.resize(size_t(vocab_size));
+    order_.resize(size_t(vocab_size));
+  }
 }
 
 int32_t Sampler::sample(const float* logits) {
   const int32_t V = int32_t(vocab_);
-  if (p_.temperature == 0.0f) {
+  const SamplingAlgorithm algo = p_.algorithm;
+  if (algo == SamplingAlgorithm::Greedy) {
     int32_t best = 0;
     for (int32_t i = 1; i < V; ++i) {
       if (logits[i] > logits[best]) best = i;
     }
     return best;
   }
-  const double inv_t = 1.0 / double(p_.temperature);
-  const bool use_top_p = p_.top_p < 1.0f;
+  const double inv_t = 1.0 / double(algo == SamplingAlgorithm::Composite
+                                        ? std::max(p_.temperature, kMinCompositeTemperature)
+                                        : p_.temperature);
   const ByLogitDesc cmp{logits};
 
-  if (p_.top_k > 0) {
-    // topk / composite: candidates are the k largest, sorted.
+  if (algo == SamplingAlgorithm::TopK || algo == SamplingAlgorithm::Composite) {
+    // Candidates are the k largest, sorted.
     const int32_t k = std::min(p_.top_k, V);
     for (int32_t i = 0; i < V; ++i) order_[size_t(i)] = i;
     std::partial_sort(order_.begin(), order_.begin() + k, order_.end(), cmp);
     int32_t keep = k;
     const double m = logits[order_[0]];
-    if (use_top_p) {
+    if (algo == SamplingAlgorithm::Composite && p_.top_p < 1.0f) {
       double z = 0.0;
       for (int32_t j = 0; j < k; ++j) z += std::exp(double(logits[order_[size_t(j)]]) - m);
       // cutoff = #(cum < p); keep indices ≤ cutoff (clamped: all kept if rounding keeps cum < p).
@@ -172,7 +267,11 @@ int32_t Sampler::sample(const float* logits) {
   double m = -std::numeric_limits<double>::infinity();
   for (int32_t i = 0; i < V; ++i) m = std::max(m, double(logits[i]));
   float threshold = -std::numeric_limits<float>::infinity();  // keep logits ≥ threshold
-  if (use_top_p) {
+  const bool use_top_p = algo == SamplingAlgorithm::Nucleus && p_.top_p < 1.0f;
+  bool have_exp = false;  // probs_ holds exp(l − m)
+  if (use_top_p && p_.top_p <= 0.0f) {
+    threshold = float(m);  // cutoff index #(cum < 0) = 0: the top logit and its ties
+  } else if (use_top_p) {
     double z = 0.0;
     for (int32_t i = 0; i < V; ++i) {
       const double e = std::exp(double(logits[i]) - m);
@@ -182,9 +281,10 @@ int32_t Sampler::sample(const float* logits) {
     const int32_t cutoff =
         nucleus_cutoff(logits, probs_.data(), double(p_.top_p) * z, order_.data(), V);
     threshold = logits[cutoff];
+    have_exp = true;
   }
   // The draw's weights exp((l − m) / T); probs_ already holds them when T = 1 and top-p ran.
-  const bool reuse = use_top_p && p_.temperature == 1.0f;
+  const bool reuse = have_exp && p_.temperature == 1.0f;
   double total = 0.0;
   for (int32_t i = 0; i < V; ++i) {
     float w = 0.0f;
@@ -211,11 +311,7 @@ float Sampler::log_prob(const float* logits, int64_t vocab_size, int32_t id) {
     throw Error("log_prob: id " + std::to_string(id) + " outside vocabulary of " +
                 std::to_string(vocab_size));
   }
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < vocab_size; ++i) m = std::max(m, double(logits[i]));
-  double z = 0.0;
-  for (int64_t i = 0; i < vocab_size; ++i) z += std::exp(double(logits[i]) - m);
-  return float(double(logits[id]) - m - std::log(z));
+  return float(double(logits[id]) - ops::log_sum_exp(logits, vocab_size));
 }
 
 }  // namespace kiln

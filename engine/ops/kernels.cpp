@@ -84,6 +84,27 @@ void ScaleRound(float* HWY_RESTRICT x, int64_t n, float s) {
   }
 }
 
+// log Σ exp(x[i]) over n values: the max, then f32 lane sums of exp(x − max) added in double.
+// The result depends only on x (not on threads or batch), so a row's log-probabilities are the
+// same in any batch.
+double LogSumExp(const float* HWY_RESTRICT x, int64_t n) {
+  const DF d;
+  const int64_t N = int64_t(hn::Lanes(d));
+  VF vmax = hn::Set(d, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + N <= n; i += N) vmax = hn::Max(vmax, hn::LoadU(d, x + i));
+  float m = hn::GetLane(hn::MaxOfLanes(d, vmax));
+  for (int64_t j = i; j < n; ++j) m = std::max(m, x[j]);
+  if (!std::isfinite(m)) return double(m);
+  const VF vm = hn::Set(d, m);
+  VF acc = hn::Zero(d);
+  i = 0;
+  for (; i + N <= n; i += N) acc = hn::Add(acc, hn::Exp(d, hn::Sub(hn::LoadU(d, x + i), vm)));
+  double sum = double(hn::GetLane(hn::SumOfLanes(d, acc)));
+  for (int64_t j = i; j < n; ++j) sum += std::exp(double(x[j]) - double(m));
+  return double(m) + std::log(sum);
+}
+
 void AddRound(float* HWY_RESTRICT x, const float* HWY_RESTRICT y, int64_t n) {
   const DF d;
   const int64_t N = int64_t(hn::Lanes(d));
@@ -801,6 +822,7 @@ HWY_AFTER_NAMESPACE();
 namespace kiln::ops {
 
 HWY_EXPORT(ScaleRound);
+HWY_EXPORT(LogSumExp);
 HWY_EXPORT(AddRound);
 HWY_EXPORT(ToBf16);
 HWY_EXPORT(AddWeightedBf16);
@@ -826,6 +848,10 @@ void rms_norm(const float* x, const uint16_t* scale, int64_t rows, int64_t dim, 
 
 void scale_round(float* x, int64_t n, float s) {
   HWY_DYNAMIC_DISPATCH(ScaleRound)(x, n, s);
+}
+
+double log_sum_exp(const float* x, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(LogSumExp)(x, n);
 }
 
 void silu_mul(const float* gate, const float* up, int64_t n, uint16_t* out) {

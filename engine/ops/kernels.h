@@ -80,6 +80,10 @@ class Rope {
   std::vector<float> cos_, sin_;  // [max_positions, head_dim / 2]
 };
 
+// log Σ exp(x[i]) over n ≥ 1 values (the normaliser of a row's log-softmax), vectorised; the
+// same x gives the same result on any thread.
+double log_sum_exp(const float* x, int64_t n);
+
 // x[i] = bf16(x[i] * s) for n values (query scale after RoPE, qwen3).
 void scale_round(float* x, int64_t n, float s);
 

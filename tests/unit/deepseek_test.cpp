@@ -694,13 +694,19 @@ TEST_CASE("DeepSeek: decoding through the latent cache gives the logits of a ful
     const int64_t V = engine->config().vocab_size;
     std::vector<int32_t> seq = {7, 1, 200, 33, 5, 99, 14};
     std::vector<std::vector<float>> steps;
-    int32_t tok = engine->prefill(seq, SamplingParams{});
+    // Token by token through the model's cache, keeping every step's logits.
+    Model& model = engine->model();
+    KvCache cache = model.new_cache(engine->max_seq_len());
+    std::vector<float> logits(static_cast<size_t>(V));
+    model.forward(seq, cache, logits.data(), /*all_logits=*/false);
+    int32_t tok = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
     std::vector<int32_t> decoded = {tok};
     for (int i = 0; i < 20; ++i) {
       seq.push_back(tok);
-      tok = engine->generate();
+      model.forward(std::span<const int32_t>(&tok, 1), cache, logits.data(), false);
+      tok = int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
       decoded.push_back(tok);
-      steps.emplace_back(engine->last_logits().begin(), engine->last_logits().end());
+      steps.push_back(logits);
     }
     std::vector<float> all(seq.size() * size_t(V));
     engine->prefill_logits(seq, all.data());
@@ -740,10 +746,11 @@ TEST_CASE("DeepSeek: generate() performs no heap allocation") {
     auto engine = Engine::open(tiny().artifact.string(), options(relayout));
     std::vector<int32_t> prompt = {3, 14, 15, 92, 65, 35};
     SamplingParams sp;
+    sp.algorithm = SamplingAlgorithm::TopK;
     sp.temperature = 0.8f;
     sp.top_k = 40;
     sp.seed = 7;
-    engine->prefill(prompt, sp);
+    engine->insert(engine->prefill(prompt, sp), 0);
     engine->generate();
     kiln::test::start_counting_allocations();
     for (int i = 0; i < 32; ++i) engine->generate();

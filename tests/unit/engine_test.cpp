@@ -13,6 +13,7 @@
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <tuple>
 
 #include "common/bf16.h"
 #include "common/error.h"
@@ -32,8 +33,8 @@ struct TinyModel {
   fs::path artifact;
 };
 
-TinyModel make_tiny_model(const std::string& name, bool tied) {
-  const int64_t E = 64, H = 4, K = 2, D = 16, F = 128, L = 2, V = 256;
+TinyModel make_tiny_model(const std::string& name, bool tied, int64_t V = 256) {
+  const int64_t E = 64, H = 4, K = 2, D = 16, F = 128, L = 2;
   TinyModel m{fs::temp_directory_path() / ("kiln_engine_test_" + name), {}};
   fs::remove_all(m.dir);
   fs::create_directories(m.dir);
@@ -110,18 +111,29 @@ TEST_CASE("the allocation counter sees allocations (including operator new)") {
   CHECK(n == 2);
 }
 
+SamplingParams composite(uint64_t seed) {
+  SamplingParams sp;
+  sp.algorithm = SamplingAlgorithm::Composite;
+  sp.temperature = 0.8f;
+  sp.top_k = 40;
+  sp.top_p = 0.9f;
+  sp.seed = seed;
+  return sp;
+}
+
+int32_t argmax(const std::vector<float>& v) {
+  return int32_t(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
 TEST_CASE("generate() performs no heap allocation (and so creates no oneDNN primitive)") {
   for (bool relayout : {true, false}) {
     CAPTURE(relayout);
-    auto engine = Engine::open(tiny_untied().artifact.string(), options(relayout));
-    std::vector<int32_t> prompt = {3, 14, 15, 92, 65, 35};
-    SamplingParams sp;
-    sp.temperature = 0.8f;
-    sp.top_k = 40;
-    sp.top_p = 0.9f;
-    sp.seed = 7;
-    engine->prefill(prompt, sp);
-    engine->generate();  // first token: lazily initialised state, if any, is not per-token
+    EngineOptions o = options(relayout);
+    o.slots = 2;
+    auto engine = Engine::open(tiny_untied().artifact.string(), o);
+    engine->insert(engine->prefill(std::vector<int32_t>{3, 14, 15, 92, 65, 35}, composite(7)), 0);
+    engine->insert(engine->prefill(std::vector<int32_t>{1, 2}, SamplingParams{}), 1);
+    engine->generate();  // first step: lazily initialised state, if any, is not per-token
     kiln::test::start_counting_allocations();
     for (int i = 0; i < 32; ++i) engine->generate();
     CHECK(kiln::test::stop_counting_allocations() == 0);
@@ -132,13 +144,15 @@ TEST_CASE("decoding through the KV cache gives the logits of a full prefill") {
   auto engine = Engine::open(tiny_untied().artifact.string(), options(true));
   const int64_t V = engine->config().vocab_size;
   std::vector<int32_t> seq = {7, 1, 200, 33, 5};
-  std::vector<float> step_logits;
-  int32_t tok = engine->prefill(seq, SamplingParams{});
+  Model& model = engine->model();
+  KvCache cache = model.new_cache(engine->max_seq_len());
+  std::vector<float> last(static_cast<size_t>(V));
+  model.forward(seq, cache, last.data(), /*all_logits=*/false);
   for (int i = 0; i < 12; ++i) {
+    const int32_t tok = argmax(last);
     seq.push_back(tok);
-    tok = engine->generate();
+    model.forward(std::span<const int32_t>(&tok, 1), cache, last.data(), false);
   }
-  std::vector<float> last(engine->last_logits().begin(), engine->last_logits().end());
   std::vector<float> all(seq.size() * size_t(V));
   engine->prefill_logits(seq, all.data());
   double max_diff = 0, max_abs = 0;
@@ -153,9 +167,215 @@ TEST_CASE("decoding through the KV cache gives the logits of a full prefill") {
   CHECK(max_diff <= 0.02 * max_abs);
 }
 
+TEST_CASE("the engine's log-probabilities are the log-softmax of the raw logits") {
+  auto engine = Engine::open(tiny_untied().artifact.string(), options(true));
+  const int64_t V = engine->config().vocab_size;
+  const std::vector<int32_t> prompt = {9, 8, 7, 6};
+  SamplingParams sp = composite(3);
+  sp.max_new_tokens = 6;
+  std::vector<int32_t> seq = prompt;
+  std::vector<float> logps;
+  SlotToken t = engine->insert(engine->prefill(prompt, sp), 0);
+  for (;;) {
+    seq.push_back(t.token);
+    logps.push_back(t.logp);
+    if (t.finish != FinishReason::None) break;
+    t = engine->generate()[0];
+  }
+  CHECK(t.finish == FinishReason::Length);
+  CHECK(logps.size() == 6);
+  std::vector<float> all(seq.size() * size_t(V));
+  engine->prefill_logits(std::span<const int32_t>(seq).first(seq.size() - 1), all.data());
+  for (size_t i = 0; i < logps.size(); ++i) {
+    const float* row = all.data() + (prompt.size() - 1 + i) * size_t(V);
+    CHECK(logps[i] ==
+          doctest::Approx(Sampler::log_prob(row, V, seq[prompt.size() + i])).epsilon(0.02));
+    CHECK(logps[i] <= 0.0f);
+  }
+}
+
+// Runs every request through `slots` decode slots with continuous batching (a request enters as
+// soon as a slot is free; with `packed` the entering requests are prefilled by prefill_concat)
+// and returns each request's tokens and log-probs.
+struct Produced {
+  std::vector<int32_t> tokens;
+  std::vector<float> logps;
+};
+std::vector<Produced> serve(const std::string& artifact,
+                            const std::vector<std::vector<int32_t>>& prompts,
+                            const std::vector<SamplingParams>& sampling, int64_t slots,
+                            bool packed) {
+  EngineOptions o = options(true);
+  o.slots = slots;
+  auto engine = Engine::open(artifact, o);
+  std::vector<Produced> out(prompts.size());
+  std::vector<int64_t> owner(static_cast<size_t>(slots), -1);
+  size_t next = 0, done = 0;
+  auto take = [&](const SlotToken& t) {
+    Produced& p = out[size_t(owner[size_t(t.slot)])];
+    p.tokens.push_back(t.token);
+    p.logps.push_back(t.logp);
+    if (t.finish != FinishReason::None) {
+      engine->release(t.slot);
+      owner[size_t(t.slot)] = -1;
+      ++done;
+    }
+  };
+  while (done < prompts.size()) {
+    std::vector<int64_t> free_slots;
+    for (int64_t s = 0; s < slots; ++s)
+      if (owner[size_t(s)] < 0) free_slots.push_back(s);
+    const size_t n = std::min(free_slots.size(), prompts.size() - next);
+    std::vector<Prefix> prefixes;
+    if (packed) {
+      std::vector<PrefillRequest> reqs;
+      for (size_t i = 0; i < n; ++i) reqs.push_back({prompts[next + i], sampling[next + i], ""});
+      prefixes = engine->prefill_concat(reqs);
+    } else {
+      for (size_t i = 0; i < n; ++i)
+        prefixes.push_back(engine->prefill(prompts[next + i], sampling[next + i]));
+    }
+    for (size_t i = 0; i < n; ++i) {
+      owner[size_t(free_slots[i])] = int64_t(next++);
+      take(engine->insert(std::move(prefixes[i]), free_slots[i]));
+    }
+    for (const SlotToken& t : engine->generate()) take(t);
+  }
+  return out;
+}
+
+TEST_CASE("a request's tokens and log-probs do not depend on its batch") {
+  const std::vector<std::vector<int32_t>> prompts = {{5, 9, 200, 31, 7},
+                                                     {100, 3, 3, 64},
+                                                     {1},
+                                                     {17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27},
+                                                     {250, 4, 8},
+                                                     {60, 61, 62, 63, 64, 65, 66},
+                                                     {2, 2}};
+  std::vector<SamplingParams> sampling(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    sampling[i] = i % 2 ? composite(100 + i) : SamplingParams{};
+    sampling[i].max_new_tokens = int64_t(4 + 3 * i);  // finish at different steps
+  }
+  const std::string art = tiny_untied().artifact.string();
+  const auto alone = serve(art, prompts, sampling, 1, false);
+  for (auto [slots, packed] : {std::pair<int64_t, bool>{4, false}, {4, true}, {3, true}}) {
+    CAPTURE(slots);
+    CAPTURE(packed);
+    const auto batched = serve(art, prompts, sampling, slots, packed);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      CAPTURE(i);
+      CHECK(batched[i].tokens == alone[i].tokens);
+      REQUIRE(batched[i].logps.size() == alone[i].logps.size());
+      for (size_t k = 0; k < alone[i].logps.size(); ++k)
+        CHECK(std::fabs(batched[i].logps[k] - alone[i].logps[k]) <= 1e-4);
+    }
+  }
+}
+
+TEST_CASE("stop tokens and max_new_tokens end a request; the slot waits for release") {
+  auto engine = Engine::open(tiny_untied().artifact.string(), options(true));
+  const std::vector<int32_t> prompt = {11, 12, 13};
+  std::vector<int32_t> greedy;
+  SamplingParams sp;
+  sp.max_new_tokens = 5;
+  SlotToken t = engine->insert(engine->prefill(prompt, sp), 0);
+  greedy.push_back(t.token);
+  while (t.finish == FinishReason::None) greedy.push_back((t = engine->generate()[0]).token);
+  CHECK(t.finish == FinishReason::Length);
+  CHECK(greedy.size() == 5);
+  CHECK(engine->slot_busy(0));
+  CHECK(engine->slot_finished(0));
+  CHECK(engine->generate().empty());  // a finished slot is not advanced
+  engine->release(0);
+
+  sp.max_new_tokens = 0;
+  sp.stop_tokens = {greedy[2]};
+  std::vector<int32_t> stopped;
+  t = engine->insert(engine->prefill(prompt, sp), 0);
+  stopped.push_back(t.token);
+  while (t.finish == FinishReason::None) stopped.push_back((t = engine->generate()[0]).token);
+  CHECK(t.finish == FinishReason::Stop);
+  // Ends at the first occurrence of the stop token, which it includes.
+  const auto first = std::find(greedy.begin(), greedy.end(), greedy[2]);
+  CHECK(stopped == std::vector<int32_t>(greedy.begin(), first + 1));
+}
+
+TEST_CASE(
+    "prefill_multisampling: seeded, sample 0 is the plain prefill, draws follow the "
+    "distribution") {
+  static TinyModel small = make_tiny_model("vocab8", false, 8);
+  EngineOptions o = options(true);
+  o.slots = 4;
+  auto engine = Engine::open(small.artifact.string(), o);
+  const std::vector<int32_t> prompt = {1, 5, 2, 7};
+  // weighted at T = 1.5 over all 8 ids, and topk (k = 4) at T = 0.7: the draws' chi-square
+  // against softmax(kept logits / T)
+  for (const auto& [algorithm, k, T] :
+       {std::tuple{SamplingAlgorithm::Weighted, 8, 1.5f}, {SamplingAlgorithm::TopK, 4, 0.7f}}) {
+    const std::string name = sampling_algorithm_name(algorithm);
+    CAPTURE(name);
+    SamplingParams sp;
+    sp.algorithm = algorithm;
+    sp.top_k = k;
+    sp.temperature = T;
+    sp.seed = 1234;
+    const int64_t n = 6000;
+    Prefix a = engine->prefill_multisampling(prompt, n, sp);
+    Prefix b = engine->prefill_multisampling(prompt, n, sp);
+    CHECK(a.tokens == b.tokens);
+    CHECK(engine->prefill(prompt, sp).tokens[0] == a.tokens[0]);
+    std::vector<int32_t> ids(8);
+    for (int v = 0; v < 8; ++v) ids[size_t(v)] = v;
+    std::sort(ids.begin(), ids.end(),
+              [&](int32_t x, int32_t y) { return a.logits[size_t(x)] > a.logits[size_t(y)]; });
+    std::vector<double> p(8, 0.0);
+    double z = 0;
+    for (int j = 0; j < k; ++j)
+      z += p[size_t(ids[size_t(j)])] = std::exp(double(a.logits[size_t(ids[size_t(j)])]) / T);
+    std::vector<int64_t> count(8);
+    for (int32_t t : a.tokens) ++count[size_t(t)];
+    double chi2 = 0;
+    for (int v = 0; v < 8; ++v) {
+      if (p[size_t(v)] == 0) {
+        CHECK(count[size_t(v)] == 0);  // outside the top k: never drawn
+        continue;
+      }
+      const double e = double(n) * p[size_t(v)] / z;
+      REQUIRE(e > 5);
+      chi2 += (double(count[size_t(v)]) - e) * (double(count[size_t(v)]) - e) / e;
+    }
+    MESSAGE(name << " multisampling chi-square (" << k - 1 << " dof): " << chi2);
+    CHECK(chi2 < 30.0);  // p < 1e-4 for a correct sampler; a broken one is far above
+  }
+  // bulk_insert: sample i into slot i; each slot continues its own stream.
+  SamplingParams sp;
+  sp.algorithm = SamplingAlgorithm::Weighted;
+  sp.seed = 9;
+  sp.max_new_tokens = 8;
+  auto run = [&]() {
+    std::vector<std::vector<int32_t>> seqs(4);
+    const std::vector<int64_t> slots = {0, 1, 2, 3};
+    for (const SlotToken& t :
+         engine->bulk_insert(engine->prefill_multisampling(prompt, 4, sp), slots))
+      seqs[size_t(t.slot)].push_back(t.token);
+    for (int step = 1; step < 8; ++step)
+      for (const SlotToken& t : engine->generate()) seqs[size_t(t.slot)].push_back(t.token);
+    for (int64_t s : slots) engine->release(s);
+    return seqs;
+  };
+  const auto first = run();
+  CHECK(run() == first);
+  CHECK(first[0].size() == 8);
+  CHECK_THROWS_WITH_AS(engine->insert(engine->prefill_multisampling(prompt, 2, sp), 0),
+                       doctest::Contains("bulk_insert"), Error);
+}
+
 TEST_CASE("bad requests are errors, not undefined behaviour") {
-  auto engine = Engine::open(tiny_untied().artifact.string(), options(false));
-  CHECK_THROWS_WITH_AS(engine->generate(), doctest::Contains("before prefill"), Error);
+  EngineOptions o = options(false);
+  o.slots = 2;
+  auto engine = Engine::open(tiny_untied().artifact.string(), o);
+  CHECK(engine->generate().empty());  // nothing inserted: nothing to do
   std::vector<int32_t> bad = {1, 256};
   CHECK_THROWS_WITH_AS(engine->prefill(bad, {}), doctest::Contains("outside the vocabulary"),
                        Error);
@@ -166,19 +386,37 @@ TEST_CASE("bad requests are errors, not undefined behaviour") {
   std::vector<int32_t> too_long(97, 1);
   CHECK_THROWS_WITH_AS(engine->prefill(too_long, {}), doctest::Contains("longer than the context"),
                        Error);
+  SamplingParams nucleus;
+  nucleus.algorithm = SamplingAlgorithm::Nucleus;
+  nucleus.top_p = -0.5f;
+  CHECK_THROWS_WITH_AS(engine->prefill(std::vector<int32_t>{1}, nucleus),
+                       doctest::Contains("top_p"), Error);
+  SamplingParams stop;
+  stop.stop_tokens = {300};
+  CHECK_THROWS_AS(engine->prefill(std::vector<int32_t>{1}, stop), Error);
+
+  engine->insert(engine->prefill(std::vector<int32_t>{1, 2}, {}), 0);
+  CHECK_THROWS_WITH_AS(engine->insert(engine->prefill(std::vector<int32_t>{3}, {}), 0),
+                       doctest::Contains("busy"), Error);
+  CHECK_THROWS_WITH_AS(engine->insert(engine->prefill(std::vector<int32_t>{3}, {}), 2),
+                       doctest::Contains("does not exist"), Error);
+  CHECK_THROWS_WITH_AS(engine->release(1), doctest::Contains("not in use"), Error);
+  CHECK_THROWS_AS(engine->release(-1), Error);
+  engine->release(0);
+
+  // A request that fills the context ends with finish reason "context".
   std::vector<int32_t> fits(95, 1);
-  engine->prefill(fits, {});
-  engine->generate();  // position 95 is the last one
-  CHECK_THROWS_WITH_AS(engine->generate(), doctest::Contains("is full"), Error);
-  SamplingParams sp;
-  sp.top_p = 0;
-  CHECK_THROWS_AS(engine->prefill(std::vector<int32_t>{1}, sp), Error);
+  SlotToken t = engine->insert(engine->prefill(fits, {}), 1);
+  CHECK(t.finish == FinishReason::None);
+  t = engine->generate()[0];  // position 95 is the last one
+  CHECK(t.finish == FinishReason::Context);
+  CHECK(engine->generate().empty());
 }
 
 TEST_CASE("a tied model runs and opening a missing artifact is a clear error") {
   TinyModel tied = make_tiny_model("tied", true);
   auto engine = Engine::open(tied.artifact.string(), options(true));
-  int32_t t = engine->prefill(std::vector<int32_t>{1, 2, 3}, {});
+  int32_t t = engine->prefill(std::vector<int32_t>{1, 2, 3}, {}).tokens[0];
   CHECK(t >= 0);
   CHECK(t < 256);
   CHECK_THROWS_WITH_AS(Engine::open((tied.dir / "nope").string()),
@@ -221,8 +459,12 @@ fs::path write_tiny_adapter(const fs::path& dir, float b_scale) {
 
 std::vector<int32_t> greedy_alone(Engine& e, const std::vector<int32_t>& prompt, int n,
                                   const std::string& adapter) {
-  std::vector<int32_t> out = {e.prefill(prompt, SamplingParams{}, adapter)};
-  while (int(out.size()) < n) out.push_back(e.generate());
+  SamplingParams sp;
+  sp.max_new_tokens = n;
+  SlotToken t = e.insert(e.prefill(prompt, sp, adapter), 0);
+  std::vector<int32_t> out = {t.token};
+  while (t.finish == FinishReason::None) out.push_back((t = e.generate()[0]).token);
+  e.release(0);
   return out;
 }
 
@@ -262,31 +504,27 @@ TEST_CASE("run-time adapters: added while the engine runs, per slot, unloaded") 
   const int n = 10;
   const auto solo_a = greedy_alone(*engine, p1, n, "a");
   const auto solo_base = greedy_alone(*engine, p2, n, "");
-  std::vector<int32_t> got_a = {engine->insert(0, p1, {}, "a")};
-  std::vector<int32_t> got_base = {engine->insert(2, p2, {}, "")};
-  std::vector<int32_t> step(3);
-  engine->generate_slots(step);  // warm-up step: the batch vectors reach their size here
-  got_a.push_back(step[0]);
-  got_base.push_back(step[2]);
-  CHECK(step[1] == -1);
+  SamplingParams sp;
+  sp.max_new_tokens = n;
+  std::vector<int32_t> got_a = {engine->insert(engine->prefill(p1, sp, "a"), 0).token};
+  std::vector<int32_t> got_base = {engine->insert(engine->prefill(p2, sp, ""), 2).token};
+  auto step = engine->generate();  // warm-up step
+  REQUIRE(step.size() == 2);
+  got_a.push_back(step[0].token);
+  got_base.push_back(step[1].token);
+  CHECK(step[0].slot == 0);
+  CHECK(step[1].slot == 2);
   uint64_t allocs = 0;
   while (int(got_a.size()) < n) {
     kiln::test::start_counting_allocations();
-    engine->generate_slots(step);
+    step = engine->generate();
     allocs += kiln::test::stop_counting_allocations();  // not counting our own push_backs
-    got_a.push_back(step[0]);
-    got_base.push_back(step[2]);
+    got_a.push_back(step[0].token);
+    got_base.push_back(step[1].token);
   }
   CHECK(allocs == 0);
   CHECK(got_a == solo_a);
   CHECK(got_base == solo_base);
-
-  // The single-sequence path with an adapter allocates nothing per token either.
-  engine->prefill(p2, SamplingParams{}, "a");
-  engine->generate();
-  kiln::test::start_counting_allocations();
-  for (int i = 0; i < 8; ++i) engine->generate();
-  CHECK(kiln::test::stop_counting_allocations() == 0);
 
   CHECK_THROWS_WITH_AS(engine->unload_adapter("a"), doctest::Contains("in use by slot 0"), Error);
   engine->release(0);

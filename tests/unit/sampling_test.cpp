@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "common/error.h"
@@ -19,6 +20,33 @@ uint64_t kiln_test_allocations();
 
 namespace kiln {
 namespace {
+
+using Algo = SamplingAlgorithm;
+
+SamplingParams params(Algo a, float temperature, int32_t top_k, float top_p, uint64_t seed) {
+  SamplingParams p;
+  p.algorithm = a;
+  p.temperature = temperature;
+  p.top_k = top_k;
+  p.top_p = top_p;
+  p.seed = seed;
+  return p;
+}
+SamplingParams greedy() {
+  return params(Algo::Greedy, 1.0f, 0, 1.0f, 0);
+}
+SamplingParams weighted(float t, uint64_t seed) {
+  return params(Algo::Weighted, t, 0, 1.0f, seed);
+}
+SamplingParams topk(int32_t k, float t, uint64_t seed) {
+  return params(Algo::TopK, t, k, 1.0f, seed);
+}
+SamplingParams nucleus(float top_p, float t, uint64_t seed) {
+  return params(Algo::Nucleus, t, 0, top_p, seed);
+}
+SamplingParams composite(int32_t k, float top_p, float t, uint64_t seed) {
+  return params(Algo::Composite, t, k, top_p, seed);
+}
 
 std::vector<int64_t> histogram(Sampler& s, const std::vector<float>& logits, int draws) {
   std::vector<int64_t> h(logits.size(), 0);
@@ -31,6 +59,13 @@ std::vector<int64_t> histogram(Sampler& s, const std::vector<float>& logits, int
   return h;
 }
 
+std::vector<int32_t> draws_of(const SamplingParams& p, const std::vector<float>& logits, int n) {
+  Sampler s(int64_t(logits.size()), p);
+  std::vector<int32_t> out;
+  for (int i = 0; i < n; ++i) out.push_back(s.sample(logits.data()));
+  return out;
+}
+
 std::vector<double> softmax(const std::vector<float>& logits, double t) {
   double m = -1e300;
   for (float l : logits) m = std::max(m, double(l));
@@ -41,19 +76,29 @@ std::vector<double> softmax(const std::vector<float>& logits, double t) {
   return p;
 }
 
-// Pearson chi-square of observed counts against expected probabilities (cells with p = 0 must
-// be empty).
+// Pearson chi-square of observed counts against expected probabilities; infinite when a cell
+// with p = 0 was drawn.
 double chi_square(const std::vector<int64_t>& obs, const std::vector<double>& p, int draws) {
   double chi = 0.0;
   for (size_t i = 0; i < obs.size(); ++i) {
     if (p[i] == 0.0) {
-      CHECK(obs[i] == 0);
+      if (obs[i] != 0) return std::numeric_limits<double>::infinity();
       continue;
     }
     const double e = p[i] * draws;
     chi += (double(obs[i]) - e) * (double(obs[i]) - e) / e;
   }
   return chi;
+}
+
+// The kiln::Error message of constructing a Sampler ("" when it does not throw).
+std::string construct_error(int64_t vocab, const SamplingParams& p) {
+  try {
+    Sampler s(vocab, p);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
 }
 
 TEST_CASE("Rng is SplitMix64-seeded xoshiro256**") {
@@ -80,24 +125,96 @@ TEST_CASE("Rng is SplitMix64-seeded xoshiro256**") {
   CHECK(sum / 100000 == doctest::Approx(0.5).epsilon(0.01));
 }
 
+TEST_CASE("algorithm names round-trip through parse_sampling_algorithm") {
+  const struct {
+    Algo a;
+    const char* name;
+  } all[] = {{Algo::Greedy, "greedy"},
+             {Algo::Weighted, "weighted"},
+             {Algo::TopK, "topk"},
+             {Algo::Nucleus, "nucleus"},
+             {Algo::Composite, "composite"}};
+  for (const auto& c : all) {
+    CHECK(std::string(sampling_algorithm_name(c.a)) == c.name);
+    CHECK(parse_sampling_algorithm(c.name) == c.a);
+    CHECK(parse_sampling_algorithm(sampling_algorithm_name(c.a)) == c.a);
+  }
+  for (const char* bad : {"", "Greedy", "top_k", "top-k", "beam", "nucleus "}) {
+    CAPTURE(bad);
+    std::string msg;
+    try {
+      parse_sampling_algorithm(bad);
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    REQUIRE(!msg.empty());
+    CHECK(msg.find('\n') == std::string::npos);
+    for (const auto& c : all) CHECK(msg.find(c.name) != std::string::npos);
+  }
+}
+
+TEST_CASE("infer_sampling_algorithm maps the legacy knobs") {
+  CHECK(infer_sampling_algorithm(0.0f, 0, 1.0f) == Algo::Greedy);
+  CHECK(infer_sampling_algorithm(0.0f, 40, 0.9f) == Algo::Greedy);
+  CHECK(infer_sampling_algorithm(1.0f, 40, 0.9f) == Algo::Composite);
+  CHECK(infer_sampling_algorithm(0.7f, 1, 0.5f) == Algo::Composite);
+  CHECK(infer_sampling_algorithm(1.0f, 40, 1.0f) == Algo::TopK);
+  CHECK(infer_sampling_algorithm(1.0f, 0, 0.9f) == Algo::Nucleus);
+  CHECK(infer_sampling_algorithm(1.0f, -1, 0.9f) == Algo::Nucleus);
+  CHECK(infer_sampling_algorithm(1.0f, 0, 1.0f) == Algo::Weighted);
+  CHECK(infer_sampling_algorithm(2.0f, 0, 1.5f) == Algo::Weighted);
+}
+
+TEST_CASE("sample_seed: index 0 is the seed, other indices are distinct streams") {
+  for (uint64_t seed : {uint64_t(0), uint64_t(1), uint64_t(42), ~uint64_t(0)}) {
+    CAPTURE(seed);
+    CHECK(sample_seed(seed, 0) == seed);
+    std::vector<uint64_t> seen = {seed};
+    for (int64_t i = 1; i <= 1000; ++i) {
+      CHECK(sample_seed(seed, i) == sample_seed(seed, i));  // deterministic
+      seen.push_back(sample_seed(seed, i));
+    }
+    std::sort(seen.begin(), seen.end());
+    CHECK(std::adjacent_find(seen.begin(), seen.end()) == seen.end());
+  }
+  // Different seeds give different streams at the same index; neighbouring indices are not
+  // neighbouring values.
+  CHECK(sample_seed(1, 1) != sample_seed(2, 1));
+  CHECK(sample_seed(7, 2) - sample_seed(7, 1) != sample_seed(7, 3) - sample_seed(7, 2));
+  // The samplers of two indices draw different tokens.
+  std::vector<float> logits(100);
+  for (size_t i = 0; i < logits.size(); ++i) logits[i] = float(std::sin(double(i)));
+  const auto a = draws_of(weighted(1.0f, sample_seed(9, 0)), logits, 100);
+  const auto b = draws_of(weighted(1.0f, sample_seed(9, 1)), logits, 100);
+  int differ = 0;
+  for (size_t i = 0; i < a.size(); ++i) differ += a[i] != b[i];
+  CHECK(differ > 50);
+  CHECK(a == draws_of(weighted(1.0f, 9), logits, 100));
+}
+
 TEST_CASE("greedy is argmax with the lowest id on ties") {
   const std::vector<float> logits = {1.0f, 3.0f, -2.0f, 3.0f, 0.5f};
-  Sampler s(5, SamplingParams{});  // temperature 0
+  Sampler s(5, greedy());
   for (int i = 0; i < 10; ++i) CHECK(s.sample(logits.data()) == 1);
-  // Greedy ignores top-k / top-p.
-  Sampler s2(5, SamplingParams{0.0f, 3, 0.5f, 9});
+  // Greedy ignores (and does not validate) temperature, top-k and top-p.
+  Sampler s2(5, params(Algo::Greedy, 0.0f, 3, 0.5f, 9));
   CHECK(s2.sample(logits.data()) == 1);
+  Sampler s3(5, params(Algo::Greedy, -1.0f, -5, std::numeric_limits<float>::quiet_NaN(), 9));
+  CHECK(s3.sample(logits.data()) == 1);
   const std::vector<float> neg = {-5.0f, -1.0f, -1.0f};
-  Sampler s3(3, SamplingParams{});
-  CHECK(s3.sample(neg.data()) == 1);
+  Sampler s4(3, greedy());
+  CHECK(s4.sample(neg.data()) == 1);
+  const std::vector<float> flat(7, 0.25f);
+  Sampler s5(7, greedy());
+  CHECK(s5.sample(flat.data()) == 0);
 }
 
 TEST_CASE("same seed, same tokens; different seed, different tokens") {
   std::vector<float> logits(1000);
   for (size_t i = 0; i < logits.size(); ++i) logits[i] = float(std::sin(double(i))) * 2.0f;
-  for (const SamplingParams& p :
-       {SamplingParams{1.0f, 0, 1.0f, 7}, SamplingParams{0.8f, 50, 1.0f, 7},
-        SamplingParams{1.2f, 0, 0.9f, 7}, SamplingParams{0.7f, 40, 0.95f, 7}}) {
+  for (const SamplingParams& p : {weighted(1.0f, 7), topk(50, 0.8f, 7), nucleus(0.9f, 1.2f, 7),
+                                  composite(40, 0.95f, 0.7f, 7)}) {
+    CAPTURE(sampling_algorithm_name(p.algorithm));
     Sampler a(1000, p), b(1000, p);
     SamplingParams q = p;
     q.seed = 8;
@@ -115,33 +232,84 @@ TEST_CASE("same seed, same tokens; different seed, different tokens") {
 TEST_CASE("top_k = 1 and a tiny top_p are greedy") {
   std::vector<float> logits(300);
   for (size_t i = 0; i < logits.size(); ++i) logits[i] = float(std::cos(double(i) * 0.37)) * 3.0f;
-  Sampler greedy(300, SamplingParams{});
-  const int32_t best = greedy.sample(logits.data());
+  Sampler g(300, greedy());
+  const int32_t best = g.sample(logits.data());
   for (const SamplingParams& p :
-       {SamplingParams{1.0f, 1, 1.0f, 1}, SamplingParams{5.0f, 1, 1.0f, 2},
-        SamplingParams{1.0f, 0, 1e-6f, 3}, SamplingParams{50.0f, 0, 1e-6f, 4},
-        SamplingParams{2.0f, 20, 1e-6f, 5}}) {
+       {topk(1, 1.0f, 1), topk(1, 5.0f, 2), composite(1, 1.0f, 5.0f, 3), nucleus(1e-6f, 1.0f, 4),
+        nucleus(1e-6f, 50.0f, 5), nucleus(0.0f, 50.0f, 6), composite(20, 1e-6f, 2.0f, 7),
+        composite(300, 1e-6f, 50.0f, 8)}) {
+    CAPTURE(sampling_algorithm_name(p.algorithm));
+    CAPTURE(p.seed);
     Sampler s(300, p);
     for (int i = 0; i < 200; ++i) CHECK(s.sample(logits.data()) == best);
   }
+  // top_p = 0 keeps the top logit and its ties (nucleus); composite's tiny top_p keeps index 0.
+  const std::vector<float> tied = {1.0f, 4.0f, 2.0f, 4.0f, 4.0f, 0.0f};
+  Sampler n0(6, nucleus(0.0f, 1.0f, 9));
+  const auto h = histogram(n0, tied, 30000);
+  CHECK(chi_square(h, {0.0, 1.0 / 3, 0.0, 1.0 / 3, 1.0 / 3, 0.0}, 30000) < 13.8);
+  Sampler c0(6, composite(6, 1e-6f, 1.0f, 10));
+  CHECK(histogram(c0, tied, 1000)[1] == 1000);
 }
 
-TEST_CASE("T = 1 sampling follows softmax (chi-square)") {
+TEST_CASE("top_p = 1 nucleus is weighted; top_p = 1 composite is topk (same draws)") {
+  std::vector<float> logits(500);
+  for (size_t i = 0; i < logits.size(); ++i) logits[i] = float(std::sin(double(i) * 0.9)) * 2.5f;
+  for (float t : {0.6f, 1.0f, 1.7f}) {
+    CAPTURE(t);
+    const auto w = draws_of(weighted(t, 31), logits, 500);
+    CHECK(draws_of(nucleus(1.0f, t, 31), logits, 500) == w);
+    CHECK(draws_of(nucleus(1.5f, t, 31), logits, 500) == w);  // top_p ≥ 1 keeps everything
+    CHECK(draws_of(composite(25, 1.0f, t, 32), logits, 500) ==
+          draws_of(topk(25, t, 32), logits, 500));
+  }
+}
+
+TEST_CASE("temperature -> 0 picks the argmax") {
+  std::vector<float> logits(400);
+  for (size_t i = 0; i < logits.size(); ++i) logits[i] = float(std::sin(double(i) * 0.77)) * 3.0f;
+  logits[123] = 3.5f;  // unique maximum, well clear of the rest
+  logits[321] = 3.4f;
+  for (const SamplingParams& p : {weighted(1e-6f, 1), topk(50, 1e-6f, 2), nucleus(0.9f, 1e-6f, 3),
+                                  nucleus(1.0f, 1e-6f, 4), composite(50, 0.9f, 0.0f, 5),
+                                  composite(400, 1.0f, 0.0f, 6), composite(50, 0.9f, 1e-7f, 7)}) {
+    CAPTURE(sampling_algorithm_name(p.algorithm));
+    CAPTURE(p.seed);
+    Sampler s(400, p);
+    for (int i = 0; i < 200; ++i) CHECK(s.sample(logits.data()) == 123);
+  }
+  // Composite's temperature floor: T = 0 behaves as T = 1e-6, which still spreads over ties.
+  const std::vector<float> tied = {0.0f, 2.0f, 2.0f, 1.0f};
+  CHECK(draws_of(composite(4, 1.0f, 0.0f, 8), tied, 300) ==
+        draws_of(composite(4, 1.0f, 1e-6f, 8), tied, 300));
+  // A gap of 1e-4 at T = 1e-6 is a factor e^-100: a larger floor (say 1e-3) would mix them.
+  const std::vector<float> close = {1.0f, 1.0001f, 0.9999f};
+  Sampler floor0(3, composite(3, 1.0f, 0.0f, 10));
+  CHECK(histogram(floor0, close, 2000)[1] == 2000);
+  Sampler cold(4, composite(4, 1.0f, 0.0f, 9));
+  CHECK(chi_square(histogram(cold, tied, 20000), {0.0, 0.5, 0.5, 0.0}, 20000) < 10.8);
+}
+
+TEST_CASE("weighted follows the tempered softmax (chi-square)") {
   const std::vector<float> logits = {0.0f, 1.0f, -1.0f, 2.0f, 0.5f, -3.0f};
   const int draws = 200000;
-  Sampler s(6, SamplingParams{1.0f, 0, 1.0f, 2024});
-  const auto h = histogram(s, logits, draws);
   // 5 degrees of freedom: P(χ² > 20.5) ≈ 0.001. The seed is fixed, so this cannot flake.
-  CHECK(chi_square(h, softmax(logits, 1.0), draws) < 20.5);
-  // Another temperature.
-  Sampler t(6, SamplingParams{0.5f, 0, 1.0f, 77});
-  CHECK(chi_square(histogram(t, logits, draws), softmax(logits, 0.5), draws) < 20.5);
+  Sampler s(6, weighted(1.0f, 2024));
+  const auto h1 = histogram(s, logits, draws);
+  CHECK(chi_square(h1, softmax(logits, 1.0), draws) < 20.5);
+  Sampler t(6, weighted(0.5f, 77));
+  const auto h05 = histogram(t, logits, draws);
+  CHECK(chi_square(h05, softmax(logits, 0.5), draws) < 20.5);
+  // The tolerance discriminates: ignoring the temperature (or applying it twice) fails.
+  CHECK(chi_square(h05, softmax(logits, 1.0), draws) > 1000.0);
+  CHECK(chi_square(h05, softmax(logits, 0.25), draws) > 1000.0);
+  CHECK(chi_square(h1, softmax(logits, 0.9), draws) > 100.0);
 }
 
 TEST_CASE("top-k keeps the k largest, renormalised and tempered") {
   const std::vector<float> logits = {0.0f, 1.0f, -1.0f, 2.0f, 0.5f, 2.0f};
   const int draws = 100000;
-  Sampler s(6, SamplingParams{2.0f, 3, 1.0f, 5});
+  Sampler s(6, topk(3, 2.0f, 5));
   const auto h = histogram(s, logits, draws);
   // Kept: ids 3, 5 (logit 2) and 1 (logit 1), each ∝ exp(l / 2).
   std::vector<double> p(6, 0.0);
@@ -149,8 +317,19 @@ TEST_CASE("top-k keeps the k largest, renormalised and tempered") {
   p[3] = p[5] = std::exp(1.0) / z;
   p[1] = std::exp(0.5) / z;
   CHECK(chi_square(h, p, draws) < 13.8);  // 2 dof, P ≈ 0.001
-  // top_k ≥ vocab keeps everything.
-  Sampler all(6, SamplingParams{1.0f, 100, 1.0f, 6});
+  // Untempered renormalisation is rejected by the same tolerance.
+  std::vector<double> untempered(6, 0.0);
+  const double z1 = 2.0 * std::exp(2.0) + std::exp(1.0);
+  untempered[3] = untempered[5] = std::exp(2.0) / z1;
+  untempered[1] = std::exp(1.0) / z1;
+  CHECK(chi_square(h, untempered, draws) > 1000.0);
+  // Ties in the ranking: the lower id wins the last place (k = 2 keeps ids 3 and 5; k = 1 id 3).
+  Sampler two(6, topk(2, 1.0f, 6));
+  CHECK(chi_square(histogram(two, logits, 20000), {0, 0, 0, 0.5, 0, 0.5}, 20000) < 10.8);
+  Sampler one(6, topk(1, 1.0f, 7));
+  CHECK(histogram(one, logits, 1000)[3] == 1000);
+  // top_k ≥ vocab is clamped: everything is kept.
+  Sampler all(6, topk(100, 1.0f, 6));
   CHECK(chi_square(histogram(all, logits, draws), softmax(logits, 1.0), draws) < 20.5);
 }
 
@@ -160,32 +339,31 @@ TEST_CASE("nucleus: untempered cutoff, ties at the cutoff kept") {
                                      std::log(0.05f)};
   const int draws = 100000;
   // p = 0.7: cum = [0.5, 0.8, …] → cutoff index 1 → tokens 0 and 1, ∝ 0.5 : 0.3 at T = 1.
-  Sampler s(4, SamplingParams{1.0f, 0, 0.7f, 11});
-  std::vector<double> p = {0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0};
-  CHECK(chi_square(histogram(s, logits, draws), p, draws) < 10.8);  // 1 dof
+  Sampler s(4, nucleus(0.7f, 1.0f, 11));
+  const auto h = histogram(s, logits, draws);
+  CHECK(chi_square(h, {0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0}, draws) < 10.8);  // 1 dof
+  CHECK(chi_square(h, {0.5, 0.3, 0.15, 0.05}, draws) > 1000.0);          // no truncation: fails
+  // p = 0.81: cum = [0.5, 0.8, 0.95] → cutoff index 2 → the third token is kept too.
+  Sampler s3(4, nucleus(0.81f, 1.0f, 12));
+  CHECK(chi_square(histogram(s3, logits, draws), {0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0},
+                   draws) < 13.8);
   // The set is chosen from the *untempered* distribution: at T = 100 the tempered one is nearly
   // flat (which would need all four tokens to reach 0.7), but only tokens 0 and 1 are kept,
   // drawn ∝ exp(l / 100).
-  Sampler hot(4, SamplingParams{100.0f, 0, 0.7f, 12});
+  Sampler hot(4, nucleus(0.7f, 100.0f, 12));
   const auto hh = histogram(hot, logits, draws);
-  CHECK(hh[2] == 0);
-  CHECK(hh[3] == 0);
   const double a = std::pow(0.5, 0.01), b = std::pow(0.3, 0.01);
   CHECK(chi_square(hh, {a / (a + b), b / (a + b), 0.0, 0.0}, draws) < 10.8);
   // Ties at the cutoff logit are all kept (nucleus); composite keeps only up to the cutoff index.
   const std::vector<float> tied = {2.0f, 1.0f, 1.0f, 0.0f};
   // Untempered p = [0.534, 0.197, 0.197, 0.072], cum = [0.534, 0.731, …]: top_p = 0.6 → cutoff
   // index 1, whose logit (1) is shared by ids 1 and 2.
-  Sampler nucleus(4, SamplingParams{1.0f, 0, 0.6f, 13});
-  const auto hn = histogram(nucleus, tied, draws);
-  CHECK(hn[1] > 0);
-  CHECK(hn[2] > 0);
-  CHECK(hn[3] == 0);
-  Sampler composite(4, SamplingParams{1.0f, 4, 0.6f, 14});
-  const auto hc = histogram(composite, tied, draws);
-  CHECK(hc[1] > 0);
-  CHECK(hc[2] == 0);  // sorted index 2 is past the cutoff index 1
-  CHECK(hc[3] == 0);
+  const double e = std::exp(1.0);
+  Sampler n(4, nucleus(0.6f, 1.0f, 13));
+  CHECK(chi_square(histogram(n, tied, draws), {e / (e + 2), 1 / (e + 2), 1 / (e + 2), 0.0}, draws) <
+        13.8);
+  Sampler c(4, composite(4, 0.6f, 1.0f, 14));
+  CHECK(chi_square(histogram(c, tied, draws), {e / (e + 1), 1 / (e + 1), 0.0, 0.0}, draws) < 10.8);
 }
 
 TEST_CASE("composite: top-k, then top-p over the renormalised top-k") {
@@ -194,12 +372,15 @@ TEST_CASE("composite: top-k, then top-p over the renormalised top-k") {
   // would be [.5, .75, .875] and keep three).
   const std::vector<float> logits = {std::log(8.0f), std::log(4.0f), std::log(2.0f), 0.0f, 0.0f};
   const int draws = 100000;
-  Sampler s(5, SamplingParams{1.0f, 3, 0.8f, 15});
-  const auto h = histogram(s, logits, draws);
-  CHECK(h[2] == 0);
-  CHECK(chi_square(h, {8.0 / 12.0, 4.0 / 12.0, 0.0, 0.0, 0.0}, draws) < 10.8);
-  Sampler nucleus(5, SamplingParams{1.0f, 0, 0.8f, 16});
-  CHECK(histogram(nucleus, logits, draws)[2] > 0);
+  Sampler s(5, composite(3, 0.8f, 1.0f, 15));
+  CHECK(chi_square(histogram(s, logits, draws), {8.0 / 12.0, 4.0 / 12.0, 0.0, 0.0, 0.0}, draws) <
+        10.8);
+  Sampler n(5, nucleus(0.8f, 1.0f, 16));
+  CHECK(chi_square(histogram(n, logits, draws), {8.0 / 14, 4.0 / 14, 2.0 / 14, 0.0, 0.0}, draws) <
+        13.8);
+  // Tempered after the cut: T = 0.5 squares the weights of the kept tokens (64 : 16).
+  Sampler t(5, composite(3, 0.8f, 0.5f, 17));
+  CHECK(chi_square(histogram(t, logits, draws), {0.8, 0.2, 0.0, 0.0, 0.0}, draws) < 10.8);
 }
 
 TEST_CASE("nucleus on a large vocabulary keeps exactly MaxText's set") {
@@ -228,8 +409,8 @@ TEST_CASE("nucleus on a large vocabulary keeps exactly MaxText's set") {
     const float threshold = logits[size_t(order[cutoff])];
     double kept = 0.0;
     for (int32_t i = 0; i < V; ++i) kept += logits[size_t(i)] >= threshold ? p[size_t(i)] : 0.0;
-    const int draws = 40000;
-    Sampler s(V, SamplingParams{1.0f, 0, top_p, 21});
+    const int draws = 3000;  // each draw is a full-vocabulary nucleus pass; keep the test fast
+    Sampler s(V, nucleus(top_p, 1.0f, 21));
     const auto h = histogram(s, logits, draws);
     for (int32_t i = 0; i < V; ++i) {
       CAPTURE(i);
@@ -243,18 +424,69 @@ TEST_CASE("nucleus on a large vocabulary keeps exactly MaxText's set") {
   }
 }
 
-TEST_CASE("invalid parameters throw") {
-  CHECK_THROWS_AS(Sampler(10, SamplingParams{-0.5f, 0, 1.0f, 0}), Error);
-  CHECK_THROWS_AS(Sampler(10, SamplingParams{std::numeric_limits<float>::quiet_NaN(), 0, 1.0f, 0}),
-                  Error);
-  CHECK_THROWS_AS(Sampler(10, SamplingParams{std::numeric_limits<float>::infinity(), 0, 1.0f, 0}),
-                  Error);
-  CHECK_THROWS_AS(Sampler(10, SamplingParams{1.0f, -1, 1.0f, 0}), Error);
-  CHECK_THROWS_AS(Sampler(10, SamplingParams{1.0f, 0, 0.0f, 0}), Error);
-  CHECK_THROWS_AS(Sampler(10, SamplingParams{1.0f, 0, 1.5f, 0}), Error);
-  CHECK_THROWS_AS(Sampler(10, SamplingParams{1.0f, 0, -0.1f, 0}), Error);
-  CHECK_THROWS_AS(Sampler(0, SamplingParams{}), Error);
-  CHECK_NOTHROW(Sampler(10, SamplingParams{0.0f, 5, 1.0f, 0}));
+TEST_CASE("invalid parameters throw one-line errors naming the parameter") {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const struct {
+    SamplingParams p;
+    const char* names;  // substring of the message
+  } bad[] = {
+      {weighted(0.0f, 0), "temperature"},
+      {weighted(-0.5f, 0), "temperature"},
+      {weighted(nan, 0), "temperature"},
+      {weighted(inf, 0), "temperature"},
+      {topk(5, 0.0f, 0), "temperature"},
+      {topk(5, nan, 0), "temperature"},
+      {topk(0, 1.0f, 0), "top_k"},
+      {topk(-1, 1.0f, 0), "top_k"},
+      {nucleus(0.9f, 0.0f, 0), "temperature"},
+      {nucleus(0.9f, inf, 0), "temperature"},
+      {nucleus(-0.1f, 1.0f, 0), "top_p"},
+      {nucleus(nan, 1.0f, 0), "top_p"},
+      {composite(0, 0.9f, 1.0f, 0), "top_k"},
+      {composite(-3, 0.9f, 1.0f, 0), "top_k"},
+      {composite(5, 0.0f, 1.0f, 0), "top_p"},
+      {composite(5, -0.5f, 1.0f, 0), "top_p"},
+      {composite(5, 1.5f, 1.0f, 0), "top_p"},
+      {composite(5, nan, 1.0f, 0), "top_p"},
+      {composite(5, 0.9f, -1.0f, 0), "temperature"},
+      {composite(5, 0.9f, nan, 0), "temperature"},
+      {composite(5, 0.9f, inf, 0), "temperature"},
+      {params(Algo(17), 1.0f, 0, 1.0f, 0), "algorithm"},
+  };
+  for (const auto& c : bad) {
+    CAPTURE(sampling_algorithm_name(c.p.algorithm));
+    CAPTURE(c.names);
+    const std::string msg = construct_error(10, c.p);
+    CAPTURE(msg);
+    CHECK(msg.find(c.names) != std::string::npos);
+    CHECK(msg.find('\n') == std::string::npos);
+  }
+  // Request limits, for every algorithm.
+  for (const SamplingParams& base : {greedy(), weighted(1.0f, 0), topk(3, 1.0f, 0),
+                                     nucleus(0.5f, 1.0f, 0), composite(3, 0.5f, 1.0f, 0)}) {
+    CAPTURE(sampling_algorithm_name(base.algorithm));
+    SamplingParams p = base;
+    p.stop_tokens = {2, 10};
+    CHECK(construct_error(10, p).find("stop token") != std::string::npos);
+    p.stop_tokens = {-1};
+    CHECK(construct_error(10, p).find("stop token") != std::string::npos);
+    p.stop_tokens = {0, 9};
+    CHECK(construct_error(10, p) == "");
+    p.max_new_tokens = -1;
+    CHECK(construct_error(10, p).find("max_new_tokens") != std::string::npos);
+    p.max_new_tokens = 0;
+    CHECK(construct_error(10, p) == "");
+    CHECK(construct_error(0, p).find("vocab_size") != std::string::npos);
+  }
+  // Edge values that are accepted.
+  for (const SamplingParams& p :
+       {params(Algo::Greedy, -1.0f, -1, -1.0f, 0), nucleus(0.0f, 1.0f, 0), nucleus(1.5f, 1.0f, 0),
+        composite(5, 1.0f, 0.0f, 0), composite(50, 1e-6f, 1.0f, 0), topk(50, 1.0f, 0),
+        topk(5, 1.0f, 0)}) {
+    CAPTURE(sampling_algorithm_name(p.algorithm));
+    CHECK(construct_error(10, p) == "");
+  }
 }
 
 TEST_CASE("log_prob is the log-softmax of the raw logits") {
@@ -275,9 +507,10 @@ TEST_CASE("sample does not allocate") {
   std::vector<float> logits(32000);
   for (size_t i = 0; i < logits.size(); ++i) logits[i] = float(std::sin(double(i) * 0.01)) * 4.0f;
   for (const SamplingParams& p :
-       {SamplingParams{}, SamplingParams{1.0f, 0, 1.0f, 1}, SamplingParams{0.7f, 40, 1.0f, 2},
-        SamplingParams{1.0f, 0, 0.9f, 3}, SamplingParams{0.9f, 50, 0.9f, 4},
-        SamplingParams{1.0f, 0, 0.999f, 5}}) {
+       {greedy(), weighted(1.0f, 1), topk(40, 0.7f, 2), nucleus(0.9f, 1.0f, 3),
+        composite(50, 0.9f, 0.9f, 4), nucleus(0.999f, 1.0f, 5), nucleus(0.0f, 0.8f, 6),
+        composite(50, 0.9f, 0.0f, 7)}) {
+    CAPTURE(sampling_algorithm_name(p.algorithm));
     Sampler s(int64_t(logits.size()), p);
     s.sample(logits.data());
     const uint64_t before = kiln_test_allocations();
@@ -294,12 +527,12 @@ TEST_CASE("bench: sampling" * doctest::skip()) {
   const struct {
     const char* name;
     SamplingParams p;
-  } cases[] = {{"greedy", SamplingParams{}},
-               {"T=0.8", SamplingParams{0.8f, 0, 1.0f, 1}},
-               {"T=1 top_k=40", SamplingParams{1.0f, 40, 1.0f, 1}},
-               {"T=1 top_p=0.9", SamplingParams{1.0f, 0, 0.9f, 1}},
-               {"T=0.7 top_p=0.9", SamplingParams{0.7f, 0, 0.9f, 1}},
-               {"T=0.7 k=50 p=0.9", SamplingParams{0.7f, 50, 0.9f, 1}}};
+  } cases[] = {{"greedy", greedy()},
+               {"weighted T=0.8", weighted(0.8f, 1)},
+               {"topk T=1 k=40", topk(40, 1.0f, 1)},
+               {"nucleus T=1 p=0.9", nucleus(0.9f, 1.0f, 1)},
+               {"nucleus T=0.7 p=.9", nucleus(0.9f, 0.7f, 1)},
+               {"comp T=.7 k=50 p=.9", composite(50, 0.9f, 0.7f, 1)}};
   for (const auto& c : cases) {
     Sampler s(32000, c.p);
     std::vector<double> t;
@@ -310,7 +543,7 @@ TEST_CASE("bench: sampling" * doctest::skip()) {
       t.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / 20);
     }
     std::sort(t.begin(), t.end());
-    std::printf("sample V=32000 %-18s min %8.1f us  median %8.1f us\n", c.name, t[0], t[10]);
+    std::printf("sample V=32000 %-20s min %8.1f us  median %8.1f us\n", c.name, t[0], t[10]);
   }
 }
 

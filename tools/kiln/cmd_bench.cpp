@@ -80,6 +80,9 @@ int cmd_bench(int argc, const char* const* argv) {
   p.option("--gen-tokens", "N", "tokens generated for the decode measurement", "128");
   p.option("--repeat", "R", "runs; the medians are reported", "3");
   p.option("--adapter", "NAME", "load this run-time adapter after the base and run with it");
+  p.option("--slots", "LIST",
+           "also measure batched decode with this many active slots, e.g. 1,4,16 (each holds the "
+           "prompt; one generate step advances all)");
   add_engine_options(p);
   p.flag("--json", "print one JSON object");
   Args a = p.parse(argc, argv);
@@ -87,8 +90,18 @@ int cmd_bench(int argc, const char* const* argv) {
   int64_t n_gen = a.get_int("--gen-tokens", 1, 1 << 24);
   int64_t repeat = a.get_int("--repeat", 1, 1000);
 
+  std::vector<int64_t> slot_counts;
+  if (a.has("--slots")) {
+    for (int32_t n : a.get_token_list("--slots")) {
+      if (n < 1) throw a.error("--slots takes positive slot counts, e.g. 1,4,16");
+      slot_counts.push_back(n);
+    }
+  }
+
   double t0 = now_seconds();
   EngineOptions eo = engine_options(a);
+  eo.slots = 1;
+  for (int64_t n : slot_counts) eo.slots = std::max(eo.slots, n);
   auto engine = Engine::open(a.positional(0), eo);
   double t_load = now_seconds() - t0;
   if (n_prompt + n_gen > engine->max_seq_len())
@@ -104,18 +117,48 @@ int cmd_bench(int argc, const char* const* argv) {
   for (auto& t : prompt) t = int32_t(rng.next() % uint64_t(engine->config().vocab_size));
 
   std::vector<double> prefill_tps, decode_tps;
+  SamplingParams greedy;
+  greedy.max_new_tokens = n_gen + 1;  // the prefill's token, then n_gen decode steps
   for (int64_t r = 0; r < repeat; ++r) {
     double t1 = now_seconds();
-    engine->prefill(prompt, SamplingParams{}, adapter_name);
+    Prefix prefix = engine->prefill(prompt, greedy, adapter_name);
     double t2 = now_seconds();
+    engine->insert(std::move(prefix), 0);
     for (int64_t i = 0; i < n_gen; ++i) engine->generate();
     double t3 = now_seconds();
+    engine->release(0);
     prefill_tps.push_back(double(n_prompt) / (t2 - t1));
     decode_tps.push_back(double(n_gen) / (t3 - t2));
     if (!a.has("--json"))
       std::fprintf(stderr, "run %lld/%lld: prefill %.1f tokens/s, decode %.2f tokens/s\n",
                    static_cast<long long>(r + 1), static_cast<long long>(repeat),
                    prefill_tps.back(), decode_tps.back());
+  }
+
+  // Batched decode: N slots hold the same prompt (one multisampling prefill, bulk-inserted) and
+  // every generate() step advances all of them in one batched pass.
+  struct SlotRun {
+    int64_t slots;
+    std::vector<double> tps;
+  };
+  std::vector<SlotRun> slot_runs;
+  for (int64_t n : slot_counts) {
+    SlotRun sr{n, {}};
+    std::vector<int64_t> ids(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) ids[size_t(i)] = i;
+    for (int64_t r = 0; r < repeat; ++r) {
+      engine->bulk_insert(engine->prefill_multisampling(prompt, n, greedy, adapter_name), ids);
+      const double t1 = now_seconds();
+      int64_t produced = 0;
+      for (int64_t i = 0; i < n_gen; ++i) produced += int64_t(engine->generate().size());
+      sr.tps.push_back(double(produced) / (now_seconds() - t1));
+      for (int64_t i : ids) engine->release(i);
+      if (!a.has("--json"))
+        std::fprintf(stderr, "slots %lld, run %lld/%lld: decode %.2f tokens/s\n",
+                     static_cast<long long>(n), static_cast<long long>(r + 1),
+                     static_cast<long long>(repeat), sr.tps.back());
+    }
+    slot_runs.push_back(std::move(sr));
   }
   const ModelConfig& c = engine->config();
   if (a.has("--json")) {
@@ -130,6 +173,14 @@ int cmd_bench(int argc, const char* const* argv) {
                                 {"prefill_runs", prefill_tps},
                                 {"decode_runs", decode_tps},
                                 {"peak_rss_mib", peak_rss_mib()}};
+    if (!slot_runs.empty()) {
+      nlohmann::ordered_json list = nlohmann::ordered_json::array();
+      for (const SlotRun& sr : slot_runs)
+        list.push_back({{"slots", sr.slots},
+                        {"decode_tokens_per_s", median(sr.tps)},
+                        {"decode_runs", sr.tps}});
+      j["batched_decode"] = list;
+    }
     if (adapter)
       j["adapter"] = {{"name", adapter->name},
                       {"rank", adapter->rank},
@@ -154,6 +205,10 @@ int cmd_bench(int argc, const char* const* argv) {
               static_cast<long long>(repeat));
   std::printf("decode        %.2f tokens/s   (%lld tokens, median of %lld)\n", median(decode_tps),
               static_cast<long long>(n_gen), static_cast<long long>(repeat));
+  for (const SlotRun& sr : slot_runs)
+    std::printf("decode        %.2f tokens/s with %lld slots (%.2f per slot, %.2fx one slot)\n",
+                median(sr.tps), static_cast<long long>(sr.slots), median(sr.tps) / double(sr.slots),
+                median(sr.tps) / median(decode_tps));
   std::printf("peak RSS      %.0f MiB\n", peak_rss_mib());
   return 0;
 }

@@ -58,164 +58,238 @@ std::vector<Request> read_requests(const std::string& path) {
   return out;
 }
 
-// Continuous batching over the engine's slots: a request enters whenever a slot is free, and
-// every step advances all active slots together.
-int run_requests(Engine& engine, const std::vector<Request>& reqs, int64_t max_tokens,
-                 const SamplingParams& sp, bool json, double t_load) {
+// What one request (or one sample) produced.
+struct Output {
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
+  FinishReason finish = FinishReason::None;
+};
+
+struct Timing {
+  double prefill_seconds = 0, decode_seconds = 0;
+  int64_t prompt_tokens = 0, generated = 0, decoded = 0;  // decoded: tokens from generate()
+};
+
+// Continuous batching over the engine's slots: whenever slots are free the next requests are
+// prefilled (one by one, or packed into one prefill_concat pass) and inserted, and every step
+// advances all active slots together. Returns the outputs in request order.
+std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& reqs,
+                                 const SamplingParams& sp, bool packed, Timing& t) {
   const int64_t S = engine.slots();
-  std::vector<std::vector<int32_t>> out(reqs.size());
+  std::vector<Output> out(reqs.size());
   std::vector<int64_t> slot_req(size_t(S), -1);
-  std::vector<int32_t> step(static_cast<size_t>(S));
   size_t next = 0, done = 0;
-  int64_t generated = 0;
-  const double t0 = now_seconds();
+  auto record = [&](const SlotToken& st) {
+    Output& o = out[size_t(slot_req[size_t(st.slot)])];
+    o.tokens.push_back(st.token);
+    o.logprobs.push_back(st.logp);
+    ++t.generated;
+    if (st.finish != FinishReason::None) {
+      o.finish = st.finish;
+      engine.release(st.slot);
+      slot_req[size_t(st.slot)] = -1;
+      ++done;
+    }
+  };
   while (done < reqs.size()) {
-    for (int64_t s = 0; s < S && next < reqs.size(); ++s) {
-      if (slot_req[size_t(s)] >= 0) continue;
-      const Request& r = reqs[next];
-      if (int64_t(r.prompt.size()) + max_tokens - 1 > engine.max_seq_len())
-        throw Error("prompt " + std::to_string(next + 1) + " (" + std::to_string(r.prompt.size()) +
-                    " tokens) + --max-tokens exceeds the context of " +
-                    std::to_string(engine.max_seq_len()) + " tokens");
-      out[next].push_back(engine.insert(s, r.prompt, sp, r.adapter));
-      ++generated;
-      slot_req[size_t(s)] = int64_t(next++);
-    }
-    for (int64_t s = 0; s < S; ++s) {  // a request whose first token is its last
-      const int64_t q = slot_req[size_t(s)];
-      if (q >= 0 && int64_t(out[size_t(q)].size()) >= max_tokens) {
-        engine.release(s);
-        slot_req[size_t(s)] = -1;
-        ++done;
+    std::vector<int64_t> free_slots;
+    for (int64_t s = 0; s < S; ++s)
+      if (slot_req[size_t(s)] < 0) free_slots.push_back(s);
+    const size_t n = std::min(free_slots.size(), reqs.size() - next);
+    if (n > 0) {
+      const double t0 = now_seconds();
+      std::vector<Prefix> prefixes;
+      if (packed) {
+        std::vector<PrefillRequest> batch;
+        for (size_t i = 0; i < n; ++i)
+          batch.push_back({reqs[next + i].prompt, sp, reqs[next + i].adapter});
+        prefixes = engine.prefill_concat(batch);
+      } else {
+        for (size_t i = 0; i < n; ++i)
+          prefixes.push_back(engine.prefill(reqs[next + i].prompt, sp, reqs[next + i].adapter));
+      }
+      t.prefill_seconds += now_seconds() - t0;
+      for (size_t i = 0; i < n; ++i) {
+        t.prompt_tokens += int64_t(reqs[next].prompt.size());
+        slot_req[size_t(free_slots[i])] = int64_t(next++);
+        record(engine.insert(std::move(prefixes[i]), free_slots[i]));
       }
     }
-    bool any = false;
-    for (int64_t q : slot_req) any = any || q >= 0;
-    if (!any) continue;
-    engine.generate_slots(step);
-    for (int64_t s = 0; s < S; ++s) {
-      const int64_t q = slot_req[size_t(s)];
-      if (q < 0) continue;
-      out[size_t(q)].push_back(step[size_t(s)]);
-      ++generated;
-      if (int64_t(out[size_t(q)].size()) >= max_tokens) {
-        engine.release(s);
-        slot_req[size_t(s)] = -1;
-        ++done;
-      }
-    }
+    const double t1 = now_seconds();
+    const std::span<const SlotToken> step = engine.generate();
+    t.decode_seconds += now_seconds() - t1;
+    t.decoded += int64_t(step.size());
+    for (const SlotToken& st : step) record(st);
   }
-  const double seconds = now_seconds() - t0;
-  if (json) {
-    nlohmann::ordered_json list = nlohmann::ordered_json::array();
-    for (size_t i = 0; i < reqs.size(); ++i)
-      list.push_back(
-          {{"tokens", out[i]},
-           {"adapter", reqs[i].adapter.empty() ? nlohmann::ordered_json(nullptr)
-                                               : nlohmann::ordered_json(reqs[i].adapter)},
-           {"finish_reason", "length"}});
-    nlohmann::ordered_json j = {{"requests", list},
-                                {"slots", S},
-                                {"load_seconds", t_load},
-                                {"seconds", seconds},
-                                {"tokens_per_s", double(generated) / seconds}};
-    std::printf("%s\n", j.dump().c_str());
-    return 0;
+  return out;
+}
+
+nlohmann::ordered_json output_json(const Output& o) {
+  return {{"tokens", o.tokens},
+          {"logprobs", o.logprobs},
+          {"finish_reason", finish_reason_name(o.finish)}};
+}
+
+std::string token_line(const std::vector<int32_t>& tokens) {
+  std::string line;
+  for (size_t k = 0; k < tokens.size(); ++k) line += (k ? "," : "") + std::to_string(tokens[k]);
+  return line;
+}
+
+SamplingParams sampling_params(const Args& a) {
+  SamplingParams sp;
+  sp.top_k = int32_t(a.get_int("--top-k", -(1 << 30), 1 << 30));  // the sampler checks it
+  sp.top_p = float(a.get_double("--top-p", -1e6, 1e6));
+  sp.seed = a.get_u64("--seed");
+  sp.max_new_tokens = a.get_int("--max-tokens", 1, 1 << 24);
+  if (a.has("--stop")) sp.stop_tokens = a.get_token_list("--stop");
+  if (a.has("--sampling")) {
+    sp.algorithm = parse_sampling_algorithm(a.get("--sampling"));
+    sp.temperature =
+        a.given("--temperature") ? float(a.get_double("--temperature", -1e6, 1e6)) : 1.0f;
+  } else {
+    sp.temperature =
+        a.given("--temperature") ? float(a.get_double("--temperature", -1e6, 1e6)) : 0.0f;
+    sp.algorithm = infer_sampling_algorithm(sp.temperature, sp.top_k, sp.top_p);
   }
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    std::string line = reqs[i].adapter.empty() ? "" : "@" + reqs[i].adapter + " ";
-    for (size_t k = 0; k < out[i].size(); ++k) line += (k ? "," : "") + std::to_string(out[i][k]);
-    std::printf("%s\n", line.c_str());
-  }
-  std::fprintf(stderr, "%zu requests, %lld slots: %lld tokens in %.3f s (%.1f tokens/s)\n",
-               reqs.size(), static_cast<long long>(S), static_cast<long long>(generated), seconds,
-               double(generated) / seconds);
-  return 0;
+  return sp;
 }
 
 }  // namespace
 
 int cmd_run(int argc, const char* const* argv) {
-  ArgParser p("kiln run", "Prefills a prompt and generates tokens, printing them with timings.");
+  ArgParser p("kiln run",
+              "Prefills prompts and generates tokens (continuous batching over decode slots), "
+              "printing them with timings.");
   p.positional("DIR", "artifact directory");
   p.option("--tokens", "LIST", "prompt token ids, comma-separated");
   p.option("--prompts-file", "FILE",
            "run every line ('[@ADAPTER ]id,id,...') with continuous batching over --slots");
   p.option("--slots", "N", "decode slots for --prompts-file", "4");
+  p.flag("--packed-prefill",
+         "with --prompts-file: prefill the prompts that enter free slots together in one packed "
+         "pass (prefill_concat)");
+  p.option("--samples", "N", "with --tokens: N independent samples of one prefill", "1");
   p.option("--adapter", "NAME", "run-time LoRA adapter of the artifact (kiln adapter list)");
-  p.option("--max-tokens", "N", "tokens to generate (the first comes from the prefill)", "32");
-  p.option("--temperature", "T", "0 = greedy", "0");
-  p.option("--top-k", "K", "keep the K most likely tokens (0 = off)", "0");
-  p.option("--top-p", "P", "keep the smallest set with probability >= P (1 = off)", "1");
-  p.option("--seed", "S", "sampling seed", "0");
+  p.option("--max-tokens", "N", "tokens per request, the prefill's first one included", "32");
+  p.option("--stop", "LIST", "stop token ids: a request ends after producing one");
+  p.option("--sampling", "ALGO",
+           "greedy, weighted, topk, nucleus or composite (MaxText's semantics; default: greedy, "
+           "or what --temperature/--top-k/--top-p imply)");
+  p.option("--temperature", "T", "sampling temperature (without --sampling: 0 = greedy)");
+  p.option("--top-k", "K", "topk/composite: keep the K largest logits", "0");
+  p.option("--top-p", "P", "nucleus/composite: keep the smallest set with probability >= P", "1");
+  p.option("--seed", "S", "sampling seed (each request's stream starts from it)", "0");
   add_engine_options(p);
-  p.flag("--json", "print one JSON object with the tokens and timings");
+  p.flag("--json", "print one JSON object with the tokens, log-probabilities and timings");
   Args a = p.parse(argc, argv);
 
   if (a.has("--tokens") == a.has("--prompts-file"))
     throw a.error("give either --tokens or --prompts-file");
-  int64_t max_tokens = a.get_int("--max-tokens", 1, 1 << 24);
-  SamplingParams sp;
-  sp.temperature = float(a.get_double("--temperature", 0, 1e6));
-  sp.top_k = int32_t(a.get_int("--top-k", 0, 1 << 30));
-  sp.top_p = float(a.get_double("--top-p", 0, 1));
-  sp.seed = a.get_u64("--seed");
-  if (sp.top_p <= 0) throw a.error("--top-p must be in (0, 1]");
-
+  const SamplingParams sp = sampling_params(a);
+  const int64_t samples = a.get_int("--samples", 1, 512);
   EngineOptions eo = engine_options(a);
   std::vector<Request> reqs;
   if (a.has("--prompts-file")) {
     reqs = read_requests(a.get("--prompts-file"));
+    if (a.has("--adapter")) throw a.error("with --prompts-file, name adapters per line (@NAME)");
+    if (a.given("--samples")) throw a.error("--samples applies to --tokens");
     eo.slots = a.get_int("--slots", 1, 512);
-  } else if (a.given("--slots")) {
-    throw a.error("--slots applies to --prompts-file");
+  } else {
+    if (a.given("--slots")) throw a.error("--slots applies to --prompts-file");
+    if (a.has("--packed-prefill")) throw a.error("--packed-prefill applies to --prompts-file");
+    reqs.push_back({a.get_token_list("--tokens"), a.has("--adapter") ? a.get("--adapter") : ""});
+    eo.slots = samples;
   }
-  double t0 = now_seconds();
+  const double t0 = now_seconds();
   auto engine = Engine::open(a.positional(0), eo);
-  std::string adapter = a.has("--adapter") ? a.get("--adapter") : "";
-  if (!adapter.empty()) engine->load_adapter(adapter);
   for (const Request& r : reqs)
     if (!r.adapter.empty()) engine->load_adapter(r.adapter);
-  double t_load = now_seconds() - t0;
-  if (!reqs.empty()) return run_requests(*engine, reqs, max_tokens, sp, a.has("--json"), t_load);
+  const double t_load = now_seconds() - t0;
+  const bool json = a.has("--json");
 
-  std::vector<int32_t> prompt = a.get_token_list("--tokens");
-  if (int64_t(prompt.size()) + max_tokens - 1 > engine->max_seq_len())
-    throw Error("prompt (" + std::to_string(prompt.size()) + " tokens) + --max-tokens " +
-                std::to_string(max_tokens) + " exceeds the context of " +
-                std::to_string(engine->max_seq_len()) + " tokens");
+  Timing t;
+  const double t1 = now_seconds();
+  std::vector<Output> out;
+  if (samples > 1) {  // one prefill, `samples` slots
+    const double tp = now_seconds();
+    Prefix prefix = engine->prefill_multisampling(reqs[0].prompt, samples, sp, reqs[0].adapter);
+    t.prefill_seconds = now_seconds() - tp;
+    t.prompt_tokens = int64_t(reqs[0].prompt.size());
+    std::vector<int64_t> slots(static_cast<size_t>(samples));
+    for (int64_t i = 0; i < samples; ++i) slots[size_t(i)] = i;
+    out.resize(size_t(samples));
+    size_t done = 0;
+    auto record = [&](const SlotToken& st) {
+      Output& o = out[size_t(st.slot)];
+      o.tokens.push_back(st.token);
+      o.logprobs.push_back(st.logp);
+      ++t.generated;
+      if (st.finish != FinishReason::None) o.finish = st.finish, ++done;
+    };
+    for (const SlotToken& st : engine->bulk_insert(std::move(prefix), slots)) record(st);
+    while (done < out.size()) {
+      const double td = now_seconds();
+      const std::span<const SlotToken> step = engine->generate();
+      t.decode_seconds += now_seconds() - td;
+      t.decoded += int64_t(step.size());
+      for (const SlotToken& st : step) record(st);
+    }
+  } else {
+    out = run_requests(*engine, reqs, sp, a.has("--packed-prefill"), t);
+  }
+  const double seconds = now_seconds() - t1;
+  const double prefill_tps =
+      t.prefill_seconds > 0 ? double(t.prompt_tokens) / t.prefill_seconds : 0;
+  const double decode_tps = t.decode_seconds > 0 ? double(t.decoded) / t.decode_seconds : 0;
 
-  std::vector<int32_t> out;
-  out.reserve(size_t(max_tokens));
-  double t1 = now_seconds();
-  out.push_back(engine->prefill(prompt, sp, adapter));
-  double t_prefill = now_seconds() - t1;
-  double t2 = now_seconds();
-  while (int64_t(out.size()) < max_tokens) out.push_back(engine->generate());
-  double t_decode = now_seconds() - t2;
-  int64_t decoded = max_tokens - 1;
-
-  double prefill_tps = double(prompt.size()) / t_prefill;
-  double decode_tps = decoded > 0 ? double(decoded) / t_decode : 0.0;
-  if (a.has("--json")) {
-    nlohmann::ordered_json j = {{"tokens", out},
-                                {"prompt_tokens", prompt.size()},
-                                {"load_seconds", t_load},
-                                {"prefill_seconds", t_prefill},
-                                {"prefill_tokens_per_s", prefill_tps},
-                                {"decode_seconds", t_decode},
-                                {"decode_tokens_per_s", decode_tps}};
+  if (json) {
+    nlohmann::ordered_json j;
+    if (a.has("--prompts-file")) {
+      nlohmann::ordered_json list = nlohmann::ordered_json::array();
+      for (size_t i = 0; i < reqs.size(); ++i) {
+        nlohmann::ordered_json r = output_json(out[i]);
+        r["adapter"] = reqs[i].adapter.empty() ? nlohmann::ordered_json(nullptr)
+                                               : nlohmann::ordered_json(reqs[i].adapter);
+        list.push_back(r);
+      }
+      j["requests"] = list;
+      j["slots"] = engine->slots();
+      j["packed_prefill"] = a.has("--packed-prefill");
+    } else if (samples > 1) {
+      nlohmann::ordered_json list = nlohmann::ordered_json::array();
+      for (const Output& o : out) list.push_back(output_json(o));
+      j["samples"] = list;
+    } else {
+      j = output_json(out[0]);
+    }
+    j["sampling"] = sampling_algorithm_name(sp.algorithm);
+    j["prompt_tokens"] = t.prompt_tokens;
+    j["generated_tokens"] = t.generated;
+    j["load_seconds"] = t_load;
+    j["seconds"] = seconds;
+    j["tokens_per_s"] = double(t.generated) / seconds;
+    j["prefill_seconds"] = t.prefill_seconds;
+    j["prefill_tokens_per_s"] = prefill_tps;
+    j["decode_seconds"] = t.decode_seconds;
+    j["decode_tokens_per_s"] = decode_tps;
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
-  std::string line;
-  for (size_t i = 0; i < out.size(); ++i) line += (i ? "," : "") + std::to_string(out[i]);
-  std::printf("%s\n", line.c_str());
+  for (size_t i = 0; i < out.size(); ++i) {
+    const std::string tag = i < reqs.size() && !reqs[i].adapter.empty() && a.has("--prompts-file")
+                                ? "@" + reqs[i].adapter + " "
+                                : "";
+    std::printf("%s%s\n", tag.c_str(), token_line(out[i].tokens).c_str());
+  }
   std::fprintf(stderr,
-               "load %.3f s | prefill %zu tokens in %.3f s (%.1f tokens/s) | decode %lld tokens "
-               "in %.3f s (%.1f tokens/s)\n",
-               t_load, prompt.size(), t_prefill, prefill_tps, static_cast<long long>(decoded),
-               t_decode, decode_tps);
+               "load %.3f s | prefill %lld tokens in %.3f s (%.1f tokens/s) | decode %lld tokens "
+               "in %.3f s (%.1f tokens/s) | %lld tokens in %.3f s over %lld slot(s) (%.1f "
+               "tokens/s)\n",
+               t_load, static_cast<long long>(t.prompt_tokens), t.prefill_seconds, prefill_tps,
+               static_cast<long long>(t.decoded), t.decode_seconds, decode_tps,
+               static_cast<long long>(t.generated), seconds,
+               static_cast<long long>(engine->slots()), double(t.generated) / seconds);
   return 0;
 }
 
