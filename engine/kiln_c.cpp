@@ -1,0 +1,478 @@
+// The C API (engine/kiln.h) over kiln::Engine. Every entry point catches every exception: a
+// kiln::Error becomes the status its call's context implies (the arguments are checked here first
+// where the engine's own message would not tell an invalid argument from a state problem),
+// std::bad_alloc and anything else become KILN_ERROR_INTERNAL.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <new>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "common/error.h"
+#include "common/mapped_file.h"
+#include "engine/engine.h"
+#include "engine/kiln.h"
+#include "schema/format.h"
+#include "schema/manifest.h"
+
+struct kiln_engine {
+  std::unique_ptr<kiln::Engine> engine;
+};
+
+struct kiln_prefix {
+  kiln::Prefix prefix;
+};
+
+namespace {
+
+thread_local std::string g_last_error;
+
+// A failure with its status; thrown inside the entry points only (never crosses the API).
+struct Failure {
+  kiln_status status;
+  std::string message;
+};
+
+[[noreturn]] void fail(kiln_status status, std::string message) {
+  throw Failure{status, std::move(message)};
+}
+
+void require(const void* p, const char* fn, const char* arg) {
+  if (!p) fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": " + arg + " is NULL");
+}
+
+// Runs `body`; a kiln::Error it throws gets the status `error_status`.
+template <class F>
+kiln_status guarded(const char* fn, kiln_status error_status, F&& body) noexcept {
+  try {
+    try {
+      body();
+      return KILN_OK;
+    } catch (const Failure& f) {
+      g_last_error = f.message;
+      return f.status;
+    } catch (const kiln::Error& e) {
+      g_last_error = std::string(fn) + ": " + e.what();
+      return error_status;
+    } catch (const std::bad_alloc&) {
+      g_last_error = std::string(fn) + ": out of memory";
+      return KILN_ERROR_INTERNAL;
+    } catch (const std::exception& e) {
+      g_last_error = std::string(fn) + ": internal error: " + e.what();
+      return KILN_ERROR_INTERNAL;
+    } catch (...) {
+      g_last_error = std::string(fn) + ": internal error (unknown exception)";
+      return KILN_ERROR_INTERNAL;
+    }
+  } catch (...) {  // assigning the message itself failed
+    return KILN_ERROR_INTERNAL;
+  }
+}
+
+kiln::SamplingParams sampling_params(const kiln_sampling& s, const std::string& what) {
+  kiln::SamplingParams p;
+  // Read as an integer: a C caller may pass any int, which C++ may not load as the enum.
+  std::underlying_type_t<kiln_sampling_algorithm> raw;
+  static_assert(sizeof raw == sizeof s.algorithm);
+  std::memcpy(&raw, &s.algorithm, sizeof raw);
+  const int64_t a = int64_t(raw);
+  if (a < KILN_SAMPLING_GREEDY || a > KILN_SAMPLING_COMPOSITE)
+    fail(KILN_ERROR_INVALID_ARGUMENT,
+         what + ": unknown sampling algorithm " + std::to_string(a) + " (valid: 0..4)");
+  if (s.n_stop_tokens > 0 && !s.stop_tokens)
+    fail(KILN_ERROR_INVALID_ARGUMENT,
+         what + ": stop_tokens is NULL but n_stop_tokens is " + std::to_string(s.n_stop_tokens));
+  p.algorithm = kiln::SamplingAlgorithm(a);
+  p.temperature = s.temperature;
+  p.top_k = s.top_k;
+  p.top_p = s.top_p;
+  p.seed = s.seed;
+  if (s.n_stop_tokens > 0) p.stop_tokens.assign(s.stop_tokens, s.stop_tokens + s.n_stop_tokens);
+  p.max_new_tokens = s.max_new_tokens;
+  return p;
+}
+
+std::string adapter_name(const char* adapter) {
+  return adapter ? std::string(adapter) : "";
+}
+
+// The checks Engine::prefill makes, made here to give each failure its status (and, for
+// prefill_concat, the prompt's index): bad parameters and prompts are invalid arguments, an
+// adapter that is not loaded is a state error.
+void check_request(const kiln::Engine& e, std::span<const int32_t> prompt,
+                   const kiln::SamplingParams& sp, const std::string& adapter,
+                   const std::string& what) {
+  try {
+    kiln::Sampler check(e.config().vocab_size, sp);
+  } catch (const kiln::Error& err) {
+    fail(KILN_ERROR_INVALID_ARGUMENT, what + ": " + err.what());
+  }
+  if (prompt.empty()) fail(KILN_ERROR_INVALID_ARGUMENT, what + ": the prompt is empty");
+  if (int64_t(prompt.size()) > e.max_seq_len())
+    fail(KILN_ERROR_INVALID_ARGUMENT, what + ": the prompt has " + std::to_string(prompt.size()) +
+                                          " tokens, longer than the context of " +
+                                          std::to_string(e.max_seq_len()));
+  const int64_t V = e.config().vocab_size;
+  for (size_t i = 0; i < prompt.size(); ++i)
+    if (prompt[i] < 0 || prompt[i] >= V)
+      fail(KILN_ERROR_INVALID_ARGUMENT,
+           what + ": prompt token " + std::to_string(i) + " is id " + std::to_string(prompt[i]) +
+               ", outside the vocabulary [0, " + std::to_string(V) + ")");
+  if (!adapter.empty()) {
+    const std::vector<std::string> loaded = e.loaded_adapters();
+    if (std::find(loaded.begin(), loaded.end(), adapter) == loaded.end())
+      fail(KILN_ERROR_STATE,
+           what + ": adapter '" + adapter + "' is not loaded (kiln_load_adapter first)");
+  }
+}
+
+void check_slot(const kiln::Engine& e, int64_t slot, const std::string& what) {
+  if (slot < 0 || slot >= e.slots())
+    fail(KILN_ERROR_INVALID_ARGUMENT, what + ": slot " + std::to_string(slot) +
+                                          " does not exist (the engine has " +
+                                          std::to_string(e.slots()) + ")");
+}
+
+kiln_slot_token to_c(const kiln::SlotToken& t) {
+  kiln_slot_token c;
+  c.slot = t.slot;
+  c.token = t.token;
+  c.logp = t.logp;
+  c.finish = int(t.finish);  // FinishReason's order is KILN_FINISH_*'s
+  return c;
+}
+
+static_assert(int(kiln::FinishReason::None) == KILN_FINISH_NONE &&
+              int(kiln::FinishReason::Stop) == KILN_FINISH_STOP &&
+              int(kiln::FinishReason::Length) == KILN_FINISH_LENGTH &&
+              int(kiln::FinishReason::Context) == KILN_FINISH_CONTEXT);
+static_assert(int(kiln::SamplingAlgorithm::Greedy) == KILN_SAMPLING_GREEDY &&
+              int(kiln::SamplingAlgorithm::Weighted) == KILN_SAMPLING_WEIGHTED &&
+              int(kiln::SamplingAlgorithm::TopK) == KILN_SAMPLING_TOPK &&
+              int(kiln::SamplingAlgorithm::Nucleus) == KILN_SAMPLING_NUCLEUS &&
+              int(kiln::SamplingAlgorithm::Composite) == KILN_SAMPLING_COMPOSITE);
+
+// The model's max_target_length from the manifest, or -1 when it cannot be read (Engine::open then
+// reports the problem).
+int64_t manifest_context(const std::string& dir) {
+  try {
+    const std::string path = dir + "/" + kiln::kManifestFile;
+    kiln::MappedFile f(path);
+    return kiln::parse_manifest(f.data(), f.size(), path).config.max_target_length;
+  } catch (...) {
+    return -1;
+  }
+}
+
+}  // namespace
+
+// The definitions take their C linkage from the declarations in kiln.h.
+
+const char* kiln_status_name(kiln_status status) {
+  switch (status) {
+    case KILN_OK:
+      return "ok";
+    case KILN_ERROR_INVALID_ARGUMENT:
+      return "invalid argument";
+    case KILN_ERROR_IO:
+      return "i/o error";
+    case KILN_ERROR_STATE:
+      return "invalid state";
+    case KILN_ERROR_INTERNAL:
+      return "internal error";
+  }
+  return "unknown status";
+}
+
+const char* kiln_last_error(void) {
+  return g_last_error.c_str();
+}
+
+void kiln_sampling_default(kiln_sampling* s) {
+  if (!s) return;
+  s->algorithm = KILN_SAMPLING_GREEDY;
+  s->temperature = 1.0f;
+  s->top_k = 0;
+  s->top_p = 1.0f;
+  s->seed = 0;
+  s->stop_tokens = nullptr;
+  s->n_stop_tokens = 0;
+  s->max_new_tokens = 0;
+}
+
+void kiln_engine_options_default(kiln_engine_options* o) {
+  if (!o) return;
+  o->threads = 0;
+  o->slots = 1;
+  o->max_seq_len = 0;
+  o->relayout = 1;
+  o->verify_checksums = 0;
+}
+
+kiln_status kiln_open(const char* dir, const kiln_engine_options* options, kiln_engine** out) {
+  static constexpr const char* fn = "kiln_open";
+  return guarded(fn, KILN_ERROR_IO, [&] {
+    require(dir, fn, "dir");
+    require(options, fn, "options");
+    require(out, fn, "out");
+    kiln::EngineOptions eo;
+    if (options->threads < 0)
+      fail(KILN_ERROR_INVALID_ARGUMENT,
+           std::string(fn) + ": threads must be >= 0, got " + std::to_string(options->threads));
+    if (options->slots < 1 || options->slots > eo.model.max_chunk)
+      fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": slots must be in [1, " +
+                                            std::to_string(eo.model.max_chunk) + "], got " +
+                                            std::to_string(options->slots));
+    if (options->max_seq_len < 0)
+      fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": max_seq_len must be >= 0, got " +
+                                            std::to_string(options->max_seq_len));
+    if (options->max_seq_len > 0) {
+      const int64_t ctx = manifest_context(dir);
+      if (ctx >= 0 && options->max_seq_len > ctx)
+        fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": " + dir + ": max_seq_len " +
+                                              std::to_string(options->max_seq_len) +
+                                              " exceeds the model's max_target_length " +
+                                              std::to_string(ctx));
+    }
+    eo.model.threads = options->threads;
+    eo.model.relayout = options->relayout != 0;
+    eo.model.verify_checksums = options->verify_checksums != 0;
+    eo.max_seq_len = options->max_seq_len;
+    eo.slots = options->slots;
+    auto e = std::make_unique<kiln_engine>();
+    e->engine = kiln::Engine::open(dir, eo);
+    *out = e.release();
+  });
+}
+
+void kiln_close(kiln_engine* engine) {
+  try {
+    delete engine;
+  } catch (...) {  // destructors do not throw; nothing may cross the API regardless
+  }
+}
+
+int64_t kiln_vocab_size(const kiln_engine* engine) {
+  return engine ? engine->engine->config().vocab_size : 0;
+}
+
+int64_t kiln_max_seq_len(const kiln_engine* engine) {
+  return engine ? engine->engine->max_seq_len() : 0;
+}
+
+int64_t kiln_slots(const kiln_engine* engine) {
+  return engine ? engine->engine->slots() : 0;
+}
+
+// --- prefill ---------------------------------------------------------------------------------
+
+namespace {
+
+kiln_status prefill(const char* fn, kiln_engine* engine, const int32_t* tokens, size_t n,
+                    int64_t n_samples, const kiln_sampling* sampling, const char* adapter,
+                    kiln_prefix** out) {
+  return guarded(fn, KILN_ERROR_INVALID_ARGUMENT, [&] {
+    require(engine, fn, "engine");
+    require(tokens, fn, "tokens");
+    require(sampling, fn, "sampling");
+    require(out, fn, "out");
+    if (n_samples < 1)
+      fail(KILN_ERROR_INVALID_ARGUMENT,
+           std::string(fn) + ": n_samples must be >= 1, got " + std::to_string(n_samples));
+    kiln::Engine& e = *engine->engine;
+    const kiln::SamplingParams sp = sampling_params(*sampling, fn);
+    const std::string name = adapter_name(adapter);
+    const std::span<const int32_t> prompt(tokens, n);
+    check_request(e, prompt, sp, name, fn);
+    auto p = std::make_unique<kiln_prefix>();
+    p->prefix = e.prefill_multisampling(prompt, n_samples, sp, name);
+    *out = p.release();
+  });
+}
+
+}  // namespace
+
+kiln_status kiln_prefill(kiln_engine* engine, const int32_t* tokens, size_t n,
+                         const kiln_sampling* sampling, const char* adapter, kiln_prefix** out) {
+  return prefill("kiln_prefill", engine, tokens, n, 1, sampling, adapter, out);
+}
+
+kiln_status kiln_prefill_multisampling(kiln_engine* engine, const int32_t* tokens, size_t n,
+                                       int64_t n_samples, const kiln_sampling* sampling,
+                                       const char* adapter, kiln_prefix** out) {
+  return prefill("kiln_prefill_multisampling", engine, tokens, n, n_samples, sampling, adapter,
+                 out);
+}
+
+kiln_status kiln_prefill_concat(kiln_engine* engine, size_t n_prompts, const int32_t* const* tokens,
+                                const size_t* lengths, const kiln_sampling* sampling,
+                                const char* const* adapters, kiln_prefix** out) {
+  static constexpr const char* fn = "kiln_prefill_concat";
+  if (out)
+    for (size_t i = 0; i < n_prompts; ++i) out[i] = nullptr;
+  return guarded(fn, KILN_ERROR_INVALID_ARGUMENT, [&] {
+    require(engine, fn, "engine");
+    require(tokens, fn, "tokens");
+    require(lengths, fn, "lengths");
+    require(sampling, fn, "sampling");
+    require(out, fn, "out");
+    if (n_prompts == 0) fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": no prompts");
+    kiln::Engine& e = *engine->engine;
+    std::vector<kiln::PrefillRequest> reqs(n_prompts);
+    for (size_t i = 0; i < n_prompts; ++i) {
+      const std::string what = std::string(fn) + ": prompt " + std::to_string(i);
+      if (!tokens[i]) fail(KILN_ERROR_INVALID_ARGUMENT, what + ": tokens is NULL");
+      reqs[i].tokens = std::span<const int32_t>(tokens[i], lengths[i]);
+      reqs[i].sampling = sampling_params(sampling[i], what);
+      reqs[i].adapter = adapter_name(adapters ? adapters[i] : nullptr);
+      check_request(e, reqs[i].tokens, reqs[i].sampling, reqs[i].adapter, what);
+    }
+    std::vector<std::unique_ptr<kiln_prefix>> made(n_prompts);
+    for (auto& m : made) m = std::make_unique<kiln_prefix>();
+    std::vector<kiln::Prefix> prefixes = e.prefill_concat(reqs);
+    for (size_t i = 0; i < n_prompts; ++i) made[i]->prefix = std::move(prefixes[i]);
+    for (size_t i = 0; i < n_prompts; ++i) out[i] = made[i].release();
+  });
+}
+
+// --- prefixes --------------------------------------------------------------------------------
+
+int64_t kiln_prefix_samples(const kiln_prefix* prefix) {
+  return prefix ? int64_t(prefix->prefix.tokens.size()) : 0;
+}
+
+int32_t kiln_prefix_token(const kiln_prefix* prefix, int64_t i) {
+  if (!prefix || i < 0 || i >= int64_t(prefix->prefix.tokens.size())) return -1;
+  return prefix->prefix.tokens[size_t(i)];
+}
+
+float kiln_prefix_token_logp(const kiln_prefix* prefix, int64_t i) {
+  if (!prefix || i < 0 || i >= int64_t(prefix->prefix.token_logp.size())) return NAN;
+  return prefix->prefix.token_logp[size_t(i)];
+}
+
+int64_t kiln_prefix_next_pos(const kiln_prefix* prefix) {
+  return prefix ? prefix->prefix.next_pos : 0;
+}
+
+const float* kiln_prefix_logits(const kiln_prefix* prefix) {
+  return prefix ? prefix->prefix.logits.data() : nullptr;
+}
+
+void kiln_prefix_free(kiln_prefix* prefix) {
+  try {
+    delete prefix;
+  } catch (...) {
+  }
+}
+
+// --- decode slots ----------------------------------------------------------------------------
+
+kiln_status kiln_insert(kiln_engine* engine, kiln_prefix* prefix, int64_t slot,
+                        kiln_slot_token* first) {
+  static constexpr const char* fn = "kiln_insert";
+  return guarded(fn, KILN_ERROR_INVALID_ARGUMENT, [&] {
+    require(engine, fn, "engine");
+    require(prefix, fn, "prefix");
+    require(first, fn, "first");
+    kiln::Engine& e = *engine->engine;
+    check_slot(e, slot, fn);
+    if (prefix->prefix.samplers.size() != 1)
+      fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": the prefix holds " +
+                                            std::to_string(prefix->prefix.samplers.size()) +
+                                            " samples; use kiln_bulk_insert");
+    if (e.slot_busy(slot))
+      fail(KILN_ERROR_STATE, std::string(fn) + ": slot " + std::to_string(slot) + " is busy");
+    *first = to_c(e.insert(std::move(prefix->prefix), slot));
+    delete prefix;
+  });
+}
+
+kiln_status kiln_bulk_insert(kiln_engine* engine, kiln_prefix* prefix, const int64_t* slots,
+                             size_t n, kiln_slot_token* firsts) {
+  static constexpr const char* fn = "kiln_bulk_insert";
+  return guarded(fn, KILN_ERROR_INVALID_ARGUMENT, [&] {
+    require(engine, fn, "engine");
+    require(prefix, fn, "prefix");
+    require(slots, fn, "slots");
+    require(firsts, fn, "firsts");
+    kiln::Engine& e = *engine->engine;
+    if (n != prefix->prefix.samplers.size())
+      fail(KILN_ERROR_INVALID_ARGUMENT,
+           std::string(fn) + ": " + std::to_string(n) + " slots for a prefix of " +
+               std::to_string(prefix->prefix.samplers.size()) + " samples");
+    for (size_t i = 0; i < n; ++i) {
+      check_slot(e, slots[i], fn);
+      for (size_t j = 0; j < i; ++j)
+        if (slots[j] == slots[i])
+          fail(KILN_ERROR_INVALID_ARGUMENT,
+               std::string(fn) + ": slot " + std::to_string(slots[i]) + " is given twice");
+    }
+    for (size_t i = 0; i < n; ++i)
+      if (e.slot_busy(slots[i]))
+        fail(KILN_ERROR_STATE, std::string(fn) + ": slot " + std::to_string(slots[i]) + " is busy");
+    const std::vector<kiln::SlotToken> got =
+        e.bulk_insert(std::move(prefix->prefix), std::span<const int64_t>(slots, n));
+    for (size_t i = 0; i < n; ++i) firsts[i] = to_c(got[i]);
+    delete prefix;
+  });
+}
+
+kiln_status kiln_generate(kiln_engine* engine, kiln_slot_token* out, size_t capacity,
+                          size_t* n_out) {
+  static constexpr const char* fn = "kiln_generate";
+  return guarded(fn, KILN_ERROR_INTERNAL, [&] {
+    require(engine, fn, "engine");
+    require(n_out, fn, "n_out");
+    kiln::Engine& e = *engine->engine;
+    size_t active = 0;
+    for (int64_t s = 0; s < e.slots(); ++s)
+      if (e.slot_busy(s) && !e.slot_finished(s)) ++active;
+    if (active > capacity)
+      fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": capacity " + std::to_string(capacity) +
+                                            " is less than the " + std::to_string(active) +
+                                            " active slots");
+    if (active > 0) require(out, fn, "out");
+    const std::span<const kiln::SlotToken> step = e.generate();
+    for (size_t i = 0; i < step.size(); ++i) out[i] = to_c(step[i]);
+    *n_out = step.size();
+  });
+}
+
+kiln_status kiln_release(kiln_engine* engine, int64_t slot) {
+  static constexpr const char* fn = "kiln_release";
+  return guarded(fn, KILN_ERROR_STATE, [&] {
+    require(engine, fn, "engine");
+    kiln::Engine& e = *engine->engine;
+    check_slot(e, slot, fn);
+    if (!e.slot_busy(slot))
+      fail(KILN_ERROR_STATE, std::string(fn) + ": slot " + std::to_string(slot) + " is not in use");
+    e.release(slot);
+  });
+}
+
+// --- run-time LoRA ---------------------------------------------------------------------------
+
+kiln_status kiln_load_adapter(kiln_engine* engine, const char* name) {
+  static constexpr const char* fn = "kiln_load_adapter";
+  return guarded(fn, KILN_ERROR_IO, [&] {
+    require(engine, fn, "engine");
+    require(name, fn, "name");
+    if (!*name) fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": the name is empty");
+    engine->engine->load_adapter(name);
+  });
+}
+
+kiln_status kiln_unload_adapter(kiln_engine* engine, const char* name) {
+  static constexpr const char* fn = "kiln_unload_adapter";
+  return guarded(fn, KILN_ERROR_STATE, [&] {
+    require(engine, fn, "engine");
+    require(name, fn, "name");
+    engine->engine->unload_adapter(name);
+  });
+}
