@@ -165,7 +165,7 @@ KILN_AVX512BF16 inline __mmask32 mask32(int64_t n) {
 // block is a contiguous Kp·128-byte stream and vdpbf16ps consumes it with x pairs broadcast.
 constexpr int64_t kBlockN = 64;
 constexpr int64_t kBlockK = 32;
-constexpr int kRowsPerPass = 4;  // 4 rows × 4 zmm accumulators + 4 weight zmm fit the registers
+constexpr int kRowsPerPass = 6;  // 6 rows × 4 zmm accumulators + 4 weight zmm + x fit the 32 registers
 
 bool cpu_has_avx512_bf16() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -243,7 +243,7 @@ KILN_AVX512BF16 void gemv_blocked_range(const uint16_t* x, int64_t M, int64_t K,
     const uint16_t* wb = w + nb * Kp * kBlockN;
     const int64_t ncols = std::min(kBlockN, N - nb * kBlockN);
     float* yb = y + nb * kBlockN;
-    // Rows in passes of 4: the block (Kp·128 bytes, ≤ 1 MiB for K ≤ 8192) is re-read from L2.
+    // Rows in passes of kRowsPerPass: the block (Kp·128 bytes, ≤ 1 MiB for K ≤ 8192) is re-read from L2.
     for (int64_t m = 0; m < M; m += kRowsPerPass) {
       const uint16_t* xm = x + m * K;
       float* ym = yb + m * N;
@@ -257,8 +257,14 @@ KILN_AVX512BF16 void gemv_blocked_range(const uint16_t* x, int64_t M, int64_t K,
         case 3:
           gemv_block_rows<3>(xm, K, wb, ym, N, ncols);
           break;
-        default:
+        case 4:
           gemv_block_rows<4>(xm, K, wb, ym, N, ncols);
+          break;
+        case 5:
+          gemv_block_rows<5>(xm, K, wb, ym, N, ncols);
+          break;
+        default:
+          gemv_block_rows<6>(xm, K, wb, ym, N, ncols);
           break;
       }
     }
@@ -580,8 +586,8 @@ std::vector<int64_t> bucket_sizes(int64_t max_m, int64_t gemv_max_m) {
 }
 
 // Rows served by the hand GEMVs by default. On re-laid W, measured against brgemm on the same W,
-// the GEMV was ahead at every M from 1 to 16 (1.3–1.6× at M = 1, 1.2–2× at M = 2–4, within ±5%
-// at 6–16). On plain W it beats both brgemm and gemm:jit at every M ≤ 16 too (bench report).
+// the GEMV was ahead at every M from 1 to 16 (1.3–1.6× at M = 1, 1.2–2× at M = 2–4, ≈ 1.08× at
+// M = 16 with 6-row passes). On plain W it beats both brgemm and gemm:jit at every M ≤ 16 too (bench report).
 constexpr int64_t kDefaultGemvMaxM = 16;
 // On W in place (plain or transposed) the GEMVs stream W once per 4 rows of x, so they win only
 // at small M: ahead of brgemm on the same W at M ≤ 4, behind from M ≈ 8 (bench report).
