@@ -200,6 +200,18 @@ class KilnCliTest(common.TempDirCase):
         self.assertIn("prefill", flat, out)
         self.assertIn("decode", flat, out)
 
+    def test_bench_slots_json(self):
+        res = kiln("bench", self.art, "--prompt-tokens", 16, "--gen-tokens", 4, "--repeat", 2,
+                   "--slots", "1,3", "--json")
+        self.assertKilnOk(res)
+        runs = common.parse_json_stdout(res)["batched_decode"]
+        self.assertEqual([r["slots"] for r in runs], [1, 3], runs)
+        for r in runs:
+            self.assertEqual(len(r["decode_runs"]), 2, r)
+            self.assertEqual(len(r["speedup_runs"]), 2, r)
+            self.assertGreater(r["decode_tokens_per_s"], 0, r)
+        self.assertEqual(runs[0]["speedup_runs"], [1.0, 1.0], runs)  # one slot against itself
+
     def test_token_out_of_vocab_is_an_error(self):
         res = kiln("run", self.art, "--tokens", "1,2,256", "--max-tokens", 2)
         self.assertEqual(res.rc, 1, res.describe())
