@@ -24,6 +24,9 @@ std::unique_ptr<Engine> Engine::open(const std::string& dir, const EngineOptions
 
 Engine::Engine(std::unique_ptr<Model> m, int64_t max_seq_len, int64_t slots)
     : model_(std::move(m)), max_seq_len_(max_seq_len) {
+  const Manifest& manifest = model_->artifact().manifest();
+  if (!manifest.tokenizer.empty())
+    tokenizer_.emplace(manifest.tokenizer, model_->artifact().dir() + ": manifest tokenizer");
   slots_.resize(size_t(slots));
   for (Slot& s : slots_) s.cache = model_->new_cache(max_seq_len);
   steps_.reserve(size_t(slots));

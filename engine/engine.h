@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "engine/lora.h"
 #include "engine/model.h"
 #include "engine/sampling.h"
+#include "engine/tokenizer.h"
 
 namespace kiln {
 
@@ -66,6 +68,8 @@ class Engine {
   Model& model() { return *model_; }
   int64_t max_seq_len() const { return max_seq_len_; }
   int64_t slots() const { return int64_t(slots_.size()); }
+  // The artifact's tokenizer (`kiln export --tokenizer`), or nullptr if it was exported without.
+  const Tokenizer* tokenizer() const { return tokenizer_ ? &*tokenizer_ : nullptr; }
 
   // --- prefill ---------------------------------------------------------------------------------
   // Runs `prompt` and samples its first token. Throws kiln::Error for an empty prompt, a prompt
@@ -138,6 +142,7 @@ class Engine {
   FinishReason finish_of(const Slot& s, int32_t token) const;
 
   std::unique_ptr<Model> model_;
+  std::optional<Tokenizer> tokenizer_;
   int64_t max_seq_len_ = 0;
   std::map<std::string, std::shared_ptr<const LoraAdapter>> adapters_;
   std::vector<Slot> slots_;

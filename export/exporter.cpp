@@ -14,6 +14,7 @@
 #include "common/bf16.h"
 #include "common/error.h"
 #include "common/interrupt.h"
+#include "engine/tokenizer.h"
 #include "export/adapter.h"
 #include "export/config_reader.h"
 #include "export/key_layout.h"
@@ -222,6 +223,22 @@ class TempDir {
   bool released_ = false;
 };
 
+// The bytes of a SentencePiece model whose ids fit the model's vocabulary; `pieces` gets its size.
+std::vector<uint8_t> read_tokenizer(const std::string& path, const ModelConfig& c,
+                                    int64_t& pieces) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Error(path + ": cannot open tokenizer model (--tokenizer)");
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (f.bad()) throw Error(path + ": cannot read tokenizer model (--tokenizer)");
+  const Tokenizer tok(bytes, path);
+  if (tok.vocab_size() > c.vocab_size)
+    throw Error(path + ": the tokenizer has " + std::to_string(tok.vocab_size()) +
+                " pieces but the model's vocab_size is " + std::to_string(c.vocab_size) +
+                " (expected at most as many pieces as vocabulary entries)");
+  pieces = tok.vocab_size();
+  return bytes;
+}
+
 }  // namespace
 
 ExportSummary export_artifact(const ExportOptions& opt,
@@ -253,6 +270,12 @@ ExportSummary export_artifact(const ExportOptions& opt,
     qk_clip = plan_qk_clip(opt.qk_clip, cfg.model, read_max_logits(opt.qk_clip, cfg.model));
   }
 
+  std::vector<uint8_t> tokenizer_bytes;
+  int64_t tokenizer_pieces = 0;
+  if (!opt.tokenizer_path.empty()) {
+    tokenizer_bytes = read_tokenizer(opt.tokenizer_path, cfg.model, tokenizer_pieces);
+  }
+
   // Adapters are checked against the config before anything is written.
   std::vector<AdapterSource> loras;
   for (const LoraOption& l : opt.loras) {
@@ -272,7 +295,9 @@ ExportSummary export_artifact(const ExportOptions& opt,
   Manifest manifest;
   manifest.config = cfg.model;
   manifest.qk_clip = qk_clip;
+  manifest.tokenizer = std::move(tokenizer_bytes);
   ExportSummary summary;
+  summary.tokenizer_pieces = tokenizer_pieces;
   ExportProgress prog{0, int64_t(plan.blobs.size()), 0};
   NonFiniteCounts nonfinite;
 

@@ -41,6 +41,8 @@ struct ExportOptions {
   // adapter under its name.
   std::vector<LoraOption> loras;
   bool merge_lora = false;
+  // A SentencePiece model to embed in the manifest (`--tokenizer`); empty: none.
+  std::string tokenizer_path;
   // The command line as given, recorded in the manifest's provenance.
   std::vector<std::pair<std::string, std::string>> recorded_options;
 };
@@ -61,6 +63,7 @@ struct ExportSummary {
   double seconds = 0;
   QkClipRecord qk_clip;
   std::vector<AdapterRecord> adapters;
+  int64_t tokenizer_pieces = 0;  // 0: no tokenizer embedded
 };
 
 // Throws kiln::Error (one line naming the file and key) on any bad input; nothing is left at

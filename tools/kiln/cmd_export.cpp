@@ -132,6 +132,9 @@ int cmd_export(int argc, const char* const* argv) {
   p.flag("--merge-lora",
          "fold the --lora adapters into the base weights (W + s·A·B in f32, rounded to bf16 "
          "once; before QK-Clip)");
+  p.option("--tokenizer", "FILE",
+           "a SentencePiece model to embed, so that `kiln run --prompt` and `kiln eval` take "
+           "text");
   p.flag("--force", "replace an existing artifact at --out");
   Args a = p.parse(argc, argv);
 
@@ -163,6 +166,10 @@ int cmd_export(int argc, const char* const* argv) {
   for (const auto& kv : a.get_all("--set")) opt.recorded_options.emplace_back("--set", kv);
   if (opt.scan_axis) opt.recorded_options.emplace_back("--scan-axis", a.get("--scan-axis"));
   if (opt.force) opt.recorded_options.emplace_back("--force", "");
+  if (a.has("--tokenizer")) {
+    opt.tokenizer_path = a.get("--tokenizer");
+    opt.recorded_options.emplace_back("--tokenizer", opt.tokenizer_path);
+  }
 
   const auto lora_dirs = a.get_all("--lora");
   const auto lora_names = a.get_all("--lora-name");
@@ -216,6 +223,9 @@ int cmd_export(int argc, const char* const* argv) {
     std::printf("LoRA %s (%s, rank %lld, %zu tensors)%s\n", ad.name.c_str(), ad.format.c_str(),
                 static_cast<long long>(ad.rank), ad.targets.size(),
                 ad.merged ? ": merged into the weights" : ": run-time adapter");
+  if (s.tokenizer_pieces)
+    std::printf("tokenizer %s: %lld pieces, embedded in the manifest\n", opt.tokenizer_path.c_str(),
+                static_cast<long long>(s.tokenizer_pieces));
   std::printf("exported %lld layers (%s, %s) to %s: %.1f MiB in %.2f s\n",
               static_cast<long long>(s.layers), s.key_layout.c_str(),
               s.scanned ? "scanned" : "unrolled", opt.out_dir.c_str(),

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/artifact.h"
+#include "engine/tokenizer.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
 
@@ -179,6 +180,17 @@ int cmd_inspect(int argc, const char* const* argv) {
                {"layers", layers}};
   }
 
+  // The tokenizer is parsed, not just counted: inspect is where a broken one should show.
+  nlohmann::ordered_json tokenizer = nullptr;
+  if (!m.tokenizer.empty()) {
+    const Tokenizer tok(m.tokenizer, art->dir() + ": manifest tokenizer");
+    tokenizer = {{"type", "sentencepiece"},
+                 {"pieces", tok.vocab_size()},
+                 {"bos_id", tok.bos_id()},
+                 {"eos_id", tok.eos_id()},
+                 {"bytes", m.tokenizer.size()}};
+  }
+
   if (a.has("--json")) {
     nlohmann::ordered_json j = {
         {"dir", art->dir()},
@@ -189,7 +201,7 @@ int cmd_inspect(int argc, const char* const* argv) {
         {"bytes", art->total_bytes()},
         {"checksums_verified", verify},
         {"blobs", blobs},
-        {"tokenizer_bytes", m.tokenizer.size()},
+        {"tokenizer", tokenizer},
         {"qk_clip", qk_json},
         {"adapters", adapters},
         {"adapter_bytes", adapter_bytes},
@@ -228,6 +240,12 @@ int cmd_inspect(int argc, const char* const* argv) {
                     t["dtype"].get<std::string>().c_str(), t["shape"].dump().c_str(),
                     t["crc32c"].get<uint32_t>());
   }
+  if (tokenizer.is_null())
+    std::printf("\ntokenizer  none (exported without --tokenizer: token ids only)\n");
+  else
+    std::printf("\ntokenizer  SentencePiece, %lld pieces, bos %d, eos %d (%.1f KiB)\n",
+                tokenizer["pieces"].get<long long>(), tokenizer["bos_id"].get<int>(),
+                tokenizer["eos_id"].get<int>(), double(m.tokenizer.size()) / 1024);
   if (qk.applied) {
     std::printf("\nqk-clip    tau %g, mode %s (%s), %lld of %zu heads clipped; from %s\n",
                 qk.threshold, qk.mode.c_str(), qk.per_group ? "per scanned group" : "per layer",

@@ -1,6 +1,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "tools/kiln/args.h"
@@ -73,14 +74,17 @@ struct Timing {
 // Continuous batching over the engine's slots: whenever slots are free the next requests are
 // prefilled (one by one, or packed into one prefill_concat pass) and inserted, and every step
 // advances all active slots together. Returns the outputs in request order.
+// `on_token` (optional) sees every token as it is produced.
 std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& reqs,
-                                 const SamplingParams& sp, bool packed, Timing& t) {
+                                 const SamplingParams& sp, bool packed, Timing& t,
+                                 const std::function<void(const SlotToken&)>& on_token = {}) {
   const int64_t S = engine.slots();
   std::vector<Output> out(reqs.size());
   std::vector<int64_t> slot_req(size_t(S), -1);
   size_t next = 0, done = 0;
   auto record = [&](const SlotToken& st) {
     Output& o = out[size_t(slot_req[size_t(st.slot)])];
+    if (on_token) on_token(st);
     o.tokens.push_back(st.token);
     o.logprobs.push_back(st.logp);
     ++t.generated;
@@ -162,6 +166,9 @@ int cmd_run(int argc, const char* const* argv) {
               "Prefills prompts and generates tokens (continuous batching over decode slots), "
               "printing them with timings.");
   p.positional("DIR", "artifact directory");
+  p.option("--prompt", "TEXT",
+           "prompt text, tokenized with the artifact's tokenizer ([bos] first); the "
+           "continuation is printed as text while it is generated and ends at eos by default");
   p.option("--tokens", "LIST", "prompt token ids, comma-separated");
   p.option("--prompts-file", "FILE",
            "run every line ('[@ADAPTER ]id,id,...') with continuous batching over --slots");
@@ -169,10 +176,12 @@ int cmd_run(int argc, const char* const* argv) {
   p.flag("--packed-prefill",
          "with --prompts-file: prefill the prompts that enter free slots together in one packed "
          "pass (prefill_concat)");
-  p.option("--samples", "N", "with --tokens: N independent samples of one prefill", "1");
+  p.option("--samples", "N", "with --tokens or --prompt: N independent samples of one prefill",
+           "1");
   p.option("--adapter", "NAME", "run-time LoRA adapter of the artifact (kiln adapter list)");
   p.option("--max-tokens", "N", "tokens per request, the prefill's first one included", "32");
-  p.option("--stop", "LIST", "stop token ids: a request ends after producing one");
+  p.option("--stop", "LIST",
+           "stop token ids: a request ends after producing one (with --prompt: default eos)");
   p.option("--sampling", "ALGO",
            "greedy, weighted, topk, nucleus or composite (MaxText's semantics; default: greedy, "
            "or what --temperature/--top-k/--top-p imply)");
@@ -184,9 +193,10 @@ int cmd_run(int argc, const char* const* argv) {
   p.flag("--json", "print one JSON object with the tokens, log-probabilities and timings");
   Args a = p.parse(argc, argv);
 
-  if (a.has("--tokens") == a.has("--prompts-file"))
-    throw a.error("give either --tokens or --prompts-file");
-  const SamplingParams sp = sampling_params(a);
+  if (int(a.has("--tokens")) + int(a.has("--prompts-file")) + int(a.has("--prompt")) != 1)
+    throw a.error("give one of --prompt, --tokens or --prompts-file");
+  const bool text = a.has("--prompt");
+  SamplingParams sp = sampling_params(a);
   const int64_t samples = a.get_int("--samples", 1, 512);
   EngineOptions eo = engine_options(a);
   std::vector<Request> reqs;
@@ -198,11 +208,19 @@ int cmd_run(int argc, const char* const* argv) {
   } else {
     if (a.given("--slots")) throw a.error("--slots applies to --prompts-file");
     if (a.has("--packed-prefill")) throw a.error("--packed-prefill applies to --prompts-file");
-    reqs.push_back({a.get_token_list("--tokens"), a.has("--adapter") ? a.get("--adapter") : ""});
+    const std::string adapter = a.has("--adapter") ? a.get("--adapter") : "";
+    reqs.push_back({text ? std::vector<int32_t>{} : a.get_token_list("--tokens"), adapter});
     eo.slots = samples;
   }
   const double t0 = now_seconds();
   auto engine = Engine::open(a.positional(0), eo);
+  const Tokenizer* tok = nullptr;
+  if (text) {
+    tok = &require_tokenizer(*engine, a.positional(0),
+                             "--prompt cannot take text; give --tokens ids instead");
+    reqs[0].prompt = text_prompt(*tok, a.get("--prompt"));
+    if (!a.has("--stop") && tok->eos_id() >= 0) sp.stop_tokens = {tok->eos_id()};
+  }
   for (const Request& r : reqs)
     if (!r.adapter.empty()) engine->load_adapter(r.adapter);
   const double t_load = now_seconds() - t0;
@@ -235,6 +253,13 @@ int cmd_run(int argc, const char* const* argv) {
       t.decoded += int64_t(step.size());
       for (const SlotToken& st : step) record(st);
     }
+  } else if (text && !json) {  // stream the continuation as it arrives
+    TextStream stream(*tok);
+    out = run_requests(*engine, reqs, sp, false, t, [&](const SlotToken& st) {
+      std::fputs(stream.push(st.token).c_str(), stdout);
+      std::fflush(stdout);
+    });
+    std::printf("%s\n", stream.finish().c_str());
   } else {
     out = run_requests(*engine, reqs, sp, a.has("--packed-prefill"), t);
   }
@@ -258,10 +283,18 @@ int cmd_run(int argc, const char* const* argv) {
       j["packed_prefill"] = a.has("--packed-prefill");
     } else if (samples > 1) {
       nlohmann::ordered_json list = nlohmann::ordered_json::array();
-      for (const Output& o : out) list.push_back(output_json(o));
+      for (const Output& o : out) {
+        list.push_back(output_json(o));
+        if (tok) list.back()["text"] = tok->decode(o.tokens);
+      }
       j["samples"] = list;
     } else {
       j = output_json(out[0]);
+      if (tok) j["text"] = tok->decode(out[0].tokens);
+    }
+    if (tok) {
+      j["prompt"] = a.get("--prompt");
+      j["prompt_ids"] = reqs[0].prompt;
     }
     j["sampling"] = sampling_algorithm_name(sp.algorithm);
     j["prompt_tokens"] = t.prompt_tokens;
@@ -276,7 +309,11 @@ int cmd_run(int argc, const char* const* argv) {
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
-  for (size_t i = 0; i < out.size(); ++i) {
+  for (size_t i = 0; i < out.size() && !(text && samples == 1); ++i) {
+    if (tok) {  // samples of a text prompt
+      std::printf("%s\n", tok->decode(out[i].tokens).c_str());
+      continue;
+    }
     const std::string tag = i < reqs.size() && !reqs[i].adapter.empty() && a.has("--prompts-file")
                                 ? "@" + reqs[i].adapter + " "
                                 : "";

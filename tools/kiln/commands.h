@@ -12,6 +12,8 @@ int cmd_golden(int argc, const char* const* argv);
 int cmd_bench(int argc, const char* const* argv);
 int cmd_calibrate(int argc, const char* const* argv);
 int cmd_adapter(int argc, const char* const* argv);
+int cmd_eval(int argc, const char* const* argv);
+int cmd_tokenize(int argc, const char* const* argv);
 
 }  // namespace kiln::cli
 
@@ -35,6 +37,13 @@ std::vector<float> calibrate(Engine& engine, const std::vector<std::vector<int32
 
 // Adapters recorded in a manifest (tools/kiln/cmd_adapter.cpp; also used by inspect).
 void print_adapters(const Manifest& m);
+
+// The engine's tokenizer; if the artifact has none, throws naming `dir` and then `what` (the
+// consequence and the way out).
+const Tokenizer& require_tokenizer(const Engine& engine, const std::string& dir,
+                                   const std::string& what);
+// A text prompt as the model sees it: [bos] (if the tokenizer has one) + the text's pieces.
+std::vector<int32_t> text_prompt(const Tokenizer& tok, const std::string& text);
 
 // Seconds since an arbitrary fixed point (monotonic).
 double now_seconds();

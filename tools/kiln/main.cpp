@@ -20,7 +20,9 @@ constexpr const char* kUsage =
     "commands:\n"
     "  export    training checkpoint (safetensors, MaxText layout) + config -> artifact directory\n"
     "  inspect   show an artifact's manifest, tensors and provenance; --verify checks checksums\n"
-    "  run       prefill a prompt and generate tokens, with timings\n"
+    "  run       prefill a prompt (text or token ids) and generate, with timings\n"
+    "  eval      perplexity and tokens/s on a text file\n"
+    "  tokenize  the artifact's tokenizer on a file: text -> ids, or ids -> text\n"
     "  golden    dump / check the logits of one prefill (regression tests)\n"
     "  bench     prefill and decode tokens/s, load time, peak memory\n"
     "  calibrate record per-layer, per-head max attention logits on prompts (for QK-Clip)\n"
@@ -53,7 +55,7 @@ int main(int argc, char** argv) {
     std::printf("kiln %s\n", KILN_VERSION);
     return 0;
   }
-  if (cmd == "run" || cmd == "bench" || cmd == "golden" || cmd == "calibrate")
+  if (cmd == "run" || cmd == "bench" || cmd == "golden" || cmd == "calibrate" || cmd == "eval")
     ensure_spinning_openmp_workers(argv);
   const char* const* sub_argv = argv + 1;
   int sub_argc = argc - 1;
@@ -71,6 +73,8 @@ int main(int argc, char** argv) {
     if (cmd == "golden") return cmd_golden(sub_argc, sub_argv);
     if (cmd == "bench") return cmd_bench(sub_argc, sub_argv);
     if (cmd == "calibrate") return cmd_calibrate(sub_argc, sub_argv);
+    if (cmd == "eval") return cmd_eval(sub_argc, sub_argv);
+    if (cmd == "tokenize") return cmd_tokenize(sub_argc, sub_argv);
     std::fprintf(stderr, "kiln: error: unknown command '%s'\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const HelpRequested& h) {

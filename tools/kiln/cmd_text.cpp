@@ -1,0 +1,166 @@
+// Text commands: `kiln eval` (perplexity on a text file) and `kiln tokenize` (the artifact's
+// tokenizer on a file, both ways).
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "engine/ops/kernels.h"
+#include "export/adapter.h"
+#include "tools/kiln/args.h"
+#include "tools/kiln/commands.h"
+
+namespace kiln::cli {
+
+const Tokenizer& require_tokenizer(const Engine& engine, const std::string& dir,
+                                   const std::string& what) {
+  if (!engine.tokenizer())
+    throw Error(dir + ": the artifact has no tokenizer (exported without --tokenizer FILE), so " +
+                what);
+  return *engine.tokenizer();
+}
+
+std::vector<int32_t> text_prompt(const Tokenizer& tok, const std::string& text) {
+  std::vector<int32_t> ids;
+  if (tok.bos_id() >= 0) ids.push_back(tok.bos_id());
+  const std::vector<int32_t> body = tok.encode(text);
+  ids.insert(ids.end(), body.begin(), body.end());
+  return ids;
+}
+
+namespace {
+
+// Non-empty lines of a text file, without their line ends, with their 1-based line numbers.
+std::vector<std::pair<int64_t, std::string>> read_lines(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Error(path + ": cannot open");
+  std::vector<std::pair<int64_t, std::string>> out;
+  std::string line;
+  for (int64_t n = 1; std::getline(f, line); ++n) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (!line.empty()) out.emplace_back(n, line);
+  }
+  if (f.bad()) throw Error(path + ": read error");
+  if (out.empty()) throw Error(path + ": no non-empty lines");
+  return out;
+}
+
+}  // namespace
+
+int cmd_eval(int argc, const char* const* argv) {
+  ArgParser p("kiln eval",
+              "Perplexity of the model on a text file: every non-empty line is one sequence, "
+              "[bos] + tokens + [eos], scored on each next token from position 0; ppl = exp(total "
+              "negative log-likelihood / predicted tokens).");
+  p.positional("DIR", "artifact directory (exported with --tokenizer)");
+  p.option("--text-file", "FILE", "text, one sequence per line", required);
+  p.option("--adapter", "NAME", "run-time LoRA adapter of the artifact (kiln adapter list)");
+  add_engine_options(p);
+  p.flag("--json", "print one JSON object");
+  Args a = p.parse(argc, argv);
+
+  const std::string dir = a.positional(0), path = a.get("--text-file");
+  const double t0 = now_seconds();
+  auto engine = Engine::open(dir, engine_options(a));
+  const std::string adapter = a.has("--adapter") ? a.get("--adapter") : "";
+  if (!adapter.empty()) engine->load_adapter(adapter);
+  const double t_load = now_seconds() - t0;
+  const Tokenizer& tok = require_tokenizer(*engine, dir, "eval cannot read text");
+  const auto lines = read_lines(path);
+
+  const int64_t V = engine->config().vocab_size;
+  std::vector<float> logits;
+  double nll = 0, seconds = 0;
+  int64_t predicted = 0, processed = 0;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    const auto& [n, text] = lines[i];
+    std::vector<int32_t> ids = text_prompt(tok, text);
+    if (tok.eos_id() >= 0) ids.push_back(tok.eos_id());
+    if (ids.size() < 2) continue;  // nothing to predict
+    if (int64_t(ids.size()) > engine->max_seq_len())
+      throw Error(path + ":" + std::to_string(n) + ": " + std::to_string(ids.size()) +
+                  " tokens exceed the model's context of " + std::to_string(engine->max_seq_len()));
+    logits.resize(ids.size() * size_t(V));
+    const double t1 = now_seconds();
+    engine->prefill_logits(ids, logits.data(), adapter);
+    seconds += now_seconds() - t1;
+    processed += int64_t(ids.size());
+    for (size_t t = 0; t + 1 < ids.size(); ++t) {
+      const float* row = logits.data() + t * size_t(V);
+      nll += ops::log_sum_exp(row, V) - double(row[ids[t + 1]]);
+    }
+    predicted += int64_t(ids.size()) - 1;
+    if (!a.has("--json") && (i + 1) % 50 == 0)
+      std::fprintf(stderr, "\reval: %zu/%zu lines", i + 1, lines.size());
+  }
+  if (!a.has("--json") && lines.size() >= 50) std::fputc('\n', stderr);
+  if (predicted == 0) throw Error(path + ": no line has a token to predict");
+  const double ppl = std::exp(nll / double(predicted));
+  const double tps = seconds > 0 ? double(processed) / seconds : 0;
+  if (a.has("--json")) {
+    nlohmann::ordered_json j = {{"text_file", path},
+                                {"adapter", adapter.empty() ? nlohmann::ordered_json(nullptr)
+                                                            : nlohmann::ordered_json(adapter)},
+                                {"lines", lines.size()},
+                                {"predicted_tokens", predicted},
+                                {"nll", nll},
+                                {"perplexity", ppl},
+                                {"tokens", processed},
+                                {"seconds", seconds},
+                                {"tokens_per_s", tps},
+                                {"load_seconds", t_load}};
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("perplexity %.4f over %lld predicted tokens in %zu lines%s\n", ppl,
+              static_cast<long long>(predicted), lines.size(),
+              adapter.empty() ? "" : (" (adapter " + adapter + ")").c_str());
+  std::printf(
+      "speed      %lld tokens in %.2f s (%.1f tokens/s, prefill of each line); load %.2f s\n",
+      static_cast<long long>(processed), seconds, tps, t_load);
+  return 0;
+}
+
+int cmd_tokenize(int argc, const char* const* argv) {
+  ArgParser p("kiln tokenize",
+              "The artifact's tokenizer on a file: each non-empty line of text becomes a line of "
+              "comma-separated token ids (no bos/eos), or with --decode each line of ids becomes "
+              "text.");
+  p.positional("DIR", "artifact directory (exported with --tokenizer)");
+  p.option("--text-file", "FILE", "text to encode, one sequence per line");
+  p.option("--tokens-file", "FILE", "with --decode: token ids to decode, one sequence per line");
+  p.flag("--decode", "decode --tokens-file instead of encoding --text-file");
+  Args a = p.parse(argc, argv);
+
+  const std::string dir = a.positional(0);
+  const Manifest m = read_manifest(dir);
+  if (m.tokenizer.empty())
+    throw Error(dir + ": the artifact has no tokenizer (exported without --tokenizer)");
+  const Tokenizer tok(m.tokenizer, dir + ": manifest tokenizer");
+  if (a.has("--decode")) {
+    if (!a.has("--tokens-file") || a.has("--text-file"))
+      throw a.error("--decode takes --tokens-file (and no --text-file)");
+    const std::string path = a.get("--tokens-file");
+    for (const auto& [n, line] : read_lines(path)) {
+      const std::vector<int32_t> ids = parse_token_list(line, path + ":" + std::to_string(n));
+      for (int32_t id : ids)
+        if (id < 0 || id >= tok.vocab_size())
+          throw Error(path + ":" + std::to_string(n) + ": token " + std::to_string(id) +
+                      " is outside the tokenizer's " + std::to_string(tok.vocab_size()) +
+                      " pieces");
+      std::printf("%s\n", tok.decode(ids).c_str());
+    }
+    return 0;
+  }
+  if (!a.has("--text-file") || a.has("--tokens-file"))
+    throw a.error("give --text-file (or --decode --tokens-file)");
+  for (const auto& [n, line] : read_lines(a.get("--text-file"))) {
+    const std::vector<int32_t> ids = tok.encode(line);
+    std::string out;
+    for (size_t k = 0; k < ids.size(); ++k) out += (k ? "," : "") + std::to_string(ids[k]);
+    std::printf("%s\n", out.c_str());
+  }
+  return 0;
+}
+
+}  // namespace kiln::cli
