@@ -260,6 +260,7 @@ int cmd_run(int argc, const char* const* argv) {
       std::fflush(stdout);
     });
     std::printf("%s\n", stream.finish().c_str());
+    std::fflush(stdout);  // before the timings on stderr
   } else {
     out = run_requests(*engine, reqs, sp, a.has("--packed-prefill"), t);
   }

@@ -1,5 +1,7 @@
 // Text commands: `kiln eval` (perplexity on a text file) and `kiln tokenize` (the artifact's
 // tokenizer on a file, both ways).
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -69,6 +71,7 @@ int cmd_eval(int argc, const char* const* argv) {
   const auto lines = read_lines(path);
 
   const int64_t V = engine->config().vocab_size;
+  const bool progress = !a.has("--json") && ::isatty(STDERR_FILENO) == 1;
   std::vector<float> logits;
   double nll = 0, seconds = 0;
   int64_t predicted = 0, processed = 0;
@@ -90,10 +93,10 @@ int cmd_eval(int argc, const char* const* argv) {
       nll += ops::log_sum_exp(row, V) - double(row[ids[t + 1]]);
     }
     predicted += int64_t(ids.size()) - 1;
-    if (!a.has("--json") && (i + 1) % 50 == 0)
+    if (progress && (i + 1) % 50 == 0)
       std::fprintf(stderr, "\reval: %zu/%zu lines", i + 1, lines.size());
   }
-  if (!a.has("--json") && lines.size() >= 50) std::fputc('\n', stderr);
+  if (progress && lines.size() >= 50) std::fputc('\n', stderr);
   if (predicted == 0) throw Error(path + ": no line has a token to predict");
   const double ppl = std::exp(nll / double(predicted));
   const double tps = seconds > 0 ? double(processed) / seconds : 0;
