@@ -120,6 +120,25 @@ class DefaultModelTest(common.TempDirCase):
         self.assertEqual(len(res.stderr_lines), 1, res.describe())
         self.assertKilnOk(kiln("run", self.notok, "--tokens", "1,20,30", "--max-tokens", 2))
 
+    def test_bad_tokenizer_inputs_are_one_line_errors(self):
+        out = os.path.join(self.tmpdir, "bad.kiln")
+        base = ["--checkpoint", os.path.join(MODEL, "model.safetensors"),
+                "--config", os.path.join(MODEL, "config.yml"), "--out", out]
+        not_spm = os.path.join(MODEL, "heldout.txt")
+        res = kiln("export", *base, "--tokenizer", not_spm)
+        self.assertEqual(res.rc, 1, res.describe())
+        self.assertIn(not_spm + ": not a SentencePiece model", res.stderr_lines[0])
+        self.assertFalse(os.path.exists(out))
+        res = kiln("tokenize", self.notok, "--text-file", not_spm)
+        self.assertEqual(res.rc, 1, res.describe())
+        self.assertIn("has no tokenizer", res.stderr_lines[0])
+        bad_ids = os.path.join(self.tmpdir, "bad.tokens")
+        with open(bad_ids, "w") as f:
+            f.write("5,6\n7,99999\n")
+        res = kiln("tokenize", self.art, "--decode", "--tokens-file", bad_ids)
+        self.assertEqual(res.rc, 1, res.describe())
+        self.assertIn(bad_ids + ":2: token 99999 is outside", res.stderr_lines[0])
+
 
 if __name__ == "__main__":
     unittest.main()
