@@ -219,7 +219,7 @@ class DeepSeekModel final : public Model {
   }
 
   void check_cache(const KvCache& cache) const override {
-    if (cache.k.size() != layers_.size() ||
+    if (cache.k.size() != layers_.size() || cache.heads != 1 ||
         (cache.capacity > 0 && cache.k[0].size() != size_t(cache.capacity * Dl_)))
       throw Error("forward: the KV cache was not made by this model's new_cache()");
   }
@@ -365,23 +365,23 @@ class DeepSeekModel final : public Model {
       parallel_for(blocks, blocks > 1, [&](int64_t bi) {
         const int64_t h0 = bi * 4, hc = std::min<int64_t>(4, H - h0);
         float* scratch = scores_.data() + omp_get_thread_num() * scratch_stride_;
-        ops::attend(qa_.data() + h0 * Dl, kv, kv, n_ctx, hc, 1, Dl, Dl, scratch,
+        ops::attend(qa_.data() + h0 * Dl, kv, kv, n_ctx, hc, 1, Dl, Dl, Dl, scratch,
                     att_.data() + h0 * Dl);
       });
     } else {
-      // Rows are independent given the caches; interleaved, since later positions attend to
-      // more keys.
-#pragma omp parallel for schedule(static, 1) num_threads(threads_)
+      // Rows are independent given the caches; the threads take them one at a time, since
+      // later positions attend to more keys.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
       for (int64_t t = 0; t < T; ++t) {
         float* scratch = scores_.data() + omp_get_thread_num() * scratch_stride_;
         const uint16_t* kv = cache_of(t);
-        ops::attend(qa_.data() + t * H * Dl, kv, kv, rows.pos[t] + 1, H, 1, Dl, Dl, scratch,
+        ops::attend(qa_.data() + t * H * Dl, kv, kv, rows.pos[t] + 1, H, 1, Dl, Dl, Dl, scratch,
                     att_.data() + t * H * Dl);
       }
     }
     if (max_logits_)
       for (int64_t t = 0; t < T; ++t)
-        ops::max_logits(qa_.data() + t * H * Dl, cache_of(t), rows.pos[t] + 1, H, 1, Dl, Dl,
+        ops::max_logits(qa_.data() + t * H * Dl, cache_of(t), rows.pos[t] + 1, H, 1, Dl, Dl, Dl,
                         max_logits_ + layer * H);
 
     // Back from the latent: out[h] = out_lat[h] · W_uv (bf16), then the output projection.

@@ -241,14 +241,25 @@ std::span<const SlotToken> Engine::generate() {
   if (steps_.empty()) return {};
   model_->forward_batch(steps_, step_logits_.data());
   const int64_t V = config().vocab_size;
-  for (size_t j = 0; j < steps_.size(); ++j) {
-    Slot& s = slots_[size_t(step_slot_[j])];
-    const float* logits = step_logits_.data() + int64_t(j) * V;
+  const int64_t n = int64_t(steps_.size());
+  step_tokens_.resize(size_t(n));
+  auto sample = [&](int64_t j) {
+    Slot& s = slots_[size_t(step_slot_[size_t(j)])];
+    const float* logits = step_logits_.data() + j * V;
     s.last_token = s.sampler->sample(logits);
     s.produced += 1;
     s.finish = finish_of(s, s.last_token);
-    step_tokens_.push_back(
-        {step_slot_[j], s.last_token, Sampler::log_prob(logits, V, s.last_token), s.finish});
+    step_tokens_[size_t(j)] = {step_slot_[size_t(j)], s.last_token,
+                               Sampler::log_prob(logits, V, s.last_token), s.finish};
+  };
+  // Each slot samples from its own logits with its own generator, so the slots can go in
+  // parallel and the results do not depend on the thread count. Nothing in there throws or
+  // allocates. (No `if` clause: libgomp allocates a team for a region it runs on one thread.)
+  if (n == 1) {
+    sample(0);
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t j = 0; j < n; ++j) sample(j);
   }
   return step_tokens_;
 }

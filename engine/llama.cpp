@@ -122,28 +122,33 @@ class LlamaModel final : public Model {
         const int64_t pos = rows.pos[t];
         rope_.apply(q_.data() + t * H * D, H, pos);
         rope_.apply(k_.data() + t * K * D, K, pos);
-        ops::to_bf16(k_.data() + t * K * D, K * D, rows.cache[t]->k[l].data() + pos * K * D);
-        ops::to_bf16(v_.data() + t * K * D, K * D, rows.cache[t]->v[l].data() + pos * K * D);
+        KvCache& kv = *rows.cache[t];
+        for (int64_t h = 0; h < K; ++h) {  // head-major cache: [K, capacity, D]
+          const int64_t at = (h * kv.capacity + pos) * D;
+          ops::to_bf16(k_.data() + (t * K + h) * D, D, kv.k[l].data() + at);
+          ops::to_bf16(v_.data() + (t * K + h) * D, D, kv.v[l].data() + at);
+        }
       }
       if (c_.query_scale != 1.0) ops::scale_round(q_.data(), T * H * D, float(c_.query_scale));
-      // Rows are independent given the caches; spread them over the threads (interleaved, since
-      // later positions attend to more keys).
+      // Rows are independent given the caches; the threads take them one at a time, since later
+      // positions attend to more keys and a core slowed by its neighbours should take fewer.
       const int64_t scratch = ops::attend_scratch_floats(c_.max_target_length, H);
       auto attend_row = [&](int64_t t, int thread) {
         const KvCache& kv = *rows.cache[t];
         ops::attend(q_.data() + t * H * D, kv.k[l].data(), kv.v[l].data(), rows.pos[t] + 1, H, K, D,
-                    K * D, scores_.data() + thread * scratch, attn_.data() + t * H * D);
+                    D, kv.capacity * D, scores_.data() + thread * scratch,
+                    attn_.data() + t * H * D);
       };
       if (T == 1) {
         attend_row(0, 0);  // decode: an OpenMP region would cost more than it saves
       } else {
-#pragma omp parallel for schedule(static, 1) num_threads(threads_)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
         for (int64_t t = 0; t < T; ++t) attend_row(t, omp_get_thread_num());
       }
       if (max_logits_)
         for (int64_t t = 0; t < T; ++t)
           ops::max_logits(q_.data() + t * H * D, rows.cache[t]->k[l].data(), rows.pos[t] + 1, H, K,
-                          D, K * D, max_logits_ + l * H);
+                          D, D, rows.cache[t]->capacity * D, max_logits_ + l * H);
       ops::to_bf16(attn_.data(), T * H * D, attn_b_.data());
       project(w.o, LoraSlot::o, attn_b_.data(), o_.data());
       ops::add_round(x_.data(), o_.data(), T * E);

@@ -37,24 +37,30 @@ KvCache Model::new_cache(int64_t capacity) const {
   const ModelConfig& c = config();
   KvCache cache;
   cache.capacity = capacity;
-  size_t row = size_t(c.num_kv_heads * c.head_dim);
-  cache.k.assign(size_t(c.num_decoder_layers), std::vector<uint16_t>(size_t(capacity) * row));
-  cache.v.assign(size_t(c.num_decoder_layers), std::vector<uint16_t>(size_t(capacity) * row));
+  cache.heads = c.num_kv_heads;
+  const size_t size = size_t(capacity * c.num_kv_heads * c.head_dim);
+  cache.k.assign(size_t(c.num_decoder_layers), std::vector<uint16_t>(size));
+  cache.v.assign(size_t(c.num_decoder_layers), std::vector<uint16_t>(size));
   return cache;
 }
 
 void copy_cache(const KvCache& src, KvCache& dst) {
-  if (src.length > dst.capacity || src.k.size() != dst.k.size() || src.v.size() != dst.v.size())
+  if (src.length > dst.capacity || src.k.size() != dst.k.size() || src.v.size() != dst.v.size() ||
+      src.heads != dst.heads)
     throw Error("copy_cache: a cache of " + std::to_string(src.length) +
                 " positions does not fit this one (" + std::to_string(dst.capacity) +
                 " positions, or another model's layout)");
+  const size_t heads = size_t(src.heads);
   auto copy = [&](const std::vector<std::vector<uint16_t>>& from,
                   std::vector<std::vector<uint16_t>>& to) {
     for (size_t l = 0; l < from.size(); ++l) {
-      const size_t row = src.capacity > 0 ? from[l].size() / size_t(src.capacity) : 0;
-      if (dst.capacity > 0 && to[l].size() / size_t(dst.capacity) != row)
+      const size_t row = src.capacity > 0 ? from[l].size() / size_t(src.capacity) / heads : 0;
+      if (dst.capacity > 0 && to[l].size() / size_t(dst.capacity) / heads != row)
         throw Error("copy_cache: layer " + std::to_string(l) + " rows differ in width");
-      std::copy_n(from[l].begin(), size_t(src.length) * row, to[l].begin());
+      for (size_t h = 0; h < heads; ++h)
+        std::copy_n(from[l].begin() + ptrdiff_t(h * size_t(src.capacity) * row),
+                    size_t(src.length) * row,
+                    to[l].begin() + ptrdiff_t(h * size_t(dst.capacity) * row));
     }
   };
   copy(src.k, dst.k);
@@ -231,6 +237,7 @@ void Model::check_cache(const KvCache& cache) const {
   const ModelConfig& c = config();
   const size_t row = size_t(c.num_kv_heads * c.head_dim);
   if (cache.k.size() != size_t(c.num_decoder_layers) || cache.v.size() != cache.k.size() ||
+      cache.heads != c.num_kv_heads ||
       (!cache.k.empty() && cache.k[0].size() != size_t(cache.capacity) * row))
     throw Error("forward: the KV cache was not made by this model's new_cache()");
 }
@@ -242,11 +249,24 @@ void Model::finish_logits(float* logits, int64_t n) const {
                         ? round_to_bf16(float(std::sqrt(double(c.emb_dim))))
                         : 1.0f;
   const float cap = float(c.final_logits_soft_cap);
-  for (int64_t i = 0; i < n; ++i) {
-    float z = round_to_bf16(logits[i]);
-    if (div != 1.0f) z = round_to_bf16(z / div);
-    if (cap > 0) z = round_to_bf16(cap * std::tanh(z / cap));
-    logits[i] = z;
+  auto finish = [&](float* z, int64_t m) {
+    ops::scale_round(z, m, 1.0f);  // the head's output is bf16
+    if (div == 1.0f && cap <= 0) return;
+    for (int64_t i = 0; i < m; ++i) {
+      if (div != 1.0f) z[i] = round_to_bf16(z[i] / div);
+      if (cap > 0) z[i] = round_to_bf16(cap * std::tanh(z[i] / cap));
+    }
+  };
+  // A batched step finishes 16 × 128 K logits: worth the threads; one row is not. (No `if`
+  // clause: libgomp allocates a team for every region it runs on one thread.)
+  if (n < (int64_t(1) << 18)) {
+    finish(logits, n);
+    return;
+  }
+#pragma omp parallel
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    finish(logits + n * t / nt, n * (t + 1) / nt - n * t / nt);
   }
 }
 

@@ -26,13 +26,15 @@ struct ModelOptions {
   int64_t max_chunk = 512;  // prefill processes at most this many tokens per pass
 };
 
-// The attention cache of one sequence, bf16, one buffer per layer. Its row layout belongs to the
+// The attention cache of one sequence, bf16, one buffer per layer, each [heads, capacity, row]:
+// head-major, so that attention streams one contiguous run per kv head. The layout belongs to the
 // model family that made it (Model::new_cache):
-//   Llama:    k and v, each [capacity, kv_heads · head_dim].
-//   DeepSeek: k only, [capacity, kv_lora_rank + qk_rope_head_dim] rows of the normalised latent
+//   Llama:    k and v, each [kv_heads, capacity, head_dim].
+//   DeepSeek: k only, [1, capacity, kv_lora_rank + qk_rope_head_dim] rows of the normalised latent
 //             and the roped shared key (MLA's compressed cache); v is empty.
 struct KvCache {
   int64_t capacity = 0;
+  int64_t heads = 1;
   int64_t length = 0;  // positions filled
   std::vector<std::vector<uint16_t>> k, v;
 };

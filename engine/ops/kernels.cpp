@@ -780,7 +780,8 @@ HWY_NOINLINE void AttendRows(AttnRow* rows, const uint16_t* HWY_RESTRICT k,
 }
 
 void Attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t n_ctx, int64_t H,
-            int64_t K, int64_t D, int64_t kv_stride, float* scratch, float* out) {
+            int64_t K, int64_t D, int64_t pos_stride, int64_t head_stride, float* scratch,
+            float* out) {
   const int64_t G = H / K;
   for (int64_t kv = 0; kv < K; ++kv) {
     for (int64_t g0 = 0; g0 < G; g0 += kRows) {
@@ -790,20 +791,20 @@ void Attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t n_ctx,
         const int64_t h = kv * G + g0 + r;
         rows[r] = AttnRow{q + h * D, scratch + h * n_ctx, out + h * D, 0.0f};
       }
-      const uint16_t* kh = k + kv * D;
-      const uint16_t* vh = v + kv * D;
+      const uint16_t* kh = k + kv * head_stride;
+      const uint16_t* vh = v + kv * head_stride;
       switch (m) {
         case 4:
-          AttendRows<4>(rows, kh, vh, n_ctx, D, kv_stride);
+          AttendRows<4>(rows, kh, vh, n_ctx, D, pos_stride);
           break;
         case 3:
-          AttendRows<3>(rows, kh, vh, n_ctx, D, kv_stride);
+          AttendRows<3>(rows, kh, vh, n_ctx, D, pos_stride);
           break;
         case 2:
-          AttendRows<2>(rows, kh, vh, n_ctx, D, kv_stride);
+          AttendRows<2>(rows, kh, vh, n_ctx, D, pos_stride);
           break;
         default:
-          AttendRows<1>(rows, kh, vh, n_ctx, D, kv_stride);
+          AttendRows<1>(rows, kh, vh, n_ctx, D, pos_stride);
           break;
       }
     }
@@ -871,14 +872,17 @@ void to_bf16(const float* x, int64_t n, uint16_t* out) {
 }
 
 void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t n_ctx, int64_t H,
-            int64_t K, int64_t D, int64_t kv_stride, float* scratch, float* out) {
-  if (n_ctx < 1 || K < 1 || H < K || H % K != 0 || D < 1 || kv_stride < K * D) {
+            int64_t K, int64_t D, int64_t pos_stride, int64_t head_stride, float* scratch,
+            float* out) {
+  if (n_ctx < 1 || K < 1 || H < K || H % K != 0 || D < 1 || pos_stride < D ||
+      (K > 1 && head_stride < D)) {
     throw Error("attend: invalid shape n_ctx=" + std::to_string(n_ctx) + " H=" + std::to_string(H) +
                 " K=" + std::to_string(K) + " D=" + std::to_string(D) +
-                " kv_stride=" + std::to_string(kv_stride) +
-                " (need n_ctx >= 1, H a multiple of K, kv_stride >= K*D)");
+                " pos_stride=" + std::to_string(pos_stride) +
+                " head_stride=" + std::to_string(head_stride) +
+                " (need n_ctx >= 1, H a multiple of K, strides >= D)");
   }
-  HWY_DYNAMIC_DISPATCH(Attend)(q, k, v, n_ctx, H, K, D, kv_stride, scratch, out);
+  HWY_DYNAMIC_DISPATCH(Attend)(q, k, v, n_ctx, H, K, D, pos_stride, head_stride, scratch, out);
 }
 
 void matmul_xwt(const float* x, int64_t x_stride, int64_t T, const uint16_t* w, int64_t w_stride,
@@ -1068,15 +1072,15 @@ void Rope::apply(float* x, int64_t heads, int64_t pos, int64_t stride) const {
 }
 
 void max_logits(const float* q, const uint16_t* k, int64_t n_ctx, int64_t H, int64_t K, int64_t D,
-                int64_t kv_stride, float* max) {
+                int64_t pos_stride, int64_t head_stride, float* max) {
   const int64_t G = H / K;
   for (int64_t h = 0; h < H; ++h) {
     const float* qh = q + h * D;
-    const uint16_t* kh = k + (h / G) * D;
+    const uint16_t* kh = k + (h / G) * head_stride;
     float m = max[h];
     for (int64_t s = 0; s < n_ctx; ++s) {
       float dot = 0.0f;
-      for (int64_t d = 0; d < D; ++d) dot += qh[d] * bf16_to_f32(kh[s * kv_stride + d]);
+      for (int64_t d = 0; d < D; ++d) dot += qh[d] * bf16_to_f32(kh[s * pos_stride + d]);
       m = std::max(m, round_to_bf16(dot));
     }
     max[h] = m;

@@ -104,7 +104,9 @@ void to_bf16(const float* x, int64_t n, uint16_t* out);
 
 // Causal attention of one query position over a bf16 KV cache with GQA.
 //   q:      [H, D] f32 (already RoPE'd and scaled; no further scaling is applied)
-//   k, v:   cache rows for positions [0, n_ctx): element (s, kv, d) at [s * kv_stride + kv * D + d]
+//   k, v:   caches for positions [0, n_ctx): element (s, kv, d) at [kv * head_stride + s * pos_stride
+//           + d]. Head-major (pos_stride = D) keeps each kv head's rows one contiguous run, which
+//           streams 2.3× faster than position-major rows (head_stride = D) at 512+ positions.
 //   out:    [H, D] f32; query head h uses kv head h / (H / K)
 //   scratch: at least attend_scratch_floats(n_ctx, H) = H · n_ctx floats (the G = H / K query
 //            heads sharing a kv head are processed together so every K/V row is loaded once;
@@ -114,9 +116,11 @@ void to_bf16(const float* x, int64_t n, uint16_t* out);
 // exponentials are rounded to bf16, their sum and the weighted V sum are accumulated in f32 and
 // rounded to bf16, and out = bf16(bf16(Σ e·v) / bf16(Σ e)) (spec §2.2: the einsum and the sum of
 // bf16 exps are bf16).
-// Throws kiln::Error for n_ctx < 1, K < 1, H not a multiple of K, D < 1 or kv_stride < K · D.
+// Throws kiln::Error for n_ctx < 1, K < 1, H not a multiple of K, D < 1, pos_stride < D, or
+// head_stride < D with K > 1.
 void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t n_ctx, int64_t H,
-            int64_t K, int64_t D, int64_t kv_stride, float* scratch, float* out);
+            int64_t K, int64_t D, int64_t pos_stride, int64_t head_stride, float* scratch,
+            float* out);
 inline int64_t attend_scratch_floats(int64_t n_ctx, int64_t H) {
   return n_ctx * H;
 }
@@ -125,7 +129,7 @@ inline int64_t attend_scratch_floats(int64_t n_ctx, int64_t H) {
 // query head h over positions [0, n_ctx) — the softmax input of `attend` for the same arguments,
 // i.e. MaxText's max_logits (spec §3). Not on the serving path; plain loops.
 void max_logits(const float* q, const uint16_t* k, int64_t n_ctx, int64_t H, int64_t K, int64_t D,
-                int64_t kv_stride, float* max);
+                int64_t pos_stride, int64_t head_stride, float* max);
 
 // Small strided products for MLA's absorbed attention (engine/deepseek.cpp): per head, the query
 // is mapped into the latent space through W_uk and the latent attention output back through W_uv,

@@ -444,8 +444,9 @@ TEST_CASE("RoPE validates its arguments") {
 
 // ---- attention ------------------------------------------------------------------------------
 
+// Element (s, kv, d) of the cache at kv · head_stride + s · stride + d.
 struct AttnCase {
-  int64_t n, H, K, D, stride;
+  int64_t n, H, K, D, stride, head_stride;
 };
 
 // Straight from MaxText's apply_attention_dot / compute_local_attention with default flags:
@@ -460,7 +461,7 @@ std::vector<float> ref_attend(const std::vector<float>& q, const std::vector<uin
     for (int64_t s = 0; s < c.n; ++s) {
       float dot = 0.0f;
       for (int64_t d = 0; d < c.D; ++d) {
-        dot += q[size_t(h * c.D + d)] * bf16_to_f32(k[size_t(s * c.stride + kv * c.D + d)]);
+        dot += q[size_t(h * c.D + d)] * bf16_to_f32(k[size_t(kv * c.head_stride + s * c.stride + d)]);
       }
       w[size_t(s)] = round_to_bf16(dot);
     }
@@ -473,7 +474,7 @@ std::vector<float> ref_attend(const std::vector<float>& q, const std::vector<uin
     for (int64_t d = 0; d < c.D; ++d) {
       float acc = 0.0f;
       for (int64_t s = 0; s < c.n; ++s) {
-        acc += w[size_t(s)] * bf16_to_f32(v[size_t(s * c.stride + kv * c.D + d)]);
+        acc += w[size_t(s)] * bf16_to_f32(v[size_t(kv * c.head_stride + s * c.stride + d)]);
       }
       out[size_t(h * c.D + d)] = round_to_bf16(round_to_bf16(acc) / round_to_bf16(sum));
     }
@@ -494,13 +495,13 @@ AttnData make_attn_data(std::mt19937& rng, const AttnCase& c) {
   AttnData a;
   a.q.resize(size_t(c.H * c.D));
   for (auto& x : a.q) x = float(qd(rng)) / 8.0f;
-  const size_t cache = size_t((c.n - 1) * c.stride + c.K * c.D);
+  const size_t cache = size_t((c.K - 1) * c.head_stride + (c.n - 1) * c.stride + c.D);
   a.k.assign(cache, f32_to_bf16(std::numeric_limits<float>::quiet_NaN()));
   a.v = a.k;  // padding between rows stays NaN: reading it would poison the output
   for (int64_t s = 0; s < c.n; ++s) {
     for (int64_t kv = 0; kv < c.K; ++kv) {
       for (int64_t d = 0; d < c.D; ++d) {
-        const size_t at = size_t(s * c.stride + kv * c.D + d);
+        const size_t at = size_t(kv * c.head_stride + s * c.stride + d);
         a.k[at] = f32_to_bf16(float(kd(rng)) / 8.0f);
         // Each kv head's values are offset by 16·kv so a wrong GQA mapping cannot hide.
         a.v[at] = f32_to_bf16(float(vd(rng)) / 16.0f + 16.0f * float(kv));
@@ -516,10 +517,11 @@ void check_attend(std::mt19937& rng, const AttnCase& c) {
   CAPTURE(c.K);
   CAPTURE(c.D);
   CAPTURE(c.stride);
+  CAPTURE(c.head_stride);
   const AttnData a = make_attn_data(rng, c);
   std::vector<float> scratch(size_t(attend_scratch_floats(c.n, c.H)) + 1, 12345.0f);
   std::vector<float> out(size_t(c.H * c.D) + 1, 12345.0f);
-  attend(a.q.data(), a.k.data(), a.v.data(), c.n, c.H, c.K, c.D, c.stride, scratch.data(),
+  attend(a.q.data(), a.k.data(), a.v.data(), c.n, c.H, c.K, c.D, c.stride, c.head_stride, scratch.data(),
          out.data());
   CHECK(scratch.back() == 12345.0f);
   CHECK(out.back() == 12345.0f);
@@ -545,10 +547,16 @@ TEST_CASE("attend matches the reference (GQA, odd sizes, strided cache)") {
   std::mt19937 rng(9);
   for_each_target([&] {
     for (const AttnCase& c :
-         {AttnCase{1, 4, 1, 16, 16}, AttnCase{2, 1, 1, 3, 3}, AttnCase{3, 2, 2, 20, 40},
-          AttnCase{5, 6, 2, 40, 88}, AttnCase{17, 12, 2, 64, 128}, AttnCase{33, 16, 2, 72, 144},
-          AttnCase{100, 32, 8, 64, 512}, AttnCase{64, 8, 8, 128, 1024}, AttnCase{257, 8, 1, 64, 80},
-          AttnCase{513, 32, 8, 64, 520}, AttnCase{9, 4, 2, 96, 192}, AttnCase{7, 2, 1, 600, 600}}) {
+         {// position-major rows (head_stride = D, padded rows)
+          AttnCase{1, 4, 1, 16, 16, 16}, AttnCase{2, 1, 1, 3, 3, 3}, AttnCase{3, 2, 2, 20, 40, 20},
+          AttnCase{5, 6, 2, 40, 88, 40}, AttnCase{17, 12, 2, 64, 128, 64},
+          AttnCase{33, 16, 2, 72, 144, 72}, AttnCase{100, 32, 8, 64, 512, 64},
+          AttnCase{64, 8, 8, 128, 1024, 128}, AttnCase{257, 8, 1, 64, 80, 64},
+          AttnCase{513, 32, 8, 64, 520, 64}, AttnCase{9, 4, 2, 96, 192, 96},
+          AttnCase{7, 2, 1, 600, 600, 600},
+          // head-major (the Llama cache: [K, capacity, D]), capacity beyond n_ctx
+          AttnCase{100, 32, 8, 64, 64, 128 * 64}, AttnCase{3, 6, 2, 40, 40, 5 * 40},
+          AttnCase{513, 32, 8, 64, 64, 513 * 64}, AttnCase{17, 4, 4, 20, 24, 17 * 24}}) {
       check_attend(rng, c);
     }
   });
@@ -557,11 +565,11 @@ TEST_CASE("attend matches the reference (GQA, odd sizes, strided cache)") {
 TEST_CASE("attend with one position returns v exactly") {
   std::mt19937 rng(10);
   for_each_target([&] {
-    const AttnCase c{1, 32, 8, 64, 512};
+    const AttnCase c{1, 32, 8, 64, 512, 64};
     const AttnData a = make_attn_data(rng, c);
     std::vector<float> scratch(size_t(attend_scratch_floats(c.n, c.H)));
     std::vector<float> out(size_t(c.H * c.D));
-    attend(a.q.data(), a.k.data(), a.v.data(), c.n, c.H, c.K, c.D, c.stride, scratch.data(),
+    attend(a.q.data(), a.k.data(), a.v.data(), c.n, c.H, c.K, c.D, c.stride, c.head_stride, scratch.data(),
            out.data());
     for (int64_t h = 0; h < c.H; ++h) {
       for (int64_t d = 0; d < c.D; ++d) {
@@ -586,7 +594,7 @@ TEST_CASE("attend rounds logits and weights to bf16") {
   REQUIRE(e != std::exp(-2.015625f));
   for_each_target([&] {
     float scratch[2], out[D];
-    attend(q, k, v, 2, 1, 1, D, D, scratch, out);
+    attend(q, k, v, 2, 1, 1, D, D, D, scratch, out);
     CHECK(scratch[0] == 1.0f);
     CHECK(scratch[1] == e);
     const float want = round_to_bf16(e / round_to_bf16(1.0f + e));
@@ -598,16 +606,17 @@ TEST_CASE("attend rounds logits and weights to bf16") {
 TEST_CASE("attend validates shapes") {
   float q[4] = {}, scratch[4] = {}, out[4] = {};
   uint16_t kv[4] = {};
-  CHECK_THROWS_AS(attend(q, kv, kv, 0, 1, 1, 4, 4, scratch, out), Error);
-  CHECK_THROWS_AS(attend(q, kv, kv, 1, 3, 2, 1, 2, scratch, out), Error);  // H % K
-  CHECK_THROWS_AS(attend(q, kv, kv, 1, 1, 0, 4, 4, scratch, out), Error);
-  CHECK_THROWS_AS(attend(q, kv, kv, 1, 1, 1, 0, 4, scratch, out), Error);
-  CHECK_THROWS_AS(attend(q, kv, kv, 1, 1, 1, 4, 3, scratch, out), Error);  // stride < K·D
+  CHECK_THROWS_AS(attend(q, kv, kv, 0, 1, 1, 4, 4, 4, scratch, out), Error);
+  CHECK_THROWS_AS(attend(q, kv, kv, 1, 3, 2, 1, 2, 1, scratch, out), Error);  // H % K
+  CHECK_THROWS_AS(attend(q, kv, kv, 1, 1, 0, 4, 4, 4, scratch, out), Error);
+  CHECK_THROWS_AS(attend(q, kv, kv, 1, 1, 1, 0, 4, 4, scratch, out), Error);
+  CHECK_THROWS_AS(attend(q, kv, kv, 1, 1, 1, 4, 3, 4, scratch, out), Error);  // pos_stride < D
+  CHECK_THROWS_AS(attend(q, kv, kv, 1, 2, 2, 2, 2, 1, scratch, out), Error);  // head_stride < D
 }
 
 TEST_CASE("kernels do not allocate") {
   std::mt19937 rng(12);
-  const AttnCase c{300, 32, 8, 64, 512};
+  const AttnCase c{300, 32, 8, 64, 64, 300 * 64};
   const AttnData a = make_attn_data(rng, c);
   std::vector<float> scratch(size_t(attend_scratch_floats(c.n, c.H)));
   std::vector<float> out(size_t(c.H * c.D));
@@ -620,7 +629,7 @@ TEST_CASE("kernels do not allocate") {
   // Warm-up: the first dispatch of each function picks the target (no allocation either, but
   // keep the measured region to steady-state calls).
   const auto run = [&] {
-    attend(a.q.data(), a.k.data(), a.v.data(), c.n, c.H, c.K, c.D, c.stride, scratch.data(),
+    attend(a.q.data(), a.k.data(), a.v.data(), c.n, c.H, c.K, c.D, c.stride, c.head_stride, scratch.data(),
            out.data());
     rms_norm(x.data(), scale.data(), 1, int64_t(x.size()), 1e-5f, yf.data());
     rms_norm(x.data(), scale.data(), 1, int64_t(x.size()), 1e-5f, yb.data());
@@ -656,13 +665,13 @@ TEST_CASE("bench: kernels" * doctest::skip()) {
   std::mt19937 rng(1);
   std::printf("target %s\n", kernels_target_name());
   for (int64_t n : {1, 64, 256, 512, 2048}) {
-    const AttnCase c{n, 32, 8, 64, 8 * 64};
+    const AttnCase c{n, 32, 8, 64, 64, n * 64};  // head-major, as the Llama cache
     const AttnData a = make_attn_data(rng, c);
     std::vector<float> scratch(size_t(attend_scratch_floats(c.n, c.H)));
     std::vector<float> out(size_t(c.H * c.D));
     const double us = median_us(
         [&] {
-          attend(a.q.data(), a.k.data(), a.v.data(), c.n, c.H, c.K, c.D, c.stride, scratch.data(),
+          attend(a.q.data(), a.k.data(), a.v.data(), c.n, c.H, c.K, c.D, c.stride, c.head_stride, scratch.data(),
                  out.data());
         },
         15, std::max<int>(4, int(20000 / n)));
