@@ -556,7 +556,9 @@ TEST_CASE("attend matches the reference (GQA, odd sizes, strided cache)") {
           AttnCase{7, 2, 1, 600, 600, 600},
           // head-major (the Llama cache: [K, capacity, D]), capacity beyond n_ctx
           AttnCase{100, 32, 8, 64, 64, 128 * 64}, AttnCase{3, 6, 2, 40, 40, 5 * 40},
-          AttnCase{513, 32, 8, 64, 64, 513 * 64}, AttnCase{17, 4, 4, 20, 24, 17 * 24}}) {
+          AttnCase{513, 32, 8, 64, 64, 513 * 64}, AttnCase{17, 4, 4, 20, 24, 17 * 24},
+          AttnCase{1, 4, 1, 64, 64, 64}, AttnCase{3, 8, 2, 128, 128, 5 * 128},
+          AttnCase{31, 8, 8, 64, 64, 40 * 64}, AttnCase{257, 24, 8, 64, 64, 300 * 64}}) {
       check_attend(rng, c);
     }
   });
