@@ -139,6 +139,23 @@ class DefaultModelTest(common.TempDirCase):
         self.assertEqual(res.rc, 1, res.describe())
         self.assertIn(bad_ids + ":2: token 99999 is outside", res.stderr_lines[0])
 
+    def test_tokenizer_with_more_pieces_than_the_vocabulary_is_a_one_line_error(self):
+        # A real checkpoint of the wrong vocabulary fails the embedding's shape check first; this
+        # fixture's embedding matches its own small vocab_size, so only the tokenizer is wrong.
+        fx = common.mf.write_fixture(common.mf.BASE.replace(name="small-vocab", vocab_size=512),
+                                     os.path.join(self.tmp, "fixture"))
+        outparent = os.path.join(self.tmp, "out")
+        os.makedirs(outparent)
+        out = os.path.join(outparent, "small.kiln")
+        spm = os.path.join(MODEL, "tokenizer.model")
+        res = kiln("export", *fx.export_args(), "--tokenizer", spm, "--out", out)
+        self.assertEqual(res.rc, 1, res.describe())
+        self.assertEqual(len(res.stderr_lines), 1, res.describe())
+        self.assertIn(spm + ": the tokenizer has 4096 pieces", res.stderr_lines[0])
+        self.assertIn("vocab_size is 512", res.stderr_lines[0])
+        self.assertFalse(os.path.exists(out))
+        self.assertEqual(os.listdir(outparent), [])
+
 
 if __name__ == "__main__":
     unittest.main()

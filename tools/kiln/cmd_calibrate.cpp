@@ -1,7 +1,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 
 #include "export/safetensors.h"
 #include "tools/kiln/args.h"
@@ -10,19 +9,15 @@
 namespace kiln::cli {
 
 std::vector<std::vector<int32_t>> read_prompts_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw Error(path + ": cannot open the prompts file");
   std::vector<std::vector<int32_t>> prompts;
-  std::string line;
-  for (int n = 1; std::getline(in, line); ++n) {
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+  for (const auto& [n, line] : read_lines(path, Blank::kWhitespace,
+                                          "no prompts (expected one comma-separated line each)")) {
     try {
       prompts.push_back(parse_token_list(line, path + ": line " + std::to_string(n)));
     } catch (const UsageError& e) {
       throw Error(e.what());  // bad file content is bad input (exit 1), not bad usage
     }
   }
-  if (prompts.empty()) throw Error(path + ": no prompts (expected one comma-separated line each)");
   return prompts;
 }
 

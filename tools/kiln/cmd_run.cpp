@@ -1,8 +1,8 @@
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <stdexcept>
 
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
@@ -37,14 +37,9 @@ struct Request {
 
 std::vector<Request> read_requests(const std::string& path) {
   std::vector<Request> out;
-  std::ifstream f(path);
-  if (!f) throw Error(path + ": cannot open prompts file");
-  std::string line;
-  for (int64_t n = 1; std::getline(f, line); ++n) {
-    size_t b = line.find_first_not_of(" \t\r");
-    if (b == std::string::npos) continue;
+  for (const auto& [n, line] : read_lines(path, Blank::kWhitespace, "no prompts")) {
     Request r;
-    std::string rest = line.substr(b);
+    std::string rest = line.substr(line.find_first_not_of(" \t\r"));
     if (rest[0] == '@') {
       size_t sp = rest.find_first_of(" \t");
       if (sp == std::string::npos)
@@ -55,7 +50,6 @@ std::vector<Request> read_requests(const std::string& path) {
     r.prompt = parse_token_list(rest, path + ":" + std::to_string(n));
     out.push_back(std::move(r));
   }
-  if (out.empty()) throw Error(path + ": no prompts");
   return out;
 }
 
@@ -73,17 +67,23 @@ struct Timing {
 
 // Continuous batching over the engine's slots: whenever slots are free the next requests are
 // prefilled (one by one, or packed into one prefill_concat pass) and inserted, and every step
-// advances all active slots together. Returns the outputs in request order.
-// `on_token` (optional) sees every token as it is produced.
+// advances all active slots together. With `samples` > 1 each request is prefilled once
+// (prefill_multisampling) and its samples enter that many free slots together (bulk_insert);
+// `packed` then does not apply. Returns the outputs in request order, a request's samples in
+// sample order. `on_token` (optional) sees every token as it is produced.
 std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& reqs,
-                                 const SamplingParams& sp, bool packed, Timing& t,
+                                 const SamplingParams& sp, int64_t samples, bool packed, Timing& t,
                                  const std::function<void(const SlotToken&)>& on_token = {}) {
   const int64_t S = engine.slots();
-  std::vector<Output> out(reqs.size());
-  std::vector<int64_t> slot_req(size_t(S), -1);
+  if (samples < 1 || samples > S)
+    throw std::logic_error("run_requests: " + std::to_string(samples) + " samples for " +
+                           std::to_string(S) + " slots");
+  const size_t k = size_t(samples);
+  std::vector<Output> out(reqs.size() * k);
+  std::vector<int64_t> slot_out(size_t(S), -1);  // the output each slot produces, or -1 if free
   size_t next = 0, done = 0;
   auto record = [&](const SlotToken& st) {
-    Output& o = out[size_t(slot_req[size_t(st.slot)])];
+    Output& o = out[size_t(slot_out[size_t(st.slot)])];
     if (on_token) on_token(st);
     o.tokens.push_back(st.token);
     o.logprobs.push_back(st.logp);
@@ -91,19 +91,23 @@ std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& req
     if (st.finish != FinishReason::None) {
       o.finish = st.finish;
       engine.release(st.slot);
-      slot_req[size_t(st.slot)] = -1;
+      slot_out[size_t(st.slot)] = -1;
       ++done;
     }
   };
-  while (done < reqs.size()) {
+  while (done < out.size()) {
     std::vector<int64_t> free_slots;
     for (int64_t s = 0; s < S; ++s)
-      if (slot_req[size_t(s)] < 0) free_slots.push_back(s);
-    const size_t n = std::min(free_slots.size(), reqs.size() - next);
+      if (slot_out[size_t(s)] < 0) free_slots.push_back(s);
+    const size_t n = std::min(free_slots.size() / k, reqs.size() - next);
     if (n > 0) {
       const double t0 = now_seconds();
       std::vector<Prefix> prefixes;
-      if (packed) {
+      if (samples > 1) {
+        for (size_t i = 0; i < n; ++i)
+          prefixes.push_back(engine.prefill_multisampling(reqs[next + i].prompt, samples, sp,
+                                                          reqs[next + i].adapter));
+      } else if (packed) {
         std::vector<PrefillRequest> batch;
         for (size_t i = 0; i < n; ++i)
           batch.push_back({reqs[next + i].prompt, sp, reqs[next + i].adapter});
@@ -113,12 +117,18 @@ std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& req
           prefixes.push_back(engine.prefill(reqs[next + i].prompt, sp, reqs[next + i].adapter));
       }
       t.prefill_seconds += now_seconds() - t0;
-      for (size_t i = 0; i < n; ++i) {
+      for (size_t i = 0; i < n; ++i, ++next) {
         t.prompt_tokens += int64_t(reqs[next].prompt.size());
-        slot_req[size_t(free_slots[i])] = int64_t(next++);
-        record(engine.insert(std::move(prefixes[i]), free_slots[i]));
+        const std::span<const int64_t> slots(free_slots.data() + i * k, k);
+        for (size_t j = 0; j < k; ++j) slot_out[size_t(slots[j])] = int64_t(next * k + j);
+        if (samples > 1) {
+          for (const SlotToken& st : engine.bulk_insert(std::move(prefixes[i]), slots)) record(st);
+        } else {
+          record(engine.insert(std::move(prefixes[i]), slots[0]));
+        }
       }
     }
+    if (done == out.size()) break;  // every request ended with its prefill's token
     const double t1 = now_seconds();
     const std::span<const SlotToken> step = engine.generate();
     t.decode_seconds += now_seconds() - t1;
@@ -229,40 +239,16 @@ int cmd_run(int argc, const char* const* argv) {
   Timing t;
   const double t1 = now_seconds();
   std::vector<Output> out;
-  if (samples > 1) {  // one prefill, `samples` slots
-    const double tp = now_seconds();
-    Prefix prefix = engine->prefill_multisampling(reqs[0].prompt, samples, sp, reqs[0].adapter);
-    t.prefill_seconds = now_seconds() - tp;
-    t.prompt_tokens = int64_t(reqs[0].prompt.size());
-    std::vector<int64_t> slots(static_cast<size_t>(samples));
-    for (int64_t i = 0; i < samples; ++i) slots[size_t(i)] = i;
-    out.resize(size_t(samples));
-    size_t done = 0;
-    auto record = [&](const SlotToken& st) {
-      Output& o = out[size_t(st.slot)];
-      o.tokens.push_back(st.token);
-      o.logprobs.push_back(st.logp);
-      ++t.generated;
-      if (st.finish != FinishReason::None) o.finish = st.finish, ++done;
-    };
-    for (const SlotToken& st : engine->bulk_insert(std::move(prefix), slots)) record(st);
-    while (done < out.size()) {
-      const double td = now_seconds();
-      const std::span<const SlotToken> step = engine->generate();
-      t.decode_seconds += now_seconds() - td;
-      t.decoded += int64_t(step.size());
-      for (const SlotToken& st : step) record(st);
-    }
-  } else if (text && !json) {  // stream the continuation as it arrives
+  if (text && !json && samples == 1) {  // stream the continuation as it arrives
     TextStream stream(*tok);
-    out = run_requests(*engine, reqs, sp, false, t, [&](const SlotToken& st) {
+    out = run_requests(*engine, reqs, sp, 1, false, t, [&](const SlotToken& st) {
       std::fputs(stream.push(st.token).c_str(), stdout);
       std::fflush(stdout);
     });
     std::printf("%s\n", stream.finish().c_str());
     std::fflush(stdout);  // before the timings on stderr
   } else {
-    out = run_requests(*engine, reqs, sp, a.has("--packed-prefill"), t);
+    out = run_requests(*engine, reqs, sp, samples, a.has("--packed-prefill"), t);
   }
   const double seconds = now_seconds() - t1;
   const double prefill_tps =

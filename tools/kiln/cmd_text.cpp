@@ -30,22 +30,27 @@ std::vector<int32_t> text_prompt(const Tokenizer& tok, const std::string& text) 
   return ids;
 }
 
-namespace {
-
-// Non-empty lines of a text file, without their line ends, with their 1-based line numbers.
-std::vector<std::pair<int64_t, std::string>> read_lines(const std::string& path) {
+std::vector<std::pair<int64_t, std::string>> read_lines(const std::string& path, Blank blank,
+                                                        const std::string& if_none) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw Error(path + ": cannot open");
   std::vector<std::pair<int64_t, std::string>> out;
   std::string line;
   for (int64_t n = 1; std::getline(f, line); ++n) {
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    if (!line.empty()) out.emplace_back(n, line);
+    if (!line.empty() && line.back() == '\r') line.pop_back();  // CRLF files
+    const bool skip = blank == Blank::kEmpty ? line.empty()
+                                             : line.find_first_not_of(" \t\r") == std::string::npos;
+    if (!skip) out.emplace_back(n, line);
   }
   if (f.bad()) throw Error(path + ": read error");
-  if (out.empty()) throw Error(path + ": no non-empty lines");
+  if (out.empty()) throw Error(path + ": " + if_none);
   return out;
 }
+
+namespace {
+
+// What eval and tokenize say about a file without a non-empty line.
+constexpr const char* kNoLines = "no non-empty lines";
 
 }  // namespace
 
@@ -68,7 +73,7 @@ int cmd_eval(int argc, const char* const* argv) {
   if (!adapter.empty()) engine->load_adapter(adapter);
   const double t_load = now_seconds() - t0;
   const Tokenizer& tok = require_tokenizer(*engine, dir, "eval cannot read text");
-  const auto lines = read_lines(path);
+  const auto lines = read_lines(path, Blank::kEmpty, kNoLines);
 
   const int64_t V = engine->config().vocab_size;
   const bool progress = !a.has("--json") && ::isatty(STDERR_FILENO) == 1;
@@ -144,7 +149,7 @@ int cmd_tokenize(int argc, const char* const* argv) {
     if (!a.has("--tokens-file") || a.has("--text-file"))
       throw a.error("--decode takes --tokens-file (and no --text-file)");
     const std::string path = a.get("--tokens-file");
-    for (const auto& [n, line] : read_lines(path)) {
+    for (const auto& [n, line] : read_lines(path, Blank::kEmpty, kNoLines)) {
       const std::vector<int32_t> ids = parse_token_list(line, path + ":" + std::to_string(n));
       for (int32_t id : ids)
         if (id < 0 || id >= tok.vocab_size())
@@ -157,7 +162,7 @@ int cmd_tokenize(int argc, const char* const* argv) {
   }
   if (!a.has("--text-file") || a.has("--tokens-file"))
     throw a.error("give --text-file (or --decode --tokens-file)");
-  for (const auto& [n, line] : read_lines(a.get("--text-file"))) {
+  for (const auto& [n, line] : read_lines(a.get("--text-file"), Blank::kEmpty, kNoLines)) {
     const std::vector<int32_t> ids = tok.encode(line);
     std::string out;
     for (size_t k = 0; k < ids.size(); ++k) out += (k ? "," : "") + std::to_string(ids[k]);

@@ -17,6 +17,8 @@ int cmd_tokenize(int argc, const char* const* argv);
 
 }  // namespace kiln::cli
 
+#include <utility>
+
 #include "engine/engine.h"
 
 namespace kiln::cli {
@@ -27,6 +29,17 @@ class Args;
 // Options every command that runs the model shares: --threads, --no-relayout, --verify.
 void add_engine_options(ArgParser& p);
 EngineOptions engine_options(const Args& a);
+
+// Which lines read_lines skips.
+enum class Blank {
+  kEmpty,       // empty lines (text: a line of spaces is still text)
+  kWhitespace,  // lines of spaces and tabs only (token-id lists)
+};
+// The lines of a text file that are not blank, each with its 1-based line number, without the
+// line ending ('\n' or CRLF; the last line may lack one). A file that cannot be opened or read is
+// a kiln::Error naming it, and so is one with no line left: "PATH: " + `if_none`.
+std::vector<std::pair<int64_t, std::string>> read_lines(const std::string& path, Blank blank,
+                                                        const std::string& if_none);
 
 // Prompts for calibration: one per line, token ids comma-separated; blank lines skipped.
 std::vector<std::vector<int32_t>> read_prompts_file(const std::string& path);
