@@ -86,7 +86,7 @@ class LlamaModel final : public Model {
     attn_b_ = rows_bf16(H * D);
     act_b_ = rows_bf16(F);
     threads_ = std::max(1, omp_get_max_threads());
-    scores_.resize(size_t(threads_ * ops::attend_scratch_floats(c_.max_target_length, H)));
+    scores_.resize(size_t(threads_ * ops::attend_scratch_floats(c_.max_target_length, H / K)));
   }
 
  private:
@@ -130,21 +130,24 @@ class LlamaModel final : public Model {
         }
       }
       if (c_.query_scale != 1.0) ops::scale_round(q_.data(), T * H * D, float(c_.query_scale));
-      // Rows are independent given the caches; the threads take them one at a time, since later
-      // positions attend to more keys and a core slowed by its neighbours should take fewer.
-      const int64_t scratch = ops::attend_scratch_floats(c_.max_target_length, H);
-      auto attend_row = [&](int64_t t, int thread) {
+      // Each (row, kv head) is independent given the caches: the threads take them one at a time,
+      // since later positions attend to more keys and a core slowed by its neighbours should take
+      // fewer. Item i covers the G = H / K query heads of kv head i % K of row i / K.
+      const int64_t G = H / K, scratch = ops::attend_scratch_floats(c_.max_target_length, G);
+      auto attend_item = [&](int64_t i, int thread) {
+        const int64_t t = i / K, h0 = (i % K) * G;
         const KvCache& kv = *rows.cache[t];
-        ops::attend(q_.data() + t * H * D, kv.k[l].data(), kv.v[l].data(), rows.pos[t] + 1, H, K, D,
-                    D, kv.capacity * D, scores_.data() + thread * scratch,
-                    attn_.data() + t * H * D);
-        ops::to_bf16(attn_.data() + t * H * D, H * D, attn_b_.data() + t * H * D);
+        const int64_t at = (i % K) * kv.capacity * D;  // head-major cache: [K, capacity, D]
+        float* out = attn_.data() + (t * H + h0) * D;
+        ops::attend(q_.data() + (t * H + h0) * D, kv.k[l].data() + at, kv.v[l].data() + at,
+                    rows.pos[t] + 1, G, 1, D, D, D, scores_.data() + thread * scratch, out);
+        ops::to_bf16(out, G * D, attn_b_.data() + (t * H + h0) * D);
       };
       if (T == 1) {
-        attend_row(0, 0);  // decode: an OpenMP region would cost more than it saves
+        for (int64_t i = 0; i < K; ++i) attend_item(i, 0);  // an OpenMP region costs more
       } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
-        for (int64_t t = 0; t < T; ++t) attend_row(t, omp_get_thread_num());
+        for (int64_t i = 0; i < T * K; ++i) attend_item(i, omp_get_thread_num());
       }
       if (max_logits_)
         for (int64_t t = 0; t < T; ++t)
