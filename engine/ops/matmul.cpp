@@ -21,6 +21,7 @@
 //    oneDNN and its allocations), brgemm buckets on plain W above (it copies W panels into the
 //    scratchpad as it goes).
 #include "engine/ops/matmul.h"
+#include "engine/ops/parallel.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -524,67 +525,15 @@ KILN_AVX512BF16 void gemv_t_range(const uint16_t* x, int64_t M, int64_t K, int64
 // while 256K MACs take ~10–20 µs on one core.
 constexpr int64_t kMinParallelMacs = int64_t(1) << 18;
 
-// One thread's share of the units, [begin, end) packed into one word (begin in the low half) so
-// that its owner taking from the front and a thief taking from the back agree by one
-// compare-exchange. A cache line each: the owner's claims stay in its own core's cache.
-struct alignas(64) UnitRange {
-  std::atomic<uint64_t> word;
-};
-constexpr int kMaxStealingThreads = 64;
-
-uint64_t pack_range(int64_t begin, int64_t end) {
-  return uint64_t(begin) | (uint64_t(end) << 32);
-}
-
-// Claims up to `chunk` units from the front (front = true) or the back of `r` into [b, e).
-bool claim(UnitRange& r, int64_t chunk, bool front, int64_t& b, int64_t& e) {
-  uint64_t cur = r.word.load(std::memory_order_relaxed);
-  for (;;) {
-    const int64_t lo = int64_t(cur & 0xffffffffu), hi = int64_t(cur >> 32);
-    if (lo >= hi) return false;
-    b = front ? lo : std::max(lo, hi - chunk);
-    e = front ? std::min(hi, lo + chunk) : hi;
-    const uint64_t next = front ? pack_range(e, hi) : pack_range(lo, b);
-    if (r.word.compare_exchange_weak(cur, next, std::memory_order_relaxed)) return true;
-  }
-}
-
 // Runs body(begin, end) over [0, units) (column blocks, 32-column chunks or output rows) on the
-// threads. Each thread starts on its own contiguous range, so it streams one contiguous part of W,
-// in chunks taken from the front; a thread that runs dry takes chunks from the back of another's
-// range. On this shared VM one core is often slowed for a while by neighbours, and a static split
-// then left the other core waiting at the barrier: ~7 % of a 16-slot decode step.
+// threads, with work stealing (engine/ops/parallel.h); one thread below kMinParallelMacs.
 template <typename Body>
 void parallel_ranges(int64_t units, int64_t macs, int threads, const Body& body) {
   if (threads <= 1 || units == 1 || macs < kMinParallelMacs) {
     body(int64_t(0), units);
     return;
   }
-  if (threads > kMaxStealingThreads || units >= (int64_t(1) << 31)) {
-#pragma omp parallel num_threads(threads)
-    {
-      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-      body(units * t / nt, units * (t + 1) / nt);
-    }
-    return;
-  }
-  UnitRange ranges[kMaxStealingThreads];  // on the stack: nothing allocated per call
-  for (int t = 0; t < threads; ++t)
-    ranges[t].word.store(pack_range(units * t / threads, units * (t + 1) / threads),
-                         std::memory_order_relaxed);
-  const int64_t chunk = std::max<int64_t>(1, units / (int64_t(threads) * 8));
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    if (nt != threads) {  // the runtime gave fewer threads: plain static split
-      body(units * t / nt, units * (t + 1) / nt);
-    } else {
-      int64_t b, e;
-      while (claim(ranges[t], chunk, true, b, e)) body(b, e);
-      for (int i = 1; i < nt; ++i)
-        while (claim(ranges[(t + i) % nt], chunk, false, b, e)) body(b, e);
-    }
-  }
+  run_ranges_stealing(units, threads, body);
 }
 
 enum class Gemv { kNone, kBlocked, kPlain, kTransposed };

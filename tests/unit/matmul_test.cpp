@@ -1,17 +1,22 @@
 // Linear against a naive reference: every input is a bf16 value, so each product is exact in f32
 // and the only difference to the double-precision reference is the summation order.
 #include "engine/ops/matmul.h"
+#include "engine/ops/parallel.h"
 
 #include <doctest/doctest.h>
 #include <omp.h>
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -242,6 +247,54 @@ TEST_CASE("Linear with two threads: the GEMV and brgemm split the work correctly
         }
       }
     }
+  }
+}
+
+TEST_CASE("Linear with two threads: work stealing covers every column block once, every time") {
+  const Threads two(2);
+  // 40 column blocks, claimed a few at a time from both ends: which thread computes which block
+  // varies from call to call, the result must not.
+  const int64_t K = 515, N = 40 * 64 - 7;
+  const std::vector<uint16_t> w = random_bf16(size_t(K * N), 17);
+  LinearOptions opt;
+  opt.max_m = 16;
+  const Linear lin(w.data(), K, N, opt);
+  for (int64_t M : {1, 16}) {
+    CAPTURE(M);
+    const std::vector<uint16_t> x = random_bf16(size_t(M * K), uint32_t(M + 7));
+    std::vector<float> first(size_t(M * N)), y(size_t(M * N));
+    lin.forward(x.data(), M, first.data());
+    check(x, w, M, K, N, first.data());
+    for (int rep = 0; rep < 50; ++rep) {
+      std::fill(y.begin(), y.end(), std::numeric_limits<float>::quiet_NaN());
+      lin.forward(x.data(), M, y.data());
+      REQUIRE(std::memcmp(y.data(), first.data(), y.size() * sizeof(float)) == 0);
+    }
+  }
+}
+
+TEST_CASE("run_ranges_stealing: every unit once, and a stalled thread's work is taken over") {
+  for (int64_t units : {1, 2, 7, 40, 1000}) {
+    CAPTURE(units);
+    std::vector<std::atomic<int>> seen(static_cast<size_t>(units));
+    std::atomic<int64_t> by_thread0{0}, by_thread1{0};
+    bool thread1_started = false;  // touched by thread 1 only
+    kiln::ops::run_ranges_stealing(units, 2, [&](int64_t b, int64_t e) {
+      if (omp_get_thread_num() == 1) {
+        if (!thread1_started) {  // stall on the first chunk until thread 0 has done the rest
+          thread1_started = true;
+          for (int i = 0; i < 20000 && by_thread0.load() + (e - b) < units; ++i)
+            std::this_thread::sleep_for(std::chrono::microseconds(100));
+        }
+        by_thread1 += e - b;
+      } else {
+        by_thread0 += e - b;
+      }
+      for (int64_t u = b; u < e; ++u) seen[size_t(u)]++;
+    });
+    for (int64_t u = 0; u < units; ++u) CHECK(seen[size_t(u)].load() == 1);
+    // Thread 1 ran only the chunk it took before stalling; thread 0 stole the rest of its range.
+    CHECK(by_thread1.load() <= std::max<int64_t>(1, units / 16));
   }
 }
 
