@@ -14,6 +14,14 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A call that does not fit the current state of the object it is made on (a decode slot that is
+// busy or not in use, an adapter that is not loaded or still in use), as opposed to bad input. The
+// C API reports it as KILN_ERROR_STATE.
+class StateError : public Error {
+ public:
+  using Error::Error;
+};
+
 // Bad command-line usage (unknown flag, missing argument).
 class UsageError : public Error {
  public:

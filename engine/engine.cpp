@@ -71,10 +71,12 @@ const LoraAdapter& Engine::load_adapter(const std::string& name) {
 
 void Engine::unload_adapter(const std::string& name) {
   auto it = adapters_.find(name);
-  if (it == adapters_.end()) throw Error("unload_adapter: adapter '" + name + "' is not loaded");
+  if (it == adapters_.end())
+    throw StateError("unload_adapter: adapter '" + name + "' is not loaded");
   for (size_t i = 0; i < slots_.size(); ++i)
     if (slots_[i].busy && slots_[i].adapter == it->second)
-      throw Error("unload_adapter: adapter '" + name + "' is in use by slot " + std::to_string(i));
+      throw StateError("unload_adapter: adapter '" + name + "' is in use by slot " +
+                       std::to_string(i));
   adapters_.erase(it);
 }
 
@@ -88,7 +90,7 @@ std::shared_ptr<const LoraAdapter> Engine::adapter_for(const std::string& name) 
   if (name.empty()) return nullptr;
   auto it = adapters_.find(name);
   if (it == adapters_.end())
-    throw Error("adapter '" + name + "' is not loaded (load_adapter first)");
+    throw StateError("adapter '" + name + "' is not loaded (load_adapter first)");
   return it->second;
 }
 
@@ -194,7 +196,7 @@ FinishReason Engine::finish_of(const Slot& s, int32_t token) const {
 SlotToken Engine::place(Prefix& p, size_t sample, int64_t slot) {
   slot_state(slot);
   Slot& s = slots_[size_t(slot)];
-  if (s.busy) throw Error("insert: slot " + std::to_string(slot) + " is busy");
+  if (s.busy) throw StateError("insert: slot " + std::to_string(slot) + " is busy");
   copy_cache(p.cache, s.cache);
   s.sampler = std::move(p.samplers[sample]);
   s.adapter = p.adapter;
@@ -218,7 +220,7 @@ std::vector<SlotToken> Engine::bulk_insert(Prefix&& prefix, std::span<const int6
                 std::to_string(prefix.samplers.size()) + " samples");
   for (size_t i = 0; i < slots.size(); ++i) {
     if (slot_state(slots[i]).busy)
-      throw Error("bulk_insert: slot " + std::to_string(slots[i]) + " is busy");
+      throw StateError("bulk_insert: slot " + std::to_string(slots[i]) + " is busy");
     for (size_t j = 0; j < i; ++j)
       if (slots[j] == slots[i])
         throw Error("bulk_insert: slot " + std::to_string(slots[i]) + " is given twice");
@@ -267,13 +269,18 @@ std::span<const SlotToken> Engine::generate() {
 void Engine::release(int64_t slot) {
   slot_state(slot);
   Slot& s = slots_[size_t(slot)];
-  if (!s.busy) throw Error("release: slot " + std::to_string(slot) + " is not in use");
+  if (!s.busy) throw StateError("release: slot " + std::to_string(slot) + " is not in use");
   s.busy = false;
   s.finish = FinishReason::None;
   s.adapter.reset();
   s.sampler.reset();
   s.cache.length = 0;
   s.produced = 0;
+}
+
+void Engine::check_request(std::span<const int32_t> prompt, const SamplingParams& sampling) const {
+  check_prompt(prompt);
+  Sampler(config().vocab_size, sampling);  // throws for parameters its algorithm refuses
 }
 
 void Engine::check_prompt(std::span<const int32_t> prompt) const {

@@ -73,8 +73,8 @@ class Engine {
 
   // --- prefill ---------------------------------------------------------------------------------
   // Runs `prompt` and samples its first token. Throws kiln::Error for an empty prompt, a prompt
-  // longer than the context, an id outside the vocabulary, bad sampling parameters or an adapter
-  // that is not loaded.
+  // longer than the context, an id outside the vocabulary or bad sampling parameters (see
+  // check_request), kiln::StateError for an adapter that is not loaded.
   Prefix prefill(std::span<const int32_t> prompt, const SamplingParams& sampling,
                  const std::string& adapter = "");
   // One prefill, then `n` independent first tokens from the same logits; sample i draws from the
@@ -89,8 +89,8 @@ class Engine {
 
   // --- decode slots ----------------------------------------------------------------------------
   // Copies the prefix's cache into free slot `slot` and returns the prefill's token (with its
-  // finish reason: it may already end the request). Throws for an unknown or busy slot or a
-  // multi-sample prefix. The prefix is consumed.
+  // finish reason: it may already end the request). Throws kiln::Error for an unknown slot or a
+  // multi-sample prefix, kiln::StateError for a busy slot; the prefix is consumed only on success.
   SlotToken insert(Prefix&& prefix, int64_t slot);
   // Sample i of a multisampling prefix into slots[i] (as many slots as samples).
   std::vector<SlotToken> bulk_insert(Prefix&& prefix, std::span<const int64_t> slots);
@@ -98,7 +98,8 @@ class Engine {
   // returns their tokens in slot order (empty when no slot is active). The span stays valid until
   // the next call. Allocates nothing.
   std::span<const SlotToken> generate();
-  // Frees a busy slot (finished or not). Throws for an unknown or free slot.
+  // Frees a busy slot (finished or not). Throws kiln::Error for an unknown slot, kiln::StateError
+  // for a free one.
   void release(int64_t slot);
   bool slot_busy(int64_t slot) const { return slot_state(slot).busy; }
   bool slot_finished(int64_t slot) const { return slot_state(slot).finish != FinishReason::None; }
@@ -116,10 +117,16 @@ class Engine {
   // --- run-time LoRA ---------------------------------------------------------------------------
   // load_adapter maps adapters/<name>/ as recorded in the artifact's manifest (re-read from disk,
   // so adapters added after open are found) and verifies it; the base weights are not read again.
-  // Loading a loaded name again is a no-op. unload_adapter throws while a busy slot uses it.
+  // Loading a loaded name again is a no-op. unload_adapter throws kiln::StateError for a name that
+  // is not loaded or while a busy slot uses it.
   const LoraAdapter& load_adapter(const std::string& name);
   void unload_adapter(const std::string& name);
   std::vector<std::string> loaded_adapters() const;
+
+  // Throws kiln::Error (one line) for what prefill would refuse as bad input: an empty prompt,
+  // one longer than the context, a token outside the vocabulary, sampling parameters the
+  // algorithm does not accept. Lets a caller check a batch before running any of it.
+  void check_request(std::span<const int32_t> prompt, const SamplingParams& sampling) const;
 
  private:
   struct Slot {

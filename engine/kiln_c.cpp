@@ -1,7 +1,7 @@
 // The C API (engine/kiln.h) over kiln::Engine. Every entry point catches every exception: a
-// kiln::Error becomes the status its call's context implies (the arguments are checked here first
-// where the engine's own message would not tell an invalid argument from a state problem),
-// std::bad_alloc and anything else become KILN_ERROR_INTERNAL.
+// kiln::StateError becomes KILN_ERROR_STATE, another kiln::Error the status its call's context
+// implies (an invalid argument; I/O for opening and loading), std::bad_alloc and anything else
+// KILN_ERROR_INTERNAL.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -56,6 +56,9 @@ kiln_status guarded(const char* fn, kiln_status error_status, F&& body) noexcept
     } catch (const Failure& f) {
       g_last_error = f.message;
       return f.status;
+    } catch (const kiln::StateError& e) {
+      g_last_error = std::string(fn) + ": " + e.what();
+      return KILN_ERROR_STATE;
     } catch (const kiln::Error& e) {
       g_last_error = std::string(fn) + ": " + e.what();
       return error_status;
@@ -101,41 +104,15 @@ std::string adapter_name(const char* adapter) {
   return adapter ? std::string(adapter) : "";
 }
 
-// The checks Engine::prefill makes, made here to give each failure its status (and, for
-// prefill_concat, the prompt's index): bad parameters and prompts are invalid arguments, an
-// adapter that is not loaded is a state error.
+// A request's bad input, refused before anything runs, named by `what` (for prefill_concat:
+// which prompt).
 void check_request(const kiln::Engine& e, std::span<const int32_t> prompt,
-                   const kiln::SamplingParams& sp, const std::string& adapter,
-                   const std::string& what) {
+                   const kiln::SamplingParams& sp, const std::string& what) {
   try {
-    kiln::Sampler check(e.config().vocab_size, sp);
+    e.check_request(prompt, sp);
   } catch (const kiln::Error& err) {
     fail(KILN_ERROR_INVALID_ARGUMENT, what + ": " + err.what());
   }
-  if (prompt.empty()) fail(KILN_ERROR_INVALID_ARGUMENT, what + ": the prompt is empty");
-  if (int64_t(prompt.size()) > e.max_seq_len())
-    fail(KILN_ERROR_INVALID_ARGUMENT, what + ": the prompt has " + std::to_string(prompt.size()) +
-                                          " tokens, longer than the context of " +
-                                          std::to_string(e.max_seq_len()));
-  const int64_t V = e.config().vocab_size;
-  for (size_t i = 0; i < prompt.size(); ++i)
-    if (prompt[i] < 0 || prompt[i] >= V)
-      fail(KILN_ERROR_INVALID_ARGUMENT,
-           what + ": prompt token " + std::to_string(i) + " is id " + std::to_string(prompt[i]) +
-               ", outside the vocabulary [0, " + std::to_string(V) + ")");
-  if (!adapter.empty()) {
-    const std::vector<std::string> loaded = e.loaded_adapters();
-    if (std::find(loaded.begin(), loaded.end(), adapter) == loaded.end())
-      fail(KILN_ERROR_STATE,
-           what + ": adapter '" + adapter + "' is not loaded (kiln_load_adapter first)");
-  }
-}
-
-void check_slot(const kiln::Engine& e, int64_t slot, const std::string& what) {
-  if (slot < 0 || slot >= e.slots())
-    fail(KILN_ERROR_INVALID_ARGUMENT, what + ": slot " + std::to_string(slot) +
-                                          " does not exist (the engine has " +
-                                          std::to_string(e.slots()) + ")");
 }
 
 kiln_slot_token to_c(const kiln::SlotToken& t) {
@@ -288,7 +265,7 @@ kiln_status prefill(const char* fn, kiln_engine* engine, const int32_t* tokens, 
     const kiln::SamplingParams sp = sampling_params(*sampling, fn);
     const std::string name = adapter_name(adapter);
     const std::span<const int32_t> prompt(tokens, n);
-    check_request(e, prompt, sp, name, fn);
+    check_request(e, prompt, sp, fn);
     auto p = std::make_unique<kiln_prefix>();
     p->prefix = e.prefill_multisampling(prompt, n_samples, sp, name);
     *out = p.release();
@@ -330,7 +307,7 @@ kiln_status kiln_prefill_concat(kiln_engine* engine, size_t n_prompts, const int
       reqs[i].tokens = std::span<const int32_t>(tokens[i], lengths[i]);
       reqs[i].sampling = sampling_params(sampling[i], what);
       reqs[i].adapter = adapter_name(adapters ? adapters[i] : nullptr);
-      check_request(e, reqs[i].tokens, reqs[i].sampling, reqs[i].adapter, what);
+      check_request(e, reqs[i].tokens, reqs[i].sampling, what);
     }
     std::vector<std::unique_ptr<kiln_prefix>> made(n_prompts);
     for (auto& m : made) m = std::make_unique<kiln_prefix>();
@@ -381,13 +358,10 @@ kiln_status kiln_insert(kiln_engine* engine, kiln_prefix* prefix, int64_t slot,
     require(prefix, fn, "prefix");
     require(first, fn, "first");
     kiln::Engine& e = *engine->engine;
-    check_slot(e, slot, fn);
     if (prefix->prefix.samplers.size() != 1)
       fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": the prefix holds " +
                                             std::to_string(prefix->prefix.samplers.size()) +
                                             " samples; use kiln_bulk_insert");
-    if (e.slot_busy(slot))
-      fail(KILN_ERROR_STATE, std::string(fn) + ": slot " + std::to_string(slot) + " is busy");
     *first = to_c(e.insert(std::move(prefix->prefix), slot));
     delete prefix;
   });
@@ -402,20 +376,6 @@ kiln_status kiln_bulk_insert(kiln_engine* engine, kiln_prefix* prefix, const int
     require(slots, fn, "slots");
     require(firsts, fn, "firsts");
     kiln::Engine& e = *engine->engine;
-    if (n != prefix->prefix.samplers.size())
-      fail(KILN_ERROR_INVALID_ARGUMENT,
-           std::string(fn) + ": " + std::to_string(n) + " slots for a prefix of " +
-               std::to_string(prefix->prefix.samplers.size()) + " samples");
-    for (size_t i = 0; i < n; ++i) {
-      check_slot(e, slots[i], fn);
-      for (size_t j = 0; j < i; ++j)
-        if (slots[j] == slots[i])
-          fail(KILN_ERROR_INVALID_ARGUMENT,
-               std::string(fn) + ": slot " + std::to_string(slots[i]) + " is given twice");
-    }
-    for (size_t i = 0; i < n; ++i)
-      if (e.slot_busy(slots[i]))
-        fail(KILN_ERROR_STATE, std::string(fn) + ": slot " + std::to_string(slots[i]) + " is busy");
     const std::vector<kiln::SlotToken> got =
         e.bulk_insert(std::move(prefix->prefix), std::span<const int64_t>(slots, n));
     for (size_t i = 0; i < n; ++i) firsts[i] = to_c(got[i]);
@@ -446,13 +406,9 @@ kiln_status kiln_generate(kiln_engine* engine, kiln_slot_token* out, size_t capa
 
 kiln_status kiln_release(kiln_engine* engine, int64_t slot) {
   static constexpr const char* fn = "kiln_release";
-  return guarded(fn, KILN_ERROR_STATE, [&] {
+  return guarded(fn, KILN_ERROR_INVALID_ARGUMENT, [&] {
     require(engine, fn, "engine");
-    kiln::Engine& e = *engine->engine;
-    check_slot(e, slot, fn);
-    if (!e.slot_busy(slot))
-      fail(KILN_ERROR_STATE, std::string(fn) + ": slot " + std::to_string(slot) + " is not in use");
-    e.release(slot);
+    engine->engine->release(slot);
   });
 }
 
@@ -470,7 +426,7 @@ kiln_status kiln_load_adapter(kiln_engine* engine, const char* name) {
 
 kiln_status kiln_unload_adapter(kiln_engine* engine, const char* name) {
   static constexpr const char* fn = "kiln_unload_adapter";
-  return guarded(fn, KILN_ERROR_STATE, [&] {
+  return guarded(fn, KILN_ERROR_INVALID_ARGUMENT, [&] {
     require(engine, fn, "engine");
     require(name, fn, "name");
     engine->engine->unload_adapter(name);
