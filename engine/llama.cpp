@@ -18,6 +18,7 @@
 #include "engine/model.h"
 #include "engine/ops/kernels.h"
 #include "engine/ops/matmul.h"
+#include "engine/ops/parallel.h"
 
 namespace kiln {
 
@@ -160,7 +161,8 @@ class LlamaModel final : public Model {
       ops::rms_norm(x_.data(), w.post_attn_norm, T, E, eps, xb_.data());
       project(w.wi_0, LoraSlot::wi_0, xb_.data(), gate_.data());
       project(w.wi_1, LoraSlot::wi_1, xb_.data(), up_.data());
-      parallel_spans(T * F, [&](int64_t b, int64_t e) {
+      // Split over the threads for a batched step (16 × 8192 values), inline for one row.
+      ops::run_spans(T * F, int64_t(1) << 16, threads_, [&](int64_t b, int64_t e) {
         ops::silu_mul(gate_.data() + b, up_.data() + b, e - b, act_b_.data() + b);
       });
       project(w.wo, LoraSlot::wo, act_b_.data(), o_.data());
@@ -173,21 +175,6 @@ class LlamaModel final : public Model {
       ops::rms_norm(x_.data() + rows.logit_row[i] * E, final_norm_, 1, E, eps, xb_.data() + i * E);
     head_->forward(xb_.data(), rows.n_logits, logits);
     finish_logits(logits, rows.n_logits * c_.vocab_size);
-  }
-
-  // Runs body(begin, end) over [0, n) elements, split over the threads when n is large (a batched
-  // decode step's MLP activations: 16 × 8192), else inline: an OpenMP region costs microseconds.
-  template <typename Body>
-  void parallel_spans(int64_t n, const Body& body) {
-    if (threads_ == 1 || n < (int64_t(1) << 16)) {
-      body(int64_t(0), n);
-      return;
-    }
-#pragma omp parallel num_threads(threads_)
-    {
-      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-      body(n * t / nt, n * (t + 1) / nt);
-    }
   }
 
   const ModelConfig& c_;

@@ -11,6 +11,7 @@
 #include "common/error.h"
 #include "engine/ops/kernels.h"
 #include "engine/ops/matmul.h"
+#include "engine/ops/parallel.h"
 
 namespace kiln {
 
@@ -219,15 +220,7 @@ void Model::apply_lora(const Rows& rows, int64_t layer, LoraSlot slot, const uin
         float* yr = y + (t0 + b) * N;
         for (int64_t i = 0; i < (e - b) * N; ++i) yr[i] += d[i];
       };
-      if (T >= 8) {
-#pragma omp parallel
-        {
-          const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-          run(T * id / nt, T * (id + 1) / nt);
-        }
-      } else {
-        run(0, T);
-      }
+      ops::run_spans(T, 8, omp_get_max_threads(), run);
     }
     t0 = t1;
   }
@@ -257,17 +250,9 @@ void Model::finish_logits(float* logits, int64_t n) const {
       if (cap > 0) z[i] = round_to_bf16(cap * std::tanh(z[i] / cap));
     }
   };
-  // A batched step finishes 16 × 128 K logits: worth the threads; one row is not. (No `if`
-  // clause: libgomp allocates a team for every region it runs on one thread.)
-  if (n < (int64_t(1) << 18)) {
-    finish(logits, n);
-    return;
-  }
-#pragma omp parallel
-  {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    finish(logits + n * t / nt, n * (t + 1) / nt - n * t / nt);
-  }
+  // A batched step finishes 16 × 128 K logits: worth the threads; one row is not.
+  ops::run_spans(n, int64_t(1) << 18, omp_get_max_threads(),
+                 [&](int64_t b, int64_t e) { finish(logits + b, e - b); });
 }
 
 }  // namespace kiln

@@ -1,4 +1,5 @@
-// Splitting a loop over the OpenMP threads with work stealing (the GEMVs of engine/ops/matmul.cpp).
+// Splitting a loop over the OpenMP threads: evenly (run_spans), or with work stealing for the
+// GEMVs of engine/ops/matmul.cpp (run_ranges_stealing).
 #pragma once
 #include <omp.h>
 
@@ -7,6 +8,22 @@
 #include <cstdint>
 
 namespace kiln::ops {
+
+// Runs body(begin, end) over [0, n) split evenly over `threads` OpenMP threads when n ≥ min_n
+// and threads > 1, else inline on the caller: a region costs microseconds, and libgomp allocates a
+// team for every region it runs on one thread (so no `if` clause). Allocates nothing.
+template <typename Body>
+void run_spans(int64_t n, int64_t min_n, int threads, const Body& body) {
+  if (threads <= 1 || n < min_n) {
+    body(int64_t(0), n);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    body(n * t / nt, n * (t + 1) / nt);
+  }
+}
 
 // One thread's share of the units, [begin, end) packed into one word (begin in the low half) so
 // that its owner taking from the front and a thief taking from the back agree by one
@@ -43,11 +60,7 @@ inline bool claim_units(UnitRange& r, int64_t chunk, bool front, int64_t& b, int
 template <typename Body>
 void run_ranges_stealing(int64_t units, int threads, const Body& body) {
   if (threads > kMaxStealingThreads || units >= (int64_t(1) << 31)) {
-#pragma omp parallel num_threads(threads)
-    {
-      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-      body(units * t / nt, units * (t + 1) / nt);
-    }
+    run_spans(units, 0, threads, body);
     return;
   }
   UnitRange ranges[kMaxStealingThreads];  // on the stack: nothing allocated per call
