@@ -281,6 +281,36 @@ class BadInputTest(common.TempDirCase):
     def test_calibrate_empty_prompts_file(self):
         self.assertIn("no prompts", self.calibrate("\n\n"))
 
+    # -- line files (one reader for prompts, requests and text) -----------------------------------
+
+    def test_missing_line_files_name_the_file(self):
+        self.assertKilnOk(self.export(), "export")
+        missing = os.path.join(self.tmp, "no-such-prompts.txt")
+        stats = os.path.join(self.tmp, "stats.safetensors")
+        for args in (("run", self.out, "--prompts-file", missing),
+                     ("calibrate", self.out, "--tokens-file", missing, "--out", stats)):
+            res = kiln(*args)
+            self.assertNotEqual(res.rc, 0, res.describe())
+            self.assertEqual(len(res.stderr_lines), 1, res.describe())
+            self.assertIn(missing + ": cannot open", res.stderr_lines[0], res.describe())
+            print("    %-40s %s" % (args[0], res.stderr_lines[0]))
+        self.assertFalse(os.path.exists(stats), "statistics written despite the error")
+
+    def test_crlf_prompts_file_runs(self):
+        self.assertKilnOk(self.export(), "export")
+        lf = os.path.join(self.tmp, "lf.txt")
+        crlf = os.path.join(self.tmp, "crlf.txt")
+        with open(lf, "w", newline="") as f:
+            f.write("1,2,3\n\n4,5\n")
+        with open(crlf, "w", newline="") as f:
+            f.write("1,2,3\r\n\r\n4,5\r\n")
+        outs = []
+        for path in (lf, crlf):
+            res = kiln("run", self.out, "--prompts-file", path, "--max-tokens", "3")
+            self.assertKilnOk(res, "run " + os.path.basename(path))
+            outs.append(res.stdout)
+        self.assertEqual(outs[0].splitlines()[:2], outs[1].splitlines()[:2])
+
 
 if __name__ == "__main__":
     unittest.main()
