@@ -90,8 +90,8 @@ UniqueFd lock_if_free(const std::string& path, bool directory) {
 // Whether `fd` still is the file or directory at `path` (another writer's clean-up may have
 // removed it between our creating and locking it).
 bool still_at(int fd, const std::string& path) {
-  struct stat a {
-  }, b{};
+  struct stat a {};
+  struct stat b {};
   return ::fstat(fd, &a) == 0 && ::lstat(path.c_str(), &b) == 0 && a.st_dev == b.st_dev &&
          a.st_ino == b.st_ino;
 }
@@ -103,6 +103,24 @@ void sync_fd(int fd, const std::string& path) {
 void remove_tree(const std::string& path) {
   std::error_code ec;
   fs::remove_all(path, ec);
+}
+
+// Creates `path` with `create` (an open descriptor, or -1 and errno) and locks it. A few
+// attempts: a concurrent writer's clean-up can remove it between our creating and locking it (the
+// clean-up holds the lock while it removes).
+template <typename Create>
+UniqueFd create_locked(const std::string& path, const std::string& error_prefix, Create&& create) {
+  for (int attempt = 0;; ++attempt) {
+    UniqueFd fd(create());
+    const int e = errno;
+    if (fd.get() >= 0 && ::flock(fd.get(), LOCK_EX | LOCK_NB) == 0 && still_at(fd.get(), path))
+      return fd;
+    if (fd.get() < 0 && e != EEXIST) throw Error(error_prefix + errno_text(e));
+    if (attempt >= 3)
+      throw Error(error_prefix + (fd.get() < 0 ? "it exists and is in use by another process"
+                                               : "another process removed it"));
+    ::usleep(10000);
+  }
 }
 
 // Whether `entry` is a temporary of any NAME.
@@ -265,25 +283,11 @@ StagedDirectory::StagedDirectory(std::string final_path, const char* kind)
     : final_(std::move(final_path)) {
   remove_stale_temporaries(final_);
   path_ = sibling(final_, kind);
-  // A few attempts: a concurrent writer's clean-up can remove the directory between our mkdir and
-  // flock (it then holds the lock while removing it).
-  for (int attempt = 0;; ++attempt) {
-    if (::mkdir(path_.c_str(), 0777) != 0) {
-      const int e = errno;
-      if (e != EEXIST || attempt >= 3)
-        throw Error(
-            path_ + ": cannot create directory: " +
-            (e == EEXIST ? std::string("exists and is in use by another process") : errno_text(e)));
-      ::usleep(10000);
-      continue;
-    }
-    UniqueFd lock = lock_if_free(path_, true);
-    if (lock.get() >= 0 && still_at(lock.get(), path_)) {
-      lock_ = std::move(lock);
-      return;
-    }
-    if (attempt >= 3) throw Error(path_ + ": cannot lock the new directory");
-  }
+  lock_ = create_locked(path_, path_ + ": cannot create directory: ", [&] {
+    return ::mkdir(path_.c_str(), 0777) == 0
+               ? ::open(path_.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+               : -1;
+  });
 }
 
 StagedDirectory::~StagedDirectory() {
@@ -300,18 +304,9 @@ void StagedDirectory::commit(bool replace, bool sync) {
 StagedFile::StagedFile(std::string final_path) : final_(std::move(final_path)) {
   remove_stale_temporaries(final_);
   path_ = sibling(final_, "kiln-tmp");
-  for (int attempt = 0;; ++attempt) {
-    const int fd = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0)
-      throw Error(final_ + ": cannot create the temporary file " + path_ + ": " +
-                  errno_text(errno));
-    UniqueFd lock(fd);
-    if (::flock(fd, LOCK_EX | LOCK_NB) == 0 && still_at(fd, path_)) {
-      fd_ = std::move(lock);
-      return;
-    }
-    if (attempt >= 3) throw Error(final_ + ": cannot lock the temporary file " + path_);
-  }
+  fd_ = create_locked(path_, final_ + ": cannot create the temporary file " + path_ + ": ", [&] {
+    return ::open(path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  });
 }
 
 StagedFile::~StagedFile() {

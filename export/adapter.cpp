@@ -130,8 +130,10 @@ void recover_adapter_changes(const std::string& artifact) {
       complete = false;
     }
     if (complete) {
-      std::fprintf(stderr, "kiln: %s: finished an adapter change a killed kiln command had begun\n",
-                   artifact.c_str());
+      std::fprintf(stderr,
+                   "kiln: %s: finished an adapter change a killed kiln command had committed "
+                   "(manifest.kfb from %s)\n",
+                   artifact.c_str(), journal.filename().c_str());
     } else {
       fs::remove(journal, ec);
       std::fprintf(stderr,

@@ -27,7 +27,7 @@ import time
 import unittest
 
 import common
-from common import kiln, mf
+from common import kiln, mf, st
 
 import lora_ref as L  # noqa: E402  (common puts tests/reference on sys.path)
 
@@ -65,19 +65,23 @@ class CrashConsistencyTest(unittest.TestCase):
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="kiln-crash-")
         cls.fx = mf.write_fixture(FIXTURE, os.path.join(cls.tmp, "fixture"))
+        # Uninterrupted exports, byte-compared with what a kill leaves (--force is recorded in
+        # the manifest, so each mode has its own).
         cls.refs = {}
-        cls.seconds = {}
-        for label, epoch in (("old", OLD_EPOCH), ("new", NEW_EPOCH)):
-            ref = os.path.join(cls.tmp, label + ".kiln")
+        cls.seconds = []
+        for label, epoch, extra in (("old", OLD_EPOCH, ["--force"]), ("new", NEW_EPOCH, []),
+                                    ("new", NEW_EPOCH, ["--force"])):
+            ref = os.path.join(cls.tmp, label + "".join(extra) + ".kiln")
             t0 = time.monotonic()
-            subprocess.run(cls.export_argv(ref), env=run_env(epoch), check=True,
+            subprocess.run(cls.export_argv(ref, *extra), env=run_env(epoch), check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            cls.seconds[label] = time.monotonic() - t0
-            cls.refs[label] = snapshot(ref)
-        cls.duration = max(cls.seconds.values())
-        common.log("    uninterrupted export of %.1f MiB: %.2f s" % (
-            sum(os.path.getsize(os.path.join(cls.tmp, "new.kiln", f))
-                for f in os.listdir(os.path.join(cls.tmp, "new.kiln"))) / 2 ** 20, cls.duration))
+            cls.seconds.append(time.monotonic() - t0)
+            cls.refs[label, bool(extra)] = snapshot(ref)
+        cls.duration = max(cls.seconds)
+        new = os.path.join(cls.tmp, "new.kiln")
+        common.log("    uninterrupted export of %.1f MiB: %s s" % (
+            sum(os.path.getsize(os.path.join(new, f)) for f in os.listdir(new)) / 2 ** 20,
+            ", ".join("%.2f" % t for t in cls.seconds)))
 
     @classmethod
     def tearDownClass(cls):
@@ -113,11 +117,13 @@ class CrashConsistencyTest(unittest.TestCase):
         self.assertEqual(p.returncode, 0, p.stderr.decode())
         return p.stderr.decode()
 
-    def which(self, allowed):
-        """The name of the artifact at --out among `allowed` ("absent", "old", "new")."""
+    def which(self, allowed, force):
+        """What --out is: "absent", "old" or "new" (of an export with or without --force), which
+        must be in `allowed`; a present artifact must pass `kiln inspect --verify`."""
         snap = snapshot(self.out)
+        known = {"old": self.refs["old", True], "new": self.refs["new", force]}
         state = "absent" if snap is None else next(
-            (k for k in ("old", "new") if snap == self.refs[k]), "other")
+            (k for k, ref in known.items() if snap == ref), "other")
         self.assertIn(state, allowed, "after a kill --out is %s (files %s)" % (
             state, sorted(snap or [])))
         if snap is not None:
@@ -133,7 +139,7 @@ class CrashConsistencyTest(unittest.TestCase):
             if os.path.exists(self.out):
                 shutil.rmtree(self.out)
             rc = self.kill_at(self.export_argv(self.out), t, NEW_EPOCH)
-            seen.append("%.2fs:%s%s" % (t, self.which({"absent", "new"}),
+            seen.append("%.2fs:%s%s" % (t, self.which({"absent", "new"}, False),
                                         "" if rc == -signal.SIGKILL else "(done)"))
             seen[-1] += "+%d tmp" % len(temporaries(self.parent))
         common.log("    kills (moment:state): " + ", ".join(seen))
@@ -141,25 +147,25 @@ class CrashConsistencyTest(unittest.TestCase):
             shutil.rmtree(self.out)
         self.export_ok(NEW_EPOCH)
         self.assertEqual(os.listdir(self.parent), ["model.kiln"])
-        self.assertEqual(snapshot(self.out), self.refs["new"])
+        self.assertEqual(snapshot(self.out), self.refs["new", False])
 
     def test_kill_export_force_over_an_existing_artifact(self):
         seen = []
         for t in self.moments(self.duration):
-            if snapshot(self.out) != self.refs["old"]:
+            if snapshot(self.out) != self.refs["old", True]:
                 self.export_ok(OLD_EPOCH, "--force")
             rc = self.kill_at(self.export_argv(self.out, "--force"), t, NEW_EPOCH)
-            seen.append("%.2fs:%s%s+%d tmp" % (t, self.which({"old", "new"}),
+            seen.append("%.2fs:%s%s+%d tmp" % (t, self.which({"old", "new"}, True),
                                                "" if rc == -signal.SIGKILL else "(done)",
                                                len(temporaries(self.parent))))
         common.log("    kills (moment:state): " + ", ".join(seen))
         self.export_ok(NEW_EPOCH, "--force")
         self.assertEqual(os.listdir(self.parent), ["model.kiln"])
-        self.assertEqual(snapshot(self.out), self.refs["new"])
+        self.assertEqual(snapshot(self.out), self.refs["new", True])
 
     def test_kill_adapter_add(self):
         art = os.path.join(self.work, "art.kiln")
-        shutil.copytree(os.path.join(self.tmp, "old.kiln"), art)
+        shutil.copytree(os.path.join(self.tmp, "new.kiln"), art)
         ads = {}
         for label, r in (("old", 16), ("new", 32)):
             ads[label] = L.write_adapter(self.fx, L.AdapterSpec(
@@ -262,6 +268,139 @@ class CrashConsistencyTest(unittest.TestCase):
             self.assertIn("interrupted", err.decode())
         else:
             self.assertEqual(os.listdir(self.parent), ["model.kiln"])
+
+
+DEFAULT = os.path.join(common.REPO, "models", "default")
+FINISHED = "finished an adapter change a killed kiln command had committed (manifest.kfb from " \
+    ".manifest.kfb.kiln-next-4242)"
+
+
+def copy_file(src, dst):
+    shutil.copyfile(src, dst)
+
+
+class AdapterRecoveryTest(common.TempDirCase):
+    """Each state a kill of `kiln adapter add --force` / `remove` can leave, built file by file
+    (the kill loop above hits them only by chance): the artifact verifies as it is, and the next
+    adapter command finishes a committed change or undoes an uncommitted one, leaving no
+    temporary. Old adapter: the default model's; new: the same with B doubled (other blobs)."""
+
+    PID = "4242"
+
+    def setUp(self):
+        super().setUp()
+        common.require_kiln(self)
+        self.env = os.environ.get("SOURCE_DATE_EPOCH")
+        os.environ["SOURCE_DATE_EPOCH"] = NEW_EPOCH
+        self.addCleanup(self.restore_env)
+        base = os.path.join(self.tmp, "base.kiln")
+        self.ok(kiln("export", "--checkpoint", os.path.join(DEFAULT, "model.safetensors"),
+                     "--config", os.path.join(DEFAULT, "config.yml"), "--out", base))
+        self.old_adapter = os.path.join(DEFAULT, "adapter")
+        self.new_adapter = os.path.join(self.tmp, "adapter2")
+        os.makedirs(self.new_adapter)
+        copy_file(os.path.join(self.old_adapter, "adapter_config.json"),
+                  os.path.join(self.new_adapter, "adapter_config.json"))
+        weights = st.read_safetensors(os.path.join(self.old_adapter, "adapter.safetensors"))
+        st.write_safetensors(os.path.join(self.new_adapter, "adapter.safetensors"),
+                             {k: (v * (2 if "lora_b" in k else 1), "F32")
+                              for k, v in weights.items()})
+        # the three manifests and both adapter directories the states are made of
+        self.art = os.path.join(self.tmp, "art.kiln")
+        shutil.copytree(base, self.art)
+        self.add(self.art, "ad", self.old_adapter)
+        new = os.path.join(self.tmp, "new.kiln")
+        shutil.copytree(self.art, new)
+        self.add(new, "ad", self.new_adapter, "--force")
+        self.new_manifest = self.read(new, "manifest.kfb")
+        self.new_dir = os.path.join(new, "adapters", "ad")
+        without = os.path.join(self.tmp, "without.kiln")
+        shutil.copytree(self.art, without)
+        self.ok(kiln("adapter", "remove", without, "ad"))
+        self.without_manifest = self.read(without, "manifest.kfb")
+        self.adapters = os.path.join(self.art, "adapters")
+        self.staged = os.path.join(self.adapters, ".ad.kiln-tmp-" + self.PID)
+        self.journal = os.path.join(self.art, ".manifest.kfb.kiln-next-" + self.PID)
+
+    def restore_env(self):
+        if self.env is None:
+            os.environ.pop("SOURCE_DATE_EPOCH", None)
+        else:
+            os.environ["SOURCE_DATE_EPOCH"] = self.env
+
+    def ok(self, res):
+        self.assertEqual(res.rc, 0, res.describe())
+        return res
+
+    def add(self, art, name, adapter, *extra):
+        return self.ok(kiln("adapter", "add", art, adapter, "--name", name, *extra))
+
+    @staticmethod
+    def read(art, name):
+        with open(os.path.join(art, name), "rb") as f:
+            return f.read()
+
+    def write(self, name, data):
+        with open(os.path.join(self.art, name), "wb") as f:
+            f.write(data)
+
+    def state_of_ad(self):
+        """Adapter 'ad' is "old", "new" or None (absent); the artifact must verify as it is."""
+        self.ok(kiln("inspect", self.art, "--verify"))
+        listed = json.loads(self.ok(kiln("adapter", "list", self.art, "--json")).stdout)
+        source = {a["name"]: a["source"] for a in listed["adapters"]}.get("ad")
+        return {None: None, self.old_adapter: "old", self.new_adapter: "new"}[source]
+
+    def recover(self, want_state, want_lines):
+        """The next adapter command (remove of a second adapter, added first) cleans up."""
+        before = self.state_of_ad()
+        res = self.ok(kiln("adapter", "list", self.art))  # read-only: changes nothing
+        self.assertEqual(self.state_of_ad(), before)
+        res = self.add(self.art, "other", self.old_adapter)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        self.assertEqual(len(lines), len(want_lines), res.describe())
+        for line, want in zip(lines, want_lines):
+            self.assertIn(want, line, res.describe())
+        common.log("    %-40s %s" % (self._testMethodName, " | ".join(lines) or "(nothing)"))
+        self.ok(kiln("adapter", "remove", self.art, "other"))
+        self.assertEqual(self.state_of_ad(), want_state)
+        self.assertEqual([n for n in os.listdir(self.art) if n.startswith(".")], [])
+        if os.path.isdir(self.adapters):
+            self.assertEqual(os.listdir(self.adapters), ["ad"] if want_state else [])
+
+    def test_killed_after_the_swap_is_finished(self):
+        # journal written, manifest without 'ad', directories exchanged, old one not yet removed
+        os.rename(os.path.join(self.adapters, "ad"), self.staged)
+        shutil.copytree(self.new_dir, os.path.join(self.adapters, "ad"))
+        self.write(os.path.basename(self.journal), self.new_manifest)
+        self.write("manifest.kfb", self.without_manifest)
+        self.assertIsNone(self.state_of_ad())  # meanwhile absent, and the artifact loads
+        self.recover("new", [FINISHED, "removed " + self.staged])
+
+    def test_killed_after_committing_before_the_swap(self):
+        shutil.copytree(self.new_dir, self.staged)
+        self.write(os.path.basename(self.journal), self.new_manifest)
+        self.assertEqual(self.state_of_ad(), "old")
+        self.recover("new", [FINISHED])  # the swap itself removes the old directory
+
+    def test_killed_before_committing(self):
+        shutil.copytree(self.new_dir, self.staged)
+        os.remove(os.path.join(self.staged, sorted(os.listdir(self.staged))[-1]))
+        self.write(".manifest.kfb.kiln-tmp-" + self.PID, self.new_manifest[:100])
+        self.recover("old", ["removed " + os.path.join(self.art, ".manifest.kfb.kiln-tmp-"),
+                         "removed " + self.staged])
+
+    def test_a_journal_whose_blobs_are_incomplete_is_undone(self):
+        shutil.copytree(self.new_dir, self.staged)
+        os.remove(os.path.join(self.staged, sorted(os.listdir(self.staged))[0]))
+        self.write(os.path.basename(self.journal), self.new_manifest)
+        self.recover("old", ["removed " + self.journal, "removed " + self.staged])
+
+    def test_remove_killed_after_the_manifest(self):
+        self.write("manifest.kfb", self.without_manifest)
+        self.assertIsNone(self.state_of_ad())
+        self.recover(None, ["removed " + os.path.join(self.adapters, "ad")])
+        self.assertFalse(os.path.exists(self.adapters))
 
 
 if __name__ == "__main__":
