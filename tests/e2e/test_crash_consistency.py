@@ -101,8 +101,10 @@ class CrashConsistencyTest(unittest.TestCase):
         self.rng = random.Random(20240612)
 
     def moments(self, duration):
-        """KILLS moments spread over [0, 1.1 duration]: one at random in each equal slice."""
-        return [(i + self.rng.random()) / KILLS * 1.1 * duration for i in range(KILLS)]
+        """KILLS moments spread over [0, 1.4 duration]: one at random in each equal slice (a
+        killed run also removes its predecessor's temporary first, so it runs a little longer
+        than the measured one, and the last slices reach its final rename)."""
+        return [(i + self.rng.random()) / KILLS * 1.4 * duration for i in range(KILLS)]
 
     def kill_at(self, argv, seconds, epoch):
         p = subprocess.Popen(argv, env=run_env(epoch), stdout=subprocess.DEVNULL,
