@@ -2,12 +2,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
-#include <ctime>
 #include <filesystem>
-#include <fstream>
+#include <string_view>
 
 #include "common/bf16.h"
+#include "common/durable_output.h"
 #include "common/error.h"
 #include "common/interrupt.h"
 #include "common/mapped_file.h"
@@ -21,13 +22,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string utc_now() {
-  std::time_t now = std::time(nullptr);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-  return buf;
-}
-
 AdapterRecord record_of(const AdapterSource& src) {
   AdapterRecord r;
   r.format = adapter_format_name(src.format());
@@ -36,27 +30,137 @@ AdapterRecord record_of(const AdapterSource& src) {
   r.lora_alpha = src.lora_alpha();
   r.use_rslora = src.use_rslora();
   r.lora_scale = src.user_scale();
-  r.created_utc = utc_now();
+  r.created_utc = output_time_utc();
   for (const auto& t : src.targets())
     r.targets.push_back({t.layer, t.tensor, t.rank, float(t.scale)});
   return r;
 }
 
-// Removes a path on scope exit unless released.
-class RemoveOnExit {
- public:
-  explicit RemoveOnExit(fs::path p) : path_(std::move(p)) {}
-  ~RemoveOnExit() {
-    if (!path_.empty()) {
-      std::error_code ec;
-      fs::remove_all(path_, ec);
+// An adapter change is committed once its complete new manifest lies durably beside the current
+// one under this name (the journal); the next adapter command finishes a committed change a kill
+// interrupted (recover_adapter_changes).
+constexpr std::string_view kJournalPrefix = ".manifest.kfb.kiln-next-";
+
+std::string journal_path(const std::string& artifact, const std::string& pid) {
+  return (fs::path(artifact) / (std::string(kJournalPrefix) + pid)).string();
+}
+
+std::string manifest_path(const std::string& artifact) {
+  return (fs::path(artifact) / kManifestFile).string();
+}
+
+Manifest read_manifest_file(const std::string& path) {
+  MappedFile f(path);
+  return parse_manifest(f.data(), f.size(), path);
+}
+
+// Whether every blob of `r` exists with the size and header checksum the record lists, in the
+// record's directory or, when given, in `dir`.
+bool blobs_match(const std::string& artifact, const AdapterRecord& r, const std::string& dir = "") {
+  try {
+    for (const BlobEntry& b : r.blobs) {
+      const std::string path = dir.empty() ? (fs::path(artifact) / b.file).string()
+                                           : (fs::path(dir) / fs::path(b.file).filename()).string();
+      MappedFile f(path);
+      if (f.size() != b.size) return false;
+      if (BlobView(f.data(), f.size(), path).header_crc32c() != b.header_crc32c) return false;
+    }
+    return true;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+// Moves a directory no manifest uses out of the way in one step, then deletes it, so that a kill
+// never leaves half of it under its name.
+void discard_directory(const fs::path& dir) {
+  const fs::path aside =
+      dir.parent_path() / ("." + dir.filename().string() + ".kiln-old-" + std::to_string(getpid()));
+  std::error_code ec;
+  fs::rename(dir, aside, ec);
+  if (ec) throw Error(dir.string() + ": cannot remove: " + ec.message());
+  sync_path(dir.parent_path().string());
+  fs::remove_all(aside, ec);
+}
+
+// Only one kiln command changes an artifact's adapters at a time.
+UniqueFd lock_artifact(const std::string& artifact, const char* what) {
+  read_manifest(artifact);  // a directory that is no artifact is refused by name first
+  return lock_directory(artifact, what);
+}
+
+void remove_if_empty(const fs::path& adapters) {
+  std::error_code ec;
+  if (fs::is_directory(adapters, ec) && fs::is_empty(adapters, ec)) fs::remove(adapters, ec);
+}
+
+// Finishes or undoes what a killed `kiln adapter add/remove` left (the caller holds the artifact's
+// lock, so every leftover is dead): a committed change (a journal whose adapter directories are
+// complete) is finished; temporaries, uncommitted journals and adapter directories the manifest
+// does not use are removed. One stderr line for each.
+void recover_adapter_changes(const std::string& artifact) {
+  const fs::path adapters = fs::path(artifact) / kAdaptersDir;
+  std::vector<fs::path> journals;
+  std::error_code ec;
+  for (fs::directory_iterator it(artifact, ec), end; !ec && it != end; it.increment(ec))
+    if (it->path().filename().string().starts_with(kJournalPrefix)) journals.push_back(it->path());
+  std::sort(journals.begin(), journals.end());
+  for (const fs::path& journal : journals) {
+    const std::string pid = journal.filename().string().substr(kJournalPrefix.size());
+    bool complete = false;
+    try {
+      const Manifest next = read_manifest_file(journal.string());
+      complete = true;
+      for (const AdapterRecord& r : next.adapters) {
+        if (r.merged || blobs_match(artifact, r)) continue;
+        const fs::path staged = adapters / ("." + r.name + ".kiln-tmp-" + pid);
+        if (!fs::is_directory(staged) || !blobs_match(artifact, r, staged.string())) {
+          complete = false;
+          break;
+        }
+        // The current manifest must not list the directory being swapped while it is swapped.
+        Manifest now = read_manifest(artifact);
+        if (std::erase_if(now.adapters,
+                          [&](const AdapterRecord& a) { return !a.merged && a.name == r.name; }))
+          write_manifest(artifact, now);
+        move_into_place(staged.string(), (adapters / r.name).string(), true);
+      }
+      if (complete) rename_durably(journal.string(), manifest_path(artifact));
+    } catch (const Error&) {
+      complete = false;
+    }
+    if (complete) {
+      std::fprintf(stderr,
+                   "kiln: %s: finished an adapter change a killed kiln command had committed "
+                   "(manifest.kfb from %s)\n",
+                   artifact.c_str(), journal.filename().c_str());
+    } else {
+      fs::remove(journal, ec);
+      std::fprintf(stderr,
+                   "kiln: removed %s, an adapter change a killed kiln command had not "
+                   "finished\n",
+                   journal.c_str());
     }
   }
-  void release() { path_.clear(); }
-
- private:
-  fs::path path_;
-};
+  remove_stale_temporaries_in(artifact);
+  if (!fs::is_directory(adapters)) return;
+  remove_stale_temporaries_in(adapters.string());
+  const Manifest m = read_manifest(artifact);
+  std::vector<fs::path> unused;
+  for (fs::directory_iterator it(adapters, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (!name.starts_with('.') && it->is_directory() && !m.find_adapter(name))
+      unused.push_back(it->path());
+  }
+  for (const fs::path& dir : unused) {
+    discard_directory(dir);
+    std::fprintf(stderr,
+                 "kiln: removed %s, an adapter directory the manifest does not list (left "
+                 "by a killed kiln command)\n",
+                 dir.c_str());
+  }
+  remove_if_empty(adapters);
+}
 
 }  // namespace
 
@@ -73,7 +177,9 @@ AdapterRecord write_adapter_blobs(const AdapterSource& src, const ModelConfig& b
   check_adapter_name(name, src.dir());
   AdapterRecord record = record_of(src);
   record.name = name;
-  fs::create_directories(dir);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw Error(dir + ": cannot create directory: " + ec.message());
   const auto& targets = src.targets();
   std::vector<uint16_t> a16, b16;
   for (size_t i = 0; i < targets.size();) {
@@ -113,85 +219,81 @@ AdapterRecord write_adapter_blobs(const AdapterSource& src, const ModelConfig& b
 }
 
 Manifest read_manifest(const std::string& artifact) {
-  const std::string path = (fs::path(artifact) / kManifestFile).string();
+  const std::string path = manifest_path(artifact);
   if (!fs::exists(path)) throw Error(path + ": missing (not a kiln artifact directory?)");
-  MappedFile f(path);
-  return parse_manifest(f.data(), f.size(), path);
+  return read_manifest_file(path);
 }
 
 void write_manifest(const std::string& artifact, const Manifest& m) {
-  const fs::path path = fs::path(artifact) / kManifestFile;
-  const fs::path tmp =
-      fs::path(artifact) / (std::string(".") + kManifestFile + ".tmp-" + std::to_string(getpid()));
-  RemoveOnExit cleanup(tmp);
-  std::vector<uint8_t> bytes = serialize_manifest(m);
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    f.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
-    f.flush();
-    if (!f) throw Error(tmp.string() + ": write failed");
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw Error(path.string() + ": cannot replace the manifest: " + ec.message());
-  cleanup.release();
+  write_file_durably(manifest_path(artifact), serialize_manifest(m));
 }
 
 AdapterRecord add_adapter(const AddAdapterOptions& opt) {
-  Manifest m = read_manifest(opt.artifact);
   check_adapter_name(opt.name, "--name");
-  const AdapterRecord* existing = m.find_adapter(opt.name);
-  if (existing && !opt.force)
+  const UniqueFd lock = lock_artifact(opt.artifact, "kiln adapter add");
+  recover_adapter_changes(opt.artifact);
+  const Manifest m = read_manifest(opt.artifact);
+  const bool replacing = m.find_adapter(opt.name) != nullptr;
+  if (replacing && !opt.force)
     throw Error(opt.artifact + ": already has an adapter named '" + opt.name +
                 "' (use --force to replace it)");
   AdapterSource src = AdapterSource::open(opt.adapter_dir, m.config, opt.lora_scale);
 
   const fs::path adapters = fs::path(opt.artifact) / kAdaptersDir;
-  const fs::path final_dir = adapters / opt.name;
-  const fs::path tmp = adapters / ("." + opt.name + ".kiln-tmp-" + std::to_string(getpid()));
-  const bool made_adapters_dir = !fs::exists(adapters);
-  RemoveOnExit drop_tmp(tmp);
-  RemoveOnExit drop_adapters_dir(made_adapters_dir ? adapters : fs::path());
-  AdapterRecord record = write_adapter_blobs(src, m.config, m.qk_clip, opt.name, tmp.string());
-
-  // Swap in: the old directory (with --force) moves aside until the new manifest is in place.
   std::error_code ec;
-  const fs::path old = adapters / ("." + opt.name + ".kiln-old-" + std::to_string(getpid()));
-  RemoveOnExit drop_old(old);
-  if (fs::exists(final_dir)) {
-    fs::rename(final_dir, old, ec);
-    if (ec)
-      throw Error(final_dir.string() + ": cannot move the old adapter aside: " + ec.message());
-  }
-  fs::rename(tmp, final_dir, ec);
-  if (ec) {
-    if (fs::exists(old)) fs::rename(old, final_dir, ec);
-    throw Error(final_dir.string() + ": cannot rename the new adapter into place: " + ec.message());
-  }
-  drop_tmp.release();
-  std::erase_if(m.adapters,
+  const bool made_adapters_dir = fs::create_directories(adapters, ec);
+  if (ec) throw Error(adapters.string() + ": cannot create directory: " + ec.message());
+  struct DropEmpty {
+    fs::path dir;
+    ~DropEmpty() {
+      if (!dir.empty()) remove_if_empty(dir);
+    }
+  } drop_adapters_dir{made_adapters_dir ? adapters : fs::path()};
+
+  StagedDirectory staged((adapters / opt.name).string());
+  AdapterRecord record = write_adapter_blobs(src, m.config, m.qk_clip, opt.name, staged.path());
+  sync_tree(staged.path());
+
+  Manifest without = m;
+  std::erase_if(without.adapters,
                 [&](const AdapterRecord& a) { return !a.merged && a.name == opt.name; });
-  m.adapters.push_back(record);
+  Manifest next = without;
+  next.adapters.push_back(record);
+  const std::string journal = journal_path(opt.artifact, std::to_string(getpid()));
+  {
+    StagedFile f(manifest_path(opt.artifact));
+    const std::vector<uint8_t> bytes = serialize_manifest(next);
+    f.write(bytes.data(), bytes.size());
+    f.commit(journal);  // committed: a kill from here on is finished by the next adapter command
+  }
   try {
-    write_manifest(opt.artifact, m);
+    // While the directories are swapped the manifest lists no adapter of this name: the artifact
+    // stays loadable at every moment.
+    if (replacing) write_manifest(opt.artifact, without);
+    staged.commit(replacing);
+    rename_durably(journal, manifest_path(opt.artifact));
   } catch (...) {
-    fs::remove_all(final_dir, ec);
-    if (fs::exists(old)) fs::rename(old, final_dir, ec);
+    // Undo unless the new directory is already in place (then the journal finishes the change).
+    if (!blobs_match(opt.artifact, record)) {
+      fs::remove(journal, ec);
+      if (replacing) write_manifest(opt.artifact, m);
+    }
     throw;
   }
-  drop_adapters_dir.release();
+  drop_adapters_dir.dir.clear();
   return record;
 }
 
 void remove_adapter(const std::string& artifact, const std::string& name) {
+  const UniqueFd lock = lock_artifact(artifact, "kiln adapter remove");
+  recover_adapter_changes(artifact);
   Manifest m = read_manifest(artifact);
   if (!m.find_adapter(name)) throw Error(artifact + ": has no adapter named '" + name + "'");
   std::erase_if(m.adapters, [&](const AdapterRecord& a) { return !a.merged && a.name == name; });
-  write_manifest(artifact, m);
-  std::error_code ec;
-  fs::remove_all(fs::path(artifact) / kAdaptersDir / name, ec);
+  write_manifest(artifact, m);  // the change is done; what follows is clean-up
   const fs::path adapters = fs::path(artifact) / kAdaptersDir;
-  if (fs::is_directory(adapters) && fs::is_empty(adapters)) fs::remove(adapters, ec);
+  if (fs::is_directory(adapters / name)) discard_directory(adapters / name);
+  remove_if_empty(adapters);
 }
 
 }  // namespace kiln

@@ -32,16 +32,25 @@ struct AddAdapterOptions {
 };
 
 // `kiln adapter add`: reads the manifest, checks the adapter against the artifact's config, writes
-// adapters/<name>/ and then swaps in the updated manifest. On any error the artifact is left as it
-// was (no new directory, manifest unchanged).
+// adapters/<name>/ and then the updated manifest. On any error the artifact is left as it was.
+// Crash consistency: the blobs are staged in a locked temporary directory and fsync'd; the change
+// is committed by writing the complete new manifest durably beside the current one (a journal,
+// `.manifest.kfb.kiln-next-PID`); then the directory is moved (replaced with RENAME_EXCHANGE,
+// the manifest meanwhile listing no adapter of that name) and the journal renamed over
+// manifest.kfb. The artifact is loadable at every moment; the next `kiln adapter` command finishes
+// a committed change a kill interrupted, and removes the leftovers of an uncommitted one and
+// adapter directories the manifest does not list (one stderr line each). The artifact directory
+// is flock'ed for the duration, so two adapter commands never interleave.
 AdapterRecord add_adapter(const AddAdapterOptions& opt);
 
-// `kiln adapter remove`: drops the record from the manifest, then deletes adapters/<name>/.
+// `kiln adapter remove`: drops the record from the manifest (atomically), then deletes
+// adapters/<name>/ (moved aside first, so a kill leaves either the whole directory, which the next
+// adapter command removes, or none of it).
 void remove_adapter(const std::string& artifact, const std::string& name);
 
 // Reads and parses <artifact>/manifest.kfb.
 Manifest read_manifest(const std::string& artifact);
-// Replaces <artifact>/manifest.kfb atomically (temporary file + rename).
+// Replaces <artifact>/manifest.kfb atomically and durably (common/durable_output.h).
 void write_manifest(const std::string& artifact, const Manifest& m);
 
 }  // namespace kiln

@@ -1,17 +1,15 @@
 #include "export/exporter.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
 
 #include "common/bf16.h"
+#include "common/durable_output.h"
 #include "common/error.h"
 #include "common/interrupt.h"
 #include "engine/tokenizer.h"
@@ -193,35 +191,43 @@ void source_range_to_f32(const SourceTensor& t, uint64_t begin, uint64_t n, floa
   }
 }
 
-std::string utc_now() {
-  std::time_t now = std::time(nullptr);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-  return buf;
-}
+// NaN and infinite values of one artifact tensor after its conversion to bf16 (which also turns
+// finite f32 values beyond the bf16 range into infinities).
+struct NonFiniteScan {
+  uint64_t nan = 0;
+  uint64_t inf = 0;
+  uint64_t first = 0;  // flat index of the first one, when any
 
-// Removes a temporary directory unless released (the artifact was renamed into place).
-class TempDir {
- public:
-  explicit TempDir(fs::path p) : path_(std::move(p)) {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-    if (!fs::create_directories(path_, ec) || ec)
-      throw Error(path_.string() + ": cannot create directory: " + ec.message());
-  }
-  ~TempDir() {
-    if (!released_) {
-      std::error_code ec;
-      fs::remove_all(path_, ec);
+  bool any() const { return nan + inf > 0; }
+  // Scans x[0, n), element `base` of the tensor.
+  void add(const uint16_t* x, size_t n, uint64_t base) {
+    constexpr uint16_t kExponent = 0x7f80;
+    constexpr size_t kBlock = 4096;
+    for (size_t b = 0; b < n; b += kBlock) {
+      const size_t e = std::min(n, b + kBlock);
+      bool hit = false;
+      for (size_t i = b; i < e; ++i) hit |= (x[i] & kExponent) == kExponent;  // vectorised
+      if (!hit) continue;
+      for (size_t i = b; i < e; ++i) {
+        if ((x[i] & kExponent) != kExponent) continue;
+        if (!any()) first = base + i;
+        ++((x[i] & 0x7f) ? nan : inf);
+      }
     }
   }
-  void release() { released_ = true; }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-  bool released_ = false;
 };
+
+// A weight the engine would turn into NaN logits is refused with where it came from.
+void refuse_nonfinite(const NonFiniteScan& scan, const PlannedBlob& blob, const PlannedTensor& t) {
+  if (!scan.any()) return;
+  const std::string where =
+      blob.layer < 0 ? "tensor '" + t.spec.name + "'"
+                     : "layer " + std::to_string(blob.layer) + " tensor '" + t.spec.name + "'";
+  throw Error(file_of(*t.src.tensor) + ": key '" + t.src.tensor->key + "' (" + where +
+              "): " + std::to_string(scan.nan) + " NaN and " + std::to_string(scan.inf) +
+              " infinite values in bf16, the first at flat index " + std::to_string(scan.first) +
+              " (kiln does not export non-finite weights)");
+}
 
 // The bytes of a SentencePiece model whose ids fit the model's vocabulary; `pieces` gets its size.
 std::vector<uint8_t> read_tokenizer(const std::string& path, const ModelConfig& c,
@@ -241,14 +247,24 @@ std::vector<uint8_t> read_tokenizer(const std::string& path, const ModelConfig& 
 
 }  // namespace
 
-ExportSummary export_artifact(const ExportOptions& opt,
-                              const std::function<void(const ExportProgress&)>& progress) {
-  auto t0 = std::chrono::steady_clock::now();
-  if (opt.checkpoints.empty()) throw Error("export: no --checkpoint given");
+std::string check_out_dir(const ExportOptions& opt) {
   fs::path out = fs::path(opt.out_dir);
   if (out.filename().empty()) out = out.parent_path();
   if (fs::exists(out) && !opt.force)
     throw Error(out.string() + ": already exists (use --force to replace it)");
+  const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  if (!fs::is_directory(parent))
+    throw Error(out.string() + ": parent directory '" + parent.string() + "' does not exist");
+  return out.string();
+}
+
+ExportSummary export_artifact(const ExportOptions& opt,
+                              const std::function<void(const ExportProgress&)>& progress) {
+  auto t0 = std::chrono::steady_clock::now();
+  if (opt.checkpoints.empty()) throw Error("export: no --checkpoint given");
+  const fs::path out = check_out_dir(opt);
+  // Before any work, so that a malformed SOURCE_DATE_EPOCH is reported at once.
+  const std::string created_utc = output_time_utc();
 
   ExportConfig cfg = read_export_config(opt.config_path, opt.overrides);
   if (opt.scan_axis) cfg.param_scan_axis = *opt.scan_axis;
@@ -287,10 +303,10 @@ ExportSummary export_artifact(const ExportOptions& opt,
       if (!opt.merge_lora && opt.loras[i].name == opt.loras[j].name)
         throw Error("--lora-name '" + opt.loras[i].name + "' is given twice");
 
-  fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
-  if (!fs::is_directory(parent))
-    throw Error(out.string() + ": parent directory '" + parent.string() + "' does not exist");
-  TempDir tmp(parent / ("." + out.filename().string() + ".kiln-tmp-" + std::to_string(getpid())));
+  // Written into a locked temporary sibling and swapped into place at the end (common/
+  // durable_output.h); it also removes what killed exports to the same place left.
+  StagedDirectory staged(out.string());
+  const fs::path tmp = staged.path();
 
   Manifest manifest;
   manifest.config = cfg.model;
@@ -299,7 +315,6 @@ ExportSummary export_artifact(const ExportOptions& opt,
   ExportSummary summary;
   summary.tokenizer_pieces = tokenizer_pieces;
   ExportProgress prog{0, int64_t(plan.blobs.size()), 0};
-  NonFiniteCounts nonfinite;
 
   // One tensor in f32 at a time; the globals (the embedding is the largest tensor of a model)
   // stream in chunks since no stage but the conversion touches them.
@@ -314,21 +329,24 @@ ExportSummary export_artifact(const ExportOptions& opt,
   for (const auto& blob : plan.blobs) {
     std::vector<TensorSpec> specs;
     for (const auto& t : blob.tensors) specs.push_back(t.spec);
-    BlobWriter writer((tmp.path() / blob.file).string(), blob.layer, blob.kind, specs);
+    BlobWriter writer((tmp / blob.file).string(), blob.layer, blob.kind, specs);
     for (const auto& t : blob.tensors) {
       throw_if_interrupted("export");
       uint64_t n = numel(t.spec.shape);
+      NonFiniteScan nonfinite;
       if (blob.layer < 0) {
         for (uint64_t b = 0; b < n; b += kChunk) {
           uint64_t m = std::min(kChunk, n - b);
           source_range_to_f32(*t.src.tensor, b, m, f32.data());
-          nonfinite += convert_f32_to_bf16(f32.data(), bf16.data(), m);
+          convert_f32_to_bf16(f32.data(), bf16.data(), m);
+          nonfinite.add(bf16.data(), m, b);
           writer.append(bf16.data(), m * 2);
           // Read pages of an mmapped input count as resident; drop them as we go so a
           // multi-GB embedding does not add its size to the peak.
           const size_t esize = dtype_size(t.src.tensor->dtype);
           t.src.tensor->file->release_range(t.src.tensor->data + b * esize, m * esize);
         }
+        refuse_nonfinite(nonfinite, blob, t);
       } else {
         unroll_scanned_layer(t.src, f32.data());
         if (opt.merge_lora)
@@ -336,7 +354,9 @@ ExportSummary export_artifact(const ExportOptions& opt,
             if (lora.find(blob.layer, t.spec.name))
               merge_lora(lora.read(blob.layer, t.spec.name), f32.data());
         apply_qk_clip(qk_clip, cfg.model, blob.layer, t.spec.name, f32.data());
-        nonfinite += convert_f32_to_bf16(f32.data(), bf16.data(), n);
+        convert_f32_to_bf16(f32.data(), bf16.data(), n);
+        nonfinite.add(bf16.data(), n, 0);
+        refuse_nonfinite(nonfinite, blob, t);
         writer.write_tensor(t.spec.name, bf16.data(), n * 2);
         t.src.tensor->file->release_range(t.src.tensor->data, t.src.tensor->nbytes);
       }
@@ -354,7 +374,7 @@ ExportSummary export_artifact(const ExportOptions& opt,
     } else {
       const std::string& name = opt.loras[i].name;
       AdapterRecord r = write_adapter_blobs(loras[i], cfg.model, qk_clip, name,
-                                            (tmp.path() / kAdaptersDir / name).string());
+                                            (tmp / kAdaptersDir / name).string());
       for (const auto& b : r.blobs) prog.bytes_written += b.size;
       manifest.adapters.push_back(std::move(r));
     }
@@ -362,43 +382,28 @@ ExportSummary export_artifact(const ExportOptions& opt,
 
   Provenance& p = manifest.provenance;
   p.exporter_version = KILN_VERSION;
-  p.created_utc = utc_now();
+  p.created_utc = created_utc;
   p.sources = ckpt.files();
   p.config_source = opt.config_path;
   p.key_layout = std::string(key_layout_name(plan.layout));
   p.scanned = plan.scanned;
   p.scan_axis = cfg.param_scan_axis;
   p.options = opt.recorded_options;
-  p.nonfinite_nan = nonfinite.nan;
-  p.nonfinite_inf = nonfinite.inf;
+  // p.nonfinite_nan / nonfinite_inf stay 0: a non-finite weight stops the export above. The
+  // fields remain in the schema so that artifacts of earlier builds, which exported them with a
+  // warning, still read.
   std::vector<uint8_t> bytes = serialize_manifest(manifest);
   {
-    std::ofstream f(tmp.path() / kManifestFile, std::ios::binary);
+    std::ofstream f(tmp / kManifestFile, std::ios::binary);
     f.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
-    if (!f) throw Error((tmp.path() / kManifestFile).string() + ": write failed");
+    f.close();
+    if (!f) throw Error((tmp / kManifestFile).string() + ": write failed");
   }
 
-  // Swap into place: the old artifact (with --force) is only removed once the new one is there.
-  std::error_code ec;
-  fs::path old;
-  if (fs::exists(out)) {
-    old = parent / ("." + out.filename().string() + ".kiln-old-" + std::to_string(getpid()));
-    fs::rename(out, old, ec);
-    if (ec)
-      throw Error(out.string() + ": cannot move the existing artifact aside: " + ec.message());
-  }
-  fs::rename(tmp.path(), out, ec);
-  if (ec) {
-    if (!old.empty()) fs::rename(old, out);
-    throw Error(out.string() + ": cannot rename the finished artifact into place: " + ec.message());
-  }
-  tmp.release();
-  if (!old.empty()) fs::remove_all(old, ec);
+  staged.commit(opt.force, !opt.scratch);
 
   summary.layers = cfg.model.num_decoder_layers;
   summary.bytes_written = prog.bytes_written + bytes.size();
-  summary.nonfinite_nan = nonfinite.nan;
-  summary.nonfinite_inf = nonfinite.inf;
   summary.key_layout = p.key_layout;
   summary.scanned = plan.scanned;
   summary.qk_clip = qk_clip;

@@ -3,8 +3,10 @@
 // Stage order per layer: read → canonicalise names → unroll → merge LoRA (--merge-lora) →
 // QK-Clip (so the clip applies to the merged weights) → convert to bf16 once → write. Run-time
 // adapters (--lora-name) are written after the base as adapters/<name>/ (export/adapter.h).
-// One tensor is held in f32 at a time (peak memory ≈ the largest layer tensor + a constant), the
-// artifact is written to a temporary sibling directory and renamed into place only when complete.
+// One tensor is held in f32 at a time (peak memory ≈ the largest layer tensor + a constant). The
+// artifact is written to a locked temporary sibling directory, fsync'd and renamed into place only
+// when complete (common/durable_output.h), so `out_dir` is always absent, the old or the new
+// artifact. Equal inputs and options give byte-identical artifacts when SOURCE_DATE_EPOCH is set.
 #pragma once
 
 #include <cstdint>
@@ -43,6 +45,9 @@ struct ExportOptions {
   bool merge_lora = false;
   // A SentencePiece model to embed in the manifest (`--tokenizer`); empty: none.
   std::string tokenizer_path;
+  // A scratch artifact (the passes of --qk-clip-calibrate): written without fsync, since a crash
+  // loses nothing the user asked for.
+  bool scratch = false;
   // The command line as given, recorded in the manifest's provenance.
   std::vector<std::pair<std::string, std::string>> recorded_options;
 };
@@ -56,8 +61,6 @@ struct ExportProgress {
 struct ExportSummary {
   int64_t layers = 0;
   uint64_t bytes_written = 0;
-  uint64_t nonfinite_nan = 0;
-  uint64_t nonfinite_inf = 0;
   std::string key_layout;
   bool scanned = false;
   double seconds = 0;
@@ -66,8 +69,13 @@ struct ExportSummary {
   int64_t tokenizer_pieces = 0;  // 0: no tokenizer embedded
 };
 
-// Throws kiln::Error (one line naming the file and key) on any bad input; nothing is left at
-// `out_dir` (or the previous artifact stays untouched) when it throws.
+// Checks that `out_dir` can be written (its parent exists; it does not, unless `force`) and
+// returns it without a trailing '/'. Throws kiln::Error naming it.
+std::string check_out_dir(const ExportOptions& opt);
+
+// Throws kiln::Error (one line naming the file and key) on any bad input, a non-finite weight
+// included; nothing is left at `out_dir` (or the previous artifact stays untouched) when it
+// throws.
 ExportSummary export_artifact(const ExportOptions& opt,
                               const std::function<void(const ExportProgress&)>& progress = {});
 

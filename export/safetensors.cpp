@@ -4,13 +4,13 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string_view>
 
 #include "common/bf16.h"
+#include "common/durable_output.h"
 #include "common/error.h"
 
 namespace kiln {
@@ -385,23 +385,12 @@ void write_safetensors_f32(const std::string& path, const std::vector<F32Tensor>
   }
   std::string h = header.dump();
   h.append((8 - h.size() % 8) % 8, ' ');  // keep the data 8-byte aligned, as the format suggests
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    uint64_t hlen = h.size();
-    f.write(reinterpret_cast<const char*>(&hlen), 8);
-    f.write(h.data(), std::streamsize(h.size()));
-    for (const auto& t : tensors)
-      f.write(reinterpret_cast<const char*>(t.data.data()), std::streamsize(t.data.size() * 4));
-    if (!f) {
-      std::remove(tmp.c_str());
-      throw Error(path + ": write failed");
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw Error(path + ": cannot rename the finished file into place");
-  }
+  StagedFile f(path);
+  const uint64_t hlen = h.size();
+  f.write(&hlen, 8);
+  f.write(h.data(), h.size());
+  for (const auto& t : tensors) f.write(t.data.data(), t.data.size() * 4);
+  f.commit();
 }
 
 }  // namespace kiln

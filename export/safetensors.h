@@ -54,8 +54,9 @@ void read_as_f32(const SourceTensor& t, float* out);
 // into `out`, which must hold numel()/shape[axis] floats. This is how a scanned layer is unrolled.
 void read_slice_as_f32(const SourceTensor& t, int axis, int64_t index, float* out);
 
-// Writes f32 tensors as one safetensors file (via `path.tmp` and a rename, so a failure leaves
-// nothing behind). Used for max-logit statistics (`kiln calibrate`).
+// Writes f32 tensors as one safetensors file (through a temporary file, fsync'd and renamed into
+// place, so a failure or a kill leaves nothing half-written). Used for max-logit statistics
+// (`kiln calibrate`).
 struct F32Tensor {
   std::string key;
   std::vector<int64_t> shape;

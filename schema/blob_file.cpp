@@ -1,5 +1,6 @@
 #include "schema/blob_file.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <numeric>
@@ -90,6 +91,12 @@ void BlobWriter::write_at(uint64_t offset, const void* data, size_t bytes) {
   file_pos_ += bytes;
 }
 
+void BlobWriter::pad_to(uint64_t offset) {
+  static constexpr uint8_t kZeros[kTensorAlignment] = {};
+  while (file_pos_ < offset)
+    write_at(file_pos_, kZeros, size_t(std::min<uint64_t>(sizeof kZeros, offset - file_pos_)));
+}
+
 void BlobWriter::append(const void* data, size_t bytes) {
   const auto* p = static_cast<const uint8_t*>(data);
   while (bytes > 0) {
@@ -97,11 +104,7 @@ void BlobWriter::append(const void* data, size_t bytes) {
       throw Error(path_ + ": more tensor data written than the header declares");
     auto& t = tensors_[current_];
     size_t n = std::min<uint64_t>(bytes, t.length - written_);
-    if (written_ == 0 && file_pos_ < t.offset) {
-      // zero padding up to the tensor's aligned start
-      static const uint8_t zeros[kTensorAlignment] = {};
-      write_at(file_pos_, zeros, t.offset - file_pos_);
-    }
+    if (written_ == 0) pad_to(t.offset);
     write_at(t.offset + written_, p, n);
     t.crc32c = crc32c(p, n, t.crc32c);
     written_ += n;
@@ -120,6 +123,7 @@ void BlobWriter::write_tensor(const std::string& name, const void* data, size_t 
   if (bytes != tensors_[current_].length)
     throw Error(path_ + ": tensor '" + name + "' has " + std::to_string(bytes) +
                 " bytes, expected " + std::to_string(tensors_[current_].length));
+  if (bytes == 0) ++current_;  // append() has no byte to move on with
   append(data, bytes);
 }
 
@@ -127,6 +131,7 @@ BlobWriter::Result BlobWriter::finish() {
   while (current_ < tensors_.size() && tensors_[current_].length == 0) ++current_;
   if (current_ != tensors_.size())
     throw Error(path_ + ": tensor '" + tensors_[current_].name + "' was not written completely");
+  pad_to(total_size_);  // trailing zero-length tensors, or none at all: the file still ends there
   std::vector<uint8_t> header = build_header();
   uint8_t pre[kBlobPreambleSize] = {};
   std::memcpy(pre, kBlobMagic, 8);

@@ -65,6 +65,9 @@ class BlobWriter {
  private:
   std::vector<uint8_t> build_header() const;
   void write_at(uint64_t offset, const void* data, size_t bytes);
+  // Writes zeros from the current position up to `offset`: every byte not covered by the
+  // preamble, the header or a tensor is zero, so equal inputs give byte-identical blobs.
+  void pad_to(uint64_t offset);
 
   std::string path_;
   int layer_;

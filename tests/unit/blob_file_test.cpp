@@ -128,3 +128,53 @@ TEST_CASE("verifier rejects truncated and corrupted blobs") {
     CHECK_THROWS_WITH_AS(v.verify_checksums(), doctest::Contains("tensor 'b.long.name'"), Error);
   }
 }
+
+TEST_CASE("every byte outside the preamble, header and tensors is zero") {
+  // Odd element counts, a zero-length tensor in the middle and at the end, and names long enough
+  // that the padding after the header and between tensors spans more than 64 bytes.
+  fs::path p = temp_path("padding.kblob");
+  const std::string tail(90, 'x');
+  std::vector<TensorSpec> specs = {{"one." + tail, {1}},   {"three." + tail, {3}},
+                                   {"empty." + tail, {0}}, {"odd." + tail, {3, 11}},
+                                   {"big." + tail, {129}}, {"last-empty", {0, 5}}};
+  uint64_t total = 0;
+  {
+    BlobWriter w(p.string(), 2, LayerKind::Dense, specs);
+    for (const auto& t : w.tensors()) {
+      std::vector<uint16_t> data(t.length / 2, 0xffff);  // no zero byte inside a tensor
+      w.write_tensor(t.name, data.data(), t.length);
+    }
+    total = w.finish().size;
+  }
+  const std::vector<uint8_t> bytes = read_all(p);
+  REQUIRE(bytes.size() == total);
+  MappedFile f(p.string());
+  BlobView v(f.data(), f.size(), p.string());
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, bytes.data() + 16, 8);
+  std::vector<bool> used(bytes.size(), false);
+  for (size_t i = 0; i < kBlobPreambleSize + header_len; ++i) used[i] = true;
+  for (const auto& t : v.tensors())
+    for (uint64_t i = t.offset; i < t.offset + t.length; ++i) used[i] = true;
+  size_t nonzero_padding = 0, padding = 0;
+  for (size_t i = 0; i < bytes.size(); ++i) {
+    if (used[i]) continue;
+    ++padding;
+    nonzero_padding += bytes[i] != 0;
+  }
+  CHECK(padding > 64);  // the gaps this test is about exist
+  CHECK(nonzero_padding == 0);
+  CHECK(bytes[12] == 0);  // reserved preamble bytes
+  CHECK(bytes[28] == 0);
+  CHECK_NOTHROW(v.verify_checksums());
+}
+
+TEST_CASE("a blob of zero-length tensors only ends after its header") {
+  fs::path p = temp_path("empty_tensors.kblob");
+  BlobWriter w(p.string(), 0, LayerKind::Dense, {{"a", {0}}, {"b", {4, 0}}});
+  const auto r = w.finish();
+  CHECK(r.size == fs::file_size(p));
+  MappedFile f(p.string());
+  BlobView v(f.data(), f.size(), p.string());
+  CHECK(v.tensors().size() == 2);
+}

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "common/durable_output.h"
 #include "export/config_reader.h"
 #include "export/exporter.h"
 #include "tools/kiln/args.h"
@@ -56,16 +57,13 @@ QkClipRecord sequential_qk_clip(const ExportOptions& base, const std::string& pr
   const float tau = float(base.qk_clip.threshold);
   const int64_t H = c.num_query_heads;
 
+  // The scratch artifact lives inside a locked hidden sibling of --out, removed at the end; a
+  // killed calibration's is removed by the next export to the same place.
+  const StagedDirectory scratch(check_out_dir(base), "kiln-calibrate");
   ExportOptions tmp = base;
-  tmp.out_dir = base.out_dir + ".kiln-calibrate-" + std::to_string(::getpid());
+  tmp.out_dir = (std::filesystem::path(scratch.path()) / "model.kiln").string();
   tmp.force = true;
-  struct Cleanup {
-    std::string dir;
-    ~Cleanup() {
-      std::error_code ec;
-      std::filesystem::remove_all(dir, ec);
-    }
-  } cleanup{tmp.out_dir};
+  tmp.scratch = true;
 
   std::vector<float> stats;
   bool stale = true;  // the last calibration predates a clip
@@ -204,12 +202,6 @@ int cmd_export(int argc, const char* const* argv) {
 
   ProgressBar bar;
   ExportSummary s = export_artifact(opt, [&](const ExportProgress& pr) { bar.update(pr); });
-  if (s.nonfinite_nan || s.nonfinite_inf)
-    std::fprintf(stderr,
-                 "kiln: warning: the weights contain %llu NaN and %llu Inf values "
-                 "(kept as they are; recorded in the manifest)\n",
-                 static_cast<unsigned long long>(s.nonfinite_nan),
-                 static_cast<unsigned long long>(s.nonfinite_inf));
   if (s.qk_clip.applied) {
     float min_gamma = 1.0f;
     for (float g : s.qk_clip.gamma) min_gamma = std::min(min_gamma, g);

@@ -14,6 +14,7 @@
 #include <string_view>
 #include <utility>
 
+#include "common/durable_output.h"
 #include "common/error.h"
 
 namespace kiln {
@@ -53,33 +54,6 @@ class Fd {
  private:
   int fd_;
 };
-
-// Removes the temporary file unless the write completed and it was renamed into place.
-class TempFileGuard {
- public:
-  explicit TempFileGuard(std::string path) : path_(std::move(path)) {}
-  ~TempFileGuard() {
-    if (!committed_) std::remove(path_.c_str());
-  }
-  TempFileGuard(const TempFileGuard&) = delete;
-  TempFileGuard& operator=(const TempFileGuard&) = delete;
-  void commit() { committed_ = true; }
-
- private:
-  std::string path_;
-  bool committed_ = false;
-};
-
-void write_all(int fd, const void* data, size_t size, const std::string& path) {
-  const auto* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t n = ::write(fd, p, size);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) fail(path, "write failed: " + errno_text());
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
-}
 
 // Returns false if the file ended first (it changed under us after the size check).
 bool read_all(int fd, void* data, size_t size, const std::string& path) {
@@ -268,17 +242,10 @@ void write_npy_f32(const std::string& path, const float* data, const std::vector
   prefix += static_cast<char>(header.size() >> 8);
   prefix += header;
 
-  const std::string tmp = path + ".tmp";
-  Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  if (fd.get() < 0) fail(tmp, "cannot create: " + errno_text());
-  TempFileGuard guard(tmp);
-  write_all(fd.get(), prefix.data(), prefix.size(), tmp);
-  write_all(fd.get(), data, static_cast<size_t>(count) * sizeof(float), tmp);
-  if (!fd.close()) fail(tmp, "close failed: " + errno_text());
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    fail(path, "cannot rename " + tmp + " into place: " + errno_text());
-  }
-  guard.commit();
+  StagedFile out(path);  // a kill or failure never leaves a half-written file under `path`
+  out.write(prefix.data(), prefix.size());
+  out.write(data, static_cast<size_t>(count) * sizeof(float));
+  out.commit();
 }
 
 NpyArray read_npy_f32(const std::string& path) {

@@ -16,9 +16,9 @@ struct NpyArray {
   std::vector<float> data;     // C (row-major) order; size() is the product of shape
 };
 
-// Writes `data` (the product of `shape` floats) to `path` via `path.tmp` and a rename, so an
-// interrupted or failed write never leaves a half-written file under `path`. Throws kiln::Error
-// naming the file on any I/O failure.
+// Writes `data` (the product of `shape` floats) to `path` through a temporary file, fsync'd and
+// renamed into place (common/durable_output.h), so an interrupted or failed write never leaves a
+// half-written file under `path`. Throws kiln::Error naming the file on any I/O failure.
 void write_npy_f32(const std::string& path, const float* data, const std::vector<int64_t>& shape);
 
 // Reads a whole .npy file. Throws kiln::Error naming the file and what was expected for a bad
