@@ -1,11 +1,12 @@
 // The C API (engine/kiln.h) over kiln::Engine. Every entry point catches every exception: a
 // kiln::StateError becomes KILN_ERROR_STATE, another kiln::Error the status its call's context
-// implies (an invalid argument; I/O for opening and loading), std::bad_alloc and anything else
-// KILN_ERROR_INTERNAL.
+// implies (an invalid argument; I/O for opening and loading), a std::filesystem error (it names
+// its path) KILN_ERROR_IO, std::bad_alloc and anything else KILN_ERROR_INTERNAL.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <filesystem>
 #include <memory>
 #include <new>
 #include <string>
@@ -62,6 +63,9 @@ kiln_status guarded(const char* fn, kiln_status error_status, F&& body) noexcept
     } catch (const kiln::Error& e) {
       g_last_error = std::string(fn) + ": " + e.what();
       return error_status;
+    } catch (const std::filesystem::filesystem_error& e) {  // names the path; the system's fault
+      g_last_error = std::string(fn) + ": " + e.what();
+      return KILN_ERROR_IO;
     } catch (const std::bad_alloc&) {
       g_last_error = std::string(fn) + ": out of memory";
       return KILN_ERROR_INTERNAL;
@@ -124,6 +128,7 @@ kiln_slot_token to_c(const kiln::SlotToken& t) {
   return c;
 }
 
+static_assert(KILN_MAX_THREADS == kiln::kMaxThreads);
 static_assert(int(kiln::FinishReason::None) == KILN_FINISH_NONE &&
               int(kiln::FinishReason::Stop) == KILN_FINISH_STOP &&
               int(kiln::FinishReason::Length) == KILN_FINISH_LENGTH &&
@@ -198,9 +203,10 @@ kiln_status kiln_open(const char* dir, const kiln_engine_options* options, kiln_
     require(options, fn, "options");
     require(out, fn, "out");
     kiln::EngineOptions eo;
-    if (options->threads < 0)
-      fail(KILN_ERROR_INVALID_ARGUMENT,
-           std::string(fn) + ": threads must be >= 0, got " + std::to_string(options->threads));
+    if (options->threads < 0 || options->threads > KILN_MAX_THREADS)
+      fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": threads must be in [0, " +
+                                            std::to_string(KILN_MAX_THREADS) + "], got " +
+                                            std::to_string(options->threads));
     if (options->slots < 1 || options->slots > eo.model.max_chunk)
       fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": slots must be in [1, " +
                                             std::to_string(eo.model.max_chunk) + "], got " +
@@ -258,10 +264,11 @@ kiln_status prefill(const char* fn, kiln_engine* engine, const int32_t* tokens, 
     require(tokens, fn, "tokens");
     require(sampling, fn, "sampling");
     require(out, fn, "out");
-    if (n_samples < 1)
-      fail(KILN_ERROR_INVALID_ARGUMENT,
-           std::string(fn) + ": n_samples must be >= 1, got " + std::to_string(n_samples));
     kiln::Engine& e = *engine->engine;
+    if (n_samples < 1 || n_samples > e.slots())
+      fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": n_samples must be in [1, " +
+                                            std::to_string(e.slots()) + "] (the slots), got " +
+                                            std::to_string(n_samples));
     const kiln::SamplingParams sp = sampling_params(*sampling, fn);
     const std::string name = adapter_name(adapter);
     const std::span<const int32_t> prompt(tokens, n);
