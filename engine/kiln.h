@@ -80,7 +80,7 @@ typedef struct kiln_sampling {
   float top_p;
   uint64_t seed; /* the request's random stream starts from it (same seed, same tokens) */
   const int32_t* stop_tokens; /* a request ends after producing one (returned, finish = STOP) */
-  size_t n_stop_tokens;       /* stop_tokens may be NULL when 0 */
+  size_t n_stop_tokens;       /* at most kiln_vocab_size; stop_tokens may be NULL when 0 */
   /* Tokens per request, the prefill's first token included; 0: until the context is full. */
   int64_t max_new_tokens;
 } kiln_sampling;

@@ -81,7 +81,10 @@ kiln_status guarded(const char* fn, kiln_status error_status, F&& body) noexcept
   }
 }
 
-kiln::SamplingParams sampling_params(const kiln_sampling& s, const std::string& what) {
+// `vocab` bounds n_stop_tokens: stop tokens are vocabulary ids, so a longer list can only be a
+// wrong count, and it is refused before the caller's array is read.
+kiln::SamplingParams sampling_params(const kiln_sampling& s, const std::string& what,
+                                     int64_t vocab) {
   kiln::SamplingParams p;
   // Read as an integer: a C caller may pass any int, which C++ may not load as the enum.
   std::underlying_type_t<kiln_sampling_algorithm> raw;
@@ -94,6 +97,9 @@ kiln::SamplingParams sampling_params(const kiln_sampling& s, const std::string& 
   if (s.n_stop_tokens > 0 && !s.stop_tokens)
     fail(KILN_ERROR_INVALID_ARGUMENT,
          what + ": stop_tokens is NULL but n_stop_tokens is " + std::to_string(s.n_stop_tokens));
+  if (s.n_stop_tokens > uint64_t(vocab))
+    fail(KILN_ERROR_INVALID_ARGUMENT, what + ": n_stop_tokens " + std::to_string(s.n_stop_tokens) +
+                                          " exceeds the vocabulary size " + std::to_string(vocab));
   p.algorithm = kiln::SamplingAlgorithm(a);
   p.temperature = s.temperature;
   p.top_k = s.top_k;
@@ -269,7 +275,7 @@ kiln_status prefill(const char* fn, kiln_engine* engine, const int32_t* tokens, 
       fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": n_samples must be in [1, " +
                                             std::to_string(e.slots()) + "] (the slots), got " +
                                             std::to_string(n_samples));
-    const kiln::SamplingParams sp = sampling_params(*sampling, fn);
+    const kiln::SamplingParams sp = sampling_params(*sampling, fn, e.config().vocab_size);
     const std::string name = adapter_name(adapter);
     const std::span<const int32_t> prompt(tokens, n);
     check_request(e, prompt, sp, fn);
@@ -312,7 +318,7 @@ kiln_status kiln_prefill_concat(kiln_engine* engine, size_t n_prompts, const int
       const std::string what = std::string(fn) + ": prompt " + std::to_string(i);
       if (!tokens[i]) fail(KILN_ERROR_INVALID_ARGUMENT, what + ": tokens is NULL");
       reqs[i].tokens = std::span<const int32_t>(tokens[i], lengths[i]);
-      reqs[i].sampling = sampling_params(sampling[i], what);
+      reqs[i].sampling = sampling_params(sampling[i], what, e.config().vocab_size);
       reqs[i].adapter = adapter_name(adapters ? adapters[i] : nullptr);
       check_request(e, reqs[i].tokens, reqs[i].sampling, what);
     }

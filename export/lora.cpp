@@ -127,6 +127,9 @@ class AdapterConfig {
       j_ = ordered_json::parse(text);
     } catch (const ordered_json::exception& e) {  // a syntax error, or a number that does not fit
       std::string what = e.what();
+      // Drop nlohmann's "[json.exception.parse_error.101] " tag; keep its description.
+      if (auto p = what.find("] "); p != std::string::npos && what.starts_with("[json.exception"))
+        what = what.substr(p + 2);
       for (char& ch : what)
         if (ch == '\n' || ch == '\r') ch = ' ';
       throw Error(path_ + ": malformed JSON: " + what);

@@ -327,7 +327,7 @@ Checkpoint Checkpoint::open(const std::vector<std::string>& paths) {
     const std::string id = ec ? path : canon.string();
     if (auto [it, inserted] = opened.emplace(id, path); !inserted)
       throw Error(path + ": checkpoint file given twice (also as '" + it->second + "')");
-    if (!index_path.empty() && !fs::exists(path))
+    if (!index_path.empty() && !fs::exists(path, ec) && !ec)
       throw Error(index_path + ": shard '" + path + "' (holding key '" + *expected->begin() +
                   "') does not exist");
     auto f = std::make_unique<MappedFile>(path);
