@@ -87,6 +87,33 @@ TEST_CASE("parse_manifest refuses garbage and truncation") {
                        doctest::Contains("m.kfb: not a kiln manifest"), Error);
 }
 
+TEST_CASE("parse_manifest: a crafted QK-Clip record or vocabulary is refused, never multiplied") {
+  Manifest m;
+  m.config = small_config();
+  m.blobs.push_back({"globals.kblob", -1, LayerKind::Globals, 1024, 7});
+  auto round_trip = [](const Manifest& x) {
+    const std::vector<uint8_t> bytes = serialize_manifest(x);
+    return parse_manifest(bytes.data(), bytes.size(), "art/manifest.kfb");
+  };
+  m.qk_clip.applied = true;
+  m.qk_clip.threshold = 100;
+  m.qk_clip.heads = 4;
+  m.qk_clip.gamma.assign(8, 1.0f);
+  m.qk_clip.max_logit.assign(8, 1.0f);
+  CHECK(round_trip(m).qk_clip.gamma.size() == 8);
+  m.qk_clip.heads = int64_t(1) << 62;  // layers × heads would overflow int64
+  CHECK_THROWS_WITH_AS(round_trip(m),
+                       "art/manifest.kfb: QK-Clip record has 4611686018427387904 heads, the "
+                       "config 4 query heads",
+                       Error);
+  m.qk_clip.heads = 4;
+  m.qk_clip.gamma.pop_back();
+  CHECK_THROWS_WITH_AS(round_trip(m), doctest::Contains("expected 8 gammas"), Error);
+  m.qk_clip = {};
+  m.config.vocab_size = int64_t(1) << 58;  // 2^58 × 64 × 2 bytes wraps to 0 in 64 bits
+  CHECK_THROWS_WITH_AS(round_trip(m), doctest::Contains("art/manifest.kfb: vocab_size"), Error);
+}
+
 TEST_CASE("validate refuses sizes that would wrap: every tensor and cache must be addressable") {
   ModelConfig c = small_config();
   c.vocab_size = int64_t(1) << 58;
