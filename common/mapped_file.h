@@ -10,7 +10,8 @@ namespace kiln {
 class MappedFile {
  public:
   MappedFile() = default;
-  // Throws kiln::Error naming the path if it cannot be opened or mapped. An empty file maps to
+  // Throws kiln::Error naming the path if it is not a regular file (open_regular_file) or cannot
+  // be mapped. An empty file maps to
   // size() == 0 and data() == nullptr.
   explicit MappedFile(const std::string& path);
   ~MappedFile();

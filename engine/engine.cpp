@@ -10,6 +10,10 @@
 namespace kiln {
 
 std::unique_ptr<Engine> Engine::open(const std::string& dir, const EngineOptions& opt) {
+  if (opt.model.threads < 0 || opt.model.threads > kMaxThreads)
+    throw Error(dir + ": " + std::to_string(opt.model.threads) +
+                " worker threads requested; between 0 (every core) and " +
+                std::to_string(kMaxThreads) + " are supported");
   auto model = Model::open(dir, opt.model);
   int64_t ctx = model->config().max_target_length;
   if (opt.max_seq_len > ctx)
@@ -126,7 +130,10 @@ Prefix Engine::prefill(std::span<const int32_t> prompt, const SamplingParams& sa
 
 Prefix Engine::prefill_multisampling(std::span<const int32_t> prompt, int64_t n,
                                      const SamplingParams& sampling, const std::string& adapter) {
-  if (n < 1) throw Error("prefill_multisampling: n must be >= 1, got " + std::to_string(n));
+  if (n < 1 || n > slots())
+    throw Error("prefill_multisampling: " + std::to_string(n) +
+                " samples requested; between 1 and " + std::to_string(slots()) +
+                " (one slot each) are supported");
   Sampler check(config().vocab_size, sampling);  // bad parameters fail before the forward pass
   Prefix p = new_prefix(prompt, adapter);
   model_->forward(prompt, p.cache, p.logits.data(), /*all_logits=*/false, p.adapter.get());
@@ -285,7 +292,8 @@ void Engine::check_request(std::span<const int32_t> prompt, const SamplingParams
 
 void Engine::check_prompt(std::span<const int32_t> prompt) const {
   if (prompt.empty()) throw Error("prompt is empty");
-  if (int64_t(prompt.size()) > max_seq_len_)
+  // Compared unsigned, before any token is read: a length of 2^63 or more is no negative number.
+  if (prompt.size() > size_t(max_seq_len_))
     throw Error("prompt has " + std::to_string(prompt.size()) +
                 " tokens, longer than the context of " + std::to_string(max_seq_len_));
   const int64_t V = config().vocab_size;

@@ -23,8 +23,12 @@
 
 namespace kiln {
 
+// The most worker threads an engine runs (ModelOptions::threads, `--threads`): far more than any
+// machine's cores, and few enough that the OpenMP runtime can always start them.
+inline constexpr int kMaxThreads = 1024;
+
 struct EngineOptions {
-  ModelOptions model;
+  ModelOptions model;       // threads in [0, kMaxThreads]; slots below in [1, model.max_chunk]
   int64_t max_seq_len = 0;  // 0 → the model's max_target_length
   int64_t slots = 1;        // decode slots; their KV caches (slots × max_seq_len) are made at open
 };
@@ -78,7 +82,8 @@ class Engine {
   Prefix prefill(std::span<const int32_t> prompt, const SamplingParams& sampling,
                  const std::string& adapter = "");
   // One prefill, then `n` independent first tokens from the same logits; sample i draws from the
-  // stream sample_seed(sampling.seed, i), which its slot continues (bulk_insert).
+  // stream sample_seed(sampling.seed, i), which its slot continues (bulk_insert). Each sample
+  // needs a slot of its own, so n is in [1, slots()].
   Prefix prefill_multisampling(std::span<const int32_t> prompt, int64_t n,
                                const SamplingParams& sampling, const std::string& adapter = "");
   // Several prompts packed into one forward pass: every row carries its own position (restarting

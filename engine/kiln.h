@@ -80,7 +80,7 @@ typedef struct kiln_sampling {
   float top_p;
   uint64_t seed; /* the request's random stream starts from it (same seed, same tokens) */
   const int32_t* stop_tokens; /* a request ends after producing one (returned, finish = STOP) */
-  size_t n_stop_tokens;       /* stop_tokens may be NULL when 0 */
+  size_t n_stop_tokens;       /* at most kiln_vocab_size; stop_tokens may be NULL when 0 */
   /* Tokens per request, the prefill's first token included; 0: until the context is full. */
   int64_t max_new_tokens;
 } kiln_sampling;
@@ -94,8 +94,12 @@ void kiln_sampling_default(kiln_sampling* s);
 typedef struct kiln_engine kiln_engine; /* an opened artifact with its decode slots */
 typedef struct kiln_prefix kiln_prefix; /* a prefilled prompt, ready to insert into a slot */
 
+/* The most worker threads an engine runs (kiln_engine_options.threads): far more than any
+ * machine's cores, few enough that the OpenMP runtime can always start them. */
+#define KILN_MAX_THREADS 1024
+
 typedef struct kiln_engine_options {
-  int threads;   /* worker threads; 0: every core */
+  int threads;   /* worker threads in [0, KILN_MAX_THREADS]; 0: every core */
   int64_t slots; /* decode slots (>= 1); their caches (slots x max_seq_len) are made at open */
   int64_t max_seq_len;  /* context per slot; 0: the model's max_target_length */
   int relayout;         /* non-zero: copy the weights once into the kernels' preferred layout */
@@ -109,7 +113,8 @@ void kiln_engine_options_default(kiln_engine_options* o);
 /* Opens the artifact directory `dir` (written by `kiln export`) and sets *out to a new engine,
  * which the caller closes with kiln_close.
  * Errors: INVALID_ARGUMENT for NULL arguments and options out of range (slots < 1 or above the
- * engine's batch limit, max_seq_len < 0 or above the model's max_target_length, threads < 0);
+ * engine's batch limit, max_seq_len < 0 or above the model's max_target_length, threads < 0 or
+ * above KILN_MAX_THREADS);
  * IO when the artifact is missing, incomplete or corrupt (the message names the path);
  * INTERNAL when memory runs out. */
 kiln_status kiln_open(const char* dir, const kiln_engine_options* options, kiln_engine** out);
@@ -132,15 +137,17 @@ int64_t kiln_slots(const kiln_engine* engine);
  * run-time LoRA adapter (kiln_load_adapter), or is NULL (or "") for the base weights. Uses no
  * slot.
  * Errors: INVALID_ARGUMENT for NULL arguments, an empty prompt, a prompt longer than
- * kiln_max_seq_len, a token id outside the vocabulary, bad sampling parameters or stop tokens
+ * kiln_max_seq_len (n is checked before any token is read, so a wrong n never reads past the
+ * caller's array), a token id outside the vocabulary, bad sampling parameters or stop tokens
  * outside the vocabulary; STATE for an adapter that is not loaded; INTERNAL for out of memory. */
 kiln_status kiln_prefill(kiln_engine* engine, const int32_t* tokens, size_t n,
                          const kiln_sampling* sampling, const char* adapter, kiln_prefix** out);
 
-/* As kiln_prefill, then n_samples (>= 1) independent first tokens from the same logits: sample i
+/* As kiln_prefill, then n_samples independent first tokens from the same logits: sample i
  * draws from its own stream derived from (sampling->seed, i), sample 0 from the seed itself (so
- * one sample equals kiln_prefill). Insert it with kiln_bulk_insert. Errors as kiln_prefill, and
- * INVALID_ARGUMENT for n_samples < 1. */
+ * one sample equals kiln_prefill). Insert it with kiln_bulk_insert, one slot per sample, so
+ * n_samples is in [1, kiln_slots(engine)]. Errors as kiln_prefill, and INVALID_ARGUMENT for
+ * n_samples outside that range. */
 kiln_status kiln_prefill_multisampling(kiln_engine* engine, const int32_t* tokens, size_t n,
                                        int64_t n_samples, const kiln_sampling* sampling,
                                        const char* adapter, kiln_prefix** out);

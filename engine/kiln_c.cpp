@@ -1,11 +1,12 @@
 // The C API (engine/kiln.h) over kiln::Engine. Every entry point catches every exception: a
 // kiln::StateError becomes KILN_ERROR_STATE, another kiln::Error the status its call's context
-// implies (an invalid argument; I/O for opening and loading), std::bad_alloc and anything else
-// KILN_ERROR_INTERNAL.
+// implies (an invalid argument; I/O for opening and loading), a std::filesystem error (it names
+// its path) KILN_ERROR_IO, std::bad_alloc and anything else KILN_ERROR_INTERNAL.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <filesystem>
 #include <memory>
 #include <new>
 #include <string>
@@ -62,6 +63,9 @@ kiln_status guarded(const char* fn, kiln_status error_status, F&& body) noexcept
     } catch (const kiln::Error& e) {
       g_last_error = std::string(fn) + ": " + e.what();
       return error_status;
+    } catch (const std::filesystem::filesystem_error& e) {  // names the path; the system's fault
+      g_last_error = std::string(fn) + ": " + e.what();
+      return KILN_ERROR_IO;
     } catch (const std::bad_alloc&) {
       g_last_error = std::string(fn) + ": out of memory";
       return KILN_ERROR_INTERNAL;
@@ -77,7 +81,10 @@ kiln_status guarded(const char* fn, kiln_status error_status, F&& body) noexcept
   }
 }
 
-kiln::SamplingParams sampling_params(const kiln_sampling& s, const std::string& what) {
+// `vocab` bounds n_stop_tokens: stop tokens are vocabulary ids, so a longer list can only be a
+// wrong count, and it is refused before the caller's array is read.
+kiln::SamplingParams sampling_params(const kiln_sampling& s, const std::string& what,
+                                     int64_t vocab) {
   kiln::SamplingParams p;
   // Read as an integer: a C caller may pass any int, which C++ may not load as the enum.
   std::underlying_type_t<kiln_sampling_algorithm> raw;
@@ -90,6 +97,9 @@ kiln::SamplingParams sampling_params(const kiln_sampling& s, const std::string& 
   if (s.n_stop_tokens > 0 && !s.stop_tokens)
     fail(KILN_ERROR_INVALID_ARGUMENT,
          what + ": stop_tokens is NULL but n_stop_tokens is " + std::to_string(s.n_stop_tokens));
+  if (s.n_stop_tokens > uint64_t(vocab))
+    fail(KILN_ERROR_INVALID_ARGUMENT, what + ": n_stop_tokens " + std::to_string(s.n_stop_tokens) +
+                                          " exceeds the vocabulary size " + std::to_string(vocab));
   p.algorithm = kiln::SamplingAlgorithm(a);
   p.temperature = s.temperature;
   p.top_k = s.top_k;
@@ -124,6 +134,7 @@ kiln_slot_token to_c(const kiln::SlotToken& t) {
   return c;
 }
 
+static_assert(KILN_MAX_THREADS == kiln::kMaxThreads);
 static_assert(int(kiln::FinishReason::None) == KILN_FINISH_NONE &&
               int(kiln::FinishReason::Stop) == KILN_FINISH_STOP &&
               int(kiln::FinishReason::Length) == KILN_FINISH_LENGTH &&
@@ -198,9 +209,10 @@ kiln_status kiln_open(const char* dir, const kiln_engine_options* options, kiln_
     require(options, fn, "options");
     require(out, fn, "out");
     kiln::EngineOptions eo;
-    if (options->threads < 0)
-      fail(KILN_ERROR_INVALID_ARGUMENT,
-           std::string(fn) + ": threads must be >= 0, got " + std::to_string(options->threads));
+    if (options->threads < 0 || options->threads > KILN_MAX_THREADS)
+      fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": threads must be in [0, " +
+                                            std::to_string(KILN_MAX_THREADS) + "], got " +
+                                            std::to_string(options->threads));
     if (options->slots < 1 || options->slots > eo.model.max_chunk)
       fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": slots must be in [1, " +
                                             std::to_string(eo.model.max_chunk) + "], got " +
@@ -258,11 +270,12 @@ kiln_status prefill(const char* fn, kiln_engine* engine, const int32_t* tokens, 
     require(tokens, fn, "tokens");
     require(sampling, fn, "sampling");
     require(out, fn, "out");
-    if (n_samples < 1)
-      fail(KILN_ERROR_INVALID_ARGUMENT,
-           std::string(fn) + ": n_samples must be >= 1, got " + std::to_string(n_samples));
     kiln::Engine& e = *engine->engine;
-    const kiln::SamplingParams sp = sampling_params(*sampling, fn);
+    if (n_samples < 1 || n_samples > e.slots())
+      fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": n_samples must be in [1, " +
+                                            std::to_string(e.slots()) + "] (the slots), got " +
+                                            std::to_string(n_samples));
+    const kiln::SamplingParams sp = sampling_params(*sampling, fn, e.config().vocab_size);
     const std::string name = adapter_name(adapter);
     const std::span<const int32_t> prompt(tokens, n);
     check_request(e, prompt, sp, fn);
@@ -305,7 +318,7 @@ kiln_status kiln_prefill_concat(kiln_engine* engine, size_t n_prompts, const int
       const std::string what = std::string(fn) + ": prompt " + std::to_string(i);
       if (!tokens[i]) fail(KILN_ERROR_INVALID_ARGUMENT, what + ": tokens is NULL");
       reqs[i].tokens = std::span<const int32_t>(tokens[i], lengths[i]);
-      reqs[i].sampling = sampling_params(sampling[i], what);
+      reqs[i].sampling = sampling_params(sampling[i], what, e.config().vocab_size);
       reqs[i].adapter = adapter_name(adapters ? adapters[i] : nullptr);
       check_request(e, reqs[i].tokens, reqs[i].sampling, what);
     }

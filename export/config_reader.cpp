@@ -5,14 +5,13 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <sstream>
 #include <string_view>
 
 #include "common/error.h"
+#include "common/file_io.h"
 
 namespace kiln {
 
@@ -328,13 +327,16 @@ void parse_json_config(const std::string& path, const std::string& content, Entr
   json j;
   try {
     j = json::parse(content);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // a syntax error, or a number that does not fit (1e999)
     std::string what = e.what();
     if (auto p = what.find("] "); p != std::string::npos && what.starts_with("[json.exception"))
       what = what.substr(p + 2);
     for (char& c : what)
       if (c == '\n' || c == '\r') c = ' ';
-    throw Error(path + ": malformed JSON at byte " + std::to_string(e.byte) + ": " + what);
+    const auto* syntax = dynamic_cast<const json::parse_error*>(&e);
+    throw Error(path + ": malformed JSON" +
+                (syntax ? " at byte " + std::to_string(syntax->byte) : std::string()) + ": " +
+                what);
   }
   if (!j.is_object())
     throw Error(path + ": expected a JSON object of MaxText config fields, got a " +
@@ -418,7 +420,8 @@ void read_deepseek_fields(const std::string& path, const Fields& f, ModelConfig&
   m.qk_nope_head_dim = f.get_int("qk_nope_head_dim").value_or(0);
   m.qk_rope_head_dim = f.get_int("qk_rope_head_dim").value_or(0);
   m.v_head_dim = f.get_int("v_head_dim").value_or(0);
-  m.head_dim = m.qk_nope_head_dim + m.qk_rope_head_dim;
+  if (__builtin_add_overflow(m.qk_nope_head_dim, m.qk_rope_head_dim, &m.head_dim))
+    throw Error(path + ": qk_nope_head_dim + qk_rope_head_dim does not fit in 64 bits");
   m.num_experts = f.get_int("num_experts").value_or(0);
   m.num_experts_per_tok = f.get_int("num_experts_per_tok").value_or(0);
   m.shared_experts = f.get_int("shared_experts").value_or(1);
@@ -448,7 +451,7 @@ void read_deepseek_fields(const std::string& path, const Fields& f, ModelConfig&
                 ": rope_attention_scaling: true is not supported (MaxText's DeepSeek "
                 "configs keep it false and put mscale into the softmax scale)");
   // Spec §2.5 step 3: Dqk^-0.5, times (0.1·mscale·ln(factor) + 1)² when the context is extended.
-  double s = 1.0 / std::sqrt(double(m.qk_nope_head_dim + m.qk_rope_head_dim));
+  double s = 1.0 / std::sqrt(double(m.head_dim));
   if (m.max_position_embeddings > m.original_max_position_embeddings) {
     double mf = 0.1 * m.mscale * std::log(m.rope_factor) + 1.0;
     s *= mf * mf;
@@ -456,22 +459,11 @@ void read_deepseek_fields(const std::string& path, const Fields& f, ModelConfig&
   m.query_scale = s;
 }
 
-std::string read_file(const std::string& path) {
-  std::error_code ec;
-  if (fs::is_directory(path, ec)) throw Error(path + ": is a directory, expected a config file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open the config file");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw Error(path + ": cannot read the config file");
-  return ss.str();
-}
-
 }  // namespace
 
 ExportConfig read_export_config(const std::string& path,
                                 const std::vector<std::pair<std::string, std::string>>& overrides) {
-  const std::string content = read_file(path);
+  const std::string content = read_whole_file(path);
   const bool yaml = looks_like_yaml(path, content);
   Entries entries;
   if (yaml) {

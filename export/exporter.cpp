@@ -11,6 +11,7 @@
 #include "common/bf16.h"
 #include "common/durable_output.h"
 #include "common/error.h"
+#include "common/file_io.h"
 #include "common/interrupt.h"
 #include "engine/tokenizer.h"
 #include "export/adapter.h"
@@ -232,10 +233,8 @@ void refuse_nonfinite(const NonFiniteScan& scan, const PlannedBlob& blob, const 
 // The bytes of a SentencePiece model whose ids fit the model's vocabulary; `pieces` gets its size.
 std::vector<uint8_t> read_tokenizer(const std::string& path, const ModelConfig& c,
                                     int64_t& pieces) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error(path + ": cannot open tokenizer model (--tokenizer)");
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  if (f.bad()) throw Error(path + ": cannot read tokenizer model (--tokenizer)");
+  const std::string text = read_whole_file(path);
+  std::vector<uint8_t> bytes(text.begin(), text.end());
   const Tokenizer tok(bytes, path);
   if (tok.vocab_size() > c.vocab_size)
     throw Error(path + ": the tokenizer has " + std::to_string(tok.vocab_size()) +

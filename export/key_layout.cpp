@@ -1,5 +1,6 @@
 #include "export/key_layout.h"
 
+#include <charconv>
 #include <cstddef>
 
 #include "common/error.h"
@@ -195,6 +196,18 @@ std::optional<std::string> canonical_key(std::string_view raw, KeyLayout layout)
     throw Error("key '" + std::string(raw) + "' does not fit the " +
                 std::string(key_layout_name(layout)) + " layout detected for this checkpoint");
   return join(c.rest);
+}
+
+std::optional<int64_t> unrolled_layer_index(std::string_view component, std::string_view group) {
+  if (component.size() <= group.size() + 1 || !component.starts_with(group) ||
+      component[group.size()] != '_')
+    return std::nullopt;
+  const std::string_view digits = component.substr(group.size() + 1);
+  int64_t n = 0;
+  const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), n);
+  if (ec != std::errc() || end != digits.data() + digits.size() || digits.front() == '-')
+    return std::nullopt;
+  return n;
 }
 
 }  // namespace kiln

@@ -10,6 +10,7 @@
 // "lora_b.kernel") and stay one component.
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -31,5 +32,10 @@ KeyLayout detect_key_layout(const std::vector<std::string>& raw_keys, const std:
 // The canonical path of a raw key, or std::nullopt for keys that are not model parameters
 // (optimizer state `opt_state…`, `step`, `nnx_aux…`), which the exporter skips.
 std::optional<std::string> canonical_key(std::string_view raw, KeyLayout layout);
+
+// N of an unrolled layer's key component `GROUP_N` (`layers_12` for group "layers"), or
+// std::nullopt when `component` is not GROUP_ followed by a decimal number that fits in 64 bits
+// (`layers_99999999999999999999` is no layer of the group).
+std::optional<int64_t> unrolled_layer_index(std::string_view component, std::string_view group);
 
 }  // namespace kiln

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -12,6 +11,7 @@
 #include <string_view>
 
 #include "common/error.h"
+#include "common/file_io.h"
 #include "export/key_layout.h"
 #include "export/param_names.h"
 #include "export/safetensors.h"
@@ -122,12 +122,14 @@ bool matches_trailing_components(const std::string& path, const std::string& ent
 class AdapterConfig {
  public:
   explicit AdapterConfig(std::string path) : path_(std::move(path)) {
-    std::ifstream in(path_, std::ios::binary);
-    if (!in) throw Error(path_ + ": cannot be read");
+    const std::string text = read_whole_file(path_);
     try {
-      j_ = ordered_json::parse(in);
-    } catch (const ordered_json::parse_error& e) {
+      j_ = ordered_json::parse(text);
+    } catch (const ordered_json::exception& e) {  // a syntax error, or a number that does not fit
       std::string what = e.what();
+      // Drop nlohmann's "[json.exception.parse_error.101] " tag; keep its description.
+      if (auto p = what.find("] "); p != std::string::npos && what.starts_with("[json.exception"))
+        what = what.substr(p + 2);
       for (char& ch : what)
         if (ch == '\n' || ch == '\r') ch = ' ';
       throw Error(path_ + ": malformed JSON: " + what);
@@ -431,14 +433,17 @@ void AdapterSource::Impl::open_maxtext(const AdapterConfig& cfg) {
 
   // The weights: one safetensors file of any name, or a sharded set with its index.
   std::vector<std::string> files, indexes;
-  for (const auto& de : fs::directory_iterator(dir)) {
-    if (!de.is_regular_file()) continue;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    // Whatever the type: a FIFO or directory named like weights is refused by name when opened.
+    const fs::directory_entry& de = *it;
     const std::string name = de.path().filename().string();
     if (name.ends_with(".index.json"))
       indexes.push_back(de.path().string());
     else if (name.ends_with(".safetensors"))
       files.push_back(de.path().string());
   }
+  if (ec) throw Error(dir + ": cannot list the adapter directory: " + ec.message());
   std::sort(files.begin(), files.end());
   std::sort(indexes.begin(), indexes.end());
   if (indexes.size() > 1)
@@ -502,10 +507,9 @@ void AdapterSource::Impl::open_maxtext(const AdapterConfig& cfg) {
       for (const GroupSpan& g : groups) {
         if (c[1] == g.name) {
           group = &g;
-        } else if (c[1].size() > g.name.size() + 1 && c[1].starts_with(g.name + "_") &&
-                   c[1].find_first_not_of("0123456789", g.name.size() + 1) == std::string::npos) {
+        } else if (std::optional<int64_t> n = unrolled_layer_index(c[1], g.name)) {
           group = &g;
-          index = std::stoll(c[1].substr(g.name.size() + 1));
+          index = *n;
         }
         if (group) break;
       }
@@ -691,8 +695,9 @@ void AdapterSource::Impl::open_peft(const AdapterConfig& cfg) {
   };
 
   const fs::path weights_path = fs::path(dir) / "adapter_model.safetensors";
-  if (!fs::is_regular_file(weights_path)) {
-    const bool bin = fs::exists(fs::path(dir) / "adapter_model.bin");
+  std::error_code ec;
+  if (!fs::exists(weights_path, ec)) {
+    const bool bin = fs::exists(fs::path(dir) / "adapter_model.bin", ec);
     throw Error(
         weights_path.string() + ": not found" +
         (bin ? " (adapter_model.bin, a pickle, is not supported; save the adapter with "
@@ -845,7 +850,7 @@ AdapterSource AdapterSource::open(const std::string& dir, const ModelConfig& bas
   if (!fs::is_directory(dir, ec))
     throw Error(dir + ": LoRA adapter directory does not exist (or is not a directory)");
   const std::string config_path = (fs::path(dir) / "adapter_config.json").string();
-  if (!fs::is_regular_file(config_path, ec))
+  if (!fs::exists(config_path, ec))
     throw Error(config_path +
                 ": not found (a LoRA adapter directory holds adapter_config.json "
                 "and the adapter weights)");

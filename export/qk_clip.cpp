@@ -34,9 +34,8 @@ bool parse_stats_key(const std::string& raw, StatsKey* out) {
       *out = {b, -1};
       return true;
     }
-    if (g.size() > b.size() + 1 && g.compare(0, b.size() + 1, b + "_") == 0 &&
-        g.find_first_not_of("0123456789", b.size() + 1) == std::string::npos) {
-      *out = {b, std::stoll(g.substr(b.size() + 1))};
+    if (std::optional<int64_t> n = unrolled_layer_index(g, b)) {
+      *out = {b, *n};
       return true;
     }
   }

@@ -6,10 +6,12 @@
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <string_view>
 
 #include "common/bf16.h"
+#include "common/checked.h"
 #include "common/durable_output.h"
 #include "common/error.h"
 
@@ -54,6 +56,60 @@ struct ParsedEntry {
   uint64_t begin = 0, end = 0;  // relative to the data buffer
 };
 
+std::string range_text(const ParsedEntry& e) {
+  return "[" + std::to_string(e.begin) + ", " + std::to_string(e.end) + ")";
+}
+
+// nlohmann's description of a parse failure without its "[json.exception.parse_error.101] " tag.
+std::string json_what(const json::exception& e) {
+  std::string what = e.what();
+  if (auto p = what.find("] "); p != std::string::npos && what.starts_with("[json.exception"))
+    what = what.substr(p + 2);
+  return what;
+}
+
+// `__metadata__` is a map of strings to strings (null: none).
+void check_metadata(const std::string& path, const json& m) {
+  if (m.is_null()) return;
+  if (!m.is_object())
+    throw Error(path + ": __metadata__ is a " + std::string(m.type_name()) +
+                ", expected an object of strings");
+  for (auto it = m.begin(); it != m.end(); ++it)
+    if (!it.value().is_string())
+      throw Error(path + ": __metadata__ key '" + it.key() + "' is " + one_line(it.value().dump()) +
+                  ", expected a string");
+}
+
+// The tensors' byte ranges, sorted, must tile the data buffer exactly: no two overlap (they
+// would alias one another), no gap lies between them and no byte follows the last one (bytes
+// that belong to no tensor mean a corrupt or hand-made file; the reference implementation
+// refuses them too).
+void check_tiling(const std::string& path, const std::vector<ParsedEntry>& entries,
+                  uint64_t data_size) {
+  std::vector<const ParsedEntry*> sorted;
+  for (const ParsedEntry& e : entries) sorted.push_back(&e);
+  std::sort(sorted.begin(), sorted.end(), [](const ParsedEntry* a, const ParsedEntry* b) {
+    return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
+  });
+  uint64_t covered = 0;
+  const ParsedEntry* last = nullptr;  // the latest non-empty range
+  for (const ParsedEntry* e : sorted) {
+    if (e->begin < covered)
+      throw Error(path + ": data ranges of keys '" + last->tensor.key + "' " + range_text(*last) +
+                  " and '" + e->tensor.key + "' " + range_text(*e) + " overlap");
+    if (e->begin > covered)
+      throw Error(path + ": key '" + e->tensor.key + "': data_offsets " + range_text(*e) +
+                  " leave bytes [" + std::to_string(covered) + ", " + std::to_string(e->begin) +
+                  ") of the data buffer to no tensor (the ranges must be contiguous)");
+    if (e->end > e->begin) last = e;
+    covered = e->end;
+  }
+  if (covered != data_size)
+    throw Error(path + ": " + std::to_string(data_size - covered) +
+                " bytes follow the last tensor's data (bytes [" + std::to_string(covered) + ", " +
+                std::to_string(data_size) + ") of the data buffer belong to no tensor)");
+}
+
 // Parses and validates one file's header. Nothing in the file is trusted: every offset and size
 // is checked against the mapping before a pointer into it is formed.
 std::vector<ParsedEntry> parse_header(const MappedFile& f) {
@@ -64,6 +120,10 @@ std::vector<ParsedEntry> parse_header(const MappedFile& f) {
                 " bytes, shorter than the 8-byte safetensors header length; not a safetensors file "
                 "or truncated");
   const uint64_t n = read_le_u64(f.data());
+  if (n > kMaxSafetensorsHeader)
+    throw Error(path + ": header length " + std::to_string(n) + " is over the " +
+                std::to_string(kMaxSafetensorsHeader) +
+                "-byte limit of the safetensors format; not a safetensors file or corrupt");
   if (n > size - 8)
     throw Error(path + ": header length " + std::to_string(n) + " is larger than the file (" +
                 std::to_string(size) + " bytes); not a safetensors file or truncated");
@@ -81,12 +141,10 @@ std::vector<ParsedEntry> parse_header(const MappedFile& f) {
   try {
     j = json::parse(hdr, hdr + n, reject_duplicates);
   } catch (const json::parse_error& e) {
-    std::string what = e.what();
-    // Drop nlohmann's "[json.exception.parse_error.101] " tag; keep its description.
-    if (auto p = what.find("] "); p != std::string::npos && what.starts_with("[json.exception"))
-      what = what.substr(p + 2);
     throw Error(one_line(path + ": malformed header JSON at byte " + std::to_string(e.byte) +
-                         " of the " + std::to_string(n) + "-byte header: " + what));
+                         " of the " + std::to_string(n) + "-byte header: " + json_what(e)));
+  } catch (const json::exception& e) {  // a number that does not fit (1e999)
+    throw Error(one_line(path + ": malformed header JSON: " + json_what(e)));
   }
   if (!j.is_object())
     throw Error(path + ": header JSON is a " + std::string(j.type_name()) +
@@ -98,9 +156,12 @@ std::vector<ParsedEntry> parse_header(const MappedFile& f) {
   out.reserve(j.size());
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& key = it.key();
-    if (key == "__metadata__") continue;  // free-form string map; not needed here
-    const std::string where = path + ": key '" + key + "'";
     const json& e = it.value();
+    if (key == "__metadata__") {  // a free-form string map; checked as the format demands, unused
+      check_metadata(path, e);
+      continue;
+    }
+    const std::string where = path + ": key '" + key + "'";
     if (!e.is_object())
       throw Error(where + ": entry is a " + std::string(e.type_name()) +
                   ", expected an object with dtype, shape and data_offsets");
@@ -130,21 +191,20 @@ std::vector<ParsedEntry> parse_header(const MappedFile& f) {
     const json& sh = e["shape"];
     if (!sh.is_array())
       throw Error(where + ": shape is not a list of integers: " + one_line(sh.dump()));
-    uint64_t numel = 1;
-    bool overflow = false;
+    bool too_large = false;
     for (const json& d : sh) {
       if (d.is_number_integer() && !d.is_number_unsigned())
         throw Error(where + ": shape " + one_line(sh.dump()) + " has a negative dimension");
       if (!d.is_number_integer())
         throw Error(where + ": shape " + one_line(sh.dump()) + " is not a list of integers");
       const uint64_t dim = d.get<uint64_t>();
-      if (dim > uint64_t(INT64_MAX) || __builtin_mul_overflow(numel, dim, &numel)) overflow = true;
-      t.shape.push_back(int64_t(dim));
+      too_large = too_large || dim > kMaxSize;
+      t.shape.push_back(int64_t(std::min(dim, kMaxSize)));
     }
-    uint64_t expect_bytes = 0;
-    if (overflow || __builtin_mul_overflow(numel, dtype_size(t.dtype), &expect_bytes) ||
-        expect_bytes > uint64_t(INT64_MAX))
+    const std::optional<uint64_t> bytes = checked_bytes(t.shape, dtype_size(t.dtype));
+    if (too_large || !bytes)
       throw Error(where + ": shape " + one_line(sh.dump()) + " is too large");
+    const uint64_t expect_bytes = *bytes;
 
     const json& off = e["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
@@ -153,8 +213,7 @@ std::vector<ParsedEntry> parse_header(const MappedFile& f) {
                   " is not a pair of non-negative integers [begin, end]");
     pe.begin = off[0].get<uint64_t>();
     pe.end = off[1].get<uint64_t>();
-    std::string range = "[";  // built in steps: GCC 12 -Wrestrict misfires on "lit" + string&&
-    range += std::to_string(pe.begin) + ", " + std::to_string(pe.end) + ")";
+    const std::string range = range_text(pe);
     if (pe.end < pe.begin)
       throw Error(where + ": data_offsets " + range + " end before they begin");
     if (pe.end - pe.begin != expect_bytes)
@@ -170,22 +229,7 @@ std::vector<ParsedEntry> parse_header(const MappedFile& f) {
     out.push_back(std::move(pe));
   }
 
-  // Overlapping ranges mean a corrupt or hand-crafted header: two tensors would alias one another.
-  std::vector<const ParsedEntry*> by_begin;
-  for (const ParsedEntry& pe : out)
-    if (pe.end > pe.begin) by_begin.push_back(&pe);
-  std::sort(by_begin.begin(), by_begin.end(), [](const ParsedEntry* a, const ParsedEntry* b) {
-    return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
-  });
-  const ParsedEntry* reach = nullptr;  // the range reaching furthest so far
-  for (const ParsedEntry* pe : by_begin) {
-    if (reach && pe->begin < reach->end)
-      throw Error(path + ": data ranges of keys '" + reach->tensor.key + "' [" +
-                  std::to_string(reach->begin) + ", " + std::to_string(reach->end) + ") and '" +
-                  pe->tensor.key + "' [" + std::to_string(pe->begin) + ", " +
-                  std::to_string(pe->end) + ") overlap");
-    if (!reach || pe->end > reach->end) reach = pe;
-  }
+  check_tiling(path, out, data_size);
   return out;
 }
 
@@ -202,11 +246,10 @@ IndexShards read_index(const std::string& index_path) {
   try {
     j = json::parse(p, p + f.size());
   } catch (const json::parse_error& e) {
-    std::string what = e.what();
-    if (auto q = what.find("] "); q != std::string::npos && what.starts_with("[json.exception"))
-      what = what.substr(q + 2);
     throw Error(one_line(index_path + ": malformed index JSON at byte " + std::to_string(e.byte) +
-                         ": " + what));
+                         ": " + json_what(e)));
+  } catch (const json::exception& e) {  // a number that does not fit (1e999)
+    throw Error(one_line(index_path + ": malformed index JSON: " + json_what(e)));
   }
   if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
     throw Error(index_path +
@@ -284,7 +327,7 @@ Checkpoint Checkpoint::open(const std::vector<std::string>& paths) {
     const std::string id = ec ? path : canon.string();
     if (auto [it, inserted] = opened.emplace(id, path); !inserted)
       throw Error(path + ": checkpoint file given twice (also as '" + it->second + "')");
-    if (!index_path.empty() && !fs::exists(path))
+    if (!index_path.empty() && !fs::exists(path, ec) && !ec)
       throw Error(index_path + ": shard '" + path + "' (holding key '" + *expected->begin() +
                   "') does not exist");
     auto f = std::make_unique<MappedFile>(path);

@@ -14,6 +14,9 @@
 
 namespace kiln {
 
+// The largest header the safetensors format allows (the reference implementation's limit).
+inline constexpr uint64_t kMaxSafetensorsHeader = 100'000'000;
+
 struct SourceTensor {
   std::string key;  // the key exactly as stored in the file
   DType dtype = DType::F32;
@@ -29,9 +32,12 @@ class Checkpoint {
  public:
   // Each path is a .safetensors file or an *.index.json of a sharded checkpoint (its shards are
   // resolved relative to the index's directory). Throws kiln::Error with a one-line message naming
-  // the file (and key) for: unreadable file, header length larger than the file, malformed header
-  // JSON, unsupported dtype, shape/byte-length mismatch, data offsets outside the file (truncated
-  // file), overlapping data offsets, a key present in two files, an index naming a missing shard.
+  // the file (and key) for: a file that is missing or not a regular file, a header length larger
+  // than the file or kMaxSafetensorsHeader, malformed header JSON (a number that does not fit
+  // included), `__metadata__` that is not a map of strings, unsupported dtype, shape/byte-length
+  // mismatch, data offsets outside the file (truncated file), data ranges that overlap, leave a
+  // gap or end before the file does (they must tile the data buffer, as the format requires), a
+  // key present in two files, an index naming a missing shard.
   static Checkpoint open(const std::vector<std::string>& paths);
 
   const std::vector<SourceTensor>& tensors() const { return tensors_; }

@@ -1,6 +1,10 @@
 #include "export/unroll.h"
 
+#include <optional>
+#include <string_view>
+
 #include "common/error.h"
+#include "export/key_layout.h"
 #include "schema/blob_file.h"
 
 namespace kiln {
@@ -60,12 +64,13 @@ bool LayerGroup::owns(const std::string& key, int64_t* layer, std::string* param
     *param = key.substr(scanned_prefix.size());
     return true;
   }
-  const std::string unrolled_prefix = "decoder/" + group_ + "_";
-  if (key.rfind(unrolled_prefix, 0) != 0) return false;
-  size_t slash = key.find('/', unrolled_prefix.size());
-  std::string idx = key.substr(unrolled_prefix.size(), slash - unrolled_prefix.size());
-  if (idx.empty() || idx.find_first_not_of("0123456789") != std::string::npos) return false;
-  *layer = std::stoll(idx);
+  constexpr std::string_view kDecoder = "decoder/";
+  if (!key.starts_with(kDecoder)) return false;
+  const size_t slash = key.find('/', kDecoder.size());
+  const std::optional<int64_t> index = unrolled_layer_index(
+      std::string_view(key).substr(kDecoder.size(), slash - kDecoder.size()), group_);
+  if (!index) return false;
+  *layer = *index;
   *param = slash == std::string::npos ? "" : key.substr(slash + 1);
   return true;
 }

@@ -4,7 +4,9 @@
 #include <cerrno>
 #include <cstring>
 #include <numeric>
+#include <optional>
 
+#include "common/checked.h"
 #include "common/crc32c.h"
 #include "common/error.h"
 #include "kiln_generated.h"
@@ -32,6 +34,14 @@ T get_le(const uint8_t* p) {
 uint64_t numel(const std::vector<int64_t>& shape) {
   return std::accumulate(shape.begin(), shape.end(), uint64_t{1},
                          [](uint64_t a, int64_t b) { return a * uint64_t(b); });
+}
+
+// The FlatBuffers verifier checks only 4-byte alignment of a vector<long>, so its elements are
+// copied out rather than loaded in place.
+std::vector<int64_t> read_shape(const flatbuffers::Vector<int64_t>& v) {
+  std::vector<int64_t> shape(v.size());
+  if (!shape.empty()) std::memcpy(shape.data(), v.Data(), shape.size() * sizeof(int64_t));
+  return shape;
 }
 
 }  // namespace
@@ -183,14 +193,17 @@ BlobView::BlobView(const uint8_t* data, size_t size, const std::string& path)
     if (t->dtype() > fb::DType::MAX)
       throw Error(path + ": tensor '" + info.name + "' has an unknown dtype");
     info.dtype = static_cast<DType>(t->dtype());
-    for (int64_t d : *t->shape()) {
+    info.shape = read_shape(*t->shape());
+    for (int64_t d : info.shape)
       if (d < 0) throw Error(path + ": tensor '" + info.name + "' has a negative dimension");
-      info.shape.push_back(d);
-    }
     info.offset = t->offset();
     info.length = t->length();
     info.crc32c = t->crc32c();
-    if (info.length != numel(info.shape) * dtype_size(info.dtype))
+    const std::optional<uint64_t> bytes = checked_bytes(info.shape, dtype_size(info.dtype));
+    if (!bytes)
+      throw Error(path + ": tensor '" + info.name + "' has shape " + shape_to_string(info.shape) +
+                  ", too large to address");
+    if (info.length != *bytes)
       throw Error(path + ": tensor '" + info.name + "' length " + std::to_string(info.length) +
                   " does not match shape " + shape_to_string(info.shape));
     if (info.offset % kTensorAlignment != 0 || info.offset < kBlobPreambleSize + hlen)

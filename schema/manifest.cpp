@@ -1,5 +1,8 @@
 #include "schema/manifest.h"
 
+#include <optional>
+
+#include "common/checked.h"
 #include "common/error.h"
 #include "kiln_generated.h"
 #include "schema/format.h"
@@ -170,10 +173,15 @@ Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& pat
     r.heads = q->heads();
     if (q->gamma()) r.gamma.assign(q->gamma()->begin(), q->gamma()->end());
     if (q->max_logit()) r.max_logit.assign(q->max_logit()->begin(), q->max_logit()->end());
-    const size_t want = size_t(m.config.num_decoder_layers * r.heads);
-    if (r.heads != m.config.num_query_heads || r.gamma.size() != want || r.max_logit.size() != want)
+    if (r.heads != m.config.num_query_heads)
+      throw Error(path + ": QK-Clip record has " + std::to_string(r.heads) + " heads, the config " +
+                  std::to_string(m.config.num_query_heads) + " query heads");
+    // validate() bounds the config's sizes, but a crafted record must not wrap this product.
+    const std::optional<uint64_t> want =
+        checked_mul(uint64_t(m.config.num_decoder_layers), uint64_t(r.heads));
+    if (!want || r.gamma.size() != *want || r.max_logit.size() != *want)
       throw Error(path + ": QK-Clip record does not match the config (expected " +
-                  std::to_string(want) + " gammas)");
+                  (want ? std::to_string(*want) : "num_decoder_layers × heads") + " gammas)");
   }
   if (f->adapters()) {
     auto s = [](const flatbuffers::String* x) { return x ? x->str() : std::string(); };

@@ -1,8 +1,12 @@
 #include "schema/model_config.h"
 
+#include <climits>
 #include <cmath>
+#include <utility>
 
+#include "common/checked.h"
 #include "common/error.h"
+#include "schema/blob_file.h"
 
 namespace kiln {
 
@@ -10,6 +14,63 @@ namespace {
 
 void require_positive(const std::string& where, const char* field, int64_t v) {
   if (v <= 0) throw Error(where + ": " + field + " must be positive, got " + std::to_string(v));
+}
+
+// Far beyond any real model, and small enough that sums and products of two dimensions (as the
+// tensor shapes use them) cannot overflow; token ids are int32_t, so no vocabulary is larger.
+constexpr int64_t kMaxDim = INT32_MAX;
+
+// Every size derived from the config must be computable without wrapping: the bytes of each
+// tensor in f32 (the exporter and the engine work in f32 too), of a sequence's attention cache
+// and scores, and the QK-Clip record. A crafted vocabulary of 2^58 would otherwise wrap a blob's
+// size to a small number that passes every later check.
+void check_sizes(const ModelConfig& c, const std::string& where) {
+  const std::pair<const char*, int64_t> dims[] = {
+      {"emb_dim", c.emb_dim},
+      {"num_query_heads", c.num_query_heads},
+      {"num_kv_heads", c.num_kv_heads},
+      {"head_dim", c.head_dim},
+      {"mlp_dim", c.mlp_dim},
+      {"num_decoder_layers", c.num_decoder_layers},
+      {"vocab_size", c.vocab_size},
+      {"max_target_length", c.max_target_length},
+      {"first_num_dense_layers", c.first_num_dense_layers},
+      {"q_lora_rank", c.q_lora_rank},
+      {"kv_lora_rank", c.kv_lora_rank},
+      {"qk_nope_head_dim", c.qk_nope_head_dim},
+      {"qk_rope_head_dim", c.qk_rope_head_dim},
+      {"v_head_dim", c.v_head_dim},
+      {"num_experts", c.num_experts},
+      {"num_experts_per_tok", c.num_experts_per_tok},
+      {"moe_mlp_dim", c.moe_mlp_dim},
+      {"shared_experts", c.shared_experts},
+  };
+  for (const auto& [field, v] : dims)
+    if (v > kMaxDim)
+      throw Error(where + ": " + field + " " + std::to_string(v) + " is larger than " +
+                  std::to_string(kMaxDim));
+
+  auto require_fits = [&](const std::string& what, const std::vector<int64_t>& shape,
+                          uint64_t item_size) {
+    if (!checked_bytes(shape, item_size))
+      throw Error(where + ": " + what + " of shape " + shape_to_string(shape) +
+                  " is too large to address (" + std::to_string(item_size) +
+                  "-byte values); the config's sizes are out of range");
+  };
+  // The first and the last layer cover both kinds of a DeepSeek model (dense, then MoE).
+  for (const int64_t layer : {int64_t(0), c.num_decoder_layers - 1})
+    for (const TensorSpec& t : layer_tensor_specs(c, int(layer)))
+      require_fits("tensor '" + t.name + "'", t.shape, sizeof(float));
+  for (const TensorSpec& t : global_tensor_specs(c))
+    require_fits("tensor '" + t.name + "'", t.shape, sizeof(float));
+  const int64_t cache_row = c.is_deepseek() ? c.kv_lora_rank + c.qk_rope_head_dim : c.head_dim;
+  require_fits("a sequence's attention cache",
+               std::vector<int64_t>{c.max_target_length, c.num_kv_heads, cache_row},
+               2 * sizeof(uint16_t));
+  require_fits("a sequence's attention scores",
+               std::vector<int64_t>{c.max_target_length, c.num_query_heads}, sizeof(float));
+  require_fits("the QK-Clip record", std::vector<int64_t>{c.num_decoder_layers, c.num_query_heads},
+               sizeof(float));
 }
 
 }  // namespace
@@ -21,6 +82,7 @@ void ModelConfig::validate(const std::string& where) const {
                 "' is not supported (expected llama2, mistral, qwen3 or deepseek)");
   if (is_deepseek()) {
     validate_deepseek(where);
+    check_sizes(*this, where);
     return;
   }
   require_positive(where, "emb_dim", emb_dim);
@@ -43,6 +105,7 @@ void ModelConfig::validate(const std::string& where) const {
   if (!(query_scale > 0) || !std::isfinite(query_scale))
     throw Error(where + ": query_scale must be a positive finite number");
   if (final_logits_soft_cap < 0) throw Error(where + ": final_logits_soft_cap must be >= 0");
+  check_sizes(*this, where);
 }
 
 void ModelConfig::validate_deepseek(const std::string& where) const {

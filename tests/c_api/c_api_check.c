@@ -5,6 +5,7 @@
  * Usage: kiln_c_api_check ARTIFACT [ADAPTER]   (ADAPTER: a run-time adapter of the artifact)
  * Prints one line per failed check and "N checks, M failed"; exits 1 if any failed. */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,6 +81,14 @@ int main(int argc, char** argv) {
   opt.max_seq_len = 1 << 30;
   EXPECT(kiln_open(art, &opt, &e), KILN_ERROR_INVALID_ARGUMENT, "max_target_length");
   opt.max_seq_len = 0;
+  /* Threads are capped before the OpenMP runtime sees them (100000 crashed inside it). */
+  opt.threads = 100000;
+  EXPECT(kiln_open(art, &opt, &e), KILN_ERROR_INVALID_ARGUMENT, "threads must be in [0, 1024]");
+  opt.threads = KILN_MAX_THREADS + 1;
+  EXPECT(kiln_open(art, &opt, &e), KILN_ERROR_INVALID_ARGUMENT, "threads");
+  opt.threads = -1;
+  EXPECT(kiln_open(art, &opt, &e), KILN_ERROR_INVALID_ARGUMENT, "threads");
+  opt.threads = 0;
   CHECK(e == NULL);
   if (kiln_open(art, &opt, &e) != KILN_OK) {
     printf("FAILED: kiln_open(%s): %s\n", art, kiln_last_error());
@@ -111,9 +120,23 @@ int main(int argc, char** argv) {
          "stop_tokens is NULL");
   bad.stop_tokens = oov;
   EXPECT(kiln_prefill(e, prompt, 6, &bad, NULL, &p), KILN_ERROR_INVALID_ARGUMENT, "stop token");
+  bad.n_stop_tokens = SIZE_MAX; /* a wrong count, refused before the array is read */
+  EXPECT(kiln_prefill(e, prompt, 6, &bad, NULL, &p), KILN_ERROR_INVALID_ARGUMENT,
+         "exceeds the vocabulary size");
   EXPECT(kiln_prefill(e, prompt, 6, &greedy, "no-such-adapter", &p), KILN_ERROR_STATE,
          "no-such-adapter");
   EXPECT(kiln_prefill_multisampling(e, prompt, 6, 0, &greedy, NULL, &p),
+         KILN_ERROR_INVALID_ARGUMENT, "n_samples");
+  /* Sizes from the caller are checked before anything is read or run: a length of 2^63 is not a
+   * negative number (the array holds 6 tokens), 10^12 samples would run for minutes, and each
+   * sample needs a slot of its own. */
+  EXPECT(kiln_prefill(e, prompt, (size_t)1 << 63, &greedy, NULL, &p), KILN_ERROR_INVALID_ARGUMENT,
+         "prompt has 9223372036854775808 tokens, longer than the context");
+  EXPECT(kiln_prefill(e, prompt, SIZE_MAX, &greedy, NULL, &p), KILN_ERROR_INVALID_ARGUMENT,
+         "longer than the context");
+  EXPECT(kiln_prefill_multisampling(e, prompt, 6, 1000000000000LL, &greedy, NULL, &p),
+         KILN_ERROR_INVALID_ARGUMENT, "n_samples must be in [1, 2]");
+  EXPECT(kiln_prefill_multisampling(e, prompt, 6, 3, &greedy, NULL, &p),
          KILN_ERROR_INVALID_ARGUMENT, "n_samples");
   CHECK(p == NULL);
 
@@ -229,6 +252,11 @@ int main(int argc, char** argv) {
     CHECK(concat[0] == NULL && concat[1] == NULL && concat[2] == NULL);
     EXPECT(kiln_prefill_concat(e, 0, tokens, lengths, ss, NULL, concat),
            KILN_ERROR_INVALID_ARGUMENT, "no prompts");
+    lengths[1] = (size_t)1 << 63;
+    EXPECT(kiln_prefill_concat(e, 2, tokens, lengths, ss, NULL, concat),
+           KILN_ERROR_INVALID_ARGUMENT, "prompt 1: prompt has 9223372036854775808 tokens");
+    CHECK(concat[0] == NULL && concat[1] == NULL);
+    lengths[1] = 3;
     CHECK(kiln_prefill_concat(e, 2, tokens, lengths, ss, ads, concat) == KILN_OK);
     CHECK(kiln_prefill(e, prompt2, 3, &greedy, NULL, &p) == KILN_OK);
     CHECK(kiln_prefix_next_pos(concat[0]) == 6 && kiln_prefix_next_pos(concat[1]) == 3);

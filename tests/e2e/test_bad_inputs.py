@@ -5,7 +5,9 @@ directory. Plus --out/--force semantics and bad usage (exit 2)."""
 
 import json
 import os
+import shutil
 import struct
+import subprocess
 import unittest
 
 import numpy as np
@@ -21,7 +23,9 @@ def norm_msg(s):
     return s.replace("/", ".")
 
 
-class BadInputTest(common.TempDirCase):
+class FixtureCase(common.TempDirCase):
+    """A fresh Llama fixture per test, with helpers to break it and check the refusal."""
+
     def setUp(self):
         super().setUp()
         common.require_kiln(self)
@@ -75,6 +79,8 @@ class BadInputTest(common.TempDirCase):
                          % os.listdir(self.outparent))
         print("    %-40s %s" % (self._testMethodName, msg))
 
+
+class BadInputTest(FixtureCase):
     # -- checkpoint problems ---------------------------------------------------------------------
 
     def test_missing_tensor(self):
@@ -310,6 +316,255 @@ class BadInputTest(common.TempDirCase):
             self.assertKilnOk(res, "run " + os.path.basename(path))
             outs.append(res.stdout)
         self.assertEqual(outs[0].splitlines()[:2], outs[1].splitlines()[:2])
+
+
+# -- strict inputs ---------------------------------------------------------------------------------
+
+# A hang (a FIFO opened for reading waits for a writer) fails the test instead of the suite.
+PROMPT = 10
+
+
+def crc32c(data):
+    """CRC-32C (Castagnoli), as the blob preamble stores it."""
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+class FlatBuffers:
+    """Edits kiln's FlatBuffers through flatc (a build dependency) and its JSON form."""
+    SCHEMA = os.path.join(common.REPO, "schema", "kiln.fbs")
+
+    def __init__(self, tmp):
+        self.flatc = shutil.which("flatc")
+        self.tmp = tmp
+        if not self.flatc:
+            raise AssertionError("flatc (flatbuffers-compiler, a build dependency) is not on PATH")
+
+    def to_json(self, data, root_type=None):
+        src = os.path.join(self.tmp, "fb-in.bin")
+        with open(src, "wb") as f:
+            f.write(data)
+        args = [self.flatc, "--json", "--strict-json", "--raw-binary", "-o", self.tmp]
+        args += ["--root-type", root_type] if root_type else []
+        subprocess.run(args + [self.SCHEMA, "--", src], check=True, timeout=PROMPT)
+        with open(os.path.join(self.tmp, "fb-in.json")) as f:
+            return json.load(f)
+
+    def from_json(self, obj, root_type=None):
+        src = os.path.join(self.tmp, "fb-out.json")
+        with open(src, "w") as f:
+            json.dump(obj, f)
+        args = [self.flatc, "-b", "-o", self.tmp]
+        args += ["--root-type", root_type] if root_type else []
+        subprocess.run(args + [self.SCHEMA, src], check=True, timeout=PROMPT)
+        with open(os.path.join(self.tmp, "fb-out.kfb"), "rb") as f:  # the schema's extension
+            return f.read()
+
+
+class StrictInputTest(FixtureCase):
+    """Only regular files are opened; the safetensors format's own rules; numbers that do not fit
+    and sizes that would wrap are refused with one line naming the file (exit 1), never a hang, a
+    crash or an internal error (exit 3)."""
+
+    def assertRefused(self, res, *needles):
+        self.assertNotEqual(res.rc, "timeout", "kiln blocked:\n" + res.describe())
+        self.assertEqual(res.rc, 1, "expected exit 1:\n" + res.describe())
+        self.assertEqual(len(res.stderr_lines), 1, "expected one stderr line:\n" + res.describe())
+        self.assertTrue(res.stderr_lines[0].startswith("kiln: error: "), res.describe())
+        for n in needles:
+            self.assertIn(n, res.stderr_lines[0], res.describe())
+        print("    %-40s %s" % (self._testMethodName, res.stderr_lines[0]))
+
+    def fifo(self, path):
+        if os.path.lexists(path):
+            os.remove(path)
+        os.mkfifo(path)
+        return path
+
+    def exported(self):
+        self.assertKilnOk(self.export(), "export")
+        return self.out
+
+    # -- not a regular file ----------------------------------------------------------------------
+
+    def test_fifo_in_place_of_a_blob(self):
+        blob = self.fifo(os.path.join(self.exported(), "layer-001.kblob"))
+        for args in (("run", self.out, "--tokens", "1,2,3", "--max-tokens", "2"),
+                     ("inspect", self.out, "--verify")):
+            self.assertRefused(kiln(*args, timeout=PROMPT), blob + ": not a regular file (a FIFO)")
+
+    def test_fifo_in_place_of_the_manifest(self):
+        manifest = self.fifo(os.path.join(self.exported(), "manifest.kfb"))
+        for args in (("run", self.out, "--tokens", "1,2,3"), ("inspect", self.out)):
+            self.assertRefused(kiln(*args, timeout=PROMPT),
+                               manifest + ": not a regular file (a FIFO)")
+
+    def test_fifo_in_place_of_a_config(self):
+        config = self.fifo(os.path.join(self.tmp, "config.yml"))
+        self.assertRefused(kiln("export", "--checkpoint", self.ckpt, "--config", config, "--out",
+                                self.out, timeout=PROMPT),
+                           config + ": not a regular file (a FIFO)")
+        self.assertFalse(os.path.exists(self.out))
+
+    def test_fifo_in_place_of_a_checkpoint(self):
+        self.fifo(self.ckpt)
+        self.assertRefused(kiln("export", "--checkpoint", self.ckpt, "--config",
+                                self.fx.config_path, "--out", self.out, timeout=PROMPT),
+                           self.ckpt + ": not a regular file (a FIFO)")
+        self.assertFalse(os.path.exists(self.out))
+
+    def test_fifo_in_place_of_a_prompts_file(self):
+        self.exported()
+        prompts = self.fifo(os.path.join(self.tmp, "prompts.txt"))
+        stats = os.path.join(self.tmp, "stats.safetensors")
+        for args in (("run", self.out, "--prompts-file", prompts),
+                     ("calibrate", self.out, "--tokens-file", prompts, "--out", stats)):
+            self.assertRefused(kiln(*args, timeout=PROMPT),
+                               prompts + ": not a regular file (a FIFO)")
+        self.assertFalse(os.path.exists(stats))
+
+    def test_directory_and_device_where_a_file_is_expected(self):
+        art = self.exported()
+        cases = [
+            (("export", "--checkpoint", self.tmp, "--config", self.fx.config_path, "--out",
+              os.path.join(self.tmp, "x.kiln")), self.tmp + ": not a regular file (a directory)"),
+            (("export", "--checkpoint", self.ckpt, "--config", "/dev/zero", "--out",
+              os.path.join(self.tmp, "x.kiln")), "/dev/zero: not a regular file (a character device)"),
+            (("export", "--checkpoint", self.ckpt, "--config", self.fx.config_path, "--tokenizer",
+              "/dev/zero", "--out", os.path.join(self.tmp, "x.kiln")),
+             "/dev/zero: not a regular file (a character device)"),
+            (("run", art, "--prompts-file", "/dev/zero"),
+             "/dev/zero: not a regular file (a character device)"),
+            (("run", art, "--prompts-file", self.tmp), self.tmp + ": not a regular file (a directory)"),
+            (("golden", "check", art, "--tokens", "1,2", "--expect", "/dev/zero"),
+             "/dev/zero: not a regular file (a character device)"),
+        ]
+        for args, needle in cases:
+            self.assertRefused(kiln(*args, timeout=PROMPT), needle)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "x.kiln")))
+
+    # -- the safetensors format's rules ----------------------------------------------------------
+
+    def test_hole_between_tensors(self):
+        header, body = self.read()
+        items = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+        (b0, b1), last = items[-1]
+        header[last]["data_offsets"] = [b0 + 8, b1 + 8]
+        st.write_safetensors_raw(self.ckpt, header, body[:b0] + bytes(8) + body[b0:])
+        self.assertBadInput(self.export(), "model.safetensors", [last],
+                            also=["leave bytes [%d, %d)" % (b0, b0 + 8), "contiguous"])
+
+    def test_bytes_after_the_last_tensor(self):
+        header, body = self.read()
+        st.write_safetensors_raw(self.ckpt, header, body + bytes(16))
+        self.assertBadInput(self.export(), "model.safetensors",
+                            also=["16 bytes follow the last tensor"])
+
+    def test_metadata_values_must_be_strings(self):
+        header, body = self.read()
+        header["__metadata__"] = {"format": "pt", "step": 1000}
+        st.write_safetensors_raw(self.ckpt, header, body)
+        self.assertBadInput(self.export(), "model.safetensors", ["__metadata__"],
+                            also=["'step' is 1000, expected a string"])
+
+    def test_header_over_100_000_000_bytes(self):
+        # Refused on the length alone: nothing that large is read (the file itself is small).
+        header, body = self.read()
+        st.write_safetensors_raw(self.ckpt, header, body, header_len=100_000_001)
+        self.assertBadInput(self.export(), "model.safetensors",
+                            also=["header length 100000001 is over the 100000000-byte limit"])
+
+    # -- numbers that do not fit -----------------------------------------------------------------
+
+    def test_number_overflow_in_a_config(self):
+        with open(self.fx.config_path) as f:
+            text = f.read()
+        path = os.path.join(self.tmp, "huge.json")
+        with open(path, "w") as f:
+            f.write(text.replace("{", '{"rope_max_timescale": 1e999, ', 1))
+        self.assertBadInput(self.export(config=path), "huge.json",
+                            also=["number overflow parsing '1e999'"])
+
+    def test_number_overflow_in_a_checkpoint_header(self):
+        header, body = self.read()
+        text = json.dumps(header, separators=(",", ":"))
+        text = text.replace('"shape":[', '"shape":[1e999,', 1)
+        st.write_safetensors_raw(self.ckpt, text, body)
+        self.assertBadInput(self.export(), "model.safetensors",
+                            also=["number overflow parsing '1e999'"])
+
+    def test_number_overflow_in_a_sharded_index(self):
+        fx = mf.write_fixture(BASE.replace(shards=2), os.path.join(self.tmp, "sharded"))
+        index = [a for a in fx.checkpoint_args if a.endswith(".index.json")][0]
+        with open(index) as f:
+            text = f.read()
+        with open(index, "w") as f:
+            f.write(text.replace("{", '{"metadata": {"total_size": 1e999}, ', 1))
+        res = kiln("export", *fx.export_args(), "--out", self.out)
+        self.assertBadInput(res, os.path.basename(index), also=["number overflow parsing '1e999'"])
+
+    def test_number_overflow_in_an_adapter_config(self):
+        import lora_ref as L  # tests/reference is on sys.path (common)
+        ad = L.write_adapter(self.fx, L.AdapterSpec(), os.path.join(self.tmp, "adapter"))
+        cfg = os.path.join(ad.directory, "adapter_config.json")
+        with open(cfg) as f:
+            text = f.read()
+        with open(cfg, "w") as f:
+            f.write(text.replace("{", '{"lora_dropout": 1e999, ', 1))
+        self.assertBadInput(self.export("--lora", ad.directory, "--merge-lora"),
+                            "adapter_config.json", also=["number overflow parsing '1e999'"])
+
+    def test_vocabulary_whose_sizes_wrap(self):
+        """A crafted manifest and globals blob claiming a vocabulary of 2^58: token_embedding
+        [2^58, E] of bf16 is 2^59·E bytes, 0 once wrapped to 64 bits -- which the blob header
+        then declares, consistently, with valid checksums. `inspect --verify` used to pass it."""
+        art = self.exported()
+        fb = FlatBuffers(self.tmp)
+        vocab = 2 ** 58
+        mpath = os.path.join(art, "manifest.kfb")
+        with open(mpath, "rb") as f:
+            manifest = fb.to_json(f.read())
+        manifest["config"]["vocab_size"] = vocab
+        emb = manifest["config"]["emb_dim"]
+        gpath = os.path.join(art, "globals.kblob")
+        with open(gpath, "rb") as f:
+            blob = bytearray(f.read())
+        hlen = struct.unpack_from("<Q", blob, 16)[0]
+        header = fb.to_json(bytes(blob[32:32 + hlen]), "kiln.fb.BlobHeader")
+        for t in header["tensors"]:
+            if t["name"] in ("token_embedding", "logits_dense"):
+                t["shape"] = [vocab, emb] if t["name"] == "token_embedding" else [emb, vocab]
+                t["length"] = vocab * emb * 2 % 2 ** 64
+                t["crc32c"] = crc32c(b"")
+        self.assertEqual(vocab * emb * 2 % 2 ** 64, 0)
+        new_header = fb.from_json(header, "kiln.fb.BlobHeader")
+        first = min(t["offset"] for t in header["tensors"])
+        self.assertLessEqual(32 + len(new_header), first)
+        blob[32:first] = new_header + bytes(first - 32 - len(new_header))
+        struct.pack_into("<QI", blob, 16, len(new_header), crc32c(new_header))
+        with open(gpath, "wb") as f:
+            f.write(blob)
+        for b in manifest["blobs"]:
+            if b["file"] == "globals.kblob":
+                b["header_crc32c"] = crc32c(new_header)
+        with open(mpath, "wb") as f:
+            f.write(fb.from_json(manifest))
+        for args in (("inspect", art, "--verify"), ("run", art, "--tokens", "1,2")):
+            self.assertRefused(kiln(*args, timeout=PROMPT), "manifest.kfb")
+        # The blob alone, under a manifest with the real vocabulary: refused by its own reader.
+        manifest["config"]["vocab_size"] = self.fx.config["vocab_size"]
+        with open(mpath, "wb") as f:
+            f.write(fb.from_json(manifest))
+        self.assertRefused(kiln("inspect", art, "--verify", timeout=PROMPT), "globals.kblob",
+                           "too large to address")
 
 
 if __name__ == "__main__":

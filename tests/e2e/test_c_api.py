@@ -10,7 +10,9 @@ Programs (built by meson next to the kiln binary):
   kiln_c_api_check ART [ADAPTER]                               (tests/c_api/c_api_check.c)
       the API's contract: status codes and messages for NULL / out-of-range arguments and
       busy / free slots, prefix ownership, accessors, stop and length finishes, multisampling
-      and bulk insert, packed prefill, adapters; prints `N checks, M failed`, exit 0 iff M = 0.
+      and bulk insert, packed prefill, adapters, caller sizes bounded before anything runs
+      (threads above KILN_MAX_THREADS, a prompt length of 2^63, 10^12 samples: INVALID_ARGUMENT
+      at once, no read past the caller's array); prints `N checks, M failed`, exit 0 iff M = 0.
 
 Acceptance checked here: on a Llama fixture (with a run-time LoRA adapter used by some requests)
 and a DeepSeek fixture, the example's tokens, finish reasons and log-probs (within 1e-5) equal

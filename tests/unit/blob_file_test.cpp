@@ -8,8 +8,11 @@
 #include <iterator>
 #include <numeric>
 
+#include "common/crc32c.h"
 #include "common/error.h"
 #include "common/mapped_file.h"
+#include "kiln_generated.h"
+#include "schema/format.h"
 
 using namespace kiln;
 namespace fs = std::filesystem;
@@ -177,4 +180,55 @@ TEST_CASE("a blob of zero-length tensors only ends after its header") {
   MappedFile f(p.string());
   BlobView v(f.data(), f.size(), p.string());
   CHECK(v.tensors().size() == 2);
+}
+
+namespace {
+
+// A blob whose header declares one tensor as given, built directly (not by BlobWriter) so that
+// the header can say what no writer would.
+std::vector<uint8_t> crafted_blob(const std::vector<int64_t>& shape, uint64_t length) {
+  flatbuffers::FlatBufferBuilder b;
+  b.ForceDefaults(true);
+  const uint64_t offset = 256;  // past this small header, 64-byte aligned
+  std::vector<flatbuffers::Offset<fb::Tensor>> ts = {
+      fb::CreateTensorDirect(b, "t", fb::DType::BF16, &shape, offset, length, crc32c("", 0))};
+  b.Finish(fb::CreateBlobHeaderDirect(b, kFormatMajor, kFormatMinor, 0, fb::LayerKind::Dense, &ts));
+  REQUIRE(kBlobPreambleSize + b.GetSize() <= offset);
+  std::vector<uint8_t> out(offset + length);
+  std::memcpy(out.data(), kBlobMagic, 8);
+  const uint16_t major = kFormatMajor, minor = kFormatMinor;
+  const uint64_t hlen = b.GetSize();
+  const uint32_t hcrc = crc32c(b.GetBufferPointer(), b.GetSize());
+  std::memcpy(out.data() + 8, &major, 2);
+  std::memcpy(out.data() + 10, &minor, 2);
+  std::memcpy(out.data() + 16, &hlen, 8);
+  std::memcpy(out.data() + 24, &hcrc, 4);
+  std::memcpy(out.data() + kBlobPreambleSize, b.GetBufferPointer(), b.GetSize());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("a shape whose byte count wraps in 64 bits is refused, not taken for its wrapped size") {
+  // 2^58 × 64 bf16 values are 2^65 bytes: 0 once wrapped, which the header then claims.
+  const std::vector<uint8_t> wrapped = crafted_blob({int64_t(1) << 58, 64}, 0);
+  CHECK_THROWS_WITH_AS(
+      BlobView(wrapped.data(), wrapped.size(), "x.kblob"),
+      "x.kblob: tensor 't' has shape [288230376151711744, 64], too large to address", Error);
+  const std::vector<uint8_t> fine = crafted_blob({4, 8}, 64);
+  CHECK(BlobView(fine.data(), fine.size(), "x.kblob").tensors().at(0).shape ==
+        std::vector<int64_t>{4, 8});
+}
+
+TEST_CASE("shapes are read without 8-byte loads at 4-byte-aligned addresses") {
+  // The FlatBuffers verifier checks vector<long> for 4-byte alignment only; a blob placed at an
+  // address that is 4 mod 8 (as a crafted header can arrange) must still read correctly (and
+  // cleanly under UBSan).
+  const std::vector<uint8_t> bytes = read_all(write_sample("misaligned.kblob"));
+  std::vector<uint64_t> storage(bytes.size() / 8 + 2);
+  uint8_t* at = reinterpret_cast<uint8_t*>(storage.data()) + 4;
+  std::memcpy(at, bytes.data(), bytes.size());
+  const BlobView v(at, bytes.size(), "x.kblob");
+  CHECK(v.expect("a", DType::BF16, {3, 5}).length == 30);
+  CHECK(v.expect("b.long.name", DType::BF16, {7}).length == 14);
 }

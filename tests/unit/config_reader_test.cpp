@@ -382,6 +382,9 @@ vocab_size: 256
     CHECK(contains(msg, missing));
     CHECK(contains(msg, "cannot open"));
     CHECK(contains(error_of([&] { (void)read_export_config(dir.path.string(), {}); }),
-                   "is a directory"));
+                   "not a regular file (a directory)"));
+    // A number that does not fit a double is a malformed file, named, not an internal error.
+    CHECK(contains(err("huge.json", "{\"decoder_block\": \"llama2\", \"emb_dim\": 1e999}"),
+                   "huge.json: malformed JSON: number overflow parsing '1e999'"));
   }
 }

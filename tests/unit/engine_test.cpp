@@ -320,11 +320,17 @@ TEST_CASE(
     sp.top_k = k;
     sp.temperature = T;
     sp.seed = 1234;
-    const int64_t n = 6000;
-    Prefix a = engine->prefill_multisampling(prompt, n, sp);
-    Prefix b = engine->prefill_multisampling(prompt, n, sp);
+    // A prefix holds at most one sample per slot: 1500 seeded prefixes of 4 samples each.
+    const int64_t n = 6000, per = engine->slots();
+    Prefix a = engine->prefill_multisampling(prompt, per, sp);
+    Prefix b = engine->prefill_multisampling(prompt, per, sp);
     CHECK(a.tokens == b.tokens);
     CHECK(engine->prefill(prompt, sp).tokens[0] == a.tokens[0]);
+    for (int64_t drawn = per; drawn < n; drawn += per) {
+      sp.seed += 1;
+      const Prefix more = engine->prefill_multisampling(prompt, per, sp);
+      a.tokens.insert(a.tokens.end(), more.tokens.begin(), more.tokens.end());
+    }
     std::vector<int32_t> ids(8);
     for (int v = 0; v < 8; ++v) ids[size_t(v)] = v;
     std::sort(ids.begin(), ids.end(),
@@ -411,6 +417,34 @@ TEST_CASE("bad requests are errors, not undefined behaviour") {
   t = engine->generate()[0];  // position 95 is the last one
   CHECK(t.finish == FinishReason::Context);
   CHECK(engine->generate().empty());
+}
+
+TEST_CASE("sizes from the caller are bounded before anything is read or started") {
+  EngineOptions o = options(false);
+  o.slots = 2;
+  o.model.threads = kMaxThreads + 1;
+  CHECK_THROWS_WITH_AS(Engine::open(tiny_untied().artifact.string(), o),
+                       doctest::Contains("1025 worker threads requested; between 0 (every core) "
+                                         "and 1024 are supported"),
+                       Error);
+  o.model.threads = 0;
+  auto engine = Engine::open(tiny_untied().artifact.string(), o);
+  // A length of 2^63 or more is no negative number: it is refused before any token is read (the
+  // array holds 3).
+  const int32_t three[3] = {1, 2, 3};
+  const std::span<const int32_t> lying(three, size_t(1) << 63);
+  CHECK_THROWS_WITH_AS(engine->prefill(lying, {}),
+                       "prompt has 9223372036854775808 tokens, longer than the context of 96",
+                       Error);
+  CHECK_THROWS_WITH_AS(engine->check_request(lying, {}),
+                       doctest::Contains("longer than the context"), Error);
+  // Each sample of a multisampling prefix needs a slot of its own.
+  CHECK(engine->prefill_multisampling(three, 2, {}).tokens.size() == 2);
+  CHECK_THROWS_WITH_AS(engine->prefill_multisampling(three, int64_t(1e12), {}),
+                       "prefill_multisampling: 1000000000000 samples requested; between 1 and 2 "
+                       "(one slot each) are supported",
+                       Error);
+  CHECK_THROWS_AS(engine->prefill_multisampling(three, 0, {}), Error);
 }
 
 TEST_CASE("a tied model runs and opening a missing artifact is a clear error") {

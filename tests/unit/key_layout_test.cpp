@@ -198,3 +198,17 @@ TEST_CASE("key_layout: mixed, unknown and parameter-less key sets are rejected")
     CHECK(contains(msg, "maxtext-linen"));
   }
 }
+
+TEST_CASE("unrolled_layer_index: GROUP_N with N a decimal number that fits in 64 bits") {
+  using kiln::unrolled_layer_index;
+  CHECK(unrolled_layer_index("layers_0", "layers") == 0);
+  CHECK(unrolled_layer_index("layers_12", "layers") == 12);
+  CHECK(unrolled_layer_index("moe_layers_3", "moe_layers") == 3);
+  CHECK(unrolled_layer_index("layers_9223372036854775807", "layers") == INT64_MAX);
+  // Too large for int64: no layer (a library exception before), not a wrapped number.
+  CHECK(unrolled_layer_index("layers_9223372036854775808", "layers") == std::nullopt);
+  CHECK(unrolled_layer_index("layers_99999999999999999999", "layers") == std::nullopt);
+  for (const char* not_layer : {"layers", "layers_", "layers_-1", "layers_+1", "layers_1a",
+                                "layers_ 1", "layersX1", "moe_layers_1"})
+    CHECK_MESSAGE(unrolled_layer_index(not_layer, "layers") == std::nullopt, not_layer);
+}

@@ -4,6 +4,7 @@
 #include "export/lora.h"
 
 #include <doctest/doctest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -494,6 +495,37 @@ TEST_CASE("lora: refusals name the file, key or config entry") {
   }
   SUBCASE("missing adapter_config.json") {
     CHECK(has(error_of(open), (d.path / "adapter_config.json").string()));
+  }
+  SUBCASE("adapter_config.json with a number that does not fit, or not a regular file") {
+    const std::string cfg = (d.path / "adapter_config.json").string();
+    std::ofstream(cfg) << R"({"r": 4, "lora_alpha": 1e999, "target_modules": ["q_proj"]})";
+    const std::string m = error_of(open);
+    CHECK(has(m, cfg + ": malformed JSON: "));
+    CHECK(has(m, "number overflow parsing '1e999'"));
+    fs::remove(cfg);
+    REQUIRE(::mkfifo(cfg.c_str(), 0600) == 0);
+    CHECK(error_of(open) == cfg + ": not a regular file (a FIFO)");
+  }
+  SUBCASE("MaxText weights that are not a regular file are refused by name") {
+    write_config(d, {{"r", 2}, {"lora_alpha", 2}, {"target_modules", {"q_proj"}}});
+    const std::string fifo = (d.path / "adapter.safetensors").string();
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    CHECK(error_of(open) == fifo + ": not a regular file (a FIFO)");
+  }
+  SUBCASE("PEFT weights that are not a regular file are refused by name") {
+    write_config(d, peft_config());
+    const std::string fifo = (d.path / "adapter_model.safetensors").string();
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    CHECK(error_of(open) == fifo + ": not a regular file (a FIFO)");
+  }
+  SUBCASE("an unrolled layer index too large for 64 bits is no layer") {
+    write_config(d, {{"r", 2}, {"lora_alpha", 2}, {"target_modules", {"query"}}});
+    write_safetensors_f32(
+        (d.path / "l.safetensors").string(),
+        {ramp(
+            "params.params.decoder.layers_99999999999999999999.self_attention.query.lora_a.kernel",
+            {8, 2}, 0)});
+    CHECK(has(error_of(open), "unknown target 'decoder/layers_99999999999999999999"));
   }
   SUBCASE("config key missing or ill-typed") {
     peft({{"peft_type", "LORA"}, {"lora_alpha", 8}, {"target_modules", {"q_proj"}}}, peft_q_pair());

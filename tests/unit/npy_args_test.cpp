@@ -1,6 +1,7 @@
 // Tests for the kiln program's command-line parser (tools/kiln/args.h) and .npy I/O
 // (tools/kiln/npy.h).
 #include <doctest/doctest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -385,6 +386,20 @@ TEST_CASE("npy: bad files name the file and the expectation") {
   SUBCASE("missing file") {
     CHECK(contains(error_message([&] { kiln::read_npy_f32(dir.file("none.npy")); }),
                    "none.npy: cannot open"));
+  }
+  SUBCASE("not a regular file: refused by name, a FIFO without waiting for a writer") {
+    const std::string fifo = dir.file("fifo.npy");
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    CHECK(error_message([&] { kiln::read_npy_f32(fifo); }) ==
+          fifo + ": not a regular file (a FIFO)");
+    CHECK(error_message([&] { kiln::read_npy_f32("/dev/zero"); }) ==
+          "/dev/zero: not a regular file (a character device)");
+  }
+  SUBCASE("a shape whose size wraps in 64 bits") {
+    // 2^62 × 4 bytes of <f4 wrap to 0, the data the file holds.
+    CHECK(message_for(make_npy(
+              "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904,), }", "")) ==
+          path + ": shape (4611686018427387904,) has too many elements");
   }
   SUBCASE("bad magic") {
     std::string bytes = make_npy(ok_dict, f4x6);

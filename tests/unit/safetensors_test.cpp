@@ -1,6 +1,7 @@
 #include "export/safetensors.h"
 
 #include <doctest/doctest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -425,6 +426,88 @@ TEST_CASE("safetensors: malformed files give distinct one-line errors") {
     const std::string msg = open_error(dir / "nope.safetensors");
     CHECK(one_line(msg));
     CHECK(msg.find("nope.safetensors") != std::string::npos);
+  }
+}
+
+TEST_CASE("safetensors: the reference implementation's rules (tiling, metadata, header size)") {
+  TempDir dir;
+  auto entry = [](const std::string& key, const std::string& shape, uint64_t b, uint64_t e) {
+    return "\"" + key + "\": {\"dtype\": \"F32\", \"shape\": " + shape + ", \"data_offsets\": [" +
+           std::to_string(b) + ", " + std::to_string(e) + "]}";
+  };
+  auto open_raw = [&](const std::string& name, const std::string& header, const std::string& data) {
+    const std::string path = dir / name;
+    write_file(path, raw_file(header, data));
+    return open_error(path);
+  };
+  const std::string data16(16, '\x01');
+
+  SUBCASE("ranges that tile the data buffer exactly are accepted, in any key order") {
+    CHECK(open_raw("ok.safetensors",
+                   "{" + entry("b", "[2]", 8, 16) + ", " + entry("a", "[2]", 0, 8) + ", " +
+                       entry("empty", "[0]", 8, 8) + "}",
+                   data16) == "");
+    CHECK(open_raw("none.safetensors", "{}", "") == "");
+    CHECK(open_raw("meta.safetensors", "{\"__metadata__\": null, " + entry("a", "[4]", 0, 16) + "}",
+                   data16) == "");
+  }
+  SUBCASE("a hole between two tensors names the tensor after it") {
+    const std::string msg =
+        open_raw("hole.safetensors",
+                 "{" + entry("a", "[1]", 0, 4) + ", " + entry("b", "[2]", 8, 16) + "}", data16);
+    CHECK(one_line(msg));
+    CHECK(msg == dir / "hole.safetensors" +
+                     ": key 'b': data_offsets [8, 16) leave bytes [4, 8) of the data buffer to no "
+                     "tensor (the ranges must be contiguous)");
+    CHECK(open_raw("lead.safetensors", "{" + entry("a", "[2]", 8, 16) + "}", data16)
+              .find("key 'a': data_offsets [8, 16) leave bytes [0, 8)") != std::string::npos);
+  }
+  SUBCASE("bytes after the last tensor") {
+    CHECK(open_raw("tail.safetensors", "{" + entry("a", "[2]", 0, 8) + "}", data16) ==
+          dir / "tail.safetensors" +
+              ": 8 bytes follow the last tensor's data (bytes [8, 16) of the data buffer belong "
+              "to no tensor)");
+    CHECK(open_raw("nodata.safetensors", "{}", data16).find("16 bytes follow") !=
+          std::string::npos);
+  }
+  SUBCASE("__metadata__ must map strings to strings") {
+    CHECK(open_raw("m1.safetensors",
+                   "{\"__metadata__\": {\"format\": \"pt\", \"step\": 3}, " +
+                       entry("a", "[4]", 0, 16) + "}",
+                   data16) ==
+          dir / "m1.safetensors" + ": __metadata__ key 'step' is 3, expected a string");
+    CHECK(open_raw("m2.safetensors",
+                   "{\"__metadata__\": [\"pt\"], " + entry("a", "[4]", 0, 16) + "}", data16) ==
+          dir / "m2.safetensors" + ": __metadata__ is a array, expected an object of strings");
+  }
+  SUBCASE("a header over 100,000,000 bytes is refused before it is read") {
+    const std::string path = dir / "big.safetensors";
+    write_file(path, le_u64(kiln::kMaxSafetensorsHeader + 1) + "{}");
+    CHECK(open_error(path) == path +
+                                  ": header length 100000001 is over the 100000000-byte limit of "
+                                  "the safetensors format; not a safetensors file or corrupt");
+    write_file(path, le_u64(kiln::kMaxSafetensorsHeader) + "{}");
+    CHECK(open_error(path).find("larger than the file") != std::string::npos);
+  }
+  SUBCASE("numbers that do not fit: a shape too large, a JSON number overflowing a double") {
+    CHECK(open_raw("wrap.safetensors", "{" + entry("w", "[288230376151711744, 64]", 0, 0) + "}", "")
+              .find("key 'w': shape [288230376151711744,64] is too large") != std::string::npos);
+    const std::string msg =
+        open_raw("inf.safetensors", "{" + entry("w", "[1e999]", 0, 0) + "}", "");
+    CHECK(msg ==
+          dir / "inf.safetensors" + ": malformed header JSON: number overflow parsing '1e999'");
+    // The sharded index, the same.
+    const std::string index = dir / "bad.index.json";
+    write_file(index, "{\"metadata\": {\"total_size\": 1e999}, \"weight_map\": {}}");
+    CHECK(open_error(index) == index + ": malformed index JSON: number overflow parsing '1e999'");
+  }
+  SUBCASE("a FIFO in place of a checkpoint or a shard is refused without blocking") {
+    const std::string fifo = dir / "fifo.safetensors";
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    CHECK(open_error(fifo) == fifo + ": not a regular file (a FIFO)");
+    const std::string index = dir / "fifo.index.json";
+    write_file(index, "{\"weight_map\": {\"w\": \"fifo.safetensors\"}}");
+    CHECK(open_error(index) == fifo + ": not a regular file (a FIFO)");
   }
 }
 

@@ -95,7 +95,9 @@ int cmd_bench(int argc, const char* const* argv) {
   std::vector<int64_t> slot_counts;
   if (a.has("--slots")) {
     for (int32_t n : a.get_token_list("--slots")) {
-      if (n < 1) throw a.error("--slots takes positive slot counts, e.g. 1,4,16");
+      if (n < 1 || n > ModelOptions{}.max_chunk)
+        throw a.error("--slots takes slot counts from 1 to " +
+                      std::to_string(ModelOptions{}.max_chunk) + ", e.g. 1,4,16");
       slot_counts.push_back(n);
     }
   }

@@ -17,7 +17,7 @@ void add_engine_options(ArgParser& p) {
 
 EngineOptions engine_options(const Args& a) {
   EngineOptions o;
-  o.model.threads = int(a.get_int("--threads", 0, 1024));
+  o.model.threads = int(a.get_int("--threads", 0, kMaxThreads));
   o.model.relayout = !a.has("--no-relayout");
   o.model.verify_checksums = a.has("--verify");
   return o;
@@ -207,14 +207,15 @@ int cmd_run(int argc, const char* const* argv) {
     throw a.error("give one of --prompt, --tokens or --prompts-file");
   const bool text = a.has("--prompt");
   SamplingParams sp = sampling_params(a);
-  const int64_t samples = a.get_int("--samples", 1, 512);
   EngineOptions eo = engine_options(a);
+  // Each sample and each request in flight takes a decode slot; the engine has at most max_chunk.
+  const int64_t samples = a.get_int("--samples", 1, eo.model.max_chunk);
   std::vector<Request> reqs;
   if (a.has("--prompts-file")) {
     reqs = read_requests(a.get("--prompts-file"));
     if (a.has("--adapter")) throw a.error("with --prompts-file, name adapters per line (@NAME)");
     if (a.given("--samples")) throw a.error("--samples applies to --tokens");
-    eo.slots = a.get_int("--slots", 1, 512);
+    eo.slots = a.get_int("--slots", 1, eo.model.max_chunk);
   } else {
     if (a.given("--slots")) throw a.error("--slots applies to --prompts-file");
     if (a.has("--packed-prefill")) throw a.error("--packed-prefill applies to --prompts-file");

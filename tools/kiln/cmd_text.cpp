@@ -4,9 +4,10 @@
 
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <nlohmann/json.hpp>
+#include <string_view>
 
+#include "common/file_io.h"
 #include "engine/ops/kernels.h"
 #include "export/adapter.h"
 #include "tools/kiln/args.h"
@@ -32,17 +33,18 @@ std::vector<int32_t> text_prompt(const Tokenizer& tok, const std::string& text) 
 
 std::vector<std::pair<int64_t, std::string>> read_lines(const std::string& path, Blank blank,
                                                         const std::string& if_none) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw Error(path + ": cannot open");
+  const std::string text = read_whole_file(path);
   std::vector<std::pair<int64_t, std::string>> out;
-  std::string line;
-  for (int64_t n = 1; std::getline(f, line); ++n) {
-    if (!line.empty() && line.back() == '\r') line.pop_back();  // CRLF files
+  std::string_view rest = text;
+  for (int64_t n = 1; !rest.empty(); ++n) {
+    const size_t eol = rest.find('\n');
+    std::string_view line = rest.substr(0, eol);
+    rest.remove_prefix(eol == std::string_view::npos ? rest.size() : eol + 1);
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);  // CRLF files
     const bool skip = blank == Blank::kEmpty ? line.empty()
                                              : line.find_first_not_of(" \t\r") == std::string::npos;
-    if (!skip) out.emplace_back(n, line);
+    if (!skip) out.emplace_back(n, std::string(line));
   }
-  if (f.bad()) throw Error(path + ": read error");
   if (out.empty()) throw Error(path + ": " + if_none);
   return out;
 }

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <string>
 
@@ -87,6 +88,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kiln: error: %s\n", e.what());  // names the subcommand itself
     return 2;
   } catch (const kiln::Error& e) {
+    std::fprintf(stderr, "kiln: error: %s\n", e.what());
+    return 1;
+  } catch (const std::filesystem::filesystem_error& e) {
+    // The system refused an operation on a path the user gave (permissions, a name too long):
+    // bad input, not a bug. The message names the path.
     std::fprintf(stderr, "kiln: error: %s\n", e.what());
     return 1;
   } catch (const std::bad_alloc&) {

@@ -10,12 +10,15 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
 
+#include "common/checked.h"
 #include "common/durable_output.h"
 #include "common/error.h"
+#include "common/file_io.h"
 
 namespace kiln {
 namespace {
@@ -80,14 +83,11 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 
 // Element count of `shape`, or an error if a dimension is negative or the product overflows.
 uint64_t element_count(const std::vector<int64_t>& shape, const std::string& path) {
-  uint64_t count = 1;
-  for (const int64_t d : shape) {
+  for (const int64_t d : shape)
     if (d < 0) fail(path, "negative dimension in shape " + shape_text(shape));
-    if (__builtin_mul_overflow(count, static_cast<uint64_t>(d), &count)) {
-      fail(path, "shape " + shape_text(shape) + " has too many elements");
-    }
-  }
-  return count;
+  const std::optional<uint64_t> count = checked_bytes(shape, 1);
+  if (!count) fail(path, "shape " + shape_text(shape) + " has too many elements");
+  return *count;
 }
 
 // The header is a Python dict literal such as
@@ -249,11 +249,8 @@ void write_npy_f32(const std::string& path, const float* data, const std::vector
 }
 
 NpyArray read_npy_f32(const std::string& path) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (fd.get() < 0) fail(path, "cannot open: " + errno_text());
   struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) fail(path, "cannot stat: " + errno_text());
-  if (!S_ISREG(st.st_mode)) fail(path, "not a regular file");
+  const FileHandle fd = open_regular_file(path, &st);
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
 
   // Magic (6), version (2), then a 2-byte (v1) or 4-byte (v2, v3) header length.
@@ -305,10 +302,9 @@ NpyArray read_npy_f32(const std::string& path) {
   }
 
   const uint64_t count = element_count(header.shape, path);
-  uint64_t data_bytes = 0;
-  if (__builtin_mul_overflow(count, item_size, &data_bytes)) {
-    fail(path, "shape " + shape_text(header.shape) + " has too many elements");
-  }
+  const std::optional<uint64_t> bytes = checked_mul(count, item_size);
+  if (!bytes) fail(path, "shape " + shape_text(header.shape) + " has too many elements");
+  const uint64_t data_bytes = *bytes;
   const uint64_t available = file_size - prefix_len - header_len;
   const std::string expected = "shape " + shape_text(header.shape) + " of " + header.descr +
                                " needs " + std::to_string(data_bytes) + " bytes of data";
