@@ -557,7 +557,8 @@ void AdapterSource::Impl::open_maxtext(const AdapterConfig& cfg) {
     (leaf == kLoraA ? p.a : p.b) = Leaf{&t, module_path};
   }
 
-  for (const auto& [key, p] : pairs) {
+  for (const auto& entry : pairs) {
+    const auto& p = entry.second;  // not a structured binding: add_layer captures it (clang 14)
     if (!p.a.t || !p.b.t) {
       const Leaf& have = p.a.t ? p.a : p.b;
       throw Error(file_of(*have.t) + ": key '" + have.t->key + "' has no matching '" +

@@ -34,9 +34,22 @@ KILN = kiln_path()
 TIMEOUT = float(os.environ.get("KILN_TEST_TIMEOUT", "120"))
 
 
+def file_ubsan_report(args, stderr):
+    """Under `tools/test --sanitize`: GCC's UBSan runtime, loaded beside ASan's, prints its reports
+    to stderr whatever log_path says, so a process's stderr holding one is filed where the ASan
+    reports go (KILN_UBSAN_REPORT_DIR) and counted there, even when the test expected a failure."""
+    directory = os.environ.get("KILN_UBSAN_REPORT_DIR")
+    if not directory or "runtime error:" not in stderr:
+        return
+    fd, _ = tempfile.mkstemp(prefix="ubsan-stderr.", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        f.write("$ %s\n%s" % (" ".join(args), stderr))
+
+
 class KilnResult:
     def __init__(self, args, rc, stdout, stderr):
         self.args, self.rc, self.stdout, self.stderr = args, rc, stdout, stderr
+        file_ubsan_report(args, stderr)
 
     def describe(self):
         cmd = " ".join(self.args)

@@ -3,14 +3,6 @@
 #include <atomic>
 #include <cstddef>
 
-// glibc exports its allocator implementations under these names.
-extern "C" {
-void* __libc_malloc(size_t);
-void* __libc_calloc(size_t, size_t);
-void* __libc_realloc(void*, size_t);
-void* __libc_memalign(size_t, size_t);
-}
-
 namespace {
 std::atomic<bool> g_counting{false};
 std::atomic<uint64_t> g_allocs{0};
@@ -32,6 +24,40 @@ uint64_t stop_counting_allocations() {
 }
 
 }  // namespace kiln::test
+
+#if defined(__SANITIZE_ADDRESS__)
+#define KILN_ALLOC_COUNTER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KILN_ALLOC_COUNTER_ASAN 1
+#endif
+#endif
+
+#ifdef KILN_ALLOC_COUNTER_ASAN
+// Under AddressSanitizer the allocator is ASan's own, and a malloc defined here would hand it
+// memory it never allocated (and run before it is initialised). ASan calls these hooks for every
+// allocation it serves instead: malloc, calloc, realloc, the aligned forms and operator new alike.
+extern "C" int __sanitizer_install_malloc_and_free_hooks(void (*malloc_hook)(const volatile void*,
+                                                                             size_t),
+                                                         void (*free_hook)(const volatile void*));
+
+namespace {
+void on_malloc(const volatile void*, size_t) {
+  note();
+}
+void on_free(const volatile void*) {}  // ASan installs no hook pair with a null half
+[[maybe_unused]] const int g_hooks_installed =
+    __sanitizer_install_malloc_and_free_hooks(on_malloc, on_free);
+}  // namespace
+
+#else
+// glibc exports its allocator implementations under these names.
+extern "C" {
+void* __libc_malloc(size_t);
+void* __libc_calloc(size_t, size_t);
+void* __libc_realloc(void*, size_t);
+void* __libc_memalign(size_t, size_t);
+}
 
 extern "C" {
 void* malloc(size_t n) {
@@ -60,3 +86,4 @@ void* memalign(size_t align, size_t n) {
   return __libc_memalign(align, n);
 }
 }
+#endif

@@ -1,0 +1,6 @@
+// A MaxText model YAML (fuzz_config.h).
+#include "tests/fuzz/fuzz_config.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  return kiln::fuzz::read_config_file("config.yml", data, size);
+}
