@@ -260,7 +260,15 @@ IndexShards read_index(const std::string& index_path) {
     if (!it.value().is_string() || it.value().get<std::string>().empty())
       throw Error(index_path + ": weight_map key '" + it.key() + "' maps to " +
                   one_line(it.value().dump()) + ", expected a shard file name");
-    const std::string shard = (dir / it.value().get<std::string>()).string();
+    // Shards sit beside their index (that is how every writer lays them out); a name that
+    // climbs out of the directory or is absolute would read an unrelated file.
+    const fs::path name = it.value().get<std::string>();
+    bool climbs = name.is_absolute();
+    for (const auto& part : name) climbs = climbs || part == "..";
+    if (climbs)
+      throw Error(index_path + ": weight_map key '" + it.key() + "' maps to '" + name.string() +
+                  "', expected a shard file inside the index's directory");
+    const std::string shard = (dir / name).string();
     auto [pos, inserted] = out.keys.try_emplace(shard);
     if (inserted) out.paths.push_back(shard);
     pos->second.insert(it.key());
@@ -279,6 +287,7 @@ T load_unaligned(const uint8_t* p) {
 // guarantee (the header length is arbitrary), so 16-bit inputs that are not 2-byte aligned are
 // staged through an aligned buffer rather than reinterpreted in place.
 void convert_run(DType dt, const uint8_t* src, size_t n, float* out) {
+  if (n == 0) return;  // a tensor of no elements may have no buffer at all (memcpy of nullptr)
   if (dt == DType::F32) {
     std::memcpy(out, src, n * sizeof(float));
     return;

@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <limits>
+
 #include "common/error.h"
 #include "schema/manifest.h"
 
@@ -32,6 +34,20 @@ TEST_CASE("validate accepts a consistent config and names the first bad field") 
   c = small_config();
   c.vocab_size = 0;
   CHECK_THROWS_WITH_AS(c.validate("cfg.json"), doctest::Contains("cfg.json: vocab_size"), Error);
+}
+
+TEST_CASE("validate refuses infinite or NaN hyper-parameters (YAML reads 1e999 as infinity)") {
+  ModelConfig c = small_config();
+  c.normalization_layer_epsilon = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH_AS(c.validate("cfg.yml"),
+                       "cfg.yml: normalization_layer_epsilon must be a finite number, got inf",
+                       Error);
+  c = small_config();
+  c.rope_max_timescale = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH_AS(c.validate("cfg.yml"), doctest::Contains("rope_max_timescale"), Error);
+  c = small_config();
+  c.final_logits_soft_cap = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_WITH_AS(c.validate("cfg.yml"), doctest::Contains("final_logits_soft_cap"), Error);
 }
 
 TEST_CASE("tensor specs follow the config") {

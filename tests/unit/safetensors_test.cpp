@@ -541,6 +541,14 @@ TEST_CASE("safetensors: sharded checkpoint via index.json and multiple files") {
     kiln::read_as_f32(*ck.find("c"), out.data());
     CHECK(out[0] == 7.0f);
   }
+  SUBCASE("a shard name outside the index's directory is refused") {
+    for (const std::string bad :
+         {"../model-00002-of-00002.safetensors", "/etc/passwd", "sub/../../x.safetensors"}) {
+      write_index(good_map + ", \"d\": \"" + bad + "\"");
+      CHECK(open_error(index) == index + ": weight_map key 'd' maps to '" + bad +
+                                     "', expected a shard file inside the index's directory");
+    }
+  }
   SUBCASE("missing shard") {
     write_index(good_map + ", \"d\": \"model-00003-of-00002.safetensors\"");
     const std::string msg = open_error(index);
