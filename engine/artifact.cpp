@@ -1,7 +1,10 @@
 #include "engine/artifact.h"
 
+#include <omp.h>
+
 #include <filesystem>
 
+#include "common/crc32c.h"
 #include "common/error.h"
 #include "schema/format.h"
 
@@ -32,7 +35,9 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
   std::string mpath = (fs::path(dir) / kManifestFile).string();
   if (!fs::exists(mpath)) throw Error(mpath + ": missing (not a kiln artifact directory?)");
   a->manifest_file_ = std::make_unique<MappedFile>(mpath);
-  a->manifest_ = parse_manifest(a->manifest_file_->data(), a->manifest_file_->size(), mpath);
+  a->verify_ = opt.verify_checksums;
+  a->manifest_ = parse_manifest(a->manifest_file_->data(), a->manifest_file_->size(), mpath,
+                                opt.verify_checksums);
   const ModelConfig& c = a->manifest_.config;
 
   const auto& blobs = a->manifest_.blobs;
@@ -52,11 +57,48 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
     BlobView view = check_listed_blob(*file, e, path);
     check_tensor_set(view,
                      want_layer < 0 ? global_tensor_specs(c) : layer_tensor_specs(c, want_layer));
-    if (opt.verify_checksums) view.verify_checksums();
+    const bool later = opt.verify_checksums && opt.verify_on_first_use;
+    if (opt.verify_checksums && !later)
+      for (const auto& t : view.tensors()) verify_tensor(view, t);
+    a->verified_.emplace_back(view.tensors().size(), !later);
     a->files_.push_back(std::move(file));
     a->views_.push_back(std::move(view));
   }
   return a;
+}
+
+void verify_tensor(const BlobView& blob, const BlobTensorInfo& t) {
+  const std::span<const uint8_t> bytes = blob.bytes(t);
+  // Below a few MB an OpenMP region costs more than it saves.
+  constexpr size_t kMinParallelBytes = size_t(4) << 20;
+  const int threads = omp_get_max_threads();
+  uint32_t crc = 0;
+  if (threads <= 1 || bytes.size() < kMinParallelBytes) {
+    crc = crc32c(bytes.data(), bytes.size());
+  } else {
+    // Each thread checksums one contiguous piece; the pieces' CRCs are then joined in order.
+    std::vector<uint32_t> part(size_t(threads), 0);
+    std::vector<size_t> length(size_t(threads), 0);
+#pragma omp parallel num_threads(threads)
+    {
+      const size_t i = size_t(omp_get_thread_num()), n = size_t(omp_get_num_threads());
+      const size_t b = bytes.size() * i / n, e = bytes.size() * (i + 1) / n;
+      part[i] = crc32c(bytes.data() + b, e - b);
+      length[i] = e - b;
+    }
+    for (size_t i = 0; i < part.size(); ++i) crc = crc32c_combine(crc, part[i], length[i]);
+  }
+  if (crc != t.crc32c)
+    throw Error(blob.path() + ": tensor '" + t.name + "' fails its CRC-32C check (data corrupt)");
+}
+
+void Artifact::verify_remaining() const {
+  for (size_t b = 0; b < views_.size(); ++b)
+    for (size_t i = 0; i < views_[b].tensors().size(); ++i)
+      if (!verified_[b][i]) {
+        verify_tensor(views_[b], views_[b].tensors()[i]);
+        verified_[b][i] = true;
+      }
 }
 
 BlobView check_listed_blob(const MappedFile& file, const BlobEntry& e, const std::string& path) {
@@ -85,6 +127,14 @@ uint64_t Artifact::total_bytes() const {
 const uint16_t* Artifact::bf16(const BlobView& blob, const std::string& name,
                                const std::vector<int64_t>& shape) const {
   const BlobTensorInfo& t = blob.expect(name, DType::BF16, shape);
+  size_t b = 0;
+  while (b < views_.size() && &views_[b] != &blob) ++b;
+  if (b == views_.size()) throw Error(blob.path() + ": not a blob of the artifact " + dir_);
+  const size_t i = size_t(&t - blob.tensors().data());  // expect() returns an element of tensors()
+  if (!verified_[b][i]) {
+    verify_tensor(blob, t);
+    verified_[b][i] = true;
+  }
   return reinterpret_cast<const uint16_t*>(blob.bytes(t).data());
 }
 

@@ -112,11 +112,11 @@ AdapterRecord write_adapter_blobs(const AdapterSource& src, const ModelConfig& b
   return record;
 }
 
-Manifest read_manifest(const std::string& artifact) {
+Manifest read_manifest(const std::string& artifact, bool verify_checksum) {
   const std::string path = (fs::path(artifact) / kManifestFile).string();
   if (!fs::exists(path)) throw Error(path + ": missing (not a kiln artifact directory?)");
   MappedFile f(path);
-  return parse_manifest(f.data(), f.size(), path);
+  return parse_manifest(f.data(), f.size(), path, verify_checksum);
 }
 
 void write_manifest(const std::string& artifact, const Manifest& m) {
@@ -138,7 +138,7 @@ void write_manifest(const std::string& artifact, const Manifest& m) {
 }
 
 AdapterRecord add_adapter(const AddAdapterOptions& opt) {
-  Manifest m = read_manifest(opt.artifact);
+  Manifest m = read_manifest(opt.artifact, opt.verify_checksum);
   check_adapter_name(opt.name, "--name");
   const AdapterRecord* existing = m.find_adapter(opt.name);
   if (existing && !opt.force)
@@ -183,8 +183,8 @@ AdapterRecord add_adapter(const AddAdapterOptions& opt) {
   return record;
 }
 
-void remove_adapter(const std::string& artifact, const std::string& name) {
-  Manifest m = read_manifest(artifact);
+void remove_adapter(const std::string& artifact, const std::string& name, bool verify_checksum) {
+  Manifest m = read_manifest(artifact, verify_checksum);
   if (!m.find_adapter(name)) throw Error(artifact + ": has no adapter named '" + name + "'");
   std::erase_if(m.adapters, [&](const AdapterRecord& a) { return !a.merged && a.name == name; });
   write_manifest(artifact, m);

@@ -12,14 +12,20 @@ namespace kiln::cli {
 void add_engine_options(ArgParser& p) {
   p.option("--threads", "N", "worker threads (default: every core)", "0");
   p.flag("--no-relayout", "use the mapped weights in place instead of re-laying them for speed");
-  p.flag("--verify", "check every tensor's checksum while loading");
+  add_no_verify(p);
+}
+
+void add_no_verify(ArgParser& p) {
+  p.flag("--no-verify",
+         "do not check the manifest's and the tensors' checksums (checked by default: damaged "
+         "weights then go unnoticed)");
 }
 
 EngineOptions engine_options(const Args& a) {
   EngineOptions o;
   o.model.threads = int(a.get_int("--threads", 0, 1024));
   o.model.relayout = !a.has("--no-relayout");
-  o.model.verify_checksums = a.has("--verify");
+  o.model.verify_checksums = !a.has("--no-verify");
   return o;
 }
 
