@@ -101,6 +101,11 @@ std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& req
       ++done;
     }
   };
+  // A NaN logit names its position and slot; with several requests, also which one it was.
+  auto name_request = [&](size_t index, const NonFiniteError& e) {
+    return reqs.size() > 1 ? Error("request " + std::to_string(index + 1) + ": " + e.what())
+                           : Error(e.what());
+  };
   while (done < out.size()) {
     std::vector<int64_t> free_slots;
     for (int64_t s = 0; s < S; ++s)
@@ -109,21 +114,26 @@ std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& req
     if (n > 0) {
       const double t0 = now_seconds();
       std::vector<Prefix> prefixes;
-      if (samples > 1) {
-        for (size_t i = 0; i < n; ++i)
-          prefixes.push_back(engine.prefill_multisampling(reqs[next + i].prompt, samples, sp,
-                                                          reqs[next + i].adapter));
-      } else if (packed) {
-        std::vector<PrefillRequest> batch;
-        for (size_t i = 0; i < n; ++i)
-          batch.push_back({reqs[next + i].prompt, sp, reqs[next + i].adapter});
-        prefixes = engine.prefill_concat(batch);
-      } else {
-        for (size_t i = 0; i < n; ++i)
-          prefixes.push_back(engine.prefill(reqs[next + i].prompt, sp, reqs[next + i].adapter));
+      size_t i = 0;
+      try {
+        if (samples > 1) {
+          for (; i < n; ++i)
+            prefixes.push_back(engine.prefill_multisampling(reqs[next + i].prompt, samples, sp,
+                                                            reqs[next + i].adapter));
+        } else if (packed) {
+          std::vector<PrefillRequest> batch;
+          for (size_t j = 0; j < n; ++j)
+            batch.push_back({reqs[next + j].prompt, sp, reqs[next + j].adapter});
+          prefixes = engine.prefill_concat(batch);
+        } else {
+          for (; i < n; ++i)
+            prefixes.push_back(engine.prefill(reqs[next + i].prompt, sp, reqs[next + i].adapter));
+        }
+      } catch (const NonFiniteError& e) {
+        throw name_request(next + (packed && samples == 1 ? size_t(e.sequence()) : i), e);
       }
       t.prefill_seconds += now_seconds() - t0;
-      for (size_t i = 0; i < n; ++i, ++next) {
+      for (i = 0; i < n; ++i, ++next) {
         t.prompt_tokens += int64_t(reqs[next].prompt.size());
         const std::span<const int64_t> slots(free_slots.data() + i * k, k);
         for (size_t j = 0; j < k; ++j) slot_out[size_t(slots[j])] = int64_t(next * k + j);
@@ -136,7 +146,12 @@ std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& req
     }
     if (done == out.size()) break;  // every request ended with its prefill's token
     const double t1 = now_seconds();
-    const std::span<const SlotToken> step = engine.generate();
+    std::span<const SlotToken> step;
+    try {
+      step = engine.generate();
+    } catch (const NonFiniteError& e) {
+      throw name_request(size_t(slot_out[size_t(e.sequence())]) / k, e);
+    }
     t.decode_seconds += now_seconds() - t1;
     t.decoded += int64_t(step.size());
     for (const SlotToken& st : step) record(st);
