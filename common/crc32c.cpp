@@ -7,24 +7,6 @@
 
 namespace kiln {
 
-// Built with -msse4.2 for this file only; every x86-64 CPU kiln targets (AVX-512) has it.
-uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  uint64_t c = ~crc;
-  // One stream at 8 bytes per 3 cycles (~8 GB/s at 3 GHz); the loader splits large tensors over
-  // the threads (crc32c_combine) rather than interleaving streams here.
-  while (n >= 8) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);
-    c = _mm_crc32_u64(c, v);
-    p += 8;
-    n -= 8;
-  }
-  uint32_t c32 = uint32_t(c);
-  while (n--) c32 = _mm_crc32_u8(c32, *p++);
-  return ~c32;
-}
-
 namespace {
 
 // Polynomials over GF(2) modulo the reflected Castagnoli polynomial, bit 31 holding x^0.
@@ -53,14 +35,59 @@ constexpr std::array<uint32_t, 67> make_x2n_table() {
 }
 constexpr std::array<uint32_t, 67> kX2n = make_x2n_table();
 
+// x^(8·len) mod p: multiplying a CRC by it appends len zero bytes' worth of shift.
+constexpr uint32_t shift_for(uint64_t len) {
+  uint32_t shift = 1u << 31;  // x^0
+  for (unsigned k = 3; len; len >>= 1, ++k)
+    if (len & 1) shift = multmodp(kX2n[k], shift);
+  return shift;
+}
+
+uint64_t load64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+// Each block is three streams of this many bytes.
+constexpr size_t kStride = size_t(32) << 10;
+constexpr uint32_t kStrideShift = shift_for(kStride);
+
 }  // namespace
+
+// Built with -msse4.2 for this file only; every x86-64 CPU kiln targets (AVX-512) has it.
+uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  // crc32 has a latency of 3 cycles and a throughput of one per cycle: one stream runs at a third
+  // of the unit's speed (measured 4.4 against 11.4 GB/s on this machine's Zen cores, data in
+  // cache). So large inputs go as three independent streams over the thirds of each block, whose
+  // CRCs are then joined (crc32c_combine with a constant shift).
+  while (n >= 3 * kStride) {
+    uint64_t a = ~crc, b = ~0u, c = ~0u;
+    for (size_t i = 0; i < kStride; i += 8) {
+      a = _mm_crc32_u64(a, load64(p + i));
+      b = _mm_crc32_u64(b, load64(p + kStride + i));
+      c = _mm_crc32_u64(c, load64(p + 2 * kStride + i));
+    }
+    crc = multmodp(kStrideShift, ~uint32_t(a)) ^ ~uint32_t(b);
+    crc = multmodp(kStrideShift, crc) ^ ~uint32_t(c);
+    p += 3 * kStride;
+    n -= 3 * kStride;
+  }
+  uint64_t c = ~crc;
+  while (n >= 8) {
+    c = _mm_crc32_u64(c, load64(p));
+    p += 8;
+    n -= 8;
+  }
+  uint32_t c32 = uint32_t(c);
+  while (n--) c32 = _mm_crc32_u8(c32, *p++);
+  return ~c32;
+}
 
 uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
   // crc(A‖B) = crc(A)·x^(8·|B|) + crc(B): the pre- and post-conditioning cancel out.
-  uint32_t shift = 1u << 31;  // x^0
-  for (unsigned k = 3; len_b; len_b >>= 1, ++k)
-    if (len_b & 1) shift = multmodp(kX2n[k], shift);
-  return multmodp(shift, crc_a) ^ crc_b;
+  return multmodp(shift_for(len_b), crc_a) ^ crc_b;
 }
 
 }  // namespace kiln
