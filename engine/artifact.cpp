@@ -2,10 +2,12 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "common/crc32c.h"
 #include "common/error.h"
+#include "engine/ops/parallel.h"
 #include "schema/format.h"
 
 namespace kiln {
@@ -69,24 +71,23 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
 
 void verify_tensor(const BlobView& blob, const BlobTensorInfo& t) {
   const std::span<const uint8_t> bytes = blob.bytes(t);
-  // Below a few MB an OpenMP region costs more than it saves.
-  constexpr size_t kMinParallelBytes = size_t(4) << 20;
+  // 1 MiB pieces taken by whichever thread is free (on a shared VM one core is often slowed by
+  // its neighbours); their CRCs are joined in order. Below a few pieces a region costs more than
+  // it saves.
+  constexpr size_t kPiece = size_t(1) << 20;
   const int threads = omp_get_max_threads();
+  const size_t pieces = (bytes.size() + kPiece - 1) / kPiece;
   uint32_t crc = 0;
-  if (threads <= 1 || bytes.size() < kMinParallelBytes) {
+  if (threads <= 1 || pieces < 4) {
     crc = crc32c(bytes.data(), bytes.size());
   } else {
-    // Each thread checksums one contiguous piece; the pieces' CRCs are then joined in order.
-    std::vector<uint32_t> part(size_t(threads), 0);
-    std::vector<size_t> length(size_t(threads), 0);
-#pragma omp parallel num_threads(threads)
-    {
-      const size_t i = size_t(omp_get_thread_num()), n = size_t(omp_get_num_threads());
-      const size_t b = bytes.size() * i / n, e = bytes.size() * (i + 1) / n;
-      part[i] = crc32c(bytes.data() + b, e - b);
-      length[i] = e - b;
-    }
-    for (size_t i = 0; i < part.size(); ++i) crc = crc32c_combine(crc, part[i], length[i]);
+    std::vector<uint32_t> part(pieces);
+    ops::run_ranges_stealing(int64_t(pieces), threads, [&](int64_t b, int64_t e) {
+      for (size_t i = size_t(b); i < size_t(e); ++i)
+        part[i] = crc32c(bytes.data() + i * kPiece, std::min(kPiece, bytes.size() - i * kPiece));
+    });
+    for (size_t i = 0; i < pieces; ++i)
+      crc = crc32c_combine(crc, part[i], std::min(kPiece, bytes.size() - i * kPiece));
   }
   if (crc != t.crc32c)
     throw Error(blob.path() + ": tensor '" + t.name + "' fails its CRC-32C check (data corrupt)");
