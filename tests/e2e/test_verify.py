@@ -99,18 +99,21 @@ def blob_tensors(path):
     return None
 
 
-class VerifyTest(common.TempDirCase):
+class DamagedCopyCase(common.TempDirCase):
+    """Exports VARIANT once per class; every test gets its own copy of the artifact in self.art."""
+    VARIANT = None
+    EXPORT_ARGS = ()
+
     @classmethod
     def setUpClass(cls):
-        import tempfile
         cls.base = tempfile.mkdtemp(prefix="kiln-e2e-verify-")
         cls.export_error = None
         if not os.path.exists(common.KILN):
             cls.export_error = "kiln binary not found at %s" % common.KILN
             return
-        fx = mf.write_fixture(VARIANT, os.path.join(cls.base, "fixture"))
+        fx = mf.write_fixture(cls.VARIANT, os.path.join(cls.base, "fixture"))
         cls.good = os.path.join(cls.base, "good.kiln")
-        res = kiln("export", *fx.export_args(), "--out", cls.good)
+        res = kiln("export", *fx.export_args(), *cls.EXPORT_ARGS, "--out", cls.good)
         if res.rc != 0:
             cls.export_error = "export failed:\n" + res.describe()
 
@@ -124,6 +127,13 @@ class VerifyTest(common.TempDirCase):
             self.fail(self.export_error)
         self.art = os.path.join(self.tmp, "copy.kiln")
         shutil.copytree(self.good, self.art)
+
+
+class VerifyTest(DamagedCopyCase):
+    VARIANT = VARIANT
+
+    def setUp(self):
+        super().setUp()
         self.blob = os.path.join(self.art, "layer-000.kblob")
 
     def assertRefused(self, res, file_name, also=()):
@@ -255,19 +265,13 @@ def tensor_extent(blob, name):
     raise AssertionError("tensor %s not found in %s" % (name, blob))
 
 
-class IntegrityTest(common.TempDirCase):
+class IntegrityTest(DamagedCopyCase):
+    VARIANT = TEXT_VARIANT
+    EXPORT_ARGS = ("--tokenizer", TOKENIZER)
+
     @classmethod
     def setUpClass(cls):
-        cls.base = tempfile.mkdtemp(prefix="kiln-e2e-integrity-")
-        cls.export_error = None
-        if not os.path.exists(common.KILN):
-            cls.export_error = "kiln binary not found at %s" % common.KILN
-            return
-        fx = mf.write_fixture(TEXT_VARIANT, os.path.join(cls.base, "fixture"))
-        cls.good = os.path.join(cls.base, "good.kiln")
-        res = kiln("export", *fx.export_args(), "--tokenizer", TOKENIZER, "--out", cls.good)
-        if res.rc != 0:
-            cls.export_error = "export failed:\n" + res.describe()
+        super().setUpClass()
         cls.text = os.path.join(cls.base, "text.txt")
         with open(cls.text, "w") as f:
             f.write("In the beginning was the word\n")
@@ -275,16 +279,8 @@ class IntegrityTest(common.TempDirCase):
         with open(cls.prompts, "w") as f:
             f.write("1,3,4,5\n6,7\n")
 
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.base, True)
-
     def setUp(self):
         super().setUp()
-        if self.export_error:
-            self.fail(self.export_error)
-        self.art = os.path.join(self.tmp, "copy.kiln")
-        shutil.copytree(self.good, self.art)
         self.npy = os.path.join(self.tmp, "logits.npy")
 
     def engine_commands(self):
@@ -403,7 +399,7 @@ class IntegrityTest(common.TempDirCase):
                 [("run --prompts-file", ["run", self.art, "--prompts-file", prompts, "--slots",
                                          "3", nv] + packed)],
                 ["request 2: ", "position 2: non-finite logit"])
-        self.assertCApi("--nonfinite", self.art)
+        self.assertCApi("--damaged", self.art, "token_embedding", "position 2: non-finite logit")
 
 
 if __name__ == "__main__":

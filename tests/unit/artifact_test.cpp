@@ -18,12 +18,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path temp_path(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / "kiln_artifact_test";
-  fs::create_directories(dir);
-  return dir / name;
-}
-
 void flip_byte(const fs::path& p, uint64_t at) {
   std::fstream f(p, std::ios::in | std::ios::out | std::ios::binary);
   f.seekg(std::streamoff(at));
@@ -34,8 +28,8 @@ void flip_byte(const fs::path& p, uint64_t at) {
 }
 
 // One tensor large enough for the parallel checksum (6 MiB) and a small one.
-fs::path write_big_blob(const std::string& name) {
-  fs::path p = temp_path(name);
+fs::path write_big_blob() {
+  const fs::path p = fs::temp_directory_path() / "kiln_artifact_test_big.kblob";
   std::vector<TensorSpec> specs = {{"big", {3 << 20}}, {"small", {100}}};
   BlobWriter w(p.string(), 0, LayerKind::Dense, specs);
   std::vector<uint16_t> big(size_t(3) << 20), small(100);
@@ -50,7 +44,7 @@ fs::path write_big_blob(const std::string& name) {
 }  // namespace
 
 TEST_CASE("verify_tensor splits a large tensor over the threads and finds a flip in any piece") {
-  const fs::path p = write_big_blob("big.kblob");
+  const fs::path p = write_big_blob();
   uint64_t offset = 0, length = 0;
   {
     MappedFile f(p.string());
@@ -73,7 +67,7 @@ TEST_CASE("verify_tensor splits a large tensor over the threads and finds a flip
       CAPTURE(threads);
       omp_set_num_threads(threads);
       CHECK_THROWS_WITH_AS(verify_tensor(v, *v.find("big")),
-                           doctest::Contains("big.kblob: tensor 'big' fails its CRC-32C check"),
+                           doctest::Contains("_big.kblob: tensor 'big' fails its CRC-32C check"),
                            Error);
       CHECK_NOTHROW(verify_tensor(v, *v.find("small")));
     }
