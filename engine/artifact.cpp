@@ -125,12 +125,24 @@ uint64_t Artifact::total_bytes() const {
   return n;
 }
 
-const uint16_t* Artifact::bf16(const BlobView& blob, const std::string& name,
-                               const std::vector<int64_t>& shape) const {
-  const BlobTensorInfo& t = blob.expect(name, DType::BF16, shape);
+size_t Artifact::index_of(const BlobView& blob) const {
   size_t b = 0;
   while (b < views_.size() && &views_[b] != &blob) ++b;
   if (b == views_.size()) throw Error(blob.path() + ": not a blob of the artifact " + dir_);
+  return b;
+}
+
+void Artifact::release_tensor_pages(const BlobView& blob, const std::string& name) const {
+  const BlobTensorInfo* t = blob.find(name);
+  if (!t) throw Error(blob.path() + ": tensor '" + name + "' is missing");
+  const std::span<const uint8_t> bytes = blob.bytes(*t);
+  files_[index_of(blob)]->release_range(bytes.data(), bytes.size());
+}
+
+const uint16_t* Artifact::bf16(const BlobView& blob, const std::string& name,
+                               const std::vector<int64_t>& shape) const {
+  const BlobTensorInfo& t = blob.expect(name, DType::BF16, shape);
+  const size_t b = index_of(blob);
   const size_t i = size_t(&t - blob.tensors().data());  // expect() returns an element of tensors()
   if (!verified_[b][i]) {
     verify_tensor(blob, t);

@@ -49,6 +49,8 @@ class Artifact {
   // Drops the resident pages of layer l's mapping (e.g. after its weights were copied into a
   // faster layout); anything still read from it is paged back in on demand.
   void release_layer_pages(int64_t l) const { files_.at(size_t(l) + 1)->release_pages(); }
+  // The same for one tensor of a blob of this artifact.
+  void release_tensor_pages(const BlobView& blob, const std::string& name) const;
 
   // A tensor's bytes as bf16 values, checked against the expected shape (and, on first use with
   // verify_on_first_use, against its checksum). Not thread-safe.
@@ -59,6 +61,8 @@ class Artifact {
   bool verifies_checksums() const { return verify_; }
 
  private:
+  size_t index_of(const BlobView& blob) const;  // throws for a view of another artifact
+
   std::string dir_;
   std::unique_ptr<MappedFile> manifest_file_;
   Manifest manifest_;
