@@ -104,7 +104,9 @@ nlohmann::ordered_json config_json_common(const ModelConfig& c) {
 }  // namespace
 
 int cmd_inspect(int argc, const char* const* argv) {
-  ArgParser p("kiln inspect", "Shows an artifact's config, blobs, tensors and provenance.");
+  ArgParser p("kiln inspect",
+              "Checks every checksum of an artifact (unless --no-verify) and shows its config, "
+              "blobs, tensors and provenance.");
   p.positional("DIR", "artifact directory");
   // Kept for the scripts that ask for it explicitly.
   p.flag("--verify", "check every checksum (the default; kept for compatibility)");

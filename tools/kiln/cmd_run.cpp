@@ -17,7 +17,7 @@ void add_engine_options(ArgParser& p) {
 
 void add_no_verify(ArgParser& p) {
   p.flag("--no-verify",
-         "do not check the manifest's and the tensors' checksums (checked by default: damaged "
+         "skip the checksums of the manifest and every tensor, checked by default (damaged "
          "weights then go unnoticed)");
 }
 
