@@ -283,6 +283,32 @@ class IntegrityTest(DamagedCopyCase):
         super().setUp()
         self.npy = os.path.join(self.tmp, "logits.npy")
 
+    def test_nan_reached_while_decoding_names_request_and_slot(self):
+        """A NaN fed back by a decode step: the step fails naming the request and its slot."""
+        def first_token(prompt):
+            res = kiln("run", self.art, "--tokens", prompt, "--max-tokens", "1", "--json")
+            self.assertKilnOk(res, "run " + prompt)
+            return common.parse_json_stdout(res)["tokens"][0]
+        x, y = first_token("1,3"), first_token("5,6")
+        self.assertNotIn(x, (1, 3, 5, 6, y), "pick other prompts for this fixture")
+        g = os.path.join(self.art, "globals.kblob")
+        offset, _ = tensor_extent(g, "token_embedding")
+        put_u16(g, offset + 2 * x * TEXT_VARIANT.emb_dim, 0x7FC0)
+        prompts = os.path.join(self.tmp, "decode.txt")
+        with open(prompts, "w") as f:
+            f.write("5,6\n1,3\n")
+        self.assertRefusedEverywhere(
+            [("run --prompts-file", ["run", self.art, "--prompts-file", prompts, "--slots", "2",
+                                     "--max-tokens", "2", "--no-verify"])],
+            ["request 2 (slot 1), position 2: non-finite logit"])
+
+    def prompts_with(self, token):
+        """A prompts file whose second prompt has `token` at position 1."""
+        path = os.path.join(self.tmp, "prompts-%d.txt" % token)
+        with open(path, "w") as f:
+            f.write("1,3,4\n5,%d,6\n" % token)
+        return path
+
     def engine_commands(self):
         """Every command that runs the model: (name, argv)."""
         a = self.art
@@ -384,6 +410,16 @@ class IntegrityTest(DamagedCopyCase):
             [("golden dump", ["golden", "dump", self.art, "--tokens", "1,2,3", "--out", self.npy,
                               nv])],
             ["position 1: non-finite logit"])
+        # eval scores [bos] + text + [eos]: eos is token 2, the last position.
+        n_tokens = len(kiln("tokenize", self.art, "--text-file", self.text, nv)
+                       .stdout.strip().split(","))
+        self.assertRefusedEverywhere(
+            [("eval", ["eval", self.art, "--text-file", self.text, nv])],
+            ["%s:1: position %d: non-finite logit" % (self.text, n_tokens + 1)])
+        self.assertRefusedEverywhere(
+            [("calibrate", ["calibrate", self.art, "--tokens-file", self.prompts_with(2), "--out",
+                            os.path.join(self.tmp, "stats.safetensors"), nv])],
+            ["calibration prompt 2, position 2: non-finite logit"])
         # run's prefill computes the last position's logits only.
         self.assertRefusedEverywhere(
             [("run", ["run", self.art, "--tokens", "1,2,3", nv]),
@@ -398,7 +434,7 @@ class IntegrityTest(DamagedCopyCase):
             self.assertRefusedEverywhere(
                 [("run --prompts-file", ["run", self.art, "--prompts-file", prompts, "--slots",
                                          "3", nv] + packed)],
-                ["request 2: ", "position 2: non-finite logit"])
+                ["request 2, position 2: non-finite logit"])
         self.assertCApi("--damaged", self.art, "token_embedding", "position 2: non-finite logit")
 
 

@@ -101,10 +101,11 @@ std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& req
       ++done;
     }
   };
-  // A NaN logit names its position and slot; with several requests, also which one it was.
-  auto name_request = [&](size_t index, const NonFiniteError& e) {
-    return reqs.size() > 1 ? Error("request " + std::to_string(index + 1) + ": " + e.what())
-                           : Error(e.what());
+  // A NaN logit is reported at its position; with several requests, in the request's words.
+  auto name_request = [&](size_t index, const std::string& slot, const NonFiniteError& e) {
+    if (reqs.size() == 1) return e;
+    return NonFiniteError("request " + std::to_string(index + 1) + slot, int64_t(index),
+                          e.position());
   };
   while (done < out.size()) {
     std::vector<int64_t> free_slots;
@@ -130,7 +131,7 @@ std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& req
             prefixes.push_back(engine.prefill(reqs[next + i].prompt, sp, reqs[next + i].adapter));
         }
       } catch (const NonFiniteError& e) {
-        throw name_request(next + (packed && samples == 1 ? size_t(e.sequence()) : i), e);
+        throw name_request(next + (packed && samples == 1 ? size_t(e.sequence()) : i), "", e);
       }
       t.prefill_seconds += now_seconds() - t0;
       for (i = 0; i < n; ++i, ++next) {
@@ -150,7 +151,8 @@ std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& req
     try {
       step = engine.generate();
     } catch (const NonFiniteError& e) {
-      throw name_request(size_t(slot_out[size_t(e.sequence())]) / k, e);
+      throw name_request(size_t(slot_out[size_t(e.sequence())]) / k,
+                         " (slot " + std::to_string(e.sequence()) + ")", e);
     }
     t.decode_seconds += now_seconds() - t1;
     t.decoded += int64_t(step.size());
