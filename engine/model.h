@@ -32,9 +32,10 @@ struct ModelOptions {
 
 // A forward pass produced a NaN or ±inf logit: damaged weights (an artifact opened without
 // verification), or values that overflow bf16. `sequence` is the step of forward_batch (0 for
-// forward), `position` the position in that sequence whose logits are not finite; the message
-// names the position after `sequence_name` ("slot 2", "prompt 3"; may be empty). Nothing was
-// advanced: the caches' lengths are those before the call.
+// forward; Engine re-throws it as the slot of generate() or the index of the prompt), `position`
+// the position in that sequence whose logits are not finite (the first computed); the message
+// names the position after `sequence_name` ("slot 2", "prompt 3"; may be empty). The pass that
+// produced it advanced no cache (the earlier chunks of a prompt longer than max_chunk stay).
 class NonFiniteError : public Error {
  public:
   NonFiniteError(const std::string& sequence_name, int64_t sequence, int64_t position)
