@@ -1,8 +1,13 @@
 #include "engine/artifact.h"
 
+#include <omp.h>
+
+#include <algorithm>
 #include <filesystem>
 
+#include "common/crc32c.h"
 #include "common/error.h"
+#include "engine/ops/parallel.h"
 #include "schema/format.h"
 
 namespace kiln {
@@ -32,7 +37,9 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
   std::string mpath = (fs::path(dir) / kManifestFile).string();
   if (!fs::exists(mpath)) throw Error(mpath + ": missing (not a kiln artifact directory?)");
   a->manifest_file_ = std::make_unique<MappedFile>(mpath);
-  a->manifest_ = parse_manifest(a->manifest_file_->data(), a->manifest_file_->size(), mpath);
+  a->verify_ = opt.verify_checksums;
+  a->manifest_ = parse_manifest(a->manifest_file_->data(), a->manifest_file_->size(), mpath,
+                                opt.verify_checksums);
   const ModelConfig& c = a->manifest_.config;
 
   const auto& blobs = a->manifest_.blobs;
@@ -52,11 +59,46 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
     BlobView view = check_listed_blob(*file, e, path);
     check_tensor_set(view,
                      want_layer < 0 ? global_tensor_specs(c) : layer_tensor_specs(c, want_layer));
-    if (opt.verify_checksums) view.verify_checksums();
+    const bool later = opt.verify_checksums && opt.verify_on_first_use;
+    if (opt.verify_checksums && !later)
+      for (const auto& t : view.tensors()) verify_tensor(view, t);
+    a->verified_.emplace_back(view.tensors().size(), !later);
     a->files_.push_back(std::move(file));
     a->views_.push_back(std::move(view));
   }
   return a;
+}
+
+void verify_tensor(const BlobView& blob, const BlobTensorInfo& t) {
+  const std::span<const uint8_t> bytes = blob.bytes(t);
+  // 1 MiB pieces taken by whichever thread is free (on a shared VM one core is often slowed by
+  // its neighbours); their CRCs are joined in order. Below a few pieces a region costs more than
+  // it saves.
+  constexpr size_t kPiece = size_t(1) << 20;
+  const int threads = omp_get_max_threads();
+  const size_t pieces = (bytes.size() + kPiece - 1) / kPiece;
+  uint32_t crc = 0;
+  if (threads <= 1 || pieces < 4) {
+    crc = crc32c(bytes.data(), bytes.size());
+  } else {
+    std::vector<uint32_t> part(pieces);
+    ops::run_ranges_stealing(int64_t(pieces), threads, [&](int64_t b, int64_t e) {
+      for (size_t i = size_t(b); i < size_t(e); ++i)
+        part[i] = crc32c(bytes.data() + i * kPiece, std::min(kPiece, bytes.size() - i * kPiece));
+    });
+    for (size_t i = 0; i < pieces; ++i)
+      crc = crc32c_combine(crc, part[i], std::min(kPiece, bytes.size() - i * kPiece));
+  }
+  blob.check_crc(t, crc);
+}
+
+void Artifact::verify_remaining() const {
+  for (size_t b = 0; b < views_.size(); ++b)
+    for (size_t i = 0; i < views_[b].tensors().size(); ++i)
+      if (!verified_[b][i]) {
+        verify_tensor(views_[b], views_[b].tensors()[i]);
+        verified_[b][i] = true;
+      }
 }
 
 BlobView check_listed_blob(const MappedFile& file, const BlobEntry& e, const std::string& path) {
@@ -82,9 +124,29 @@ uint64_t Artifact::total_bytes() const {
   return n;
 }
 
+size_t Artifact::index_of(const BlobView& blob) const {
+  size_t b = 0;
+  while (b < views_.size() && &views_[b] != &blob) ++b;
+  if (b == views_.size()) throw Error(blob.path() + ": not a blob of the artifact " + dir_);
+  return b;
+}
+
+void Artifact::release_tensor_pages(const BlobView& blob, const std::string& name) const {
+  const BlobTensorInfo* t = blob.find(name);
+  if (!t) throw Error(blob.path() + ": tensor '" + name + "' is missing");
+  const std::span<const uint8_t> bytes = blob.bytes(*t);
+  files_[index_of(blob)]->release_range(bytes.data(), bytes.size());
+}
+
 const uint16_t* Artifact::bf16(const BlobView& blob, const std::string& name,
                                const std::vector<int64_t>& shape) const {
   const BlobTensorInfo& t = blob.expect(name, DType::BF16, shape);
+  const size_t b = index_of(blob);
+  const size_t i = size_t(&t - blob.tensors().data());  // expect() returns an element of tensors()
+  if (!verified_[b][i]) {
+    verify_tensor(blob, t);
+    verified_[b][i] = true;
+  }
   return reinterpret_cast<const uint16_t*>(blob.bytes(t).data());
 }
 

@@ -1,5 +1,5 @@
 // Opening an artifact directory: mmap the manifest and every blob and verify them before any
-// weight is used (design.md §4). Every failure names the file (and tensor).
+// weight is used. Every failure names the file (and tensor).
 #pragma once
 
 #include <memory>
@@ -16,8 +16,20 @@ namespace kiln {
 // names it in errors) and returns its view. Shared by the base blobs and the adapter blobs.
 BlobView check_listed_blob(const MappedFile& file, const BlobEntry& e, const std::string& path);
 
+// Recomputes tensor `t` of `blob` (its CRC-32C split over the OpenMP threads) and throws
+// kiln::Error naming the blob and the tensor if it differs from the header's. Shared by the base
+// and the adapter blobs.
+void verify_tensor(const BlobView& blob, const BlobTensorInfo& t);
+
 struct ArtifactOptions {
-  bool verify_checksums = false;  // also recompute every tensor's CRC-32C (reads everything)
+  // Check the manifest's checksum and every tensor's CRC-32C (which reads every byte). false: the
+  // structure only (sizes, headers, shapes); the caller accepts damaged weights going unnoticed.
+  bool verify_checksums = true;
+  // With verify_checksums, check each tensor when bf16() first hands out its pointer instead of
+  // all at open, so that the check is the first read of its bytes and the caller's own first pass
+  // (a re-layout) finds them in memory. The caller must call verify_remaining() before computing
+  // with anything.
+  bool verify_on_first_use = false;
 };
 
 class Artifact {
@@ -37,17 +49,27 @@ class Artifact {
   // Drops the resident pages of layer l's mapping (e.g. after its weights were copied into a
   // faster layout); anything still read from it is paged back in on demand.
   void release_layer_pages(int64_t l) const { files_.at(size_t(l) + 1)->release_pages(); }
+  // The same for one tensor of a blob of this artifact.
+  void release_tensor_pages(const BlobView& blob, const std::string& name) const;
 
-  // A tensor's bytes as bf16 values, checked against the expected shape.
+  // A tensor's bytes as bf16 values, checked against the expected shape (and, on first use with
+  // verify_on_first_use, against its checksum). Not thread-safe.
   const uint16_t* bf16(const BlobView& blob, const std::string& name,
                        const std::vector<int64_t>& shape) const;
+  // Checks every tensor not yet checked (verify_on_first_use); nothing without verification.
+  void verify_remaining() const;
+  bool verifies_checksums() const { return verify_; }
 
  private:
+  size_t index_of(const BlobView& blob) const;  // throws for a view of another artifact
+
   std::string dir_;
   std::unique_ptr<MappedFile> manifest_file_;
   Manifest manifest_;
   std::vector<std::unique_ptr<MappedFile>> files_;  // globals, layer 0, layer 1, …
   std::vector<BlobView> views_;
+  bool verify_ = true;
+  mutable std::vector<std::vector<bool>> verified_;  // [blob][tensor], with verify_on_first_use
 };
 
 }  // namespace kiln

@@ -174,8 +174,12 @@ class DeepSeekModel final : public Model {
       hlo.transposed = true;
       head_.emplace(embedding_, E, V, hlo);
     } else {
+      // Read a row per token: the table need not stay resident after its checksum pass.
+      a.release_tensor_pages(g, "token_embedding");
       head_.emplace(a.bf16(g, "logits_dense", {E, V}), E, V, lo);
     }
+    if (head_->owns_weights())  // the mapped source is read no more
+      a.release_tensor_pages(g, c_.logits_via_embedding ? "token_embedding" : "logits_dense");
     query_scale_ = round_to_bf16(float(c_.query_scale));
 
     auto rows = [&](int64_t n) { return std::vector<float>(size_t(chunk_ * n)); };

@@ -59,7 +59,8 @@ const LoraAdapter& Engine::load_adapter(const std::string& name) {
   const std::string& dir = model_->artifact().dir();
   const std::string mpath = dir + "/" + kManifestFile;
   MappedFile mf(mpath);
-  Manifest m = parse_manifest(mf.data(), mf.size(), mpath);
+  const bool verify = model_->artifact().verifies_checksums();
+  Manifest m = parse_manifest(mf.data(), mf.size(), mpath, verify);
   const AdapterRecord* rec = m.find_adapter(name);
   if (!rec) {
     std::string names;
@@ -68,7 +69,7 @@ const LoraAdapter& Engine::load_adapter(const std::string& name) {
     throw Error(dir + ": no adapter named '" + name + "' (" +
                 (names.empty() ? std::string("the artifact has none") : "it has: " + names) + ")");
   }
-  auto adapter = LoraAdapter::open(dir, config(), *rec, /*verify_checksums=*/false);
+  auto adapter = LoraAdapter::open(dir, config(), *rec, verify);
   model_->reserve_lora(adapter->max_rank());
   return *adapters_.emplace(name, std::move(adapter)).first->second;
 }
@@ -155,7 +156,12 @@ std::vector<Prefix> Engine::prefill_concat(std::span<const PrefillRequest> reque
   auto run = [&]() {
     if (steps.empty()) return;
     logits.resize(steps.size() * size_t(V));
-    model_->forward_batch(steps, logits.data());
+    try {
+      model_->forward_batch(steps, logits.data());
+    } catch (const NonFiniteError& e) {
+      throw NonFiniteError("prompt " + std::to_string(members[size_t(e.sequence())]),
+                           int64_t(members[size_t(e.sequence())]), e.position());
+    }
     for (size_t j = 0; j < members.size(); ++j)
       std::copy_n(logits.begin() + int64_t(j) * V, V, out[members[j]].logits.begin());
     steps.clear();
@@ -165,8 +171,12 @@ std::vector<Prefix> Engine::prefill_concat(std::span<const PrefillRequest> reque
   for (size_t i = 0; i < requests.size(); ++i) {
     const int64_t n = int64_t(requests[i].tokens.size());
     if (n > chunk) {  // more than one pass on its own
-      model_->forward(requests[i].tokens, out[i].cache, out[i].logits.data(), false,
-                      out[i].adapter.get());
+      try {
+        model_->forward(requests[i].tokens, out[i].cache, out[i].logits.data(), false,
+                        out[i].adapter.get());
+      } catch (const NonFiniteError& e) {
+        throw NonFiniteError("prompt " + std::to_string(i), int64_t(i), e.position());
+      }
       continue;
     }
     if (packed + n > chunk) {
@@ -248,7 +258,12 @@ std::span<const SlotToken> Engine::generate() {
     step_slot_.push_back(int64_t(i));
   }
   if (steps_.empty()) return {};
-  model_->forward_batch(steps_, step_logits_.data());
+  try {
+    model_->forward_batch(steps_, step_logits_.data());
+  } catch (const NonFiniteError& e) {
+    const int64_t slot = step_slot_[size_t(e.sequence())];
+    throw NonFiniteError("slot " + std::to_string(slot), slot, e.position());
+  }
   const int64_t V = config().vocab_size;
   const int64_t n = int64_t(steps_.size());
   step_tokens_.resize(size_t(n));
@@ -327,7 +342,12 @@ std::vector<float> Engine::calibrate_max_logits(const std::vector<std::vector<in
         throw Error("calibration prompt " + std::to_string(i + 1) + ": " + e.what());
       }
       scratch_cache_.length = 0;
-      model_->forward(prompts[i], scratch_cache_, logits.data(), /*all_logits=*/false);
+      try {
+        model_->forward(prompts[i], scratch_cache_, logits.data(), /*all_logits=*/false);
+      } catch (const NonFiniteError& e) {
+        throw NonFiniteError("calibration prompt " + std::to_string(i + 1), int64_t(i),
+                             e.position());
+      }
     }
   } catch (...) {
     model_->record_max_logits(nullptr);

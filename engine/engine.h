@@ -78,7 +78,8 @@ class Engine {
   // --- prefill ---------------------------------------------------------------------------------
   // Runs `prompt` and samples its first token. Throws kiln::Error for an empty prompt, a prompt
   // longer than the context, an id outside the vocabulary or bad sampling parameters (see
-  // check_request), kiln::StateError for an adapter that is not loaded.
+  // check_request), kiln::StateError for an adapter that is not loaded, NonFiniteError for a NaN
+  // or inf logit (naming the position).
   Prefix prefill(std::span<const int32_t> prompt, const SamplingParams& sampling,
                  const std::string& adapter = "");
   // One prefill, then `n` independent first tokens from the same logits; sample i draws from the
@@ -89,7 +90,8 @@ class Engine {
   // Several prompts packed into one forward pass: every row carries its own position (restarting
   // at 0 per prompt) and its own cache, so attention stays inside its prompt (what MaxText's
   // segment ids do). Prompts are packed up to max_chunk tokens per pass; a longer prompt gets a
-  // pass of its own. Each result equals that prompt's own prefill().
+  // pass of its own. Each result equals that prompt's own prefill(). A NaN or inf logit throws
+  // NonFiniteError naming the prompt's index and the position.
   std::vector<Prefix> prefill_concat(std::span<const PrefillRequest> requests);
 
   // --- decode slots ----------------------------------------------------------------------------
@@ -101,7 +103,8 @@ class Engine {
   std::vector<SlotToken> bulk_insert(Prefix&& prefix, std::span<const int64_t> slots);
   // Advances every active (inserted, unfinished) slot by one token in one batched pass and
   // returns their tokens in slot order (empty when no slot is active). The span stays valid until
-  // the next call. Allocates nothing.
+  // the next call. Allocates nothing. A NaN or inf logit throws NonFiniteError naming the slot and
+  // position; then no slot has advanced.
   std::span<const SlotToken> generate();
   // Frees a busy slot (finished or not). Throws kiln::Error for an unknown slot, kiln::StateError
   // for a free one.
@@ -121,7 +124,8 @@ class Engine {
 
   // --- run-time LoRA ---------------------------------------------------------------------------
   // load_adapter maps adapters/<name>/ as recorded in the artifact's manifest (re-read from disk,
-  // so adapters added after open are found) and verifies it; the base weights are not read again.
+  // so adapters added after open are found) and verifies it (every checksum, unless the engine
+  // was opened without verify_checksums); the base weights are not read again.
   // Loading a loaded name again is a no-op. unload_adapter throws kiln::StateError for a name that
   // is not loaded or while a busy slot uses it.
   const LoraAdapter& load_adapter(const std::string& name);

@@ -36,8 +36,11 @@ typedef enum kiln_status {
   /* A NULL pointer, an out-of-range value (slot, token id, count), bad sampling parameters, an
    * empty or too long prompt, engine options the artifact cannot honour. */
   KILN_ERROR_INVALID_ARGUMENT = 1,
-  /* The artifact or an adapter cannot be opened, read or verified (missing or corrupt files, an
-   * adapter name the artifact does not have). */
+  /* The artifact or an adapter cannot be opened, read or verified (missing or corrupt files, a
+   * checksum that does not match, an adapter name the artifact does not have), or a forward pass
+   * produced a non-finite logit (NaN or inf: damaged weights, only possible when the engine was
+   * opened with verify_checksums = 0, or values that overflow; the message names the position and
+   * the slot or prompt, and no slot advanced). */
   KILN_ERROR_IO = 2,
   /* The call does not fit the engine's state: a busy slot for insert, a free slot for release,
    * an adapter that is not loaded (or still in use when unloading). */
@@ -101,12 +104,15 @@ typedef struct kiln_prefix kiln_prefix; /* a prefilled prompt, ready to insert i
 typedef struct kiln_engine_options {
   int threads;   /* worker threads in [0, KILN_MAX_THREADS]; 0: every core */
   int64_t slots; /* decode slots (>= 1); their caches (slots x max_seq_len) are made at open */
-  int64_t max_seq_len;  /* context per slot; 0: the model's max_target_length */
-  int relayout;         /* non-zero: copy the weights once into the kernels' preferred layout */
-  int verify_checksums; /* non-zero: check every tensor's checksum while loading */
+  int64_t max_seq_len; /* context per slot; 0: the model's max_target_length */
+  int relayout;        /* non-zero: copy the weights once into the kernels' preferred layout */
+  /* Non-zero (the default): check the manifest's checksum and every tensor's checksum (base and
+   * run-time adapters) before computing with it; the check shares the loading pass, so it costs
+   * little. 0 opts out: damaged weights then go unnoticed (a NaN logit is still an error). */
+  int verify_checksums;
 } kiln_engine_options;
 
-/* Fills *o with the defaults: threads 0, slots 1, max_seq_len 0, relayout 1, verify_checksums 0.
+/* Fills *o with the defaults: threads 0, slots 1, max_seq_len 0, relayout 1, verify_checksums 1.
  * Does nothing for NULL. */
 void kiln_engine_options_default(kiln_engine_options* o);
 
@@ -115,7 +121,8 @@ void kiln_engine_options_default(kiln_engine_options* o);
  * Errors: INVALID_ARGUMENT for NULL arguments and options out of range (slots < 1 or above the
  * engine's batch limit, max_seq_len < 0 or above the model's max_target_length, threads < 0 or
  * above KILN_MAX_THREADS);
- * IO when the artifact is missing, incomplete or corrupt (the message names the path);
+ * IO when the artifact is missing, incomplete or corrupt, or (verify_checksums) a checksum does
+ * not match (the message names the path, and the tensor);
  * INTERNAL when memory runs out. */
 kiln_status kiln_open(const char* dir, const kiln_engine_options* options, kiln_engine** out);
 
@@ -139,7 +146,8 @@ int64_t kiln_slots(const kiln_engine* engine);
  * Errors: INVALID_ARGUMENT for NULL arguments, an empty prompt, a prompt longer than
  * kiln_max_seq_len (n is checked before any token is read, so a wrong n never reads past the
  * caller's array), a token id outside the vocabulary, bad sampling parameters or stop tokens
- * outside the vocabulary; STATE for an adapter that is not loaded; INTERNAL for out of memory. */
+ * outside the vocabulary; STATE for an adapter that is not loaded; IO for a non-finite logit
+ * (the message names the position); INTERNAL for out of memory. */
 kiln_status kiln_prefill(kiln_engine* engine, const int32_t* tokens, size_t n,
                          const kiln_sampling* sampling, const char* adapter, kiln_prefix** out);
 
@@ -219,7 +227,8 @@ kiln_status kiln_bulk_insert(kiln_engine* engine, kiln_prefix* prefix, const int
  * slot is active). `capacity` must be at least the number of active slots (kiln_slots always
  * suffices); `out` may be NULL only when capacity is 0 and no slot is active.
  * Errors: INVALID_ARGUMENT for a NULL engine or n_out, or too small a capacity (checked before
- * any slot advances); INTERNAL for a failure inside the forward pass. */
+ * any slot advances); IO for a non-finite logit (the message names the slot and position; no
+ * slot advances); INTERNAL for another failure inside the forward pass. */
 kiln_status kiln_generate(kiln_engine* engine, kiln_slot_token* out, size_t capacity,
                           size_t* n_out);
 
@@ -231,9 +240,10 @@ kiln_status kiln_release(kiln_engine* engine, int64_t slot);
 
 /* Maps the artifact's run-time adapter `name` (added by `kiln export --lora-name` or
  * `kiln adapter add`; the manifest is re-read, so adapters added after open are found) and
- * verifies it; prefills may then name it. Loading a loaded adapter again does nothing.
- * Errors: INVALID_ARGUMENT for NULL arguments or an empty name; IO when the artifact has no such
- * adapter or its files are missing or corrupt; INTERNAL for out of memory. */
+ * verifies it (with the engine's verify_checksums, every checksum); prefills may then name it.
+ * Loading a loaded adapter again does nothing. Errors: INVALID_ARGUMENT for NULL arguments or an
+ * empty name; IO when the artifact has no such adapter or its files are missing or corrupt;
+ * INTERNAL for out of memory. */
 kiln_status kiln_load_adapter(kiln_engine* engine, const char* name);
 
 /* Unmaps a loaded adapter. Prefixes made with it keep it alive until inserted or freed.

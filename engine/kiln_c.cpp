@@ -1,7 +1,8 @@
 // The C API (engine/kiln.h) over kiln::Engine. Every entry point catches every exception: a
-// kiln::StateError becomes KILN_ERROR_STATE, another kiln::Error the status its call's context
-// implies (an invalid argument; I/O for opening and loading), a std::filesystem error (it names
-// its path) KILN_ERROR_IO, std::bad_alloc and anything else KILN_ERROR_INTERNAL.
+// kiln::StateError becomes KILN_ERROR_STATE, a kiln::NonFiniteError (damaged weights)
+// KILN_ERROR_IO, another kiln::Error the status its call's context implies (an invalid argument;
+// I/O for opening and loading), a std::filesystem error (it names its path) KILN_ERROR_IO,
+// std::bad_alloc and anything else KILN_ERROR_INTERNAL.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -60,6 +61,9 @@ kiln_status guarded(const char* fn, kiln_status error_status, F&& body) noexcept
     } catch (const kiln::StateError& e) {
       g_last_error = std::string(fn) + ": " + e.what();
       return KILN_ERROR_STATE;
+    } catch (const kiln::NonFiniteError& e) {
+      g_last_error = std::string(fn) + ": " + e.what();
+      return KILN_ERROR_IO;
     } catch (const kiln::Error& e) {
       g_last_error = std::string(fn) + ": " + e.what();
       return error_status;
@@ -147,11 +151,11 @@ static_assert(int(kiln::SamplingAlgorithm::Greedy) == KILN_SAMPLING_GREEDY &&
 
 // The model's max_target_length from the manifest, or -1 when it cannot be read (Engine::open then
 // reports the problem).
-int64_t manifest_context(const std::string& dir) {
+int64_t manifest_context(const std::string& dir, bool verify_checksum) {
   try {
     const std::string path = dir + "/" + kiln::kManifestFile;
     kiln::MappedFile f(path);
-    return kiln::parse_manifest(f.data(), f.size(), path).config.max_target_length;
+    return kiln::parse_manifest(f.data(), f.size(), path, verify_checksum).config.max_target_length;
   } catch (...) {
     return -1;
   }
@@ -199,7 +203,7 @@ void kiln_engine_options_default(kiln_engine_options* o) {
   o->slots = 1;
   o->max_seq_len = 0;
   o->relayout = 1;
-  o->verify_checksums = 0;
+  o->verify_checksums = 1;
 }
 
 kiln_status kiln_open(const char* dir, const kiln_engine_options* options, kiln_engine** out) {
@@ -221,7 +225,7 @@ kiln_status kiln_open(const char* dir, const kiln_engine_options* options, kiln_
       fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": max_seq_len must be >= 0, got " +
                                             std::to_string(options->max_seq_len));
     if (options->max_seq_len > 0) {
-      const int64_t ctx = manifest_context(dir);
+      const int64_t ctx = manifest_context(dir, options->verify_checksums != 0);
       if (ctx >= 0 && options->max_seq_len > ctx)
         fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": " + dir + ": max_seq_len " +
                                               std::to_string(options->max_seq_len) +

@@ -70,8 +70,12 @@ class LlamaModel final : public Model {
       tied.transposed = true;  // the tied head multiplies by embeddingᵀ: W is [V, E]
       head_.emplace(embedding_, E, V, tied);
     } else {
+      // Read a row per token: the table need not stay resident after its checksum pass.
+      a.release_tensor_pages(g, "token_embedding");
       head_.emplace(a.bf16(g, "logits_dense", {E, V}), E, V, lo);
     }
+    if (head_->owns_weights())  // the mapped source is read no more
+      a.release_tensor_pages(g, c_.logits_via_embedding ? "token_embedding" : "logits_dense");
 
     auto rows = [&](int64_t n) { return std::vector<float>(size_t(chunk_ * n)); };
     auto rows_bf16 = [&](int64_t n) { return std::vector<uint16_t>(size_t(chunk_ * n)); };

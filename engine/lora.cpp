@@ -50,7 +50,8 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::open(const std::string& artifact
                   ", outside the model's " + std::to_string(c.num_decoder_layers) + " layers");
     auto file = std::make_unique<MappedFile>(path);
     BlobView view = check_listed_blob(*file, e, path);
-    if (verify_checksums) view.verify_checksums();
+    if (verify_checksums)
+      for (const auto& t : view.tensors()) verify_tensor(view, t);
     size_t used = 0;
     for (const AdapterTargetRecord& t : rec.targets) {
       if (t.layer != e.layer) continue;

@@ -43,11 +43,12 @@ struct LoraFactors {
 class LoraAdapter {
  public:
   // Maps and verifies the adapter's blobs (size and header checksum against the record, preamble,
-  // FlatBuffers header, every tensor's dtype and shape against the config; with verify_checksums
-  // also every tensor's CRC-32C). Reads nothing of the base. Throws kiln::Error naming the file.
+  // FlatBuffers header, every tensor's dtype and shape against the config; with verify_checksums,
+  // the default, also every tensor's CRC-32C). Reads nothing of the base. Throws kiln::Error
+  // naming the file.
   static std::shared_ptr<const LoraAdapter> open(const std::string& artifact_dir,
                                                  const ModelConfig& c, const AdapterRecord& rec,
-                                                 bool verify_checksums = false);
+                                                 bool verify_checksums = true);
 
   const std::string& name() const { return name_; }
   uint64_t bytes() const { return bytes_; }  // mapped blob bytes

@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <bit>
 #include <cmath>
 #include <thread>
 
@@ -16,9 +18,13 @@
 namespace kiln {
 
 std::unique_ptr<Model> Model::open(const std::string& dir, const ModelOptions& opt) {
-  auto artifact = Artifact::open(dir, {opt.verify_checksums});
   int threads = opt.threads > 0 ? opt.threads : int(std::thread::hardware_concurrency());
-  ops::set_num_threads(threads > 0 ? threads : 1);
+  ops::set_num_threads(threads > 0 ? threads : 1);  // before the artifact: its checks use them
+  // Each tensor is checked when the family takes its pointer, right before its re-layout reads it
+  // (or, used in place, as the pass that first reads it): the checksum costs no extra read from
+  // the page cache.
+  auto artifact =
+      Artifact::open(dir, {.verify_checksums = opt.verify_checksums, .verify_on_first_use = true});
   // Re-laid weights live in anonymous memory; a model that would not fit beside the page cache
   // and the rest of the process (e.g. DeepSeek-V2-Lite's 30 GiB on a 23 GiB machine) is used in
   // place from the mapping instead of being killed by the OOM killer halfway through loading.
@@ -26,11 +32,16 @@ std::unique_ptr<Model> Model::open(const std::string& dir, const ModelOptions& o
   const double physical = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGESIZE));
   if (o.relayout && physical > 0 && double(artifact->total_bytes()) > 0.7 * physical)
     o.relayout = false;
-  const std::string& block = artifact->config().decoder_block;
+  const std::string block = artifact->config().decoder_block;
+  std::unique_ptr<Model> model;
   if (block == "llama2" || block == "mistral" || block == "qwen3")
-    return make_llama_model(std::move(artifact), o);
-  if (block == "deepseek") return make_deepseek_model(std::move(artifact), o);
-  throw Error(dir + ": decoder_block '" + block + "' has no forward pass in this kiln");
+    model = make_llama_model(std::move(artifact), o);
+  else if (block == "deepseek")
+    model = make_deepseek_model(std::move(artifact), o);
+  else
+    throw Error(dir + ": decoder_block '" + block + "' has no forward pass in this kiln");
+  model->artifact_->verify_remaining();  // a tensor the family did not take is checked all the same
+  return model;
 }
 
 // The Llama layout; families with another one override this (engine/deepseek.cpp).
@@ -133,7 +144,9 @@ void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logi
       rows.logit_row = logit_rows_.data() + (T - 1);
       rows.n_logits = 1;
     }
+    first_nonfinite_ = -1;
     forward_rows(rows, all_logits ? logits + begin * c.vocab_size : logits);
+    check_finite(rows, /*batch=*/false);
     cache.length += T;
   }
 }
@@ -173,8 +186,19 @@ void Model::forward_batch(std::span<const SequenceStep> steps, float* logits) {
   Rows rows{
       total,       row_token_.data(),  row_pos_.data(),      row_cache_.data(), row_adapter_.data(),
       any_adapter, logit_rows_.data(), int64_t(steps.size())};
+  first_nonfinite_ = -1;
   forward_rows(rows, logits);
+  check_finite(rows, /*batch=*/true);
   for (const SequenceStep& s : steps) s.cache->length += int64_t(s.tokens.size());
+}
+
+void Model::check_finite(const Rows& rows, bool batch) const {
+  if (first_nonfinite_ < 0) return;
+  // Logit row i is row logit_row[i] of the pass, and in a batch the last row of step i.
+  const int64_t i = first_nonfinite_ / config().vocab_size;
+  const int64_t pos = rows.pos[rows.logit_row[i]];
+  throw NonFiniteError(batch ? "sequence " + std::to_string(i) + " of the batch" : "",
+                       batch ? i : 0, pos);
 }
 
 int64_t Model::lora_dim() const {
@@ -235,24 +259,50 @@ void Model::check_cache(const KvCache& cache) const {
     throw Error("forward: the KV cache was not made by this model's new_cache()");
 }
 
-void Model::finish_logits(float* logits, int64_t n) const {
+namespace {
+
+// Index of the first NaN or ±inf in z[0, n), or n. The common case, all finite, is one
+// vectorised pass (an exponent of all ones marks both); the exact index is searched only after.
+int64_t first_nonfinite(const float* z, int64_t n) {
+  uint32_t any = 0;
+#pragma omp simd reduction(| : any)
+  for (int64_t i = 0; i < n; ++i)
+    any |= uint32_t((std::bit_cast<uint32_t>(z[i]) & 0x7f800000u) == 0x7f800000u);
+  if (!any) return n;
+  int64_t i = 0;
+  while (i < n && std::isfinite(z[i])) ++i;
+  return i;
+}
+
+}  // namespace
+
+void Model::finish_logits(float* logits, int64_t n) {
   const ModelConfig& c = config();
   // jnp.sqrt(E) is a Python float, so JAX divides the bf16 logits by a bf16 constant.
   const float div = c.logits_via_embedding && c.normalize_embedding_logits
                         ? round_to_bf16(float(std::sqrt(double(c.emb_dim))))
                         : 1.0f;
   const float cap = float(c.final_logits_soft_cap);
-  auto finish = [&](float* z, int64_t m) {
+  std::atomic<int64_t> first{n};  // the earliest non-finite logit any span saw
+  auto finish = [&](int64_t b, int64_t e) {
+    float* z = logits + b;
+    const int64_t m = e - b;
     ops::scale_round(z, m, 1.0f);  // the head's output is bf16
-    if (div == 1.0f && cap <= 0) return;
-    for (int64_t i = 0; i < m; ++i) {
-      if (div != 1.0f) z[i] = round_to_bf16(z[i] / div);
-      if (cap > 0) z[i] = round_to_bf16(cap * std::tanh(z[i] / cap));
-    }
+    if (div != 1.0f || cap > 0)
+      for (int64_t i = 0; i < m; ++i) {
+        if (div != 1.0f) z[i] = round_to_bf16(z[i] / div);
+        if (cap > 0) z[i] = round_to_bf16(cap * std::tanh(z[i] / cap));
+      }
+    // Checked while the span is still in cache. Finite weights can still overflow bf16, and a
+    // NaN must never become a token, a golden file or a perplexity.
+    const int64_t at = b + first_nonfinite(z, m);
+    if (at < e)
+      for (int64_t cur = first.load(); at < cur && !first.compare_exchange_weak(cur, at);) {
+      }
   };
   // A batched step finishes 16 × 128 K logits: worth the threads; one row is not.
-  ops::run_spans(n, int64_t(1) << 18, omp_get_max_threads(),
-                 [&](int64_t b, int64_t e) { finish(logits + b, e - b); });
+  ops::run_spans(n, int64_t(1) << 18, omp_get_max_threads(), finish);
+  first_nonfinite_ = first.load() < n ? first.load() : -1;
 }
 
 }  // namespace kiln

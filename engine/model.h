@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common/error.h"
 #include "engine/artifact.h"
 #include "engine/lora.h"
 
@@ -18,12 +19,35 @@ namespace kiln {
 
 struct ModelOptions {
   int threads = 0;  // 0 → every core
-  bool verify_checksums = false;
+  // Check the manifest's checksum and every tensor's CRC-32C before any of it is computed with
+  // (each tensor in the pass that first reads it: its re-layout, or the check itself when used in
+  // place). false: only the structure is checked and damaged weights go unnoticed.
+  bool verify_checksums = true;
   // Copy weights once into the matmul kernels' preferred layout (anonymous, huge-page memory).
   // Ignored — weights used in place from the mapping — when the artifact exceeds 70 % of the
   // machine's physical memory.
   bool relayout = true;
   int64_t max_chunk = 512;  // prefill processes at most this many tokens per pass
+};
+
+// A forward pass produced a NaN or ±inf logit: damaged weights (an artifact opened without
+// verification), or values that overflow bf16. `sequence` is the step of forward_batch (0 for
+// forward; Engine re-throws it as the slot of generate() or the index of the prompt), `position`
+// the position in that sequence whose logits are not finite (the first computed); the message
+// names the position after `sequence_name` ("slot 2", "prompt 3"; may be empty). The pass that
+// produced it advanced no cache (the earlier chunks of a prompt longer than max_chunk stay).
+class NonFiniteError : public Error {
+ public:
+  NonFiniteError(const std::string& sequence_name, int64_t sequence, int64_t position)
+      : Error((sequence_name.empty() ? std::string() : sequence_name + ", ") + "position " +
+              std::to_string(position) + ": non-finite logit (NaN or inf; damaged weights?)"),
+        sequence_(sequence),
+        position_(position) {}
+  int64_t sequence() const { return sequence_; }
+  int64_t position() const { return position_; }
+
+ private:
+  int64_t sequence_, position_;
 };
 
 // The attention cache of one sequence, bf16, one buffer per layer, each [heads, capacity, row]:
@@ -67,7 +91,8 @@ class Model {
   // keys/values to `cache`. Writes f32 logits for every position ([n, vocab]) if `all_logits`,
   // else only for the last one ([vocab]). Allocates nothing.
   // Throws kiln::Error for token ids outside the vocabulary, a sequence longer than the cache or
-  // max_target_length, or a cache from another model's new_cache().
+  // max_target_length, or a cache from another model's new_cache(); NonFiniteError when a logit
+  // it computes is NaN or ±inf.
   // With `adapter`, every projection it adapts computes x·W + s·(x·A)·B.
   void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits, bool all_logits,
                const LoraAdapter* adapter = nullptr);
@@ -118,8 +143,9 @@ class Model {
   virtual void check_cache(const KvCache& cache) const;
 
   // MaxText's output head: bf16 logits, divided by sqrt(emb_dim) for a normalised tied head, then
-  // the optional soft cap, then f32 (spec §2.1).
-  void finish_logits(float* logits, int64_t n) const;
+  // the optional soft cap, then f32 (spec §2.1). `n` logits, whole rows of the vocabulary; the
+  // first one that is not finite is recorded for forward()/forward_batch() to report.
+  void finish_logits(float* logits, int64_t n);
 
   std::unique_ptr<Artifact> artifact_;
   int64_t chunk_;  // prefill processes at most this many tokens per pass
@@ -127,6 +153,8 @@ class Model {
 
  private:
   void validate(std::span<const int32_t> tokens, const KvCache& cache) const;
+  // Throws NonFiniteError if the last forward_rows recorded a non-finite logit.
+  void check_finite(const Rows& rows, bool batch) const;
   int64_t lora_dim() const;  // the widest input or output of any adaptable projection
 
   // Per-row descriptors of one pass, sized chunk_ at construction.
@@ -137,6 +165,7 @@ class Model {
   // LoRA scratch (reserve_lora): f32 inputs, x·A, and (x·A)·B of a pass.
   mutable std::vector<float> lora_x_, lora_u_, lora_y_;
   int64_t lora_rank_ = 0;
+  int64_t first_nonfinite_ = -1;  // index into the logits of the last pass, -1 when all finite
 };
 
 std::unique_ptr<Model> make_llama_model(std::unique_ptr<Artifact> artifact,

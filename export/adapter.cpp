@@ -49,9 +49,9 @@ std::string manifest_path(const std::string& artifact) {
   return (fs::path(artifact) / kManifestFile).string();
 }
 
-Manifest read_manifest_file(const std::string& path) {
+Manifest read_manifest_file(const std::string& path, bool verify_checksum) {
   MappedFile f(path);
-  return parse_manifest(f.data(), f.size(), path);
+  return parse_manifest(f.data(), f.size(), path, verify_checksum);
 }
 
 // Whether every blob of `r` exists with the size and header checksum the record lists, in the
@@ -84,8 +84,9 @@ void discard_directory(const fs::path& dir) {
 }
 
 // Only one kiln command changes an artifact's adapters at a time.
-UniqueFd lock_artifact(const std::string& artifact, const char* what) {
-  read_manifest(artifact);  // a directory that is no artifact is refused by name first
+UniqueFd lock_artifact(const std::string& artifact, const char* what, bool verify_checksum) {
+  read_manifest(artifact,
+                verify_checksum);  // a directory that is no artifact is refused by name first
   return lock_directory(artifact, what);
 }
 
@@ -98,7 +99,7 @@ void remove_if_empty(const fs::path& adapters) {
 // lock, so every leftover is dead): a committed change (a journal whose adapter directories are
 // complete) is finished; temporaries, uncommitted journals and adapter directories the manifest
 // does not use are removed. One stderr line for each.
-void recover_adapter_changes(const std::string& artifact) {
+void recover_adapter_changes(const std::string& artifact, bool verify_checksum) {
   const fs::path adapters = fs::path(artifact) / kAdaptersDir;
   std::vector<fs::path> journals;
   std::error_code ec;
@@ -109,7 +110,8 @@ void recover_adapter_changes(const std::string& artifact) {
     const std::string pid = journal.filename().string().substr(kJournalPrefix.size());
     bool complete = false;
     try {
-      const Manifest next = read_manifest_file(journal.string());
+      // Journals are this kiln's own writing: one that fails its checksum was never completed.
+      const Manifest next = read_manifest_file(journal.string(), true);
       complete = true;
       for (const AdapterRecord& r : next.adapters) {
         if (r.merged || blobs_match(artifact, r)) continue;
@@ -119,7 +121,7 @@ void recover_adapter_changes(const std::string& artifact) {
           break;
         }
         // The current manifest must not list the directory being swapped while it is swapped.
-        Manifest now = read_manifest(artifact);
+        Manifest now = read_manifest(artifact, verify_checksum);
         if (std::erase_if(now.adapters,
                           [&](const AdapterRecord& a) { return !a.merged && a.name == r.name; }))
           write_manifest(artifact, now);
@@ -145,7 +147,7 @@ void recover_adapter_changes(const std::string& artifact) {
   remove_stale_temporaries_in(artifact);
   if (!fs::is_directory(adapters)) return;
   remove_stale_temporaries_in(adapters.string());
-  const Manifest m = read_manifest(artifact);
+  const Manifest m = read_manifest(artifact, verify_checksum);
   std::vector<fs::path> unused;
   for (fs::directory_iterator it(adapters, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
@@ -218,10 +220,10 @@ AdapterRecord write_adapter_blobs(const AdapterSource& src, const ModelConfig& b
   return record;
 }
 
-Manifest read_manifest(const std::string& artifact) {
+Manifest read_manifest(const std::string& artifact, bool verify_checksum) {
   const std::string path = manifest_path(artifact);
   if (!fs::exists(path)) throw Error(path + ": missing (not a kiln artifact directory?)");
-  return read_manifest_file(path);
+  return read_manifest_file(path, verify_checksum);
 }
 
 void write_manifest(const std::string& artifact, const Manifest& m) {
@@ -230,9 +232,9 @@ void write_manifest(const std::string& artifact, const Manifest& m) {
 
 AdapterRecord add_adapter(const AddAdapterOptions& opt) {
   check_adapter_name(opt.name, "--name");
-  const UniqueFd lock = lock_artifact(opt.artifact, "kiln adapter add");
-  recover_adapter_changes(opt.artifact);
-  const Manifest m = read_manifest(opt.artifact);
+  const UniqueFd lock = lock_artifact(opt.artifact, "kiln adapter add", opt.verify_checksum);
+  recover_adapter_changes(opt.artifact, opt.verify_checksum);
+  const Manifest m = read_manifest(opt.artifact, opt.verify_checksum);
   const bool replacing = m.find_adapter(opt.name) != nullptr;
   if (replacing && !opt.force)
     throw Error(opt.artifact + ": already has an adapter named '" + opt.name +
@@ -284,10 +286,10 @@ AdapterRecord add_adapter(const AddAdapterOptions& opt) {
   return record;
 }
 
-void remove_adapter(const std::string& artifact, const std::string& name) {
-  const UniqueFd lock = lock_artifact(artifact, "kiln adapter remove");
-  recover_adapter_changes(artifact);
-  Manifest m = read_manifest(artifact);
+void remove_adapter(const std::string& artifact, const std::string& name, bool verify_checksum) {
+  const UniqueFd lock = lock_artifact(artifact, "kiln adapter remove", verify_checksum);
+  recover_adapter_changes(artifact, verify_checksum);
+  Manifest m = read_manifest(artifact, verify_checksum);
   if (!m.find_adapter(name)) throw Error(artifact + ": has no adapter named '" + name + "'");
   std::erase_if(m.adapters, [&](const AdapterRecord& a) { return !a.merged && a.name == name; });
   write_manifest(artifact, m);  // the change is done; what follows is clean-up

@@ -28,7 +28,8 @@ struct AddAdapterOptions {
   std::string adapter_dir;
   std::string name;
   double lora_scale = 1;
-  bool force = false;  // replace an adapter of the same name
+  bool force = false;           // replace an adapter of the same name
+  bool verify_checksum = true;  // false: accept a manifest without (or failing) its checksum
 };
 
 // `kiln adapter add`: reads the manifest, checks the adapter against the artifact's config, writes
@@ -46,10 +47,11 @@ AdapterRecord add_adapter(const AddAdapterOptions& opt);
 // `kiln adapter remove`: drops the record from the manifest (atomically), then deletes
 // adapters/<name>/ (moved aside first, so a kill leaves either the whole directory, which the next
 // adapter command removes, or none of it).
-void remove_adapter(const std::string& artifact, const std::string& name);
+void remove_adapter(const std::string& artifact, const std::string& name, bool verify_checksum);
 
-// Reads and parses <artifact>/manifest.kfb.
-Manifest read_manifest(const std::string& artifact);
+// Reads and parses <artifact>/manifest.kfb (parse_manifest: its checksum checked if
+// `verify_checksum`).
+Manifest read_manifest(const std::string& artifact, bool verify_checksum);
 // Replaces <artifact>/manifest.kfb atomically and durably (common/durable_output.h).
 void write_manifest(const std::string& artifact, const Manifest& m);
 

@@ -236,11 +236,13 @@ const BlobTensorInfo& BlobView::expect(const std::string& name, DType dtype,
   return *t;
 }
 
+void BlobView::check_crc(const BlobTensorInfo& t, uint32_t crc) const {
+  if (crc != t.crc32c)
+    throw Error(path_ + ": tensor '" + t.name + "' fails its CRC-32C check (data corrupt)");
+}
+
 void BlobView::verify_checksums() const {
-  for (const auto& t : tensors_) {
-    if (crc32c(data_ + t.offset, t.length) != t.crc32c)
-      throw Error(path_ + ": tensor '" + t.name + "' fails its CRC-32C check (data corrupt)");
-  }
+  for (const auto& t : tensors_) check_crc(t, crc32c(data_ + t.offset, t.length));
 }
 
 }  // namespace kiln

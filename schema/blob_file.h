@@ -100,7 +100,11 @@ class BlobView {
   std::span<const uint8_t> bytes(const BlobTensorInfo& t) const {
     return {data_ + t.offset, t.length};
   }
-  // Recomputes every tensor's CRC-32C; throws naming the first tensor that does not match.
+  // Throws naming the tensor when `crc` (computed by the caller over bytes(t)) is not the CRC-32C
+  // the header records for it.
+  void check_crc(const BlobTensorInfo& t, uint32_t crc) const;
+  // Recomputes every tensor's CRC-32C on this thread; throws naming the first that does not match.
+  // (The engine splits each tensor over its threads instead: engine/artifact.h verify_tensor.)
   void verify_checksums() const;
   const std::string& path() const { return path_; }
 

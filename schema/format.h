@@ -6,7 +6,8 @@
 namespace kiln {
 
 inline constexpr uint16_t kFormatMajor = 1;
-inline constexpr uint16_t kFormatMinor = 2;  // 1.1: DeepSeek config; 1.2: LoRA adapters
+// 1.1: DeepSeek config; 1.2: LoRA adapters; 1.3: manifest checksum trailer (schema/manifest.h)
+inline constexpr uint16_t kFormatMinor = 3;
 inline constexpr uint64_t kTensorAlignment = 64;
 
 inline constexpr const char* kManifestFile = "manifest.kfb";

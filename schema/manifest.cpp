@@ -1,8 +1,10 @@
 #include "schema/manifest.h"
 
+#include <cstring>
 #include <optional>
 
 #include "common/checked.h"
+#include "common/crc32c.h"
 #include "common/error.h"
 #include "kiln_generated.h"
 #include "schema/format.h"
@@ -122,15 +124,38 @@ std::vector<uint8_t> serialize_manifest(const Manifest& m) {
                                        m.tokenizer.empty() ? nullptr : &m.tokenizer, prov, qk,
                                        adapters.empty() ? nullptr : &adapters);
   fb::FinishManifestBuffer(b, root);
-  return {b.GetBufferPointer(), b.GetBufferPointer() + b.GetSize()};
+  std::vector<uint8_t> out(b.GetBufferPointer(), b.GetBufferPointer() + b.GetSize());
+  const uint32_t trailer[2] = {crc32c(out.data(), out.size()), 0};  // little-endian, as x86-64
+  out.insert(out.end(), kManifestTrailerMagic, kManifestTrailerMagic + 8);
+  const auto* t = reinterpret_cast<const uint8_t*>(trailer);
+  out.insert(out.end(), t, t + sizeof trailer);
+  return out;
 }
 
-Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& path) {
+Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& path,
+                        bool verify_checksum) {
+  const bool has_trailer = size >= kManifestTrailerSize &&
+                           std::memcmp(data + size - kManifestTrailerSize, kManifestTrailerMagic,
+                                       sizeof kManifestTrailerMagic) == 0;
+  if (has_trailer) {
+    size -= kManifestTrailerSize;
+    if (verify_checksum) {
+      uint32_t stored[2];
+      std::memcpy(stored, data + size + sizeof kManifestTrailerMagic, sizeof stored);
+      if (stored[0] != crc32c(data, size) || stored[1] != 0)
+        throw Error(path + ": checksum mismatch (the manifest was edited or is corrupt)");
+    }
+  }
   flatbuffers::Verifier verifier(data, size);
   if (size < 8 || !fb::ManifestBufferHasIdentifier(data))
     throw Error(path + ": not a kiln manifest (identifier 'KILN' missing)");
   if (!fb::VerifyManifestBuffer(verifier))
     throw Error(path + ": manifest fails FlatBuffers verification (corrupt or truncated)");
+  // Checked after the FlatBuffer so that a truncated or foreign file is reported as such.
+  if (!has_trailer && verify_checksum)
+    throw Error(path +
+                ": has no checksum (written by a kiln before format 1.3); re-export it, or pass "
+                "--no-verify to read it unchecked");
   const fb::Manifest* f = fb::GetManifest(data);
   Manifest m;
   m.format_major = f->format_major();

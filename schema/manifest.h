@@ -1,5 +1,11 @@
 // manifest.kfb: what an artifact contains and where it came from (kiln.fbs `Manifest`).
 // Plain structs for the rest of the code; FlatBuffers stays inside manifest.cpp.
+//
+// File layout (format 1.3 on): the FlatBuffer, then a 16-byte trailer
+//   magic "KILNMCRC", u32 CRC-32C of the FlatBuffer bytes, u32 zero (little-endian).
+// The blob headers' checksums are in the manifest, and every tensor's checksum in its blob header,
+// so this one checksum anchors the whole artifact. Readers before 1.3 verify the FlatBuffer with
+// the file's full length, which the FlatBuffers verifier accepts with trailing bytes.
 #pragma once
 
 #include <cstdint>
@@ -98,10 +104,17 @@ struct Manifest {
 // Throws kiln::Error naming `where` otherwise.
 void check_adapter_name(const std::string& name, const std::string& where);
 
+inline constexpr char kManifestTrailerMagic[8] = {'K', 'I', 'L', 'N', 'M', 'C', 'R', 'C'};
+inline constexpr size_t kManifestTrailerSize = 16;
+
+// The FlatBuffer followed by its checksum trailer: the bytes of manifest.kfb.
 std::vector<uint8_t> serialize_manifest(const Manifest& m);
 
-// Verifies (FlatBuffers verifier, identifier, format version, config) and converts. Throws
-// kiln::Error naming `path`.
-Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& path);
+// Checks and converts the bytes of manifest.kfb: with `verify_checksum`, the trailer must be
+// present and match (a manifest without one predates format 1.3); without, a trailer is skipped
+// unchecked and a manifest without one is read as is (the caller accepts the risk). Then the
+// FlatBuffers verifier, identifier, format version and config. Throws kiln::Error naming `path`.
+Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& path,
+                        bool verify_checksum);
 
 }  // namespace kiln

@@ -3,6 +3,10 @@
  * ownership, accessors, multisampling, packed prefill and adapters.
  *
  * Usage: kiln_c_api_check ARTIFACT [ADAPTER]   (ADAPTER: a run-time adapter of the artifact)
+ *        kiln_c_api_check --damaged ARTIFACT NEEDLE [RUN_NEEDLE]
+ *            (a damaged artifact: refused by default with KILN_ERROR_IO naming NEEDLE; with
+ *            verify_checksums = 0 it opens and the prompt 1,2,3 runs -- or, given RUN_NEEDLE
+ *            (a NaN weight), fails with KILN_ERROR_IO naming it)
  * Prints one line per failed check and "N checks, M failed"; exits 1 if any failed. */
 #include <math.h>
 #include <stdint.h>
@@ -40,6 +44,42 @@ static double log_softmax_at(const float* logits, int64_t vocab, int32_t id) {
   return (double)logits[id] - m - log(sum);
 }
 
+static int report(void) {
+  printf("%d checks, %d failed\n", n_checks, n_failed);
+  return n_failed ? 1 : 0;
+}
+
+/* A damaged artifact: refused by default (KILN_ERROR_IO naming `needle`); opened with
+ * verify_checksums = 0, the prompt 1,2,3 runs, or fails with KILN_ERROR_IO naming `run_needle`
+ * when given (a NaN weight). */
+static int check_damaged(const char* art, const char* needle, const char* run_needle) {
+  kiln_engine_options opt;
+  kiln_engine* e = NULL;
+  kiln_prefix* p = NULL;
+  kiln_sampling greedy;
+  int32_t prompt[3] = {1, 2, 3};
+  kiln_engine_options_default(&opt);
+  kiln_sampling_default(&greedy);
+  CHECK(opt.verify_checksums == 1);
+  EXPECT(kiln_open(art, &opt, &e), KILN_ERROR_IO, needle);
+  CHECK(e == NULL);
+  opt.verify_checksums = 0; /* the caller accepts the risk */
+  if (kiln_open(art, &opt, &e) != KILN_OK) {
+    printf("FAILED: kiln_open(%s) with verify_checksums = 0: %s\n", art, kiln_last_error());
+    return 1;
+  }
+  if (run_needle) {
+    EXPECT(kiln_prefill(e, prompt, 3, &greedy, NULL, &p), KILN_ERROR_IO, run_needle);
+    CHECK(p == NULL);
+  } else {
+    CHECK(kiln_prefill(e, prompt, 3, &greedy, NULL, &p) == KILN_OK);
+    CHECK(p != NULL && isfinite(kiln_prefix_token_logp(p, 0)));
+  }
+  kiln_prefix_free(p);
+  kiln_close(e);
+  return report();
+}
+
 int main(int argc, char** argv) {
   const char* art;
   char missing[4096];
@@ -55,15 +95,20 @@ int main(int argc, char** argv) {
   int64_t vocab, slots2[2];
   int i;
 
+  if ((argc == 4 || argc == 5) && strcmp(argv[1], "--damaged") == 0)
+    return check_damaged(argv[2], argv[3], argc == 5 ? argv[4] : NULL);
   if (argc != 2 && argc != 3) {
-    fprintf(stderr, "usage: kiln_c_api_check ARTIFACT [ADAPTER]\n");
+    fprintf(stderr,
+            "usage: kiln_c_api_check ARTIFACT [ADAPTER] | --damaged ARTIFACT NEEDLE "
+            "[RUN_NEEDLE]\n");
     return 2;
   }
   art = argv[1];
   snprintf(missing, sizeof missing, "%s/does-not-exist", art);
   kiln_engine_options_default(&opt);
   kiln_sampling_default(&greedy);
-  CHECK(opt.slots == 1 && opt.threads == 0 && opt.max_seq_len == 0 && opt.relayout == 1);
+  CHECK(opt.slots == 1 && opt.threads == 0 && opt.max_seq_len == 0 && opt.relayout == 1 &&
+        opt.verify_checksums == 1);
   CHECK(greedy.algorithm == KILN_SAMPLING_GREEDY && greedy.temperature == 1.0f &&
         greedy.top_p == 1.0f && greedy.top_k == 0 && greedy.max_new_tokens == 0 &&
         greedy.stop_tokens == NULL && greedy.n_stop_tokens == 0);
@@ -294,6 +339,5 @@ int main(int argc, char** argv) {
   kiln_prefix_free(NULL);
   kiln_close(e);
   kiln_close(NULL);
-  printf("%d checks, %d failed\n", n_checks, n_failed);
-  return n_failed ? 1 : 0;
+  return report();
 }

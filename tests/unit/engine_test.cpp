@@ -1,7 +1,8 @@
 // Engine-level tests on a tiny exported model: the per-token path allocates nothing (which also
 // rules out oneDNN primitive creation, which allocates), decoding through the KV cache gives the
-// logits a full prefill gives, bad requests are errors, and run-time adapters load into a running
-// engine, mix per slot and unload.
+// logits a full prefill gives, bad requests are errors, run-time adapters load into a running
+// engine, mix per slot and unload, damaged weights are refused at open (or load) unless
+// verification is off, and a NaN logit is an error naming its slot and position.
 #include "engine/engine.h"
 
 #include <doctest/doctest.h>
@@ -17,6 +18,7 @@
 
 #include "common/bf16.h"
 #include "common/error.h"
+#include "common/mapped_file.h"
 #include "export/adapter.h"
 #include "export/exporter.h"
 #include "export/safetensors.h"
@@ -572,4 +574,138 @@ TEST_CASE("run-time adapters: added while the engine runs, per slot, unloaded") 
   std::vector<float> again(base.size());
   engine->prefill_logits(p1, again.data(), "a");
   CHECK(again == with_a);
+}
+
+namespace {
+
+// A copy of the tiny model's artifact under `name`, for tests that damage it.
+fs::path copy_of_tiny(const std::string& name) {
+  const fs::path art = tiny_untied().dir / name;
+  fs::remove_all(art);
+  fs::copy(tiny_untied().artifact, art, fs::copy_options::recursive);
+  return art;
+}
+
+// Where tensor `name` of a blob starts in the file.
+uint64_t tensor_offset(const fs::path& blob, const std::string& name) {
+  MappedFile f(blob.string());
+  BlobView v(f.data(), f.size(), blob.string());
+  return v.find(name)->offset;
+}
+
+// Overwrites the bf16 value at byte offset `at` of a file.
+void put_bf16(const fs::path& file, uint64_t at, uint16_t value) {
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(std::streamoff(at));
+  f.write(reinterpret_cast<const char*>(&value), 2);
+}
+
+uint16_t get_bf16(const fs::path& file, uint64_t at) {
+  std::ifstream f(file, std::ios::binary);
+  f.seekg(std::streamoff(at));
+  uint16_t v = 0;
+  f.read(reinterpret_cast<char*>(&v), 2);
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("a flipped weight bit is refused at open, with or without re-layout, unless opted out") {
+  const fs::path art = copy_of_tiny("flipped.kiln");
+  const fs::path blob = art / "layer-001.kblob";
+  const uint64_t at = tensor_offset(blob, "mlp.wi_0") + 200;
+  put_bf16(blob, at, uint16_t(get_bf16(blob, at) ^ 0x0001));  // the lowest mantissa bit: finite
+  for (bool relayout : {true, false}) {
+    CAPTURE(relayout);
+    EngineOptions o = options(relayout);
+    CHECK_THROWS_WITH_AS(
+        Engine::open(art.string(), o),
+        doctest::Contains("layer-001.kblob: tensor 'mlp.wi_0' fails its CRC-32C check"), Error);
+    o.model.verify_checksums = false;
+    auto engine = Engine::open(art.string(), o);
+    CHECK(engine->prefill(std::vector<int32_t>{1, 2, 3}, {}).tokens[0] >= 0);
+  }
+}
+
+TEST_CASE("verify_on_first_use: bf16() checks what it hands out, verify_remaining() the rest") {
+  const fs::path art = copy_of_tiny("first-use.kiln");
+  const fs::path blob = art / "layer-000.kblob";
+  const uint64_t at = tensor_offset(blob, "attn.q") + 10;
+  put_bf16(blob, at, uint16_t(get_bf16(blob, at) ^ 0x0001));
+  auto a = Artifact::open(art.string(), {.verify_checksums = true, .verify_on_first_use = true});
+  const ModelConfig& c = a->config();
+  CHECK(a->bf16(a->layer(0), "mlp.wi_0", {c.emb_dim, c.mlp_dim}) != nullptr);
+  CHECK_THROWS_WITH_AS(a->verify_remaining(),
+                       doctest::Contains("layer-000.kblob: tensor 'attn.q' fails"), Error);
+  CHECK_THROWS_WITH_AS(a->bf16(a->layer(0), "attn.q", {c.emb_dim, c.num_query_heads, c.head_dim}),
+                       doctest::Contains("attn.q"), Error);
+  // Checked at open without verify_on_first_use; not at all without verify_checksums.
+  CHECK_THROWS_WITH_AS(Artifact::open(art.string()), doctest::Contains("'attn.q' fails"), Error);
+  auto unchecked = Artifact::open(art.string(), {.verify_checksums = false});
+  CHECK_NOTHROW(unchecked->verify_remaining());
+}
+
+TEST_CASE("a NaN weight makes a non-finite logit an error naming the position, never a token") {
+  const fs::path art = copy_of_tiny("nan.kiln");
+  const fs::path globals = art / "globals.kblob";
+  const int64_t E = 64;
+  const int32_t bad = 5;  // the token whose embedding row gets a NaN
+  put_bf16(globals, tensor_offset(globals, "token_embedding") + uint64_t(bad * E + 3) * 2, 0x7FC0);
+  CHECK_THROWS_WITH_AS(Engine::open(art.string(), options(true)),
+                       doctest::Contains("globals.kblob: tensor 'token_embedding' fails"), Error);
+  EngineOptions o = options(true);
+  o.model.verify_checksums = false;
+  o.slots = 2;
+  auto engine = Engine::open(art.string(), o);
+  const int64_t V = engine->config().vocab_size;
+
+  // Prefill: the first position whose logits are NaN is the bad token's.
+  const std::vector<int32_t> prompt = {1, 2, bad, 3};
+  std::vector<float> logits(prompt.size() * size_t(V));
+  CHECK_THROWS_WITH_AS(engine->prefill_logits(prompt, logits.data()),
+                       doctest::Contains("position 2: non-finite logit"), NonFiniteError);
+  CHECK_THROWS_AS(engine->prefill(prompt, {}), NonFiniteError);
+  // Packed prompts compute the logits of their last position only.
+  const std::vector<int32_t> healthy = {1, 2};
+  const std::vector<PrefillRequest> reqs = {{healthy, {}, ""}, {prompt, {}, ""}};
+  CHECK_THROWS_WITH_AS(engine->prefill_concat(reqs), doctest::Contains("prompt 1, position 3"),
+                       NonFiniteError);
+
+  // Decode: slot 1 is fed the bad token; the step fails naming it, and no slot advances.
+  SamplingParams sp;
+  engine->insert(engine->prefill(std::vector<int32_t>{7, 8, 9}, sp), 0);
+  Prefix p = engine->prefill(std::vector<int32_t>{1, 2}, sp);
+  p.tokens[0] = bad;
+  engine->insert(std::move(p), 1);
+  try {
+    engine->generate();
+    FAIL("generate() returned tokens from NaN logits");
+  } catch (const NonFiniteError& e) {
+    CHECK(std::string(e.what()) ==
+          "slot 1, position 2: non-finite logit (NaN or inf; damaged "
+          "weights?)");
+    CHECK(e.sequence() == 1);
+    CHECK(e.position() == 2);
+  }
+  CHECK(engine->slot_position(0) == 3);
+  CHECK(engine->slot_position(1) == 2);
+  // The healthy slot carries on once the damaged one is released.
+  engine->release(1);
+  CHECK(engine->generate().size() == 1);
+}
+
+TEST_CASE("run-time adapters are checksummed on load unless the engine was opened without") {
+  const fs::path art = copy_of_tiny("lora-flipped.kiln");
+  add_adapter({art.string(), write_tiny_adapter(tiny_untied().dir / "adapter-f", 0.3f).string(),
+               "f", 1.0, false});
+  const fs::path blob = art / "adapters" / "f" / "layer-000.kblob";
+  REQUIRE(fs::exists(blob));
+  const uint64_t at = tensor_offset(blob, "attn.q.lora_a") + 6;
+  put_bf16(blob, at, uint16_t(get_bf16(blob, at) ^ 0x0001));
+  auto engine = Engine::open(art.string(), options(true));
+  CHECK_THROWS_WITH_AS(engine->load_adapter("f"),
+                       doctest::Contains("layer-000.kblob: tensor 'attn.q.lora_a' fails"), Error);
+  EngineOptions o = options(true);
+  o.model.verify_checksums = false;
+  CHECK_NOTHROW(Engine::open(art.string(), o)->load_adapter("f"));
 }

@@ -132,7 +132,7 @@ std::vector<float> artifact_tensor(const std::string& dir, int64_t layer, const 
 
 Manifest artifact_manifest(const std::string& dir) {
   MappedFile f((fs::path(dir) / kManifestFile).string());
-  return parse_manifest(f.data(), f.size(), f.path());
+  return parse_manifest(f.data(), f.size(), f.path(), true);
 }
 
 float gamma_of(float tau, float s) {

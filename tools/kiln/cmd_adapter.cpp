@@ -17,6 +17,7 @@ constexpr const char* kAdapterUsage =
     "usage: kiln adapter add ARTIFACT ADAPTER_DIR --name NAME [--lora-scale S] [--force]\n"
     "       kiln adapter remove ARTIFACT NAME\n"
     "       kiln adapter list ARTIFACT [--json]\n"
+    "       (each also takes --no-verify: read a manifest without or failing its checksum)\n"
     "Adds, removes or lists the run-time LoRA adapters of an artifact (MaxText or PEFT adapter\n"
     "directories; the base weights are not rewritten).\n";
 
@@ -76,9 +77,11 @@ int cmd_adapter(int argc, const char* const* argv) {
     p.option("--name", "NAME", "adapter name (letters, digits, '-', '_', '.')", required);
     p.option("--lora-scale", "S", "multiplies the adapter's own scale (alpha/r)", "1");
     p.flag("--force", "replace an adapter of the same name");
+    add_no_verify(p);
     Args a = p.parse(argc - 1, argv + 1);
-    AddAdapterOptions opt{a.positional(0), a.positional(1), a.get("--name"),
-                          a.get_double("--lora-scale", -1e6, 1e6), a.has("--force")};
+    AddAdapterOptions opt{a.positional(0),  a.positional(1),
+                          a.get("--name"),  a.get_double("--lora-scale", -1e6, 1e6),
+                          a.has("--force"), !a.has("--no-verify")};
     const double t0 = now_seconds();
     AdapterRecord r = add_adapter(opt);
     std::printf("added adapter %s to %s: %s, rank %lld, %zu tensors, %.2f MiB in %.2f s\n",
@@ -91,8 +94,9 @@ int cmd_adapter(int argc, const char* const* argv) {
     ArgParser p("kiln adapter remove", "Removes a run-time LoRA adapter from an artifact.");
     p.positional("ARTIFACT", "artifact directory");
     p.positional("NAME", "adapter name");
+    add_no_verify(p);
     Args a = p.parse(argc - 1, argv + 1);
-    remove_adapter(a.positional(0), a.positional(1));
+    remove_adapter(a.positional(0), a.positional(1), !a.has("--no-verify"));
     std::printf("removed adapter %s from %s\n", a.positional(1).c_str(), a.positional(0).c_str());
     return 0;
   }
@@ -100,8 +104,9 @@ int cmd_adapter(int argc, const char* const* argv) {
     ArgParser p("kiln adapter list", "Lists the LoRA adapters recorded in an artifact.");
     p.positional("ARTIFACT", "artifact directory");
     p.flag("--json", "print one JSON object");
+    add_no_verify(p);
     Args a = p.parse(argc - 1, argv + 1);
-    Manifest m = read_manifest(a.positional(0));
+    Manifest m = read_manifest(a.positional(0), !a.has("--no-verify"));
     if (a.has("--json")) {
       std::printf("%s\n", nlohmann::json{{"adapters", adapters_json(m)}}.dump().c_str());
     } else if (m.adapters.empty()) {

@@ -12,14 +12,20 @@ namespace kiln::cli {
 void add_engine_options(ArgParser& p) {
   p.option("--threads", "N", "worker threads (default: every core)", "0");
   p.flag("--no-relayout", "use the mapped weights in place instead of re-laying them for speed");
-  p.flag("--verify", "check every tensor's checksum while loading");
+  add_no_verify(p);
+}
+
+void add_no_verify(ArgParser& p) {
+  p.flag("--no-verify",
+         "skip the checksums of the manifest and every tensor, checked by default (damaged "
+         "weights then go unnoticed)");
 }
 
 EngineOptions engine_options(const Args& a) {
   EngineOptions o;
   o.model.threads = int(a.get_int("--threads", 0, kMaxThreads));
   o.model.relayout = !a.has("--no-relayout");
-  o.model.verify_checksums = a.has("--verify");
+  o.model.verify_checksums = !a.has("--no-verify");
   return o;
 }
 
@@ -95,6 +101,12 @@ std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& req
       ++done;
     }
   };
+  // A NaN logit is reported at its position; with several requests, in the request's words.
+  auto name_request = [&](size_t index, const std::string& slot, const NonFiniteError& e) {
+    if (reqs.size() == 1) return e;
+    return NonFiniteError("request " + std::to_string(index + 1) + slot, int64_t(index),
+                          e.position());
+  };
   while (done < out.size()) {
     std::vector<int64_t> free_slots;
     for (int64_t s = 0; s < S; ++s)
@@ -103,21 +115,26 @@ std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& req
     if (n > 0) {
       const double t0 = now_seconds();
       std::vector<Prefix> prefixes;
-      if (samples > 1) {
-        for (size_t i = 0; i < n; ++i)
-          prefixes.push_back(engine.prefill_multisampling(reqs[next + i].prompt, samples, sp,
-                                                          reqs[next + i].adapter));
-      } else if (packed) {
-        std::vector<PrefillRequest> batch;
-        for (size_t i = 0; i < n; ++i)
-          batch.push_back({reqs[next + i].prompt, sp, reqs[next + i].adapter});
-        prefixes = engine.prefill_concat(batch);
-      } else {
-        for (size_t i = 0; i < n; ++i)
-          prefixes.push_back(engine.prefill(reqs[next + i].prompt, sp, reqs[next + i].adapter));
+      size_t i = 0;
+      try {
+        if (samples > 1) {
+          for (; i < n; ++i)
+            prefixes.push_back(engine.prefill_multisampling(reqs[next + i].prompt, samples, sp,
+                                                            reqs[next + i].adapter));
+        } else if (packed) {
+          std::vector<PrefillRequest> batch;
+          for (size_t j = 0; j < n; ++j)
+            batch.push_back({reqs[next + j].prompt, sp, reqs[next + j].adapter});
+          prefixes = engine.prefill_concat(batch);
+        } else {
+          for (; i < n; ++i)
+            prefixes.push_back(engine.prefill(reqs[next + i].prompt, sp, reqs[next + i].adapter));
+        }
+      } catch (const NonFiniteError& e) {
+        throw name_request(next + (packed && samples == 1 ? size_t(e.sequence()) : i), "", e);
       }
       t.prefill_seconds += now_seconds() - t0;
-      for (size_t i = 0; i < n; ++i, ++next) {
+      for (i = 0; i < n; ++i, ++next) {
         t.prompt_tokens += int64_t(reqs[next].prompt.size());
         const std::span<const int64_t> slots(free_slots.data() + i * k, k);
         for (size_t j = 0; j < k; ++j) slot_out[size_t(slots[j])] = int64_t(next * k + j);
@@ -130,7 +147,13 @@ std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& req
     }
     if (done == out.size()) break;  // every request ended with its prefill's token
     const double t1 = now_seconds();
-    const std::span<const SlotToken> step = engine.generate();
+    std::span<const SlotToken> step;
+    try {
+      step = engine.generate();
+    } catch (const NonFiniteError& e) {
+      throw name_request(size_t(slot_out[size_t(e.sequence())]) / k,
+                         " (slot " + std::to_string(e.sequence()) + ")", e);
+    }
     t.decode_seconds += now_seconds() - t1;
     t.decoded += int64_t(step.size());
     for (const SlotToken& st : step) record(st);

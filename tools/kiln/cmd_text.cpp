@@ -92,7 +92,11 @@ int cmd_eval(int argc, const char* const* argv) {
                   " tokens exceed the model's context of " + std::to_string(engine->max_seq_len()));
     logits.resize(ids.size() * size_t(V));
     const double t1 = now_seconds();
-    engine->prefill_logits(ids, logits.data(), adapter);
+    try {
+      engine->prefill_logits(ids, logits.data(), adapter);
+    } catch (const NonFiniteError& e) {
+      throw Error(path + ":" + std::to_string(n) + ": " + e.what());
+    }
     seconds += now_seconds() - t1;
     processed += int64_t(ids.size());
     for (size_t t = 0; t + 1 < ids.size(); ++t) {
@@ -140,10 +144,11 @@ int cmd_tokenize(int argc, const char* const* argv) {
   p.option("--text-file", "FILE", "text to encode, one sequence per line");
   p.option("--tokens-file", "FILE", "with --decode: token ids to decode, one sequence per line");
   p.flag("--decode", "decode --tokens-file instead of encoding --text-file");
+  add_no_verify(p);
   Args a = p.parse(argc, argv);
 
   const std::string dir = a.positional(0);
-  const Manifest m = read_manifest(dir);
+  const Manifest m = read_manifest(dir, !a.has("--no-verify"));
   if (m.tokenizer.empty())
     throw Error(dir + ": the artifact has no tokenizer (exported without --tokenizer)");
   const Tokenizer tok(m.tokenizer, dir + ": manifest tokenizer");

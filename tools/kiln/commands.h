@@ -26,9 +26,11 @@ namespace kiln::cli {
 class ArgParser;
 class Args;
 
-// Options every command that runs the model shares: --threads, --no-relayout, --verify.
+// Options every command that runs the model shares: --threads, --no-relayout, --no-verify.
 void add_engine_options(ArgParser& p);
 EngineOptions engine_options(const Args& a);
+// --no-verify alone, for the commands that read an artifact without running it.
+void add_no_verify(ArgParser& p);
 
 // Which lines read_lines skips.
 enum class Blank {

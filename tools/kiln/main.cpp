@@ -20,7 +20,7 @@ constexpr const char* kUsage =
     "\n"
     "commands:\n"
     "  export    training checkpoint (safetensors, MaxText layout) + config -> artifact directory\n"
-    "  inspect   show an artifact's manifest, tensors and provenance; --verify checks checksums\n"
+    "  inspect   show an artifact's manifest, tensors and provenance, checksums verified\n"
     "  run       prefill a prompt (text or token ids) and generate, with timings\n"
     "  eval      perplexity and tokens/s on a text file\n"
     "  tokenize  the artifact's tokenizer on a file: text -> ids, or ids -> text\n"
