@@ -555,14 +555,19 @@ class StrictInputTest(FixtureCase):
         for b in manifest["blobs"]:
             if b["file"] == "globals.kblob":
                 b["header_crc32c"] = crc32c(new_header)
-        with open(mpath, "wb") as f:
-            f.write(fb.from_json(manifest))
+        def write_manifest():
+            # With the checksum trailer kiln writes (format 1.3), so that the checks behind the
+            # checksum are what refuse it.
+            body = fb.from_json(manifest)
+            with open(mpath, "wb") as f:
+                f.write(body + b"KILNMCRC" + struct.pack("<II", crc32c(body), 0))
+
+        write_manifest()
         for args in (("inspect", art, "--verify"), ("run", art, "--tokens", "1,2")):
-            self.assertRefused(kiln(*args, timeout=PROMPT), "manifest.kfb")
+            self.assertRefused(kiln(*args, timeout=PROMPT), "manifest.kfb", "vocab_size")
         # The blob alone, under a manifest with the real vocabulary: refused by its own reader.
         manifest["config"]["vocab_size"] = self.fx.config["vocab_size"]
-        with open(mpath, "wb") as f:
-            f.write(fb.from_json(manifest))
+        write_manifest()
         self.assertRefused(kiln("inspect", art, "--verify", timeout=PROMPT), "globals.kblob",
                            "too large to address")
 
