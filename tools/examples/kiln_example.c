@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "engine/kiln.h"
 
@@ -118,7 +119,14 @@ static int parse_request(const char* path, long line_no, char* line, request* r)
 
 /* Reads every request of the prompts file; returns the count, or 0 on an error (reported). */
 static size_t read_requests(const char* path, request** out) {
-  FILE* f = fopen(path, "r");
+  /* Opening a FIFO for reading waits for a writer: only regular files are read. */
+  struct stat st;
+  FILE* f = NULL;
+  if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+    fprintf(stderr, "kiln_example: error: %s: not a regular file\n", path);
+    return 0;
+  }
+  f = fopen(path, "r");
   char* buf = NULL;
   size_t buf_cap = 0, n = 0, cap = 0;
   long line_no = 0;
