@@ -495,8 +495,8 @@ void AdapterSource::Impl::open_maxtext(const AdapterConfig& cfg) {
     if (!ck) continue;  // optimizer state / step, as for base checkpoints
     const std::string at = file_of(t) + ": key '" + t.key + "'";
     std::vector<std::string> c = split_key(*ck);
-    const std::string& leaf = c.back();
-    if (leaf != kLoraA && leaf != kLoraB)
+    // A component that is itself key syntax (e.g. `['[']`) re-splits to nothing.
+    if (c.empty() || (c.back() != kLoraA && c.back() != kLoraB))
       throw Error(at +
                   " is not a LoRA tensor (expected leaves named 'lora_a.kernel' and "
                   "'lora_b.kernel' under the adapted module)");
@@ -554,7 +554,7 @@ void AdapterSource::Impl::open_maxtext(const AdapterConfig& cfg) {
     p.group = group;
     p.index = index;
     p.tensor = *tensor;
-    (leaf == kLoraA ? p.a : p.b) = Leaf{&t, module_path};
+    (c.back() == kLoraA ? p.a : p.b) = Leaf{&t, module_path};
   }
 
   for (const auto& entry : pairs) {
