@@ -16,9 +16,12 @@
 #include "common/bf16.h"
 #include "common/error.h"
 #include "engine/model.h"
-#include "engine/ops/kernels.h"
+#include "engine/ops/attention.h"
+#include "engine/ops/elementwise.h"
 #include "engine/ops/matmul.h"
+#include "engine/ops/norms.h"
 #include "engine/ops/parallel.h"
+#include "engine/ops/rope.h"
 
 namespace kiln {
 

@@ -11,8 +11,9 @@
 
 #include "common/bf16.h"
 #include "common/error.h"
-#include "engine/ops/kernels.h"
+#include "engine/ops/elementwise.h"
 #include "engine/ops/matmul.h"
+#include "engine/ops/matmul_strided.h"
 #include "engine/ops/parallel.h"
 
 namespace kiln {

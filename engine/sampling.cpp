@@ -21,7 +21,7 @@
 #include <string>
 
 #include "common/error.h"
-#include "engine/ops/kernels.h"
+#include "engine/ops/elementwise.h"
 
 namespace kiln {
 

@@ -1,14 +1,13 @@
-// DeepSeek-family pieces: YaRN RoPE (spec §2.3c), the strided kernels of MLA's absorbed attention,
-// MoE routing and expert grouping (spec §2.7), and the DeepSeek forward pass end to end on a tiny
-// exported model: decoding through the latent KV cache gives the logits of a full prefill, the
-// per-token path allocates nothing, and the cache holds Rkv + Dr values per token and layer.
+// DeepSeek-family pieces: MoE routing and expert grouping (spec §2.7), and the DeepSeek forward
+// pass end to end on a tiny exported model: decoding through the latent KV cache gives the logits
+// of a full prefill, the per-token path allocates nothing, and the cache holds Rkv + Dr values per
+// token and layer. YaRN and MLA's strided products: rope_test.cpp, matmul_strided_test.cpp.
 //
 // Built as its own executable (it needs the exporter and the engine, and interposes malloc):
-//   deepseek_tests = executable('deepseek_tests', 'tests/unit/yarn_moe_test.cpp',
+//   deepseek_tests = executable('deepseek_tests', 'tests/unit/deepseek_test.cpp',
 //     link_with : test_main, dependencies : [export_dep, engine_dep, doctest_dep, json_dep])
 //   test('deepseek', deepseek_tests)
 #include <doctest/doctest.h>
-#include <hwy/targets.h>
 
 #include <algorithm>
 #include <bit>
@@ -25,8 +24,10 @@
 #include "common/bf16.h"
 #include "common/error.h"
 #include "engine/engine.h"
-#include "engine/ops/kernels.h"
+#include "engine/ops/elementwise.h"
+#include "engine/ops/matmul_strided.h"
 #include "engine/ops/moe.h"
+#include "engine/ops/rope.h"
 #include "export/exporter.h"
 #include "export/safetensors.h"
 #include "tests/unit/alloc_counter.h"
@@ -36,21 +37,6 @@ using namespace kiln;
 using namespace kiln::ops;
 
 namespace {
-
-// Runs `body` once per Highway target compiled in and supported by this CPU.
-template <class F>
-void for_each_target(F&& body) {
-  struct Restore {
-    ~Restore() { hwy::SetSupportedTargetsForTest(0); }
-  } restore;
-  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
-    hwy::SetSupportedTargetsForTest(target);
-    const std::string target_name = hwy::TargetName(target);
-    CAPTURE(target_name);
-    REQUIRE(std::string(kernels_target_name()) == target_name);
-    body();
-  }
-}
 
 std::vector<float> random_bf16(std::mt19937& rng, size_t n, float lo, float hi) {
   std::uniform_real_distribution<float> dist(lo, hi);
@@ -69,254 +55,7 @@ YarnParams deepseek_v3_yarn() {
   return YarnParams{10000.0, 40.0, 4096.0, 32.0, 1.0, true, true};
 }
 
-// The spec's formulas written out independently (f32 steps as MaxText evaluates them).
-std::vector<float> ref_inv_freq(int64_t d, double theta, double factor, double low, double high) {
-  std::vector<float> f;
-  for (int64_t i = 0; i < d / 2; ++i) {
-    const float b = 1.0f / float(std::pow(double(float(theta)), double(float(2 * i) / float(d))));
-    float ramp = (float(i) - float(low)) / float(high - low);
-    ramp = std::min(1.0f, std::max(0.0f, ramp));
-    const float smooth = 1.0f - ramp;
-    const float x = (b / float(factor)) * (1.0f - smooth);
-    const float y = b * smooth;
-    f.push_back(x + y);
-  }
-  return f;
-}
-
-// Rotation of one head: pairs (x[2i], x[2i+1]) or (x[i], x[i+d/2]); output [Re | Im].
-std::vector<float> ref_yarn(const std::vector<float>& x, const std::vector<float>& freq,
-                            int64_t pos, bool interleave) {
-  const size_t half = freq.size();
-  std::vector<float> out(2 * half);
-  for (size_t i = 0; i < half; ++i) {
-    const float ang = float(pos) * freq[i];
-    const float c = float(std::cos(double(ang))), s = float(std::sin(double(ang)));
-    const float re = interleave ? x[2 * i] : x[i];
-    const float im = interleave ? x[2 * i + 1] : x[i + half];
-    const float p1 = re * c, p2 = im * s, p3 = re * s, p4 = im * c;
-    out[i] = round_to_bf16(p1 - p2);
-    out[i + half] = round_to_bf16(p4 + p3);
-  }
-  return out;
-}
-
 }  // namespace
-
-// ------------------------------------------------------------------------------------------------
-// YaRN
-
-TEST_CASE("YaRN correction range: the spec's constants, clamping and the equal case") {
-  double low = 0, high = 0;
-  yarn_correction_range(64, deepseek_v3_yarn(), low, high);
-  CHECK(low == 10.0);  // spec §2.3(c): DeepSeek-V3
-  CHECK(high == 23.0);
-  YarnParams kimi{50000.0, 32.0, 4096.0, 1.0, 1.0, true, true};
-  yarn_correction_range(64, kimi, low, high);
-  CHECK(low == 19.0);  // Kimi-K2
-  CHECK(high == 20.0);
-  // Without truncation and beta_fast == beta_slow the range is empty: high += 0.001.
-  kimi.truncate = false;
-  yarn_correction_range(64, kimi, low, high);
-  const double c = 64.0 * std::log(4096.0 / (2.0 * std::numbers::pi)) / (2.0 * std::log(50000.0));
-  CHECK(low == c);
-  CHECK(high == c + 0.001);
-  // Clamped to [0, d − 1]: a tiny original context puts low below 0, a huge one high above d − 1.
-  YarnParams small = deepseek_v3_yarn();
-  small.original_max_positions = 8;
-  yarn_correction_range(64, small, low, high);
-  CHECK(low == 0.0);
-  YarnParams huge = deepseek_v3_yarn();
-  huge.original_max_positions = 1e12;
-  yarn_correction_range(64, huge, low, high);
-  CHECK(high == 63.0);
-}
-
-TEST_CASE("YaRN frequencies: unscaled below the range, / factor above it, ramp between") {
-  const YarnParams y = deepseek_v3_yarn();
-  const std::vector<float> f = yarn_inv_freq(64, y);
-  REQUIRE(f.size() == 32);
-  CHECK(f == ref_inv_freq(64, 1e4, 40.0, 10.0, 23.0));
-  const auto base = [](int64_t i) {
-    return 1.0f / float(std::pow(double(1e4f), double(float(2 * i) / 64.0f)));
-  };
-  CHECK(f[0] == 1.0f);
-  CHECK(f[9] == base(9));           // i < low: ramp 0
-  CHECK(f[10] == base(10));         // i = low: ramp 0
-  CHECK(f[23] == base(23) / 40.f);  // i = high: ramp 1
-  CHECK(f[31] == base(31) / 40.f);
-  for (int64_t i = 11; i < 23; ++i) {  // strictly between
-    CHECK(f[size_t(i)] < base(i));
-    CHECK(f[size_t(i)] > base(i) / 40.0f);
-  }
-  // Kimi-K2 (low 19, high 20): a one-step ramp.
-  const YarnParams kimi{50000.0, 32.0, 4096.0, 1.0, 1.0, true, true};
-  CHECK(yarn_inv_freq(64, kimi) == ref_inv_freq(64, 5e4, 32.0, 19.0, 20.0));
-  // The equal case's 0.001-wide ramp.
-  YarnParams eq = kimi;
-  eq.truncate = false;
-  double low = 0, high = 0;
-  yarn_correction_range(64, eq, low, high);
-  CHECK(yarn_inv_freq(64, eq) == ref_inv_freq(64, 5e4, 32.0, low, high));
-}
-
-TEST_CASE("YaRN RoPE matches the spec: interleaved or half-split input, concatenated output") {
-  std::mt19937 rng(31);
-  for_each_target([&] {
-    for (bool interleave : {true, false}) {
-      for (int64_t d : {2, 8, 18, 64, 128}) {
-        CAPTURE(interleave);
-        CAPTURE(d);
-        YarnParams y = deepseek_v3_yarn();
-        y.interleave = interleave;
-        y.original_max_positions = 64;  // the ramp lands inside d/2 for the small dims too
-        const Rope rope(y, d, 700);
-        CHECK(rope.head_dim() == d);
-        CHECK(rope.layout() == RopeLayout::Yarn);
-        const std::vector<float> freq = yarn_inv_freq(d, y);
-        // Heads at a stride larger than d (MLA's q_pe inside [q_nope | q_pe]): the rest of each
-        // row is left alone.
-        const int64_t heads = 3, stride = d + 5;
-        for (int64_t pos : {0, 1, 9, 300, 699}) {
-          CAPTURE(pos);
-          const auto x = random_bf16(rng, size_t(heads * stride), -3.0f, 3.0f);
-          auto got = x;
-          rope.apply(got.data(), heads, pos, stride);
-          for (int64_t h = 0; h < heads; ++h) {
-            const std::vector<float> xh(x.begin() + h * stride, x.begin() + h * stride + d);
-            const auto want = ref_yarn(xh, freq, pos, interleave);
-            for (int64_t i = 0; i < d; ++i) CHECK(got[size_t(h * stride + i)] == want[size_t(i)]);
-            for (int64_t i = d; i < stride; ++i)
-              CHECK(got[size_t(h * stride + i)] == x[size_t(h * stride + i)]);
-          }
-        }
-      }
-    }
-  });
-}
-
-TEST_CASE("YaRN RoPE at position 0 only de-interleaves; scores depend on relative position") {
-  YarnParams y = deepseek_v3_yarn();
-  const Rope rope(y, 8, 100);
-  std::vector<float> x = {1, 2, 3, 4, 5, 6, 7, 8};
-  rope.apply(x.data(), 1, 0);
-  CHECK(x == std::vector<float>{1, 3, 5, 7, 2, 4, 6, 8});
-  y.interleave = false;
-  const Rope half(y, 8, 100);
-  std::vector<float> z = {1, 2, 3, 4, 5, 6, 7, 8};
-  half.apply(z.data(), 1, 0);
-  CHECK(z == std::vector<float>{1, 2, 3, 4, 5, 6, 7, 8});
-
-  // q·k after rotation depends on the positions only through their difference (up to bf16).
-  std::mt19937 rng(4);
-  const Rope r64(deepseek_v3_yarn(), 64, 600);
-  const auto q = random_bf16(rng, 64, -1.0f, 1.0f), k = random_bf16(rng, 64, -1.0f, 1.0f);
-  const auto score = [&](int64_t pq, int64_t pk) {
-    auto a = q, b = k;
-    r64.apply(a.data(), 1, pq);
-    r64.apply(b.data(), 1, pk);
-    double s = 0;
-    for (size_t i = 0; i < 64; ++i) s += double(a[i]) * double(b[i]);
-    return s;
-  };
-  CHECK(score(10, 3) == doctest::Approx(score(500, 493)).epsilon(0.02));
-  CHECK(score(7, 7) == doctest::Approx(score(0, 0)).epsilon(0.02));
-}
-
-TEST_CASE("YaRN RoPE validates its arguments") {
-  const YarnParams y = deepseek_v3_yarn();
-  CHECK_THROWS_AS(Rope(RopeLayout::Yarn, 64, 1.0, 1e4, 1.0, false, 10), Error);
-  CHECK_THROWS_AS(Rope(y, 7, 10), Error);
-  CHECK_THROWS_AS(Rope(y, 0, 10), Error);
-  CHECK_THROWS_AS(Rope(y, 2 * kYarnMaxHeadDim, 10), Error);
-  CHECK_THROWS_AS(Rope(y, 64, 0), Error);
-  YarnParams bad = y;
-  bad.theta = 1.0;
-  CHECK_THROWS_AS(Rope(bad, 64, 10), Error);
-  bad = y;
-  bad.factor = 0.0;
-  CHECK_THROWS_AS(Rope(bad, 64, 10), Error);
-  bad = y;
-  bad.beta_slow = -1.0;
-  CHECK_THROWS_AS(Rope(bad, 64, 10), Error);
-  const Rope rope(y, 8, 10);
-  float x[16] = {};
-  CHECK_THROWS_AS(rope.apply(x, 1, 10), Error);
-  CHECK_THROWS_AS(rope.apply(x, 1, -1), Error);
-  CHECK_THROWS_AS(rope.apply(x, 2, 0, 4), Error);  // stride < head_dim
-}
-
-// ------------------------------------------------------------------------------------------------
-// Absorbed-attention kernels
-
-TEST_CASE("matmul_xwt and matmul_xw match a double-precision product (strided, odd sizes)") {
-  std::mt19937 rng(17);
-  for_each_target([&] {
-    for (int64_t dim : {1, 3, 16, 17, 40, 130}) {
-      for (int64_t R : {1, 5, 64}) {
-        for (int64_t T : {1, 4}) {
-          CAPTURE(dim);
-          CAPTURE(R);
-          CAPTURE(T);
-          const int64_t ws = dim + 7, xs_t = dim + 3, xs = R + 2, ys_t = R + 1, ys = dim + 2;
-          const auto w = bits_of(random_bf16(rng, size_t(R * ws), -1.0f, 1.0f));
-          // y = x · Wᵀ: x [T, dim]
-          const auto x1 = random_bf16(rng, size_t(T * xs_t), -2.0f, 2.0f);
-          std::vector<float> y1(size_t(T * ys_t), -7.0f);
-          matmul_xwt(x1.data(), xs_t, T, w.data(), ws, R, dim, y1.data(), ys_t);
-          for (int64_t t = 0; t < T; ++t) {
-            for (int64_t r = 0; r < R; ++r) {
-              double s = 0, mag = 0;
-              for (int64_t c = 0; c < dim; ++c) {
-                const double p =
-                    double(x1[size_t(t * xs_t + c)]) * bf16_to_f32(w[size_t(r * ws + c)]);
-                s += p;
-                mag += std::fabs(p);
-              }
-              CHECK(std::fabs(y1[size_t(t * ys_t + r)] - s) <= 1e-5 * mag + 1e-30);
-            }
-            CHECK(y1[size_t(t * ys_t + R)] == -7.0f);  // nothing written past R
-          }
-          // y = x · W: x [T, R]
-          const auto x2 = random_bf16(rng, size_t(T * xs), -2.0f, 2.0f);
-          std::vector<float> y2(size_t(T * ys), -7.0f);
-          matmul_xw(x2.data(), xs, T, w.data(), ws, R, dim, y2.data(), ys);
-          for (int64_t t = 0; t < T; ++t) {
-            for (int64_t c = 0; c < dim; ++c) {
-              double s = 0, mag = 0;
-              for (int64_t r = 0; r < R; ++r) {
-                const double p =
-                    double(x2[size_t(t * xs + r)]) * bf16_to_f32(w[size_t(r * ws + c)]);
-                s += p;
-                mag += std::fabs(p);
-              }
-              CHECK(std::fabs(y2[size_t(t * ys + c)] - s) <= 1e-5 * mag + 1e-30);
-            }
-            CHECK(y2[size_t(t * ys + dim)] == -7.0f);
-          }
-        }
-      }
-    }
-  });
-}
-
-TEST_CASE("add_weighted_bf16 adds w · bf16(y)") {
-  std::mt19937 rng(3);
-  for_each_target([&] {
-    for (int64_t n : {1, 7, 16, 33, 100}) {
-      std::uniform_real_distribution<float> dist(-3.0f, 3.0f);
-      std::vector<float> acc(static_cast<size_t>(n)), y(static_cast<size_t>(n));
-      for (auto& v : acc) v = dist(rng);
-      for (auto& v : y) v = dist(rng);  // not bf16: the kernel rounds it
-      auto got = acc;
-      add_weighted_bf16(got.data(), y.data(), 0.375f, n);
-      for (int64_t i = 0; i < n; ++i) {
-        const double want = double(acc[size_t(i)]) + 0.375 * double(round_to_bf16(y[size_t(i)]));
-        CHECK(got[size_t(i)] == doctest::Approx(want).epsilon(1e-6));
-      }
-    }
-  });
-}
 
 // ------------------------------------------------------------------------------------------------
 // Routing

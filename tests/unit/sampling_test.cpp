@@ -14,9 +14,7 @@
 #include <vector>
 
 #include "common/error.h"
-
-// Global allocation counter, defined in kernels_test.cpp (same ops_tests executable).
-uint64_t kiln_test_allocations();
+#include "tests/unit/ops_test_support.h"
 
 namespace kiln {
 namespace {

@@ -8,7 +8,7 @@
 #include <string_view>
 
 #include "common/file_io.h"
-#include "engine/ops/kernels.h"
+#include "engine/ops/elementwise.h"
 #include "export/adapter.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
