@@ -1,7 +1,5 @@
 #include "engine/artifact.h"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <filesystem>
 
@@ -75,7 +73,7 @@ void verify_tensor(const BlobView& blob, const BlobTensorInfo& t) {
   // its neighbours); their CRCs are joined in order. Below a few pieces a region costs more than
   // it saves.
   constexpr size_t kPiece = size_t(1) << 20;
-  const int threads = omp_get_max_threads();
+  const int threads = ops::max_threads();
   const size_t pieces = (bytes.size() + kPiece - 1) / kPiece;
   uint32_t crc = 0;
   if (threads <= 1 || pieces < 4) {

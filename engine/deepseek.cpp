@@ -53,7 +53,6 @@
 //
 // Activations are f32 holding bf16 values; matmul inputs bf16. Every buffer is sized once for
 // `max_chunk` tokens; the decode step allocates nothing.
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -69,6 +68,7 @@
 #include "engine/ops/matmul_strided.h"
 #include "engine/ops/moe.h"
 #include "engine/ops/norms.h"
+#include "engine/ops/parallel.h"
 #include "engine/ops/rope.h"
 
 namespace kiln {
@@ -214,7 +214,7 @@ class DeepSeekModel final : public Model {
       xg_b_ = rows_bf16(E);
       routed_ = rows(E);
     }
-    threads_ = std::max(1, omp_get_max_threads());
+    threads_ = std::max(1, ops::max_threads());
     scratch_stride_ = ops::attend_scratch_floats(c_.max_target_length, H);
     scores_.resize(size_t(threads_ * scratch_stride_));
   }
@@ -353,7 +353,7 @@ class DeepSeekModel final : public Model {
 
     // Absorbed query [T, H, Rkv + Dr]: q_lat = q_nope · W_ukᵀ, then q_pe as is.
     const int64_t wrow = H * (Dn + Dv);  // stride between Wkv_b rows r
-    parallel_for(H, T > 1 || H >= 8, [&](int64_t h) {
+    ops::run_each(H, T > 1 || H >= 8 ? threads_ : 1, [&](int64_t h) {
       const uint16_t* w_uk = w.wkv_b + h * (Dn + Dv);
       ops::matmul_xwt(q_.data() + h * Dqk, H * Dqk, T, w_uk, wrow, Rkv, Dn, qa_.data() + h * Dl,
                       H * Dl);
@@ -370,22 +370,21 @@ class DeepSeekModel final : public Model {
       const int64_t n_ctx = rows.pos[0] + 1;
       const uint16_t* kv = cache_of(0);
       const int64_t blocks = (H + 3) / 4;
-      parallel_for(blocks, blocks > 1, [&](int64_t bi) {
+      ops::run_each(blocks, blocks > 1 ? threads_ : 1, [&](int64_t bi, int thread) {
         const int64_t h0 = bi * 4, hc = std::min<int64_t>(4, H - h0);
-        float* scratch = scores_.data() + omp_get_thread_num() * scratch_stride_;
+        float* scratch = scores_.data() + thread * scratch_stride_;
         ops::attend(qa_.data() + h0 * Dl, kv, kv, n_ctx, hc, 1, Dl, Dl, Dl, scratch,
                     att_.data() + h0 * Dl);
       });
     } else {
       // Rows are independent given the caches; the threads take them one at a time, since
       // later positions attend to more keys.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
-      for (int64_t t = 0; t < T; ++t) {
-        float* scratch = scores_.data() + omp_get_thread_num() * scratch_stride_;
+      ops::run_each_dynamic(T, threads_, [&](int64_t t, int thread) {
+        float* scratch = scores_.data() + thread * scratch_stride_;
         const uint16_t* kv = cache_of(t);
         ops::attend(qa_.data() + t * H * Dl, kv, kv, rows.pos[t] + 1, H, 1, Dl, Dl, Dl, scratch,
                     att_.data() + t * H * Dl);
-      }
+      });
     }
     if (max_logits_)
       for (int64_t t = 0; t < T; ++t)
@@ -393,7 +392,7 @@ class DeepSeekModel final : public Model {
                         max_logits_ + layer * H);
 
     // Back from the latent: out[h] = out_lat[h] · W_uv (bf16), then the output projection.
-    parallel_for(H, T > 1 || H >= 8, [&](int64_t h) {
+    ops::run_each(H, T > 1 || H >= 8 ? threads_ : 1, [&](int64_t h) {
       const uint16_t* w_uv = w.wkv_b + h * (Dn + Dv) + Dn;
       ops::matmul_xw(att_.data() + h * Dl, H * Dl, T, w_uv, wrow, Rkv, Dv, vo_.data() + h * Dv,
                      H * Dv);
@@ -476,18 +475,6 @@ class DeepSeekModel final : public Model {
       ops::add_round(routed_.data(), o_.data(), T * E);  // bf16(routed + bf16(shared))
     }
     std::copy(routed_.begin(), routed_.begin() + T * E, o_.begin());
-  }
-
-  // Runs body(i) for i in [0, n), over the threads when `parallel`, else inline (an OpenMP
-  // region costs more than a few small heads save).
-  template <class F>
-  void parallel_for(int64_t n, bool parallel, F&& body) {
-    if (!parallel || threads_ == 1) {
-      for (int64_t i = 0; i < n; ++i) body(i);
-      return;
-    }
-#pragma omp parallel for schedule(static) num_threads(threads_)
-    for (int64_t i = 0; i < n; ++i) body(i);
   }
 
   const ModelConfig& c_;

@@ -5,6 +5,7 @@
 
 #include "common/error.h"
 #include "common/mapped_file.h"
+#include "engine/ops/parallel.h"
 #include "schema/format.h"
 
 namespace kiln {
@@ -278,13 +279,8 @@ std::span<const SlotToken> Engine::generate() {
   };
   // Each slot samples from its own logits with its own generator, so the slots can go in
   // parallel and the results do not depend on the thread count. Nothing in there throws or
-  // allocates. (No `if` clause: libgomp allocates a team for a region it runs on one thread.)
-  if (n == 1) {
-    sample(0);
-  } else {
-#pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < n; ++j) sample(j);
-  }
+  // allocates.
+  ops::run_each(n, n == 1 ? 1 : ops::max_threads(), sample);
   return step_tokens_;
 }
 

@@ -8,7 +8,6 @@
 //
 // Activations are f32 holding the bf16 values MaxText would have (the kernels round where MaxText
 // rounds, spec §11); matmul inputs are bf16. Buffers are sized once for `max_chunk` tokens.
-#include <omp.h>
 
 #include <cmath>
 #include <optional>
@@ -93,7 +92,7 @@ class LlamaModel final : public Model {
     xb_ = rows_bf16(E);
     attn_b_ = rows_bf16(H * D);
     act_b_ = rows_bf16(F);
-    threads_ = std::max(1, omp_get_max_threads());
+    threads_ = std::max(1, ops::max_threads());
     scores_.resize(size_t(threads_ * ops::attend_scratch_floats(c_.max_target_length, H / K)));
   }
 
@@ -151,12 +150,8 @@ class LlamaModel final : public Model {
                     rows.pos[t] + 1, G, 1, D, D, D, scores_.data() + thread * scratch, out);
         ops::to_bf16(out, G * D, attn_b_.data() + (t * H + h0) * D);
       };
-      if (T == 1) {
-        for (int64_t i = 0; i < K; ++i) attend_item(i, 0);  // an OpenMP region costs more
-      } else {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_)
-        for (int64_t i = 0; i < T * K; ++i) attend_item(i, omp_get_thread_num());
-      }
+      // One row inline: an OpenMP region costs more than its K items.
+      ops::run_each_dynamic(T * K, T == 1 ? 1 : threads_, attend_item);
       if (max_logits_)
         for (int64_t t = 0; t < T; ++t)
           ops::max_logits(q_.data() + t * H * D, rows.cache[t]->k[l].data(), rows.pos[t] + 1, H, K,

@@ -1,6 +1,5 @@
 #include "engine/model.h"
 
-#include <omp.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -245,7 +244,7 @@ void Model::apply_lora(const Rows& rows, int64_t layer, LoraSlot slot, const uin
         float* yr = y + (t0 + b) * N;
         for (int64_t i = 0; i < (e - b) * N; ++i) yr[i] += d[i];
       };
-      ops::run_spans(T, 8, omp_get_max_threads(), run);
+      ops::run_spans(T, 8, ops::max_threads(), run);
     }
     t0 = t1;
   }
@@ -302,7 +301,7 @@ void Model::finish_logits(float* logits, int64_t n) {
       }
   };
   // A batched step finishes 16 × 128 K logits: worth the threads; one row is not.
-  ops::run_spans(n, int64_t(1) << 18, omp_get_max_threads(), finish);
+  ops::run_spans(n, int64_t(1) << 18, ops::max_threads(), finish);
   first_nonfinite_ = first.load() < n ? first.load() : -1;
 }
 

@@ -562,14 +562,12 @@ void gemv(Gemv kind, const uint16_t* x, int64_t M, int64_t K, int64_t N, int64_t
         gemv_plain_range(x, M, K, N, w, y, 0, pairs);
         break;
       }
-#pragma omp parallel num_threads(threads)
-      {
-        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+      run_team(threads, [&](int64_t t, int64_t nt) {
         float* out = t == 0 ? y : partial + (t - 1) * M * N;
         gemv_plain_range(x, M, K, N, w, out, pairs * t / nt, pairs * (t + 1) / nt);
-#pragma omp barrier
+        team_barrier();
         add_partials(y, partial, nt - 1, M * N, M * N * t / nt, M * N * (t + 1) / nt);
-      }
+      });
       break;
     }
     case Gemv::kTransposed:
@@ -688,7 +686,7 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
   impl->K = K;
   impl->N = N;
   impl->max_m = opt.max_m;
-  impl->threads = omp_get_max_threads();
+  impl->threads = max_threads();
   impl->w = weights;
 
   Runtime& rt = runtime();

@@ -18,10 +18,10 @@
 // when it loads. --gap-us inserts a busy pause on the calling thread between calls (the rest of a
 // decode step), which is when passive OpenMP workers go to sleep and have to be woken.
 #include <immintrin.h>
-#include <omp.h>
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -37,6 +37,7 @@
 
 #include "common/error.h"
 #include "engine/ops/matmul.h"
+#include "engine/ops/parallel.h"
 
 namespace {
 
@@ -96,13 +97,12 @@ double read_bandwidth_gbs(int threads) {
   double best = 0;
   for (int rep = 0; rep < 5; ++rep) {
     const auto t0 = Clock::now();
-    int64_t total = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : total)
-    {
-      const size_t t = size_t(omp_get_thread_num()), nt = size_t(omp_get_num_threads());
+    std::atomic<int64_t> total{0};
+    kiln::ops::run_team(threads, [&](int64_t ti, int64_t nti) {
+      const size_t t = size_t(ti), nt = size_t(nti);
       const size_t chunk = n / 256 / nt * 256;
       total += sum_range(a, t * chunk, t + 1 == nt ? n : (t + 1) * chunk);
-    }
+    });
     const double us = us_since(t0);
     if (total == 42) std::printf(" ");
     best = std::max(best, double(n) / us / 1e3);
@@ -131,9 +131,8 @@ __attribute__((target("avx512f,avx512bf16"))) float dot_peak_kernel(int64_t iter
 double dot_peak_gflops(int threads) {
   const int64_t iters = 20'000'000;
   const auto t0 = Clock::now();
-  float s = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : s)
-  s += dot_peak_kernel(iters);
+  std::atomic<float> s{0};
+  kiln::ops::run_team(threads, [&](int64_t, int64_t) { s += dot_peak_kernel(iters); });
   const double us = us_since(t0);
   if (s == 42) std::printf(" ");
   return double(threads) * double(iters) * 12 * 64 / us / 1e3;
