@@ -327,7 +327,7 @@ class DeepSeekModel final : public Model {
     if (w.wq_a) {
       w.wq_a->forward(xb_.data(), T, cq_.data());
       apply_lora(rows, layer, LoraSlot::wq_a, xb_.data(), cq_.data());
-      ops::scale_round(cq_.data(), T * Rq_, 1.0f);
+      ops::round_to_bf16(cq_.data(), T * Rq_);
       ops::rms_norm(cq_.data(), w.q_a_norm, T, Rq_, eps, cq_b_.data());
       w.wq_b->forward(cq_b_.data(), T, q_.data());
       apply_lora(rows, layer, LoraSlot::wq_b, cq_b_.data(), q_.data());
@@ -335,14 +335,14 @@ class DeepSeekModel final : public Model {
       w.query->forward(xb_.data(), T, q_.data());
       apply_lora(rows, layer, LoraSlot::query, xb_.data(), q_.data());
     }
-    ops::scale_round(q_.data(), T * H * Dqk, 1.0f);
+    ops::round_to_bf16(q_.data(), T * H * Dqk);
     for (int64_t t = 0; t < T; ++t) rope_.apply(q_.data() + t * H * Dqk + Dn, H, rows.pos[t], Dqk);
     ops::scale_round(q_.data(), T * H * Dqk, query_scale_);
 
     // Cache rows: [rms(c) | YaRN(k_pe)], bf16.
     w.wkv_a->forward(xb_.data(), T, ckv_.data());
     apply_lora(rows, layer, LoraSlot::wkv_a, xb_.data(), ckv_.data());
-    ops::scale_round(ckv_.data(), T * Dl, 1.0f);
+    ops::round_to_bf16(ckv_.data(), T * Dl);
     for (int64_t t = 0; t < T; ++t) {
       float* src = ckv_.data() + t * Dl;
       uint16_t* row = cache_of(t) + rows.pos[t] * Dl;
@@ -451,7 +451,7 @@ class DeepSeekModel final : public Model {
   void moe(const DeepSeekLayer& w, int64_t T) {
     const int64_t E = E_, X = c_.num_experts, k = c_.num_experts_per_tok;
     w.gate->forward(xb_.data(), T, router_logits_.data());
-    ops::scale_round(router_logits_.data(), T * X, 1.0f);
+    ops::round_to_bf16(router_logits_.data(), T * X);
     router_->route(router_logits_.data(), w.gate_bias, T, experts_.data(), weights_.data());
     batches_->build(experts_.data(), T);
 
@@ -469,7 +469,7 @@ class DeepSeekModel final : public Model {
                                E);
       }
     }
-    ops::scale_round(routed_.data(), T * E, 1.0f);  // the f32 weighted sum, cast to bf16
+    ops::round_to_bf16(routed_.data(), T * E);  // the f32 weighted sum, cast to bf16
     if (w.shared) {
       run_mlp(*w.shared, xb_.data(), T, o_.data());
       ops::add_round(routed_.data(), o_.data(), T * E);  // bf16(routed + bf16(shared))

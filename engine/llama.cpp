@@ -119,8 +119,8 @@ class LlamaModel final : public Model {
       project(w.q, LoraSlot::q, xb_.data(), q_.data());
       project(w.k, LoraSlot::k, xb_.data(), k_.data());
       project(w.v, LoraSlot::v, xb_.data(), v_.data());
-      ops::scale_round(q_.data(), T * H * D, 1.0f);  // projection outputs are bf16 in MaxText
-      ops::scale_round(k_.data(), T * K * D, 1.0f);
+      ops::round_to_bf16(q_.data(), T * H * D);  // projection outputs are bf16 in MaxText
+      ops::round_to_bf16(k_.data(), T * K * D);
       if (w.q_norm) {
         ops::rms_norm(q_.data(), w.q_norm, T * H, D, eps, q_.data());
         ops::rms_norm(k_.data(), w.k_norm, T * K, D, eps, k_.data());

@@ -287,7 +287,7 @@ void Model::finish_logits(float* logits, int64_t n) {
   auto finish = [&](int64_t b, int64_t e) {
     float* z = logits + b;
     const int64_t m = e - b;
-    ops::scale_round(z, m, 1.0f);  // the head's output is bf16
+    ops::round_to_bf16(z, m);  // the head's output is bf16
     if (div != 1.0f || cap > 0)
       for (int64_t i = 0; i < m; ++i) {
         if (div != 1.0f) z[i] = round_to_bf16(z[i] / div);

@@ -20,6 +20,19 @@ HWY_BEFORE_NAMESPACE();
 namespace kiln::ops {
 namespace HWY_NAMESPACE {
 
+void RoundToBf16(float* HWY_RESTRICT x, int64_t n) {
+  const DF d;
+  const int64_t N = int64_t(hn::Lanes(d));
+  int64_t i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(RoundBf16(d, hn::LoadU(d, x + i)), d, x + i);
+  if (i < n) {
+    HWY_ALIGN float buf[kMaxLanes] = {};
+    std::memcpy(buf, x + i, size_t(n - i) * sizeof(float));
+    hn::Store(RoundBf16(d, hn::Load(d, buf)), d, buf);
+    std::memcpy(x + i, buf, size_t(n - i) * sizeof(float));
+  }
+}
+
 void ScaleRound(float* HWY_RESTRICT x, int64_t n, float s) {
   const DF d;
   const int64_t N = int64_t(hn::Lanes(d));
@@ -150,6 +163,7 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace kiln::ops {
 
+HWY_EXPORT(RoundToBf16);
 HWY_EXPORT(ScaleRound);
 HWY_EXPORT(LogSumExp);
 HWY_EXPORT(AddRound);
@@ -157,6 +171,10 @@ HWY_EXPORT(ToBf16);
 HWY_EXPORT(AddWeightedBf16);
 HWY_EXPORT(SiluMul);
 HWY_EXPORT(TargetName);
+
+void round_to_bf16(float* x, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(RoundToBf16)(x, n);
+}
 
 void scale_round(float* x, int64_t n, float s) {
   HWY_DYNAMIC_DISPATCH(ScaleRound)(x, n, s);

@@ -5,11 +5,18 @@
 
 #include <cstdint>
 
+#include "common/bf16.h"
+
 namespace kiln::ops {
 
 // log Σ exp(x[i]) over n ≥ 1 values (the normaliser of a row's log-softmax), vectorised; the
 // same x gives the same result on any thread.
 double log_sum_exp(const float* x, int64_t n);
+
+// x[i] = bf16(x[i]) for n values: where MaxText holds a tensor in bf16 (a projection output).
+// The scalar form of common/bf16.h stays visible beside it.
+using kiln::round_to_bf16;
+void round_to_bf16(float* x, int64_t n);
 
 // x[i] = bf16(x[i] * s) for n values (query scale after RoPE, qwen3).
 void scale_round(float* x, int64_t n, float s);

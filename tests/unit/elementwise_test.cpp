@@ -52,7 +52,7 @@ std::vector<float> rounding_cases() {
 
 // ------------------------------------------------------------------------------------------------
 
-TEST_CASE("to_bf16, scale_round and add_round match the scalar rounding bit for bit") {
+TEST_CASE("to_bf16, round_to_bf16, scale_round and add_round match the scalar rounding bit for bit") {
   const std::vector<float> cases = rounding_cases();
   for_each_target([&] {
     for (int64_t n : kSizes) {
@@ -72,6 +72,9 @@ TEST_CASE("to_bf16, scale_round and add_round match the scalar rounding bit for 
       for (int64_t i = 0; i < n; ++i) {
         CHECK(same_bits(s[size_t(i)], round_to_bf16(x[size_t(i)] * 0.125f)));
       }
+      std::vector<float> r = x;
+      round_to_bf16(r.data(), n);
+      for (int64_t i = 0; i < n; ++i) CHECK(same_bits(r[size_t(i)], round_to_bf16(x[size_t(i)])));
       std::vector<float> a = x;
       add_round(a.data(), y.data(), n);
       for (int64_t i = 0; i < n; ++i) {
@@ -161,6 +164,7 @@ TEST_CASE("elementwise kernels do not allocate") {
     silu_mul(x.data(), x.data(), int64_t(x.size()), yb.data());
     add_round(y.data(), x.data(), int64_t(x.size()));
     scale_round(y.data(), int64_t(x.size()), 0.5f);
+    round_to_bf16(y.data(), int64_t(x.size()));
     to_bf16(y.data(), int64_t(x.size()), yb.data());
   };
   run();
