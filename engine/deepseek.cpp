@@ -1,3 +1,4 @@
+// clang-format off
 // The DeepSeek-family forward pass (DeepSeek V2/V3, Kimi K2: decoder_block deepseek), spec §2.1,
 // §2.2, §2.3(c), §2.5–2.7:
 //
@@ -9,15 +10,16 @@
 //
 // MLA with a latent KV cache. MaxText computes, per head h (spec §2.5),
 //   q = [q_nope | q_pe] = (rms(x·Wq_a)·Wq_b  or  x·Wquery),   q_pe ← YaRN(q_pe)
-//   query = bf16([q_nope | q_pe] · s)                                  (s: softmax scale incl.
-//   mscale²) [c | k_pe] = x·Wkv_a,  c ← rms(c) (the latent, Rkv values),  k_pe ← YaRN(k_pe) (one
-//   per token) k_nope[h], v[h] = c·Wkv_b[:, h, :Dn], c·Wkv_b[:, h, Dn:] score(s) =
-//   query_nope[h]·k_nope[h](s) + query_pe[h]·k_pe(s);  out[h] = Σ p(s)·v[h](s)
+//   query = bf16([q_nope | q_pe] · s)                  (s: softmax scale incl. mscale²)
+//   [c | k_pe] = x·Wkv_a,   c ← rms(c) (the latent, Rkv values),   k_pe ← YaRN(k_pe) (one per token)
+//   k_nope[h], v[h] = c·Wkv_b[:, h, :Dn],  c·Wkv_b[:, h, Dn:]
+//   score(s) = query_nope[h]·k_nope[h](s) + query_pe[h]·k_pe(s);   out[h] = Σ p(s)·v[h](s)
 // The cache holds per token only c and k_pe (Rkv + Dr bf16 values per layer, never the expanded
 // H·(Dn + Dr + Dv) keys and values), and attention runs in the latent space by absorbing Wkv_b:
 //   q_lat[h] = query_nope[h] · Wkv_b[:, h, :Dn]ᵀ           (Rkv values, f32)
 //   score(s) = q_lat[h]·c(s) + query_pe[h]·k_pe(s)          (= the expanded score, up to rounding)
 //   out_lat[h] = Σ p(s)·c(s);   out[h] = out_lat[h] · Wkv_b[:, h, Dn:]
+// clang-format on
 // So one cache row [c | k_pe] serves as the key of every head, and its first Rkv values as the
 // value: an MQA with head dim Rkv + Dr run by ops::attend (K = 1; the value columns past Rkv are
 // computed and ignored). Wkv_b is read in place from the artifact by two small strided kernels
