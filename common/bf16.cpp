@@ -1,5 +1,6 @@
 #include "common/bf16.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <xsimd/xsimd.hpp>
@@ -73,6 +74,52 @@ void convert_f16_to_f32(const uint16_t* src, float* dst, size_t n) {
 
 void round_to_bf16_inplace(float* x, size_t n) {
   for (size_t i = 0; i < n; ++i) x[i] = round_to_bf16(x[i]);
+}
+
+namespace {
+
+template <typename T>
+T load_unaligned(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+}  // namespace
+
+// A file mapping gives no alignment guarantee (a safetensors header length is arbitrary), so
+// 16-bit inputs that are not 2-byte aligned are staged through an aligned buffer rather than
+// reinterpreted in place.
+void convert_to_f32(DType dt, const uint8_t* src, size_t n, float* out) {
+  if (n == 0) return;  // a tensor of no elements may have no buffer at all (memcpy of nullptr)
+  if (dt == DType::F32) {
+    std::memcpy(out, src, n * sizeof(float));
+    return;
+  }
+  auto bulk = dt == DType::BF16 ? convert_bf16_to_f32 : convert_f16_to_f32;
+  if (reinterpret_cast<uintptr_t>(src) % alignof(uint16_t) == 0) {
+    bulk(reinterpret_cast<const uint16_t*>(src), out, n);
+    return;
+  }
+  constexpr size_t kChunk = 4096;
+  uint16_t buf[kChunk];
+  for (size_t i = 0; i < n; i += kChunk) {
+    const size_t m = std::min(kChunk, n - i);
+    std::memcpy(buf, src + i * 2, m * 2);
+    bulk(buf, out + i, m);
+  }
+}
+
+float to_f32(DType dt, const uint8_t* p) {
+  switch (dt) {
+    case DType::F32:
+      return load_unaligned<float>(p);
+    case DType::BF16:
+      return bf16_to_f32(load_unaligned<uint16_t>(p));
+    case DType::F16:
+      return f16_to_f32(load_unaligned<uint16_t>(p));
+  }
+  return 0.0f;
 }
 
 }  // namespace kiln

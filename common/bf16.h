@@ -6,6 +6,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace kiln {
 
 inline float bf16_to_f32(uint16_t b) {
@@ -42,6 +44,10 @@ struct NonFiniteCounts {
 NonFiniteCounts convert_f32_to_bf16(const float* src, uint16_t* dst, size_t n);
 void convert_bf16_to_f32(const uint16_t* src, float* dst, size_t n);
 void convert_f16_to_f32(const uint16_t* src, float* dst, size_t n);
+// n f32, bf16 or f16 values at src (of any alignment, e.g. inside a mapped file) as f32 into
+// out; to_f32 one value.
+void convert_to_f32(DType dt, const uint8_t* src, size_t n, float* out);
+float to_f32(DType dt, const uint8_t* src);
 // In place: rounds every value of x to bf16 precision.
 void round_to_bf16_inplace(float* x, size_t n);
 

@@ -32,12 +32,10 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
   if (!fs::is_directory(dir)) throw Error(dir + ": not an artifact directory (does not exist)");
   auto a = std::unique_ptr<Artifact>(new Artifact());
   a->dir_ = dir;
-  std::string mpath = (fs::path(dir) / kManifestFile).string();
-  if (!fs::exists(mpath)) throw Error(mpath + ": missing (not a kiln artifact directory?)");
-  a->manifest_file_ = std::make_unique<MappedFile>(mpath);
+  const std::string mpath = manifest_path(dir);
   a->verify_ = opt.verify_checksums;
-  a->manifest_ = parse_manifest(a->manifest_file_->data(), a->manifest_file_->size(), mpath,
-                                opt.verify_checksums);
+  a->manifest_ = read_manifest_in(dir, opt.verify_checksums);
+  a->manifest_bytes_ = fs::file_size(mpath);
   const ModelConfig& c = a->manifest_.config;
 
   const auto& blobs = a->manifest_.blobs;
@@ -117,7 +115,7 @@ BlobView check_listed_blob(const MappedFile& file, const BlobEntry& e, const std
 }
 
 uint64_t Artifact::total_bytes() const {
-  uint64_t n = manifest_file_->size();
+  uint64_t n = manifest_bytes_;
   for (const auto& f : files_) n += f->size();
   return n;
 }

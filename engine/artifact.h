@@ -64,7 +64,7 @@ class Artifact {
   size_t index_of(const BlobView& blob) const;  // throws for a view of another artifact
 
   std::string dir_;
-  std::unique_ptr<MappedFile> manifest_file_;
+  uint64_t manifest_bytes_ = 0;
   Manifest manifest_;
   std::vector<std::unique_ptr<MappedFile>> files_;  // globals, layer 0, layer 1, …
   std::vector<BlobView> views_;

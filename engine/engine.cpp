@@ -4,9 +4,8 @@
 #include <limits>
 
 #include "common/error.h"
-#include "common/mapped_file.h"
 #include "engine/ops/parallel.h"
-#include "schema/format.h"
+#include "schema/manifest.h"
 
 namespace kiln {
 
@@ -58,10 +57,8 @@ const char* finish_reason_name(FinishReason r) {
 const LoraAdapter& Engine::load_adapter(const std::string& name) {
   if (auto it = adapters_.find(name); it != adapters_.end()) return *it->second;
   const std::string& dir = model_->artifact().dir();
-  const std::string mpath = dir + "/" + kManifestFile;
-  MappedFile mf(mpath);
   const bool verify = model_->artifact().verifies_checksums();
-  Manifest m = parse_manifest(mf.data(), mf.size(), mpath, verify);
+  Manifest m = read_manifest_in(dir, verify);
   const AdapterRecord* rec = m.find_adapter(name);
   if (!rec) {
     std::string names;

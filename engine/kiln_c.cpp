@@ -16,10 +16,8 @@
 #include <vector>
 
 #include "common/error.h"
-#include "common/mapped_file.h"
 #include "engine/engine.h"
 #include "engine/kiln.h"
-#include "schema/format.h"
 #include "schema/manifest.h"
 
 struct kiln_engine {
@@ -153,9 +151,7 @@ static_assert(int(kiln::SamplingAlgorithm::Greedy) == KILN_SAMPLING_GREEDY &&
 // reports the problem).
 int64_t manifest_context(const std::string& dir, bool verify_checksum) {
   try {
-    const std::string path = dir + "/" + kiln::kManifestFile;
-    kiln::MappedFile f(path);
-    return kiln::parse_manifest(f.data(), f.size(), path, verify_checksum).config.max_target_length;
+    return kiln::read_manifest_in(dir, verify_checksum).config.max_target_length;
   } catch (...) {
     return -1;
   }

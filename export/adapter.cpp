@@ -45,15 +45,6 @@ std::string journal_path(const std::string& artifact, const std::string& pid) {
   return (fs::path(artifact) / (std::string(kJournalPrefix) + pid)).string();
 }
 
-std::string manifest_path(const std::string& artifact) {
-  return (fs::path(artifact) / kManifestFile).string();
-}
-
-Manifest read_manifest_file(const std::string& path, bool verify_checksum) {
-  MappedFile f(path);
-  return parse_manifest(f.data(), f.size(), path, verify_checksum);
-}
-
 // Whether every blob of `r` exists with the size and header checksum the record lists, in the
 // record's directory or, when given, in `dir`.
 bool blobs_match(const std::string& artifact, const AdapterRecord& r, const std::string& dir = "") {
@@ -85,8 +76,7 @@ void discard_directory(const fs::path& dir) {
 
 // Only one kiln command changes an artifact's adapters at a time.
 UniqueFd lock_artifact(const std::string& artifact, const char* what, bool verify_checksum) {
-  read_manifest(artifact,
-                verify_checksum);  // a directory that is no artifact is refused by name first
+  read_manifest_in(artifact, verify_checksum);  // a directory that is no artifact is refused first
   return lock_directory(artifact, what);
 }
 
@@ -121,7 +111,7 @@ void recover_adapter_changes(const std::string& artifact, bool verify_checksum) 
           break;
         }
         // The current manifest must not list the directory being swapped while it is swapped.
-        Manifest now = read_manifest(artifact, verify_checksum);
+        Manifest now = read_manifest_in(artifact, verify_checksum);
         if (std::erase_if(now.adapters,
                           [&](const AdapterRecord& a) { return !a.merged && a.name == r.name; }))
           write_manifest(artifact, now);
@@ -147,7 +137,7 @@ void recover_adapter_changes(const std::string& artifact, bool verify_checksum) 
   remove_stale_temporaries_in(artifact);
   if (!fs::is_directory(adapters)) return;
   remove_stale_temporaries_in(adapters.string());
-  const Manifest m = read_manifest(artifact, verify_checksum);
+  const Manifest m = read_manifest_in(artifact, verify_checksum);
   std::vector<fs::path> unused;
   for (fs::directory_iterator it(adapters, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
@@ -220,12 +210,6 @@ AdapterRecord write_adapter_blobs(const AdapterSource& src, const ModelConfig& b
   return record;
 }
 
-Manifest read_manifest(const std::string& artifact, bool verify_checksum) {
-  const std::string path = manifest_path(artifact);
-  if (!fs::exists(path)) throw Error(path + ": missing (not a kiln artifact directory?)");
-  return read_manifest_file(path, verify_checksum);
-}
-
 void write_manifest(const std::string& artifact, const Manifest& m) {
   write_file_durably(manifest_path(artifact), serialize_manifest(m));
 }
@@ -234,7 +218,7 @@ AdapterRecord add_adapter(const AddAdapterOptions& opt) {
   check_adapter_name(opt.name, "--name");
   const UniqueFd lock = lock_artifact(opt.artifact, "kiln adapter add", opt.verify_checksum);
   recover_adapter_changes(opt.artifact, opt.verify_checksum);
-  const Manifest m = read_manifest(opt.artifact, opt.verify_checksum);
+  const Manifest m = read_manifest_in(opt.artifact, opt.verify_checksum);
   const bool replacing = m.find_adapter(opt.name) != nullptr;
   if (replacing && !opt.force)
     throw Error(opt.artifact + ": already has an adapter named '" + opt.name +
@@ -289,7 +273,7 @@ AdapterRecord add_adapter(const AddAdapterOptions& opt) {
 void remove_adapter(const std::string& artifact, const std::string& name, bool verify_checksum) {
   const UniqueFd lock = lock_artifact(artifact, "kiln adapter remove", verify_checksum);
   recover_adapter_changes(artifact, verify_checksum);
-  Manifest m = read_manifest(artifact, verify_checksum);
+  Manifest m = read_manifest_in(artifact, verify_checksum);
   if (!m.find_adapter(name)) throw Error(artifact + ": has no adapter named '" + name + "'");
   std::erase_if(m.adapters, [&](const AdapterRecord& a) { return !a.merged && a.name == name; });
   write_manifest(artifact, m);  // the change is done; what follows is clean-up

@@ -49,9 +49,6 @@ AdapterRecord add_adapter(const AddAdapterOptions& opt);
 // adapter command removes, or none of it).
 void remove_adapter(const std::string& artifact, const std::string& name, bool verify_checksum);
 
-// Reads and parses <artifact>/manifest.kfb (parse_manifest: its checksum checked if
-// `verify_checksum`).
-Manifest read_manifest(const std::string& artifact, bool verify_checksum);
 // Replaces <artifact>/manifest.kfb atomically and durably (common/durable_output.h).
 void write_manifest(const std::string& artifact, const Manifest& m);
 

@@ -29,22 +29,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A scanned layer group and the global layers it holds (spec §1.2, §1.7): Llama-family models
-// have one group `layers`; DeepSeek has `dense_layers` then `moe_layers`, numbered globally with
-// the dense ones first.
-struct GroupSpan {
-  std::string name;
-  int64_t first_layer;
-  int64_t count;
-};
-
-std::vector<GroupSpan> layer_groups(const ModelConfig& mc) {
-  if (!mc.is_deepseek()) return {{"layers", 0, mc.num_decoder_layers}};
-  return {
-      {"dense_layers", 0, mc.first_num_dense_layers},
-      {"moe_layers", mc.first_num_dense_layers, mc.num_decoder_layers - mc.first_num_dense_layers}};
-}
-
 std::string file_of(const SourceTensor& t) {
   return t.file ? t.file->path() : "?";
 }
@@ -178,18 +162,7 @@ Plan make_plan(const Checkpoint& ckpt, const ExportConfig& cfg) {
 
 // Converts elements [begin, begin + n) of an unscanned source tensor to f32.
 void source_range_to_f32(const SourceTensor& t, uint64_t begin, uint64_t n, float* out) {
-  const uint8_t* p = t.data + begin * dtype_size(t.dtype);
-  switch (t.dtype) {
-    case DType::F32:
-      std::copy_n(reinterpret_cast<const float*>(p), n, out);
-      break;
-    case DType::BF16:
-      convert_bf16_to_f32(reinterpret_cast<const uint16_t*>(p), out, n);
-      break;
-    case DType::F16:
-      convert_f16_to_f32(reinterpret_cast<const uint16_t*>(p), out, n);
-      break;
-  }
+  convert_to_f32(t.dtype, t.data + begin * dtype_size(t.dtype), size_t(n), out);
 }
 
 // NaN and infinite values of one artifact tensor after its conversion to bf16 (which also turns

@@ -210,4 +210,11 @@ std::optional<int64_t> unrolled_layer_index(std::string_view component, std::str
   return n;
 }
 
+std::vector<GroupSpan> layer_groups(const ModelConfig& c) {
+  if (!c.is_deepseek()) return {{"layers", 0, c.num_decoder_layers}};
+  return {
+      {"dense_layers", 0, c.first_num_dense_layers},
+      {"moe_layers", c.first_num_dense_layers, c.num_decoder_layers - c.first_num_dense_layers}};
+}
+
 }  // namespace kiln

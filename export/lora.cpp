@@ -6,6 +6,7 @@
 #include <string_view>
 
 #include "common/error.h"
+#include "export/key_layout.h"
 #include "export/lora_reader.h"
 #include "schema/blob_file.h"
 
@@ -46,13 +47,6 @@ std::string join(const std::vector<std::string>& v, const std::string& sep) {
   std::string s;
   for (size_t i = 0; i < v.size(); ++i) s += (i ? sep : "") + v[i];
   return s;
-}
-
-std::vector<GroupSpan> layer_groups(const ModelConfig& c) {
-  if (!c.is_deepseek()) return {{"layers", 0, c.num_decoder_layers}};
-  return {
-      {"dense_layers", 0, c.first_num_dense_layers},
-      {"moe_layers", c.first_num_dense_layers, c.num_decoder_layers - c.first_num_dense_layers}};
 }
 
 std::optional<std::vector<int64_t>> target_base_shape(const ModelConfig& c,

@@ -26,15 +26,6 @@ size_t input_axes(const std::string& tensor);
 
 std::string join(const std::vector<std::string>& v, const std::string& sep);
 
-// A scanned layer group and the global layers it holds (spec §1.2, §1.7).
-struct GroupSpan {
-  std::string name;
-  int64_t first_layer = 0;
-  int64_t count = 0;
-};
-
-std::vector<GroupSpan> layer_groups(const ModelConfig& c);
-
 // The unscanned base shape of a targetable tensor, from a layer that has it.
 std::optional<std::vector<int64_t>> target_base_shape(const ModelConfig& c,
                                                       const std::string& tensor);

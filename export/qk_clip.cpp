@@ -47,12 +47,8 @@ std::pair<int64_t, int64_t> group_span(const ModelConfig& c, const std::string& 
                                        const std::string& where) {
   // `layers_N` is also the global numbering kiln calibrate writes for every family.
   if (group == "layers") return {0, c.num_decoder_layers};
-  if (!c.is_deepseek()) {
-  } else if (group == "dense_layers") {
-    return {0, c.first_num_dense_layers};
-  } else if (group == "moe_layers") {
-    return {c.first_num_dense_layers, c.num_decoder_layers - c.first_num_dense_layers};
-  }
+  for (const GroupSpan& g : layer_groups(c))
+    if (g.name == group) return {g.first_layer, g.count};
   throw Error(where + ": layer group '" + group + "' is not part of a " + c.decoder_block +
               " model");
 }

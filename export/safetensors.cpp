@@ -276,48 +276,6 @@ IndexShards read_index(const std::string& index_path) {
   return out;
 }
 
-template <typename T>
-T load_unaligned(const uint8_t* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
-
-// Converts n contiguous source elements starting at src. The mapping gives no alignment
-// guarantee (the header length is arbitrary), so 16-bit inputs that are not 2-byte aligned are
-// staged through an aligned buffer rather than reinterpreted in place.
-void convert_run(DType dt, const uint8_t* src, size_t n, float* out) {
-  if (n == 0) return;  // a tensor of no elements may have no buffer at all (memcpy of nullptr)
-  if (dt == DType::F32) {
-    std::memcpy(out, src, n * sizeof(float));
-    return;
-  }
-  auto bulk = dt == DType::BF16 ? convert_bf16_to_f32 : convert_f16_to_f32;
-  if (reinterpret_cast<uintptr_t>(src) % alignof(uint16_t) == 0) {
-    bulk(reinterpret_cast<const uint16_t*>(src), out, n);
-    return;
-  }
-  constexpr size_t kChunk = 4096;
-  uint16_t buf[kChunk];
-  for (size_t i = 0; i < n; i += kChunk) {
-    const size_t m = std::min(kChunk, n - i);
-    std::memcpy(buf, src + i * 2, m * 2);
-    bulk(buf, out + i, m);
-  }
-}
-
-float convert_one(DType dt, const uint8_t* p) {
-  switch (dt) {
-    case DType::F32:
-      return load_unaligned<float>(p);
-    case DType::BF16:
-      return bf16_to_f32(load_unaligned<uint16_t>(p));
-    case DType::F16:
-      return f16_to_f32(load_unaligned<uint16_t>(p));
-  }
-  return 0.0f;
-}
-
 std::string where_of(const SourceTensor& t) {
   return (t.file ? t.file->path() : std::string("<tensor>")) + ": key '" + t.key + "'";
 }
@@ -391,7 +349,7 @@ void Checkpoint::release_pages() const {
 }
 
 void read_as_f32(const SourceTensor& t, float* out) {
-  convert_run(t.dtype, t.data, size_t(t.numel()), out);
+  convert_to_f32(t.dtype, t.data, size_t(t.numel()), out);
 }
 
 void read_slice_as_f32(const SourceTensor& t, int axis, int64_t index, float* out) {
@@ -415,11 +373,11 @@ void read_slice_as_f32(const SourceTensor& t, int axis, int64_t index, float* ou
   // overhead than in converting, so they are gathered element by element instead.
   if (inner < 16) {
     for (size_t o = 0; o < outer; ++o, src += stride)
-      for (size_t i = 0; i < inner; ++i) *out++ = convert_one(t.dtype, src + i * esz);
+      for (size_t i = 0; i < inner; ++i) *out++ = to_f32(t.dtype, src + i * esz);
     return;
   }
   for (size_t o = 0; o < outer; ++o, src += stride, out += inner)
-    convert_run(t.dtype, src, inner, out);
+    convert_to_f32(t.dtype, src, inner, out);
 }
 
 void write_safetensors_f32(const std::string& path, const std::vector<F32Tensor>& tensors) {

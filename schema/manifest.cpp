@@ -1,11 +1,13 @@
 #include "schema/manifest.h"
 
 #include <cstring>
+#include <filesystem>
 #include <optional>
 
 #include "common/checked.h"
 #include "common/crc32c.h"
 #include "common/error.h"
+#include "common/mapped_file.h"
 #include "kiln_generated.h"
 #include "schema/format.h"
 
@@ -247,6 +249,22 @@ void check_adapter_name(const std::string& name, const std::string& where) {
   if (!ok)
     throw Error(where + ": adapter name '" + name +
                 "' is not allowed (letters, digits, '-', '_', '.'; not starting with '.')");
+}
+
+std::string manifest_path(const std::string& dir) {
+  return (std::filesystem::path(dir) / kManifestFile).string();
+}
+
+Manifest read_manifest_file(const std::string& path, bool verify_checksum) {
+  MappedFile f(path);
+  return parse_manifest(f.data(), f.size(), path, verify_checksum);
+}
+
+Manifest read_manifest_in(const std::string& dir, bool verify_checksum) {
+  const std::string path = manifest_path(dir);
+  if (!std::filesystem::exists(path))
+    throw Error(path + ": missing (not a kiln artifact directory?)");
+  return read_manifest_file(path, verify_checksum);
 }
 
 }  // namespace kiln

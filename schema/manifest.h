@@ -117,4 +117,14 @@ std::vector<uint8_t> serialize_manifest(const Manifest& m);
 Manifest parse_manifest(const uint8_t* data, size_t size, const std::string& path,
                         bool verify_checksum);
 
+// DIR/manifest.kfb, the manifest of the artifact directory `dir`.
+std::string manifest_path(const std::string& dir);
+
+// Reads and parses the manifest file at `path` (parse_manifest: the checksum trailer must be
+// present and match unless `verify_checksum` is false). Throws kiln::Error naming the file.
+Manifest read_manifest_file(const std::string& path, bool verify_checksum = true);
+
+// The same for the manifest of the artifact directory `dir`; a missing one is reported as such.
+Manifest read_manifest_in(const std::string& dir, bool verify_checksum = true);
+
 }  // namespace kiln

@@ -106,7 +106,7 @@ int cmd_adapter(int argc, const char* const* argv) {
     p.flag("--json", "print one JSON object");
     add_no_verify(p);
     Args a = p.parse(argc - 1, argv + 1);
-    Manifest m = read_manifest(a.positional(0), !a.has("--no-verify"));
+    Manifest m = read_manifest_in(a.positional(0), !a.has("--no-verify"));
     if (a.has("--json")) {
       std::printf("%s\n", nlohmann::json{{"adapters", adapters_json(m)}}.dump().c_str());
     } else if (m.adapters.empty()) {

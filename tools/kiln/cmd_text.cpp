@@ -148,7 +148,7 @@ int cmd_tokenize(int argc, const char* const* argv) {
   Args a = p.parse(argc, argv);
 
   const std::string dir = a.positional(0);
-  const Manifest m = read_manifest(dir, !a.has("--no-verify"));
+  const Manifest m = read_manifest_in(dir, !a.has("--no-verify"));
   if (m.tokenizer.empty())
     throw Error(dir + ": the artifact has no tokenizer (exported without --tokenizer)");
   const Tokenizer tok(m.tokenizer, dir + ": manifest tokenizer");
