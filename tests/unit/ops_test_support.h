@@ -24,6 +24,16 @@ uint64_t kiln_test_allocations();
 
 namespace kiln::ops::test {
 
+// Heap allocations of one steady-state call of `run`: a first call goes unmeasured, since the
+// first dispatch of each kernel picks its target.
+template <class F>
+uint64_t allocations_of(F&& run) {
+  run();
+  const uint64_t before = kiln_test_allocations();
+  run();
+  return kiln_test_allocations() - before;
+}
+
 // Runs `body` once per Highway target that is both compiled in and supported by this CPU; the
 // guard restores normal dispatch even when a REQUIRE inside throws.
 template <class F>
