@@ -12,42 +12,9 @@
 #include "export/adapter.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
+#include "tools/kiln/common.h"
 
 namespace kiln::cli {
-
-const Tokenizer& require_tokenizer(const Engine& engine, const std::string& dir,
-                                   const std::string& what) {
-  if (!engine.tokenizer())
-    throw Error(dir + ": the artifact has no tokenizer (exported without --tokenizer FILE), so " +
-                what);
-  return *engine.tokenizer();
-}
-
-std::vector<int32_t> text_prompt(const Tokenizer& tok, const std::string& text) {
-  std::vector<int32_t> ids;
-  if (tok.bos_id() >= 0) ids.push_back(tok.bos_id());
-  const std::vector<int32_t> body = tok.encode(text);
-  ids.insert(ids.end(), body.begin(), body.end());
-  return ids;
-}
-
-std::vector<std::pair<int64_t, std::string>> read_lines(const std::string& path, Blank blank,
-                                                        const std::string& if_none) {
-  const std::string text = read_whole_file(path);
-  std::vector<std::pair<int64_t, std::string>> out;
-  std::string_view rest = text;
-  for (int64_t n = 1; !rest.empty(); ++n) {
-    const size_t eol = rest.find('\n');
-    std::string_view line = rest.substr(0, eol);
-    rest.remove_prefix(eol == std::string_view::npos ? rest.size() : eol + 1);
-    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);  // CRLF files
-    const bool skip = blank == Blank::kEmpty ? line.empty()
-                                             : line.find_first_not_of(" \t\r") == std::string::npos;
-    if (!skip) out.emplace_back(n, std::string(line));
-  }
-  if (out.empty()) throw Error(path + ": " + if_none);
-  return out;
-}
 
 namespace {
 
