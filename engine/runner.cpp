@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <stdexcept>
+#include <utility>
 
 #include "common/error.h"
+#include "engine/ops/kernels.h"
 
 namespace kiln {
 
@@ -131,6 +134,27 @@ std::vector<GenerationOutput> Runner::run(const std::vector<GenerationRequest>& 
     throw;
   }
   return out;
+}
+
+Scorer::Scorer(Engine& engine, std::string adapter)
+    : engine_(engine), adapter_(std::move(adapter)) {}
+
+void Scorer::add(std::span<const int32_t> ids) {
+  const int64_t V = engine_.config().vocab_size;
+  logits_.resize(ids.size() * size_t(V));
+  const double t0 = now_seconds();
+  engine_.prefill_logits(ids, logits_.data(), adapter_);
+  seconds_ += now_seconds() - t0;
+  processed_ += int64_t(ids.size());
+  for (size_t t = 0; t + 1 < ids.size(); ++t) {
+    const float* row = logits_.data() + t * size_t(V);
+    nll_ += ops::log_sum_exp(row, V) - double(row[ids[t + 1]]);
+  }
+  predicted_ += int64_t(ids.size()) - 1;
+}
+
+double Scorer::perplexity() const {
+  return std::exp(nll_ / double(predicted_));
 }
 
 }  // namespace kiln

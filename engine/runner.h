@@ -1,10 +1,12 @@
 // The request runner: a list of requests served with continuous batching over an engine's decode
 // slots, with the timings of its prefill and decode phases. `kiln run`, `kiln bench` and the C
-// API's kiln_run (and so tools/examples/kiln_example.c) all serve requests through it.
+// API's kiln_run (and so tools/examples/kiln_example.c) all serve requests through it. Beside it,
+// the scorer of `kiln eval`: sequences' negative log-likelihood, for their perplexity.
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -69,6 +71,30 @@ class Runner {
  private:
   Engine& engine_;
   RunnerStats stats_;
+};
+
+// Scores sequences on every next token (one prefill each): the total negative log-likelihood and
+// so the perplexity exp(nll / predicted).
+class Scorer {
+ public:
+  Scorer(Engine& engine, std::string adapter);
+
+  // Adds ids[1..] given the tokens before each. Throws as Engine::prefill_logits does
+  // (NonFiniteError for a non-finite logit).
+  void add(std::span<const int32_t> ids);
+
+  double nll() const { return nll_; }
+  int64_t predicted() const { return predicted_; }  // tokens scored
+  int64_t processed() const { return processed_; }  // tokens prefilled
+  double seconds() const { return seconds_; }       // in prefills
+  double perplexity() const;
+
+ private:
+  Engine& engine_;
+  std::string adapter_;
+  std::vector<float> logits_;  // [tokens, vocab] of the last sequence, reused
+  double nll_ = 0, seconds_ = 0;
+  int64_t predicted_ = 0, processed_ = 0;
 };
 
 }  // namespace kiln

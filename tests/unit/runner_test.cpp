@@ -1,6 +1,7 @@
 // The request runner (engine/runner.h) on a tiny exported model: every request gets what it gets
 // served alone, in request order, whatever the slots and the prefill packing; samples; its
-// timings; a decode step allocates nothing; busy slots are refused and an error frees the slots.
+// timings; a decode step allocates nothing; busy slots are refused and an error frees the slots;
+// the scorer of `kiln eval`.
 #include "engine/runner.h"
 
 #include <doctest/doctest.h>
@@ -157,4 +158,31 @@ TEST_CASE("a busy slot is refused, and a failing run frees the slots it took") {
   CHECK_FALSE(e->slot_busy(0));
   CHECK_FALSE(e->slot_busy(1));
   CHECK(runner.run(kRequests, sp).size() == kRequests.size());
+}
+
+TEST_CASE("the scorer adds each next token's negative log-likelihood") {
+  auto e = Engine::open(test::tiny_untied().artifact.string(), with_slots(1));
+  const int64_t V = e->config().vocab_size;
+  Scorer scorer(*e, "");
+  double want = 0;
+  int64_t predicted = 0, processed = 0;
+  for (const auto& r : kRequests) {
+    if (r.prompt.size() < 2) continue;
+    scorer.add(r.prompt);
+    std::vector<float> logits(r.prompt.size() * size_t(V));
+    e->prefill_logits(r.prompt, logits.data());
+    for (size_t t = 0; t + 1 < r.prompt.size(); ++t) {
+      const float* row = logits.data() + t * size_t(V);
+      double sum = 0;
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v]));
+      want += std::log(sum) - double(row[r.prompt[t + 1]]);
+    }
+    predicted += int64_t(r.prompt.size()) - 1;
+    processed += int64_t(r.prompt.size());
+  }
+  CHECK(scorer.predicted() == predicted);
+  CHECK(scorer.processed() == processed);
+  CHECK(scorer.nll() == doctest::Approx(want).epsilon(1e-6));  // log_sum_exp: SIMD, f32 lanes
+  CHECK(scorer.perplexity() == doctest::Approx(std::exp(want / double(predicted))));
+  CHECK(scorer.seconds() > 0);
 }

@@ -8,7 +8,7 @@
 #include <string_view>
 
 #include "common/file_io.h"
-#include "engine/ops/kernels.h"
+#include "engine/runner.h"
 #include "export/adapter.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
@@ -44,11 +44,8 @@ int cmd_eval(int argc, const char* const* argv) {
   const Tokenizer& tok = require_tokenizer(*engine, dir, "eval cannot read text");
   const auto lines = read_lines(path, Blank::kEmpty, kNoLines);
 
-  const int64_t V = engine->config().vocab_size;
   const bool progress = !a.has("--json") && ::isatty(STDERR_FILENO) == 1;
-  std::vector<float> logits;
-  double nll = 0, seconds = 0;
-  int64_t predicted = 0, processed = 0;
+  Scorer scorer(*engine, adapter);
   for (size_t i = 0; i < lines.size(); ++i) {
     const auto& [n, text] = lines[i];
     std::vector<int32_t> ids = text_prompt(tok, text);
@@ -57,26 +54,18 @@ int cmd_eval(int argc, const char* const* argv) {
     if (int64_t(ids.size()) > engine->max_seq_len())
       throw Error(path + ":" + std::to_string(n) + ": " + std::to_string(ids.size()) +
                   " tokens exceed the model's context of " + std::to_string(engine->max_seq_len()));
-    logits.resize(ids.size() * size_t(V));
-    const double t1 = now_seconds();
     try {
-      engine->prefill_logits(ids, logits.data(), adapter);
+      scorer.add(ids);
     } catch (const NonFiniteError& e) {
       throw Error(path + ":" + std::to_string(n) + ": " + e.what());
     }
-    seconds += now_seconds() - t1;
-    processed += int64_t(ids.size());
-    for (size_t t = 0; t + 1 < ids.size(); ++t) {
-      const float* row = logits.data() + t * size_t(V);
-      nll += ops::log_sum_exp(row, V) - double(row[ids[t + 1]]);
-    }
-    predicted += int64_t(ids.size()) - 1;
     if (progress && (i + 1) % 50 == 0)
       std::fprintf(stderr, "\reval: %zu/%zu lines", i + 1, lines.size());
   }
   if (progress && lines.size() >= 50) std::fputc('\n', stderr);
-  if (predicted == 0) throw Error(path + ": no line has a token to predict");
-  const double ppl = std::exp(nll / double(predicted));
+  if (scorer.predicted() == 0) throw Error(path + ": no line has a token to predict");
+  const double nll = scorer.nll(), ppl = scorer.perplexity(), seconds = scorer.seconds();
+  const int64_t predicted = scorer.predicted(), processed = scorer.processed();
   const double tps = seconds > 0 ? double(processed) / seconds : 0;
   if (a.has("--json")) {
     nlohmann::ordered_json j = {{"text_file", path},
