@@ -59,12 +59,16 @@ TinyModel make_tiny_model(const std::string& name, bool tied, int64_t V) {
                         {"logits_via_embedding", tied}};
   std::ofstream(m.dir / "config.json") << cfg.dump();
 
-  ExportOptions opt;
-  opt.checkpoints = {(m.dir / "model.safetensors").string()};
-  opt.config_path = (m.dir / "config.json").string();
-  opt.out_dir = m.artifact.string();
-  export_artifact(opt);
+  export_fixture(m.dir, m.artifact);
   return m;
+}
+
+void export_fixture(const fs::path& dir, const fs::path& artifact) {
+  ExportOptions opt;
+  opt.checkpoints = {(dir / "model.safetensors").string()};
+  opt.config_path = (dir / "config.json").string();
+  opt.out_dir = artifact.string();
+  export_artifact(opt);
 }
 
 const TinyModel& tiny_untied() {

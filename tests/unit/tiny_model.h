@@ -17,6 +17,9 @@ struct TinyModel {
 // E 64, 4 query heads, 2 KV heads, 2 layers, context 96; `tied`: logits via the embedding.
 TinyModel make_tiny_model(const std::string& name, bool tied, int64_t V = 256);
 
+// Exports the checkpoint `dir`/model.safetensors with its `dir`/config.json to `artifact`.
+void export_fixture(const std::filesystem::path& dir, const std::filesystem::path& artifact);
+
 // make_tiny_model("untied", false), made once per process.
 const TinyModel& tiny_untied();
 

@@ -138,8 +138,8 @@ int cmd_bench(int argc, const char* const* argv) {
   }
 
   // Batched decode: N slots hold the same prompt (N samples of one prefill) and every generate()
-  // step advances all of them in one batched pass. The slot counts take turns
-  // within each repeat, so every ratio compares runs from the same minute of a noisy machine.
+  // step advances all of them in one batched pass. The slot counts take turns within each
+  // repeat, so every ratio compares runs from the same minute of a noisy machine.
   struct SlotRun {
     int64_t slots;
     std::vector<double> tps;
