@@ -5,7 +5,8 @@
  * (its attention cache, the logits at its last position and its first sampled token);
  * kiln_insert the prefix into a free slot; kiln_generate advances every active slot by one token
  * in one batched forward pass; kiln_release frees a slot once its request is finished (or to
- * abandon it). tools/examples/kiln_example.c runs a prompts file with continuous batching.
+ * abandon it). kiln_run does all of that for a list of requests (continuous batching), as
+ * tools/examples/kiln_example.c shows.
  *
  * Conventions:
  *   - Every function returning kiln_status returns KILN_OK on success. On failure it returns
@@ -235,6 +236,52 @@ kiln_status kiln_generate(kiln_engine* engine, kiln_slot_token* out, size_t capa
 /* Frees a busy slot (finished or not); it can then take a new prefix.
  * Errors: INVALID_ARGUMENT for a NULL engine or a slot out of range; STATE for a free slot. */
 kiln_status kiln_release(kiln_engine* engine, int64_t slot);
+
+/* ---- serving a list of requests -------------------------------------------------------------- */
+
+/* One request of kiln_run: the prompt tokens[0..n_tokens) on `adapter`, a loaded run-time adapter
+ * (NULL or "": the base weights). */
+typedef struct kiln_request {
+  const int32_t* tokens;
+  size_t n_tokens;
+  const char* adapter;
+} kiln_request;
+
+/* What one request produced: n_tokens tokens (the prefill's first one included) and the
+ * log-softmax of the raw logits at each, in arrays the library allocates (kiln_output_free), and
+ * why it ended (KILN_FINISH_*, never NONE). */
+typedef struct kiln_output {
+  int32_t* tokens;
+  float* logprobs;
+  size_t n_tokens;
+  int finish;
+} kiln_output;
+
+/* The timings of one kiln_run. */
+typedef struct kiln_run_stats {
+  double prefill_seconds; /* in prefills */
+  double decode_seconds;  /* in batched decode steps */
+  int64_t prompt_tokens;
+  int64_t generated_tokens; /* every output token, the prefills' first ones included */
+  int64_t decoded_tokens;   /* the tokens of the decode steps */
+} kiln_run_stats;
+
+/* Serves requests[0..n_requests) with `sampling` by continuous batching over the engine's slots,
+ * with the runner of `kiln run --prompts-file`: whenever slots are free the next requests are
+ * prefilled (one by one) and inserted, every step advances all active slots in one batched pass,
+ * and a finished request frees its slot. Every slot must be free when it is called, and is free
+ * again when it returns. On success out[i] is request i's output (free each with
+ * kiln_output_free) and *stats, unless stats is NULL, the timings. On failure every out[i] is
+ * zeroed (nothing to free).
+ * Errors: INVALID_ARGUMENT for NULL arguments (stats excepted), n_requests == 0, or a request
+ * kiln_prefill would refuse (checked for every request before any runs; the message names the
+ * request's index); STATE for a busy slot or an adapter that is not loaded; IO for a non-finite
+ * logit (the message names the request and the position); INTERNAL for out of memory. */
+kiln_status kiln_run(kiln_engine* engine, const kiln_request* requests, size_t n_requests,
+                     const kiln_sampling* sampling, kiln_output* out, kiln_run_stats* stats);
+
+/* Frees the arrays of an output of kiln_run and zeroes it. NULL is ignored. */
+void kiln_output_free(kiln_output* out);
 
 /* ---- run-time LoRA adapters ------------------------------------------------------------------ */
 

@@ -5,6 +5,7 @@
 // std::bad_alloc and anything else KILN_ERROR_INTERNAL.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <filesystem>
@@ -18,6 +19,7 @@
 #include "common/error.h"
 #include "engine/engine.h"
 #include "engine/kiln.h"
+#include "engine/runner.h"
 #include "schema/manifest.h"
 
 struct kiln_engine {
@@ -422,6 +424,62 @@ kiln_status kiln_release(kiln_engine* engine, int64_t slot) {
   return guarded(fn, KILN_ERROR_INVALID_ARGUMENT, [&] {
     require(engine, fn, "engine");
     engine->engine->release(slot);
+  });
+}
+
+// --- serving a list of requests -------------------------------------------------------------
+
+void kiln_output_free(kiln_output* out) {
+  if (!out) return;
+  std::free(out->tokens);
+  std::free(out->logprobs);
+  *out = kiln_output{};
+}
+
+kiln_status kiln_run(kiln_engine* engine, const kiln_request* requests, size_t n_requests,
+                     const kiln_sampling* sampling, kiln_output* out, kiln_run_stats* stats) {
+  static constexpr const char* fn = "kiln_run";
+  if (out)
+    for (size_t i = 0; i < n_requests; ++i) out[i] = kiln_output{};
+  return guarded(fn, KILN_ERROR_INVALID_ARGUMENT, [&] {
+    require(engine, fn, "engine");
+    require(requests, fn, "requests");
+    require(sampling, fn, "sampling");
+    require(out, fn, "out");
+    if (n_requests == 0) fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": no requests");
+    kiln::Engine& e = *engine->engine;
+    const kiln::SamplingParams sp = sampling_params(*sampling, fn, e.config().vocab_size);
+    std::vector<kiln::GenerationRequest> reqs(n_requests);
+    for (size_t i = 0; i < n_requests; ++i) {
+      const std::string what = std::string(fn) + ": request " + std::to_string(i);
+      if (!requests[i].tokens) fail(KILN_ERROR_INVALID_ARGUMENT, what + ": tokens is NULL");
+      const std::span<const int32_t> prompt(requests[i].tokens, requests[i].n_tokens);
+      check_request(e, prompt, sp, what);
+      reqs[i] = {std::vector<int32_t>(prompt.begin(), prompt.end()),
+                 adapter_name(requests[i].adapter)};
+    }
+    kiln::Runner runner(e);
+    const std::vector<kiln::GenerationOutput> res = runner.run(reqs, sp);
+    // The C arrays, all or none.
+    std::vector<kiln_output> made(n_requests, kiln_output{});
+    for (size_t i = 0; i < n_requests; ++i) {
+      const size_t n = res[i].tokens.size();
+      made[i].tokens = static_cast<int32_t*>(std::malloc(std::max<size_t>(n, 1) * sizeof(int32_t)));
+      made[i].logprobs = static_cast<float*>(std::malloc(std::max<size_t>(n, 1) * sizeof(float)));
+      if (!made[i].tokens || !made[i].logprobs) {
+        for (kiln_output& m : made) kiln_output_free(&m);
+        throw std::bad_alloc();
+      }
+      std::copy(res[i].tokens.begin(), res[i].tokens.end(), made[i].tokens);
+      std::copy(res[i].logprobs.begin(), res[i].logprobs.end(), made[i].logprobs);
+      made[i].n_tokens = n;
+      made[i].finish = int(res[i].finish);
+    }
+    std::copy(made.begin(), made.end(), out);
+    if (stats) {
+      const kiln::RunnerStats& st = runner.stats();
+      *stats = {st.prefill_seconds, st.decode_seconds, st.prompt_tokens, st.generated, st.decoded};
+    }
   });
 }
 

@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
+#include <stdexcept>
 
 #include "common/bf16.h"
 #include "common/durable_output.h"
@@ -230,8 +232,19 @@ std::string check_out_dir(const ExportOptions& opt) {
   return out.string();
 }
 
-ExportSummary export_artifact(const ExportOptions& opt,
-                              const std::function<void(const ExportProgress&)>& progress) {
+namespace {
+
+using ProgressFn = std::function<void(const ExportProgress&)>;
+
+// How export_once is asked to write: the options' own QK-Clip statistics, or a plan made by the
+// calibration; a scratch artifact (a calibration pass) is written without fsync, since a crash
+// loses nothing the user asked for.
+struct Pass {
+  const QkClipRecord* qk_clip = nullptr;
+  bool scratch = false;
+};
+
+ExportSummary export_once(const ExportOptions& opt, const ProgressFn& progress, Pass pass) {
   auto t0 = std::chrono::steady_clock::now();
   if (opt.checkpoints.empty()) throw Error("export: no --checkpoint given");
   const fs::path out = check_out_dir(opt);
@@ -249,8 +262,8 @@ ExportSummary export_artifact(const ExportOptions& opt,
   Checkpoint ckpt = Checkpoint::open(opt.checkpoints);
   Plan plan = make_plan(ckpt, cfg);
   QkClipRecord qk_clip;
-  if (opt.qk_clip_record) {
-    qk_clip = *opt.qk_clip_record;
+  if (pass.qk_clip) {
+    qk_clip = *pass.qk_clip;
   } else if (opt.qk_clip.threshold != 0 || !opt.qk_clip.stats.empty()) {
     if (opt.qk_clip.stats.empty())
       throw Error("--qk-clip-threshold needs statistics: give --max-logits FILE");
@@ -286,7 +299,8 @@ ExportSummary export_artifact(const ExportOptions& opt,
   manifest.tokenizer = std::move(tokenizer_bytes);
   ExportSummary summary;
   summary.tokenizer_pieces = tokenizer_pieces;
-  ExportProgress prog{0, int64_t(plan.blobs.size()), 0};
+  ExportProgress prog;
+  prog.blobs_total = int64_t(plan.blobs.size());
 
   // One tensor in f32 at a time; the globals (the embedding is the largest tensor of a model)
   // stream in chunks since no stage but the conversion touches them.
@@ -372,7 +386,7 @@ ExportSummary export_artifact(const ExportOptions& opt,
     if (!f) throw Error((tmp / kManifestFile).string() + ": write failed");
   }
 
-  staged.commit(opt.force, !opt.scratch);
+  staged.commit(opt.force, !pass.scratch);
 
   summary.layers = cfg.model.num_decoder_layers;
   summary.bytes_written = prog.bytes_written + bytes.size();
@@ -382,6 +396,60 @@ ExportSummary export_artifact(const ExportOptions& opt,
   summary.adapters = manifest.adapters;
   summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return summary;
+}
+
+// The sequential calibrate-and-clip of export_artifact (exporter.h): the QK-Clip plan, every
+// layer's gammas measured with the layers before it clipped.
+QkClipRecord calibrate_qk_clip(const ExportOptions& opt, const ProgressFn& progress) {
+  MaxLogitCalibrator& calibrator = *opt.qk_clip.calibrator;
+  const ExportConfig cfg = read_export_config(opt.config_path, opt.overrides);
+  const ModelConfig& c = cfg.model;
+  const int64_t L = c.num_decoder_layers, H = c.num_query_heads;
+  QkClipRecord rec = plan_qk_clip(opt.qk_clip, c,
+                                  MaxLogits{L,
+                                            H,
+                                            std::vector<float>(size_t(L * H), NAN),
+                                            {calibrator.source() + " (sequential calibration)"}});
+  const float tau = float(opt.qk_clip.threshold);
+
+  const StagedDirectory scratch(check_out_dir(opt), "kiln-calibrate");
+  ExportOptions scratch_opt = opt;
+  scratch_opt.out_dir = (fs::path(scratch.path()) / "model.kiln").string();
+  scratch_opt.force = true;
+
+  ExportProgress prog;
+  prog.calibration_layers = L;
+  std::vector<float> stats;
+  bool stale = true;  // the last measurement predates a clip
+  for (int64_t l = 0; l < L; ++l) {
+    if (stale) {
+      export_once(scratch_opt, {}, Pass{&rec, true});
+      stats = calibrator.max_logits(scratch_opt.out_dir);
+      if (stats.size() != size_t(L * H))
+        throw std::logic_error("calibrate_qk_clip: " + std::to_string(stats.size()) +
+                               " statistics for " + std::to_string(L) + " layers x " +
+                               std::to_string(H) + " heads");
+      stale = false;
+      ++prog.calibration_passes;
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const size_t i = size_t(l * H + h);
+      rec.max_logit[i] = stats[i];
+      rec.gamma[i] = qk_clip_gamma(stats[i], tau);
+      stale = stale || rec.gamma[i] < 1.0f;
+    }
+    prog.calibrated_layers = l + 1;
+    if (progress) progress(prog);
+  }
+  return rec;
+}
+
+}  // namespace
+
+ExportSummary export_artifact(const ExportOptions& opt, const ProgressFn& progress) {
+  if (!opt.qk_clip.calibrator) return export_once(opt, progress, Pass{});
+  const QkClipRecord plan = calibrate_qk_clip(opt, progress);
+  return export_once(opt, progress, Pass{&plan, false});
 }
 
 }  // namespace kiln

@@ -36,18 +36,12 @@ struct ExportOptions {
   std::string out_dir;
   bool force = false;
   QkClipOptions qk_clip;  // threshold 0: off
-  // A QK-Clip plan computed elsewhere (the sequential calibrate-and-clip of `kiln export
-  // --qk-clip-calibrate`); used instead of qk_clip when set.
-  std::optional<QkClipRecord> qk_clip_record;
   // LoRA adapters: all folded into the weights (merge_lora), or each written as a run-time
   // adapter under its name.
   std::vector<LoraOption> loras;
   bool merge_lora = false;
   // A SentencePiece model to embed in the manifest (`--tokenizer`); empty: none.
   std::string tokenizer_path;
-  // A scratch artifact (the passes of --qk-clip-calibrate): written without fsync, since a crash
-  // loses nothing the user asked for.
-  bool scratch = false;
   // The command line as given, recorded in the manifest's provenance.
   std::vector<std::pair<std::string, std::string>> recorded_options;
 };
@@ -56,6 +50,12 @@ struct ExportProgress {
   int64_t blobs_done = 0;
   int64_t blobs_total = 0;
   uint64_t bytes_written = 0;
+  // While QK-Clip is calibrated (qk_clip.calibrator), before any blob of the artifact: the layers
+  // whose gammas are final, of calibration_layers, and the export-and-measure passes so far.
+  // calibration_layers is 0 once the artifact itself is written.
+  int64_t calibrated_layers = 0;
+  int64_t calibration_layers = 0;
+  int calibration_passes = 0;
 };
 
 struct ExportSummary {
@@ -73,6 +73,13 @@ struct ExportSummary {
 // returns it without a trailing '/'. Throws kiln::Error naming it.
 std::string check_out_dir(const ExportOptions& opt);
 
+// With qk_clip.calibrator, QK-Clip is calibrated first, sequentially: clipping layer l changes the
+// input of every later layer, so statistics taken once on the unclipped model only bind the first
+// clipped layer. Layer l is measured with layers 0..l-1 already clipped; one measurement serves
+// every layer up to and including the next one that needs clipping, and only then is the model
+// re-exported (to a scratch artifact in a locked hidden sibling of `out_dir`, removed at the end;
+// a killed calibration's is removed by the next export to the same place).
+//
 // Throws kiln::Error (one line naming the file and key) on any bad input, a non-finite weight
 // included; nothing is left at `out_dir` (or the previous artifact stays untouched) when it
 // throws.

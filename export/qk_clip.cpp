@@ -126,6 +126,13 @@ MaxLogits read_max_logits(const QkClipOptions& opt, const ModelConfig& c) {
   return out;
 }
 
+float qk_clip_gamma(float s, float tau) {
+  // In f32, as MaxText computes it on f32 statistics. A head at or below tau keeps gamma = 1
+  // exactly (MaxText's formula would give 1 − 1e-7 for S within 1e-6 below tau), so it stays
+  // bit-identical as promised.
+  return std::isnan(s) || s <= tau ? 1.0f : std::min(1.0f, tau / (s + 1e-6f));
+}
+
 QkClipRecord plan_qk_clip(const QkClipOptions& opt, const ModelConfig& c, const MaxLogits& stats) {
   if (!(opt.threshold > 0))
     throw Error("--qk-clip-threshold must be positive, got " + std::to_string(opt.threshold));
@@ -154,14 +161,8 @@ QkClipRecord plan_qk_clip(const QkClipOptions& opt, const ModelConfig& c, const 
   r.heads = stats.heads;
   r.max_logit = stats.s;
   r.gamma.resize(stats.s.size());
-  // In f32, as MaxText computes it on f32 statistics. A head at or below tau keeps gamma = 1
-  // exactly (MaxText's formula would give 1 − 1e-7 for S within 1e-6 below tau), so it stays
-  // bit-identical as promised.
   const float tau = float(opt.threshold);
-  for (size_t i = 0; i < stats.s.size(); ++i) {
-    float s = stats.s[i];
-    r.gamma[i] = std::isnan(s) || s <= tau ? 1.0f : std::min(1.0f, tau / (s + 1e-6f));
-  }
+  for (size_t i = 0; i < stats.s.size(); ++i) r.gamma[i] = qk_clip_gamma(stats.s[i], tau);
   return r;
 }
 

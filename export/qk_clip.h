@@ -18,11 +18,27 @@
 
 namespace kiln {
 
+// Measures the per-head max logits of an exported artifact, for the sequential calibrate-and-clip
+// of `kiln export --qk-clip-calibrate` (export_artifact). The engine does the measuring; it sits
+// above export/, so the caller injects it through this interface (tools/kiln/common.h).
+class MaxLogitCalibrator {
+ public:
+  virtual ~MaxLogitCalibrator() = default;
+  // Per layer and query head ([layers, heads] row-major), the largest pre-softmax logit of the
+  // artifact at `artifact_dir` on the calibration prompts.
+  virtual std::vector<float> max_logits(const std::string& artifact_dir) = 0;
+  // What the statistics are measured on (the prompts file), recorded in the manifest.
+  virtual std::string source() const = 0;
+};
+
 struct QkClipOptions {
   double threshold = 0;            // tau; 0 = QK-Clip off
   std::vector<std::string> stats;  // --max-logits files (safetensors)
   bool per_group = false;          // one gamma per head for a whole scanned group, as MaxText
   std::string mode = "mla";        // "mla" | "query"
+  // --qk-clip-calibrate: instead of `stats`, measure while exporting, layer l with layers 0..l-1
+  // already clipped (per layer only). Not owned.
+  MaxLogitCalibrator* calibrator = nullptr;
 };
 
 // Per global layer, per head, the max logit S (NaN where a layer has no statistics).
@@ -37,6 +53,10 @@ struct MaxLogits {
 // that differs from the config, a stacked layer count that differs from the group, a layer index
 // outside the model, a dtype other than f32/bf16/f16, or a file without any max-logit key.
 MaxLogits read_max_logits(const QkClipOptions& opt, const ModelConfig& c);
+
+// A head's gamma for max logit `s`: tau / (s + 1e-6) above tau, exactly 1 at or below it and
+// without statistics (NaN).
+float qk_clip_gamma(float s, float tau);
 
 // Computes the record (gamma per layer and head) from the statistics. Throws for an MLA mode on
 // a non-MLA model (unless mode is "query") and for a non-positive threshold.

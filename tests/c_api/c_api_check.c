@@ -1,6 +1,6 @@
 /* Contract checks of the C API (engine/kiln.h) on an exported artifact, run by
  * tests/e2e/test_c_api.py: status codes and messages for bad arguments and states, prefix
- * ownership, accessors, multisampling, packed prefill and adapters.
+ * ownership, accessors, multisampling, packed prefill, kiln_run and adapters.
  *
  * Usage: kiln_c_api_check ARTIFACT [ADAPTER]   (ADAPTER: a run-time adapter of the artifact)
  *        kiln_c_api_check --damaged ARTIFACT NEEDLE [RUN_NEEDLE]
@@ -317,6 +317,48 @@ int main(int argc, char** argv) {
     for (i = 0; i < 2; ++i) kiln_prefix_free(concat[i]);
     kiln_prefix_free(p);
     p = NULL;
+  }
+
+  /* --- kiln_run: a list of requests, continuous batching -------------------------------------- */
+  {
+    kiln_request reqs[3];
+    kiln_output outs[3];
+    kiln_run_stats stats;
+    kiln_sampling s = greedy;
+    s.max_new_tokens = 4;
+    reqs[0].tokens = prompt;
+    reqs[0].n_tokens = 6;
+    reqs[0].adapter = NULL;
+    reqs[1].tokens = prompt2;
+    reqs[1].n_tokens = 3;
+    reqs[1].adapter = "";
+    reqs[2].tokens = oov;
+    reqs[2].n_tokens = 2;
+    reqs[2].adapter = NULL;
+    EXPECT(kiln_run(e, reqs, 3, &s, outs, NULL), KILN_ERROR_INVALID_ARGUMENT, "request 2");
+    CHECK(outs[0].tokens == NULL && outs[2].n_tokens == 0); /* zeroed on failure */
+    EXPECT(kiln_run(e, reqs, 0, &s, outs, NULL), KILN_ERROR_INVALID_ARGUMENT, "no requests");
+    EXPECT(kiln_run(e, NULL, 2, &s, outs, NULL), KILN_ERROR_INVALID_ARGUMENT, "requests is NULL");
+    EXPECT(kiln_run(e, reqs, 2, &s, NULL, NULL), KILN_ERROR_INVALID_ARGUMENT, "out is NULL");
+    CHECK(kiln_prefill(e, prompt2, 3, &greedy, NULL, &p) == KILN_OK);
+    CHECK(kiln_insert(e, p, 1, &first) == KILN_OK);
+    p = NULL;
+    EXPECT(kiln_run(e, reqs, 2, &s, outs, NULL), KILN_ERROR_STATE, "busy");
+    CHECK(kiln_release(e, 1) == KILN_OK);
+    CHECK(kiln_run(e, reqs, 2, &s, outs, &stats) == KILN_OK);
+    CHECK(outs[0].n_tokens == 4 && outs[1].n_tokens == 4);
+    CHECK(outs[0].finish == KILN_FINISH_LENGTH && outs[1].finish == KILN_FINISH_LENGTH);
+    CHECK(stats.prompt_tokens == 9 && stats.generated_tokens == 8 && stats.decoded_tokens == 6);
+    /* request 1 is what it is alone: its prefill's greedy token first */
+    CHECK(kiln_prefill(e, prompt2, 3, &greedy, NULL, &p) == KILN_OK);
+    CHECK(outs[1].tokens[0] == kiln_prefix_token(p, 0));
+    CHECK(fabs(outs[1].logprobs[0] - kiln_prefix_token_logp(p, 0)) < 1e-4);
+    kiln_prefix_free(p);
+    p = NULL;
+    kiln_output_free(&outs[0]);
+    kiln_output_free(&outs[1]);
+    CHECK(outs[0].tokens == NULL && outs[0].logprobs == NULL && outs[0].n_tokens == 0);
+    kiln_output_free(NULL);
   }
 
   /* --- adapters ------------------------------------------------------------------------------ */

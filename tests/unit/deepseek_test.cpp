@@ -31,6 +31,7 @@
 #include "export/exporter.h"
 #include "export/safetensors.h"
 #include "tests/unit/alloc_counter.h"
+#include "tests/unit/tiny_model.h"
 
 namespace fs = std::filesystem;
 using namespace kiln;
@@ -382,11 +383,7 @@ TinyDeepSeek make_tiny_deepseek() {
                               {"max_target_length", 96}};
   std::ofstream(m.dir / "config.json") << cfg.dump();
 
-  ExportOptions opt;
-  opt.checkpoints = {(m.dir / "model.safetensors").string()};
-  opt.config_path = (m.dir / "config.json").string();
-  opt.out_dir = m.artifact.string();
-  export_artifact(opt);
+  test::export_fixture(m.dir, m.artifact);
   return m;
 }
 

@@ -346,3 +346,84 @@ TEST_CASE("an interrupted export throws Interrupted and leaves nothing behind") 
   for (const auto& e : fs::directory_iterator(fx.dir))
     CHECK(e.path().filename().string().find("kiln-tmp") == std::string::npos);
 }
+
+namespace {
+
+// The engine's part in --qk-clip-calibrate, faked: layer l's heads measure `raw` while no layer
+// before l is clipped in the artifact measured, and half of it once one is (a clip lowers the
+// logits downstream).
+class FakeCalibrator final : public MaxLogitCalibrator {
+ public:
+  FakeCalibrator(int64_t H, std::vector<float> raw) : H_(H), raw_(std::move(raw)) {}
+
+  std::vector<float> max_logits(const std::string& artifact_dir) override {
+    const Manifest m = artifact_manifest(artifact_dir);
+    REQUIRE(m.qk_clip.applied);
+    passes.push_back(m.qk_clip.gamma);
+    std::vector<float> s = raw_;
+    bool clipped_before = false;
+    for (size_t l = 0; l < s.size() / size_t(H_); ++l) {
+      for (size_t h = 0; h < size_t(H_); ++h) {
+        if (clipped_before) s[l * size_t(H_) + h] *= 0.5f;
+      }
+      for (size_t h = 0; h < size_t(H_); ++h)
+        clipped_before = clipped_before || m.qk_clip.gamma[l * size_t(H_) + h] < 1.0f;
+    }
+    return s;
+  }
+  std::string source() const override { return "prompts.txt"; }
+
+  std::vector<std::vector<float>> passes;  // the gammas of each artifact measured
+
+ private:
+  int64_t H_;
+  std::vector<float> raw_;
+};
+
+}  // namespace
+
+TEST_CASE(
+    "QK-Clip calibration: layer l is measured with layers 0..l-1 clipped, one pass per clip") {
+  Fixture fx = make_deepseek("calibrate", 2, 4);
+  const float tau = 10;
+  // Layer 0 head 1 is above tau; layer 2 stays above it once halved; layers 1 and 3 fall below.
+  FakeCalibrator cal(2, {1, 40, 15, 2, 50, 3, 12, 1});
+  ExportOptions o = options(fx, "calibrated.kiln");
+  o.qk_clip.threshold = tau;
+  o.qk_clip.calibrator = &cal;
+  const ExportSummary s = export_artifact(o);
+
+  // Measured: the unclipped model (layer 0), then with layer 0 clipped (layers 1 and 2), then
+  // with layers 0 and 2 clipped (layer 3).
+  const std::vector<float> measured = {1, 40, 7.5f, 1, 25, 1.5f, 6, 0.5f};
+  std::vector<float> gamma;
+  for (float m : measured) gamma.push_back(qk_clip_gamma(m, tau));
+  REQUIRE(cal.passes.size() == 3);
+  CHECK(cal.passes[0] == std::vector<float>(8, 1.0f));
+  CHECK(cal.passes[1] == std::vector<float>{1, gamma[1], 1, 1, 1, 1, 1, 1});
+  CHECK(cal.passes[2] == std::vector<float>{1, gamma[1], 1, 1, gamma[4], 1, 1, 1});
+  CHECK(gamma[1] == gamma_of(tau, 40));
+  CHECK(s.qk_clip.max_logit == measured);
+  CHECK(s.qk_clip.gamma == gamma);
+  const Manifest m = artifact_manifest(o.out_dir);
+  CHECK(m.qk_clip.gamma == gamma);
+  CHECK(m.qk_clip.sources == std::vector<std::string>{"prompts.txt (sequential calibration)"});
+
+  // The weights are those of an export given the measured statistics as a file.
+  TensorMap stats;
+  for (int64_t l = 0; l < 4; ++l)
+    stats["decoder.layers_" + std::to_string(l) + ".self_attention.attention_op.max_logits"] = {
+        {1, 2}, {measured[size_t(2 * l)], measured[size_t(2 * l + 1)]}};
+  ExportOptions from_file = options(fx, "from_file.kiln");
+  from_file.qk_clip = {tau, {write_stats(fx, "measured.safetensors", stats).string()}};
+  export_artifact(from_file);
+  for (int64_t l = 0; l < 4; ++l)
+    for (const char* t : {"attn.wq_b", "attn.wkv_b"}) {
+      CAPTURE(l);
+      CAPTURE(t);
+      CHECK(artifact_tensor(o.out_dir, l, t) == artifact_tensor(from_file.out_dir, l, t));
+    }
+  // The scratch artifacts are gone.
+  for (const auto& e : fs::directory_iterator(fx.dir))
+    CHECK(e.path().filename().string().find("kiln-calibrate") == std::string::npos);
+}

@@ -1,6 +1,7 @@
 /* An example of embedding kiln through its C API (engine/kiln.h): runs every prompt of a file
- * with continuous batching over a number of decode slots, exactly as `kiln run --prompts-file`
- * does (greedy sampling, optional stop tokens), and prints one line per request in input order:
+ * with continuous batching over a number of decode slots (kiln_run: the runner of
+ * `kiln run --prompts-file`; greedy sampling, optional stop tokens), and prints one line per
+ * request in input order:
  *
  *     tokens: t1,t2,... | logprobs: l1,l2,... | finish: length
  *
@@ -22,10 +23,6 @@ typedef struct request {
   int32_t* prompt;
   size_t n_prompt;
   char* adapter; /* NULL: the base weights */
-  int32_t* tokens;
-  float* logprobs;
-  size_t n_out, cap_out;
-  int finish;
 } request;
 
 static const char* finish_name(int finish) {
@@ -164,16 +161,6 @@ static size_t read_requests(const char* path, request** out) {
   return n;
 }
 
-static void record(request* r, const kiln_slot_token* t) {
-  size_t cap = r->cap_out;
-  r->tokens = grow(r->tokens, &r->cap_out, r->n_out + 1, sizeof(int32_t));
-  r->logprobs = grow(r->logprobs, &cap, r->n_out + 1, sizeof(float));
-  r->tokens[r->n_out] = t->token;
-  r->logprobs[r->n_out] = t->logp;
-  ++r->n_out;
-  if (t->finish != KILN_FINISH_NONE) r->finish = t->finish;
-}
-
 static long parse_positive(const char* s, const char* what) {
   char* end;
   long v;
@@ -198,15 +185,12 @@ int main(int argc, char** argv) {
   kiln_engine_options opt;
   kiln_sampling sampling;
   kiln_engine* engine = NULL;
-  kiln_prefix** prefixes = NULL;
-  kiln_slot_token* step = NULL;
-  int64_t* slot_req = NULL; /* the request in each slot, -1: free */
-  int64_t* free_slots = NULL;
+  kiln_request* runs = NULL;
+  kiln_output* outs = NULL;
   request* reqs = NULL;
-  size_t n_reqs = 0, next = 0, finished = 0, i;
+  size_t n_reqs = 0, i;
   int32_t* stop = NULL;
   size_t n_stop = 0, stop_cap = 0;
-  int64_t s, n_slots = 0;
   int rc = 1;
 
   if (argc != 5 && argc != 6) {
@@ -231,78 +215,40 @@ int main(int argc, char** argv) {
   for (i = 0; i < n_reqs; ++i)
     if (reqs[i].adapter) CHECK(kiln_load_adapter(engine, reqs[i].adapter));
 
-  n_slots = kiln_slots(engine);
-  slot_req = malloc((size_t)n_slots * sizeof(int64_t));
-  free_slots = malloc((size_t)n_slots * sizeof(int64_t));
-  prefixes = calloc((size_t)n_slots, sizeof(kiln_prefix*));
-  step = malloc((size_t)n_slots * sizeof(kiln_slot_token));
-  if (!slot_req || !free_slots || !prefixes || !step) {
+  runs = malloc(n_reqs * sizeof(kiln_request));
+  outs = calloc(n_reqs, sizeof(kiln_output));
+  if (!runs || !outs) {
     fprintf(stderr, "kiln_example: error: out of memory\n");
     goto done;
   }
-  for (s = 0; s < n_slots; ++s) slot_req[s] = -1;
-
-  /* Continuous batching: whenever slots are free the next requests are prefilled and inserted;
-   * every step advances all active slots together; a finished request frees its slot. */
-  while (finished < n_reqs) {
-    size_t n_free = 0, n_new, n_step = 0, k;
-    for (s = 0; s < n_slots; ++s)
-      if (slot_req[s] < 0) free_slots[n_free++] = s;
-    n_new = n_free < n_reqs - next ? n_free : n_reqs - next;
-    for (k = 0; k < n_new; ++k) {
-      const request* r = &reqs[next + k];
-      CHECK(kiln_prefill(engine, r->prompt, r->n_prompt, &sampling, r->adapter, &prefixes[k]));
-    }
-    for (k = 0; k < n_new; ++k) {
-      kiln_slot_token first;
-      const int64_t slot = free_slots[k];
-      CHECK(kiln_insert(engine, prefixes[k], slot, &first));
-      prefixes[k] = NULL; /* consumed */
-      slot_req[slot] = (int64_t)next++;
-      record(&reqs[slot_req[slot]], &first);
-      if (first.finish != KILN_FINISH_NONE) {
-        CHECK(kiln_release(engine, slot));
-        slot_req[slot] = -1;
-        ++finished;
-      }
-    }
-    CHECK(kiln_generate(engine, step, (size_t)n_slots, &n_step));
-    for (k = 0; k < n_step; ++k) {
-      const int64_t slot = step[k].slot;
-      record(&reqs[slot_req[slot]], &step[k]);
-      if (step[k].finish != KILN_FINISH_NONE) {
-        CHECK(kiln_release(engine, slot));
-        slot_req[slot] = -1;
-        ++finished;
-      }
-    }
+  for (i = 0; i < n_reqs; ++i) {
+    runs[i].tokens = reqs[i].prompt;
+    runs[i].n_tokens = reqs[i].n_prompt;
+    runs[i].adapter = reqs[i].adapter;
   }
+  CHECK(kiln_run(engine, runs, n_reqs, &sampling, outs, NULL));
 
   for (i = 0; i < n_reqs; ++i) {
     size_t k;
     printf("tokens: ");
-    for (k = 0; k < reqs[i].n_out; ++k) printf("%s%d", k ? "," : "", (int)reqs[i].tokens[k]);
+    for (k = 0; k < outs[i].n_tokens; ++k) printf("%s%d", k ? "," : "", (int)outs[i].tokens[k]);
     printf(" | logprobs: ");
-    for (k = 0; k < reqs[i].n_out; ++k) printf("%s%.6f", k ? "," : "", (double)reqs[i].logprobs[k]);
-    printf(" | finish: %s\n", finish_name(reqs[i].finish));
+    for (k = 0; k < outs[i].n_tokens; ++k)
+      printf("%s%.6f", k ? "," : "", (double)outs[i].logprobs[k]);
+    printf(" | finish: %s\n", finish_name(outs[i].finish));
   }
   rc = 0;
 
 done:
-  if (prefixes)
-    for (s = 0; s < n_slots; ++s) kiln_prefix_free(prefixes[s]);
   kiln_close(engine);
   for (i = 0; reqs && i < n_reqs; ++i) {
     free(reqs[i].prompt);
     free(reqs[i].adapter);
-    free(reqs[i].tokens);
-    free(reqs[i].logprobs);
+    if (outs) kiln_output_free(&outs[i]);
   }
   free(reqs);
-  free(prefixes);
-  free(step);
-  free(free_slots);
-  free(slot_req);
+  free(runs);
+  free(outs);
   free(stop);
   return rc;
 }

@@ -8,6 +8,7 @@
 #include "export/adapter.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
+#include "tools/kiln/common.h"
 
 namespace kiln::cli {
 
@@ -39,29 +40,13 @@ nlohmann::json adapter_json(const AdapterRecord& a) {
           {"created_utc", a.created_utc}};
 }
 
-void print_adapter_line(const AdapterRecord& a) {
-  std::map<std::string, int64_t> per_tensor;
-  for (const auto& t : a.targets) per_tensor[t.tensor]++;
-  std::string tensors;
-  for (const auto& [name, n] : per_tensor)
-    tensors += (tensors.empty() ? "" : ", ") + name + "×" + std::to_string(n);
-  std::printf("  %-16s %-7s rank %-4lld %8.2f MiB  %s%s\n", a.name.c_str(), a.format.c_str(),
-              static_cast<long long>(a.rank), double(a.bytes()) / (1 << 20), tensors.c_str(),
-              a.merged ? "  (merged at export)" : "");
-}
-
-}  // namespace
-
-// Shared with `kiln inspect`.
 nlohmann::json adapters_json(const Manifest& m) {
   nlohmann::json list = nlohmann::json::array();
   for (const auto& a : m.adapters) list.push_back(adapter_json(a));
   return list;
 }
 
-void print_adapters(const Manifest& m) {
-  for (const auto& a : m.adapters) print_adapter_line(a);
-}
+}  // namespace
 
 int cmd_adapter(int argc, const char* const* argv) {
   const std::string sub = argc >= 2 ? argv[1] : "";

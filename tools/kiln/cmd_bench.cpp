@@ -7,8 +7,10 @@
 #include <optional>
 #include <string>
 
+#include "engine/runner.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
+#include "tools/kiln/common.h"
 
 namespace kiln::cli {
 
@@ -123,25 +125,21 @@ int cmd_bench(int argc, const char* const* argv) {
   std::vector<double> prefill_tps, decode_tps;
   SamplingParams greedy;
   greedy.max_new_tokens = n_gen + 1;  // the prefill's token, then n_gen decode steps
+  Runner runner(*engine);
+  const std::vector<GenerationRequest> request = {{prompt, adapter_name}};
   for (int64_t r = 0; r < repeat; ++r) {
-    double t1 = now_seconds();
-    Prefix prefix = engine->prefill(prompt, greedy, adapter_name);
-    double t2 = now_seconds();
-    engine->insert(std::move(prefix), 0);
-    for (int64_t i = 0; i < n_gen; ++i) engine->generate();
-    double t3 = now_seconds();
-    engine->release(0);
-    prefill_tps.push_back(double(n_prompt) / (t2 - t1));
-    decode_tps.push_back(double(n_gen) / (t3 - t2));
+    runner.run(request, greedy);
+    prefill_tps.push_back(runner.stats().prefill_tokens_per_s());
+    decode_tps.push_back(runner.stats().decode_tokens_per_s());
     if (!a.has("--json"))
       std::fprintf(stderr, "run %lld/%lld: prefill %.1f tokens/s, decode %.2f tokens/s\n",
                    static_cast<long long>(r + 1), static_cast<long long>(repeat),
                    prefill_tps.back(), decode_tps.back());
   }
 
-  // Batched decode: N slots hold the same prompt (one multisampling prefill, bulk-inserted) and
-  // every generate() step advances all of them in one batched pass. The slot counts take turns
-  // within each repeat, so every ratio compares runs from the same minute of a noisy machine.
+  // Batched decode: N slots hold the same prompt (N samples of one prefill) and every generate()
+  // step advances all of them in one batched pass. The slot counts take turns within each
+  // repeat, so every ratio compares runs from the same minute of a noisy machine.
   struct SlotRun {
     int64_t slots;
     std::vector<double> tps;
@@ -151,18 +149,13 @@ int cmd_bench(int argc, const char* const* argv) {
   for (int64_t n : slot_counts) slot_runs.push_back({n, {}, {}});
   for (int64_t r = 0; r < repeat; ++r) {
     for (SlotRun& sr : slot_runs) {
-      const int64_t n = sr.slots;
-      std::vector<int64_t> ids(static_cast<size_t>(n));
-      for (int64_t i = 0; i < n; ++i) ids[size_t(i)] = i;
-      engine->bulk_insert(engine->prefill_multisampling(prompt, n, greedy, adapter_name), ids);
-      const double t1 = now_seconds();
-      int64_t produced = 0;
-      for (int64_t i = 0; i < n_gen; ++i) produced += int64_t(engine->generate().size());
-      sr.tps.push_back(double(produced) / (now_seconds() - t1));
-      for (int64_t i : ids) engine->release(i);
+      RunOptions samples;
+      samples.samples = sr.slots;
+      runner.run(request, greedy, samples);
+      sr.tps.push_back(runner.stats().decode_tokens_per_s());
       if (!a.has("--json"))
         std::fprintf(stderr, "slots %lld, run %lld/%lld: decode %.2f tokens/s\n",
-                     static_cast<long long>(n), static_cast<long long>(r + 1),
+                     static_cast<long long>(sr.slots), static_cast<long long>(r + 1),
                      static_cast<long long>(repeat), sr.tps.back());
     }
     // One slot of the batched path if measured in this repeat, else the plain decode run.

@@ -5,30 +5,9 @@
 #include "export/safetensors.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
+#include "tools/kiln/common.h"
 
 namespace kiln::cli {
-
-std::vector<std::vector<int32_t>> read_prompts_file(const std::string& path) {
-  std::vector<std::vector<int32_t>> prompts;
-  for (const auto& [n, line] : read_lines(path, Blank::kWhitespace,
-                                          "no prompts (expected one comma-separated line each)")) {
-    try {
-      prompts.push_back(parse_token_list(line, path + ": line " + std::to_string(n)));
-    } catch (const UsageError& e) {
-      throw Error(e.what());  // bad file content is bad input (exit 1), not bad usage
-    }
-  }
-  return prompts;
-}
-
-std::vector<float> calibrate(Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
-                             const std::string& prompts_path) {
-  try {
-    return engine.calibrate_max_logits(prompts);
-  } catch (const Error& e) {
-    throw Error(prompts_path + ": " + e.what());  // e.g. a token outside the vocabulary
-  }
-}
 
 int cmd_calibrate(int argc, const char* const* argv) {
   ArgParser p("kiln calibrate",

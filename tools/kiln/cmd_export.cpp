@@ -1,29 +1,37 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdio>
-#include <filesystem>
+#include <optional>
 
-#include "common/durable_output.h"
-#include "export/config_reader.h"
 #include "export/exporter.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
+#include "tools/kiln/common.h"
 
 namespace kiln::cli {
 
 namespace {
 
-// A one-line progress bar redrawn in place; only when stderr is a terminal.
+// A one-line progress bar redrawn in place, after a line of QK-Clip calibration progress if there
+// is one; only when stderr is a terminal.
 class ProgressBar {
  public:
   ProgressBar() : enabled_(::isatty(STDERR_FILENO) == 1) {}
   ~ProgressBar() {
-    if (drawn_) std::fputc('\n', stderr);
+    if (drawn_ || calibrating_) std::fputc('\n', stderr);
   }
   void update(const ExportProgress& p) {
     if (!enabled_) return;
+    if (p.calibration_layers > 0) {
+      std::fprintf(stderr, "\rqk-clip calibration: layer %lld/%lld (%d passes)",
+                   static_cast<long long>(p.calibrated_layers),
+                   static_cast<long long>(p.calibration_layers), p.calibration_passes);
+      calibrating_ = true;
+      return;
+    }
+    if (calibrating_) std::fputc('\n', stderr);
+    calibrating_ = false;
     constexpr int kWidth = 30;
     int filled = p.blobs_total ? int(kWidth * p.blobs_done / p.blobs_total) : kWidth;
     std::fprintf(stderr, "\rexport [%.*s%*s] %lld/%lld blobs, %.1f MiB", filled,
@@ -37,62 +45,8 @@ class ProgressBar {
  private:
   bool enabled_;
   bool drawn_ = false;
+  bool calibrating_ = false;
 };
-
-// Sequential calibrate-and-clip: clipping layer l changes the input of every later layer, so
-// statistics taken once on the unclipped model only bind the first clipped layer. Here layer l is
-// measured with layers 0..l-1 already clipped. One calibration serves every layer up to and
-// including the next one that needs clipping; only then is the model re-exported.
-QkClipRecord sequential_qk_clip(const ExportOptions& base, const std::string& prompts_path) {
-  std::vector<std::vector<int32_t>> prompts = read_prompts_file(prompts_path);
-  ExportConfig cfg = read_export_config(base.config_path, base.overrides);
-  const ModelConfig& c = cfg.model;
-  QkClipRecord rec = plan_qk_clip(
-      base.qk_clip, c,
-      MaxLogits{c.num_decoder_layers,
-                c.num_query_heads,
-                std::vector<float>(size_t(c.num_decoder_layers * c.num_query_heads), NAN),
-                {}});
-  rec.sources = {prompts_path + " (sequential calibration)"};
-  const float tau = float(base.qk_clip.threshold);
-  const int64_t H = c.num_query_heads;
-
-  // The scratch artifact lives inside a locked hidden sibling of --out, removed at the end; a
-  // killed calibration's is removed by the next export to the same place.
-  const StagedDirectory scratch(check_out_dir(base), "kiln-calibrate");
-  ExportOptions tmp = base;
-  tmp.out_dir = (std::filesystem::path(scratch.path()) / "model.kiln").string();
-  tmp.force = true;
-  tmp.scratch = true;
-
-  std::vector<float> stats;
-  bool stale = true;  // the last calibration predates a clip
-  int runs = 0;
-  for (int64_t l = 0; l < c.num_decoder_layers; ++l) {
-    if (stale) {
-      tmp.qk_clip_record = rec;
-      export_artifact(tmp);
-      EngineOptions eo;
-      eo.model.relayout = false;  // measured once per clipped layer: skip the re-layout
-      stats = calibrate(*Engine::open(tmp.out_dir, eo), prompts, prompts_path);
-      stale = false;
-      ++runs;
-    }
-    for (int64_t h = 0; h < H; ++h) {
-      const float s = stats[size_t(l * H + h)];
-      rec.max_logit[size_t(l * H + h)] = s;
-      const float g = s <= tau ? 1.0f : std::min(1.0f, tau / (s + 1e-6f));
-      rec.gamma[size_t(l * H + h)] = g;
-      stale = stale || g < 1.0f;
-    }
-    if (::isatty(STDERR_FILENO))
-      std::fprintf(stderr, "\rqk-clip calibration: layer %lld/%lld (%d passes)",
-                   static_cast<long long>(l + 1), static_cast<long long>(c.num_decoder_layers),
-                   runs);
-  }
-  if (::isatty(STDERR_FILENO)) std::fputc('\n', stderr);
-  return rec;
-}
 
 }  // namespace
 
@@ -190,6 +144,7 @@ int cmd_export(int argc, const char* const* argv) {
     opt.recorded_options.emplace_back("--lora-scale", a.get("--lora-scale"));
   if (opt.merge_lora) opt.recorded_options.emplace_back("--merge-lora", "");
 
+  std::optional<PromptsCalibrator> calibrator;
   if (a.has("--qk-clip-calibrate")) {
     if (!opt.qk_clip.stats.empty())
       throw a.error("--qk-clip-calibrate computes the statistics; do not also give --max-logits");
@@ -197,7 +152,8 @@ int cmd_export(int argc, const char* const* argv) {
     if (opt.qk_clip.per_group)
       throw a.error("--qk-clip-calibrate clips layer by layer; --qk-clip-per-group does not apply");
     opt.recorded_options.emplace_back("--qk-clip-calibrate", a.get("--qk-clip-calibrate"));
-    opt.qk_clip_record = sequential_qk_clip(opt, a.get("--qk-clip-calibrate"));
+    calibrator.emplace(a.get("--qk-clip-calibrate"));
+    opt.qk_clip.calibrator = &*calibrator;
   }
 
   ProgressBar bar;

@@ -3,6 +3,7 @@
 
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
+#include "tools/kiln/common.h"
 #include "tools/kiln/npy.h"
 
 namespace kiln::cli {

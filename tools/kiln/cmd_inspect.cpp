@@ -7,6 +7,7 @@
 #include "engine/tokenizer.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
+#include "tools/kiln/common.h"
 
 namespace kiln::cli {
 

@@ -1,50 +1,21 @@
-#include <chrono>
 #include <cstdio>
-#include <functional>
 #include <nlohmann/json.hpp>
-#include <stdexcept>
+#include <optional>
 
+#include "engine/runner.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
+#include "tools/kiln/common.h"
 
 namespace kiln::cli {
 
-void add_engine_options(ArgParser& p) {
-  p.option("--threads", "N", "worker threads (default: every core)", "0");
-  p.flag("--no-relayout", "use the mapped weights in place instead of re-laying them for speed");
-  add_no_verify(p);
-}
-
-void add_no_verify(ArgParser& p) {
-  p.flag("--no-verify",
-         "skip the checksums of the manifest and every tensor, checked by default (damaged "
-         "weights then go unnoticed)");
-}
-
-EngineOptions engine_options(const Args& a) {
-  EngineOptions o;
-  o.model.threads = int(a.get_int("--threads", 0, kMaxThreads));
-  o.model.relayout = !a.has("--no-relayout");
-  o.model.verify_checksums = !a.has("--no-verify");
-  return o;
-}
-
-double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 namespace {
 
-// One line of a --prompts-file: "[@ADAPTER ]id,id,...".
-struct Request {
-  std::vector<int32_t> prompt;
-  std::string adapter;
-};
-
-std::vector<Request> read_requests(const std::string& path) {
-  std::vector<Request> out;
+// The lines of a --prompts-file: "[@ADAPTER ]id,id,...".
+std::vector<GenerationRequest> read_requests(const std::string& path) {
+  std::vector<GenerationRequest> out;
   for (const auto& [n, line] : read_lines(path, Blank::kWhitespace, "no prompts")) {
-    Request r;
+    GenerationRequest r;
     std::string rest = line.substr(line.find_first_not_of(" \t\r"));
     if (rest[0] == '@') {
       size_t sp = rest.find_first_of(" \t");
@@ -59,109 +30,7 @@ std::vector<Request> read_requests(const std::string& path) {
   return out;
 }
 
-// What one request (or one sample) produced.
-struct Output {
-  std::vector<int32_t> tokens;
-  std::vector<float> logprobs;
-  FinishReason finish = FinishReason::None;
-};
-
-struct Timing {
-  double prefill_seconds = 0, decode_seconds = 0;
-  int64_t prompt_tokens = 0, generated = 0, decoded = 0;  // decoded: tokens from generate()
-};
-
-// Continuous batching over the engine's slots: whenever slots are free the next requests are
-// prefilled (one by one, or packed into one prefill_concat pass) and inserted, and every step
-// advances all active slots together. With `samples` > 1 each request is prefilled once
-// (prefill_multisampling) and its samples enter that many free slots together (bulk_insert);
-// `packed` then does not apply. Returns the outputs in request order, a request's samples in
-// sample order. `on_token` (optional) sees every token as it is produced.
-std::vector<Output> run_requests(Engine& engine, const std::vector<Request>& reqs,
-                                 const SamplingParams& sp, int64_t samples, bool packed, Timing& t,
-                                 const std::function<void(const SlotToken&)>& on_token = {}) {
-  const int64_t S = engine.slots();
-  if (samples < 1 || samples > S)
-    throw std::logic_error("run_requests: " + std::to_string(samples) + " samples for " +
-                           std::to_string(S) + " slots");
-  const size_t k = size_t(samples);
-  std::vector<Output> out(reqs.size() * k);
-  std::vector<int64_t> slot_out(size_t(S), -1);  // the output each slot produces, or -1 if free
-  size_t next = 0, done = 0;
-  auto record = [&](const SlotToken& st) {
-    Output& o = out[size_t(slot_out[size_t(st.slot)])];
-    if (on_token) on_token(st);
-    o.tokens.push_back(st.token);
-    o.logprobs.push_back(st.logp);
-    ++t.generated;
-    if (st.finish != FinishReason::None) {
-      o.finish = st.finish;
-      engine.release(st.slot);
-      slot_out[size_t(st.slot)] = -1;
-      ++done;
-    }
-  };
-  // A NaN logit is reported at its position; with several requests, in the request's words.
-  auto name_request = [&](size_t index, const std::string& slot, const NonFiniteError& e) {
-    if (reqs.size() == 1) return e;
-    return NonFiniteError("request " + std::to_string(index + 1) + slot, int64_t(index),
-                          e.position());
-  };
-  while (done < out.size()) {
-    std::vector<int64_t> free_slots;
-    for (int64_t s = 0; s < S; ++s)
-      if (slot_out[size_t(s)] < 0) free_slots.push_back(s);
-    const size_t n = std::min(free_slots.size() / k, reqs.size() - next);
-    if (n > 0) {
-      const double t0 = now_seconds();
-      std::vector<Prefix> prefixes;
-      size_t i = 0;
-      try {
-        if (samples > 1) {
-          for (; i < n; ++i)
-            prefixes.push_back(engine.prefill_multisampling(reqs[next + i].prompt, samples, sp,
-                                                            reqs[next + i].adapter));
-        } else if (packed) {
-          std::vector<PrefillRequest> batch;
-          for (size_t j = 0; j < n; ++j)
-            batch.push_back({reqs[next + j].prompt, sp, reqs[next + j].adapter});
-          prefixes = engine.prefill_concat(batch);
-        } else {
-          for (; i < n; ++i)
-            prefixes.push_back(engine.prefill(reqs[next + i].prompt, sp, reqs[next + i].adapter));
-        }
-      } catch (const NonFiniteError& e) {
-        throw name_request(next + (packed && samples == 1 ? size_t(e.sequence()) : i), "", e);
-      }
-      t.prefill_seconds += now_seconds() - t0;
-      for (i = 0; i < n; ++i, ++next) {
-        t.prompt_tokens += int64_t(reqs[next].prompt.size());
-        const std::span<const int64_t> slots(free_slots.data() + i * k, k);
-        for (size_t j = 0; j < k; ++j) slot_out[size_t(slots[j])] = int64_t(next * k + j);
-        if (samples > 1) {
-          for (const SlotToken& st : engine.bulk_insert(std::move(prefixes[i]), slots)) record(st);
-        } else {
-          record(engine.insert(std::move(prefixes[i]), slots[0]));
-        }
-      }
-    }
-    if (done == out.size()) break;  // every request ended with its prefill's token
-    const double t1 = now_seconds();
-    std::span<const SlotToken> step;
-    try {
-      step = engine.generate();
-    } catch (const NonFiniteError& e) {
-      throw name_request(size_t(slot_out[size_t(e.sequence())]) / k,
-                         " (slot " + std::to_string(e.sequence()) + ")", e);
-    }
-    t.decode_seconds += now_seconds() - t1;
-    t.decoded += int64_t(step.size());
-    for (const SlotToken& st : step) record(st);
-  }
-  return out;
-}
-
-nlohmann::ordered_json output_json(const Output& o) {
+nlohmann::ordered_json output_json(const GenerationOutput& o) {
   return {{"tokens", o.tokens},
           {"logprobs", o.logprobs},
           {"finish_reason", finish_reason_name(o.finish)}};
@@ -233,7 +102,7 @@ int cmd_run(int argc, const char* const* argv) {
   EngineOptions eo = engine_options(a);
   // Each sample and each request in flight takes a decode slot; the engine has at most max_chunk.
   const int64_t samples = a.get_int("--samples", 1, eo.model.max_chunk);
-  std::vector<Request> reqs;
+  std::vector<GenerationRequest> reqs;
   if (a.has("--prompts-file")) {
     reqs = read_requests(a.get("--prompts-file"));
     if (a.has("--adapter")) throw a.error("with --prompts-file, name adapters per line (@NAME)");
@@ -255,29 +124,34 @@ int cmd_run(int argc, const char* const* argv) {
     reqs[0].prompt = text_prompt(*tok, a.get("--prompt"));
     if (!a.has("--stop") && tok->eos_id() >= 0) sp.stop_tokens = {tok->eos_id()};
   }
-  for (const Request& r : reqs)
+  for (const GenerationRequest& r : reqs)
     if (!r.adapter.empty()) engine->load_adapter(r.adapter);
   const double t_load = now_seconds() - t0;
   const bool json = a.has("--json");
 
-  Timing t;
-  const double t1 = now_seconds();
-  std::vector<Output> out;
-  if (text && !json && samples == 1) {  // stream the continuation as it arrives
-    TextStream stream(*tok);
-    out = run_requests(*engine, reqs, sp, 1, false, t, [&](const SlotToken& st) {
-      std::fputs(stream.push(st.token).c_str(), stdout);
+  Runner runner(*engine);
+  RunOptions ro;
+  ro.samples = samples;
+  ro.packed_prefill = a.has("--packed-prefill");
+  const bool stream_text = text && !json && samples == 1;
+  std::optional<TextStream> stream;
+  if (stream_text) {  // print the continuation as it arrives
+    stream.emplace(*tok);
+    ro.on_token = [&](const SlotToken& st) {
+      std::fputs(stream->push(st.token).c_str(), stdout);
       std::fflush(stdout);
-    });
-    std::printf("%s\n", stream.finish().c_str());
+    };
+  }
+  const double t1 = now_seconds();
+  const std::vector<GenerationOutput> out = runner.run(reqs, sp, ro);
+  if (stream_text) {
+    std::printf("%s\n", stream->finish().c_str());
     std::fflush(stdout);  // before the timings on stderr
-  } else {
-    out = run_requests(*engine, reqs, sp, samples, a.has("--packed-prefill"), t);
   }
   const double seconds = now_seconds() - t1;
-  const double prefill_tps =
-      t.prefill_seconds > 0 ? double(t.prompt_tokens) / t.prefill_seconds : 0;
-  const double decode_tps = t.decode_seconds > 0 ? double(t.decoded) / t.decode_seconds : 0;
+  const RunnerStats& t = runner.stats();
+  const double prefill_tps = t.prefill_tokens_per_s();
+  const double decode_tps = t.decode_tokens_per_s();
 
   if (json) {
     nlohmann::ordered_json j;
@@ -294,7 +168,7 @@ int cmd_run(int argc, const char* const* argv) {
       j["packed_prefill"] = a.has("--packed-prefill");
     } else if (samples > 1) {
       nlohmann::ordered_json list = nlohmann::ordered_json::array();
-      for (const Output& o : out) {
+      for (const GenerationOutput& o : out) {
         list.push_back(output_json(o));
         if (tok) list.back()["text"] = tok->decode(o.tokens);
       }

@@ -8,46 +8,13 @@
 #include <string_view>
 
 #include "common/file_io.h"
-#include "engine/ops/elementwise.h"
+#include "engine/runner.h"
 #include "export/adapter.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
+#include "tools/kiln/common.h"
 
 namespace kiln::cli {
-
-const Tokenizer& require_tokenizer(const Engine& engine, const std::string& dir,
-                                   const std::string& what) {
-  if (!engine.tokenizer())
-    throw Error(dir + ": the artifact has no tokenizer (exported without --tokenizer FILE), so " +
-                what);
-  return *engine.tokenizer();
-}
-
-std::vector<int32_t> text_prompt(const Tokenizer& tok, const std::string& text) {
-  std::vector<int32_t> ids;
-  if (tok.bos_id() >= 0) ids.push_back(tok.bos_id());
-  const std::vector<int32_t> body = tok.encode(text);
-  ids.insert(ids.end(), body.begin(), body.end());
-  return ids;
-}
-
-std::vector<std::pair<int64_t, std::string>> read_lines(const std::string& path, Blank blank,
-                                                        const std::string& if_none) {
-  const std::string text = read_whole_file(path);
-  std::vector<std::pair<int64_t, std::string>> out;
-  std::string_view rest = text;
-  for (int64_t n = 1; !rest.empty(); ++n) {
-    const size_t eol = rest.find('\n');
-    std::string_view line = rest.substr(0, eol);
-    rest.remove_prefix(eol == std::string_view::npos ? rest.size() : eol + 1);
-    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);  // CRLF files
-    const bool skip = blank == Blank::kEmpty ? line.empty()
-                                             : line.find_first_not_of(" \t\r") == std::string::npos;
-    if (!skip) out.emplace_back(n, std::string(line));
-  }
-  if (out.empty()) throw Error(path + ": " + if_none);
-  return out;
-}
 
 namespace {
 
@@ -77,11 +44,8 @@ int cmd_eval(int argc, const char* const* argv) {
   const Tokenizer& tok = require_tokenizer(*engine, dir, "eval cannot read text");
   const auto lines = read_lines(path, Blank::kEmpty, kNoLines);
 
-  const int64_t V = engine->config().vocab_size;
   const bool progress = !a.has("--json") && ::isatty(STDERR_FILENO) == 1;
-  std::vector<float> logits;
-  double nll = 0, seconds = 0;
-  int64_t predicted = 0, processed = 0;
+  Scorer scorer(*engine, adapter);
   for (size_t i = 0; i < lines.size(); ++i) {
     const auto& [n, text] = lines[i];
     std::vector<int32_t> ids = text_prompt(tok, text);
@@ -90,26 +54,18 @@ int cmd_eval(int argc, const char* const* argv) {
     if (int64_t(ids.size()) > engine->max_seq_len())
       throw Error(path + ":" + std::to_string(n) + ": " + std::to_string(ids.size()) +
                   " tokens exceed the model's context of " + std::to_string(engine->max_seq_len()));
-    logits.resize(ids.size() * size_t(V));
-    const double t1 = now_seconds();
     try {
-      engine->prefill_logits(ids, logits.data(), adapter);
+      scorer.add(ids);
     } catch (const NonFiniteError& e) {
       throw Error(path + ":" + std::to_string(n) + ": " + e.what());
     }
-    seconds += now_seconds() - t1;
-    processed += int64_t(ids.size());
-    for (size_t t = 0; t + 1 < ids.size(); ++t) {
-      const float* row = logits.data() + t * size_t(V);
-      nll += ops::log_sum_exp(row, V) - double(row[ids[t + 1]]);
-    }
-    predicted += int64_t(ids.size()) - 1;
     if (progress && (i + 1) % 50 == 0)
       std::fprintf(stderr, "\reval: %zu/%zu lines", i + 1, lines.size());
   }
   if (progress && lines.size() >= 50) std::fputc('\n', stderr);
-  if (predicted == 0) throw Error(path + ": no line has a token to predict");
-  const double ppl = std::exp(nll / double(predicted));
+  if (scorer.predicted() == 0) throw Error(path + ": no line has a token to predict");
+  const double nll = scorer.nll(), ppl = scorer.perplexity(), seconds = scorer.seconds();
+  const int64_t predicted = scorer.predicted(), processed = scorer.processed();
   const double tps = seconds > 0 ? double(processed) / seconds : 0;
   if (a.has("--json")) {
     nlohmann::ordered_json j = {{"text_file", path},

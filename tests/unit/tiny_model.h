@@ -1,0 +1,26 @@
+// A tiny Llama model exported to an artifact, for the tests that run the engine.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+namespace kiln::test {
+
+// A tiny Llama checkpoint in MaxText's scanned Linen layout (f32, layer axis 1), its config and
+// its artifact, under the temporary directory (kiln_engine_test_<name>/).
+struct TinyModel {
+  std::filesystem::path dir;
+  std::filesystem::path artifact;
+};
+
+// E 64, 4 query heads, 2 KV heads, 2 layers, context 96; `tied`: logits via the embedding.
+TinyModel make_tiny_model(const std::string& name, bool tied, int64_t V = 256);
+
+// Exports the checkpoint `dir`/model.safetensors with its `dir`/config.json to `artifact`.
+void export_fixture(const std::filesystem::path& dir, const std::filesystem::path& artifact);
+
+// make_tiny_model("untied", false), made once per process.
+const TinyModel& tiny_untied();
+
+}  // namespace kiln::test
