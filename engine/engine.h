@@ -19,7 +19,7 @@
 #include "engine/lora.h"
 #include "engine/model.h"
 #include "engine/sampling.h"
-#include "engine/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace kiln {
 

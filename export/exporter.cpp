@@ -13,7 +13,6 @@
 #include "common/error.h"
 #include "common/file_io.h"
 #include "common/interrupt.h"
-#include "engine/tokenizer.h"
 #include "export/adapter.h"
 #include "export/config_reader.h"
 #include "export/key_layout.h"
@@ -22,6 +21,7 @@
 #include "export/unroll.h"
 #include "schema/format.h"
 #include "schema/manifest.h"
+#include "tokenizer/tokenizer.h"
 
 namespace kiln {
 
