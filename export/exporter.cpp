@@ -29,9 +29,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A scanned layer group and the global layers it holds (spec §1.2, §1.7): Llama-family models
-// have one group `layers`; DeepSeek has `dense_layers` then `moe_layers`, numbered globally with
-// the dense ones first.
+// A scanned layer group and the global layers it holds (docs/maxtext.md §1.2, §1.7): Llama-family
+// models have one group `layers`; DeepSeek has `dense_layers` then `moe_layers`, numbered globally
+// with the dense ones first.
 struct GroupSpan {
   std::string name;
   int64_t first_layer;

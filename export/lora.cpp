@@ -28,15 +28,15 @@ const char* adapter_format_name(AdapterFormat f) {
 
 namespace {
 
-// The projections LoRA may adapt (spec §4.2's default module set, and the MLA projections for
-// DeepSeek). Norms, the router and the experts carry no adapter.
+// The projections LoRA may adapt (docs/maxtext.md §4.2's default module set, and the MLA
+// projections for DeepSeek). Norms, the router and the experts carry no adapter.
 constexpr std::string_view kLlamaTargets[] = {"attn.q",   "attn.k",   "attn.v", "attn.o",
                                               "mlp.wi_0", "mlp.wi_1", "mlp.wo"};
 constexpr std::string_view kDeepSeekTargets[] = {"attn.wq_a",  "attn.wq_b",  "attn.query",
                                                  "attn.wkv_a", "attn.wkv_b", "attn.o",
                                                  "mlp.wi_0",   "mlp.wi_1",   "mlp.wo"};
 
-// HF module (relative to `model.layers.N.`) → canonical tensor (spec §10.1, §10.2).
+// HF module (relative to `model.layers.N.`) → canonical tensor (docs/maxtext.md §10.1, §10.2).
 struct HfModule {
   const char* hf;
   const char* tensor;
@@ -94,7 +94,7 @@ std::optional<std::string> tensor_of_module(const ModelConfig& c, const std::str
   return c.is_deepseek() ? search(kDeepSeekLayerNames) : search(kLlamaLayerNames);
 }
 
-// A scanned layer group and the global layers it holds (spec §1.2, §1.7).
+// A scanned layer group and the global layers it holds (docs/maxtext.md §1.2, §1.7).
 struct GroupSpan {
   std::string name;
   int64_t first_layer = 0;
@@ -110,7 +110,7 @@ std::vector<GroupSpan> layer_groups(const ModelConfig& c) {
 
 // MaxText target_modules matching is on whole trailing path components: `self_attention.query`
 // matches `decoder/layers/self_attention/query` but NOT `decoder/layers/self_attention/query_norm`
-// (MaxText's own substring test would match the latter, spec §4.1; kiln does not).
+// (MaxText's own substring test would match the latter, docs/maxtext.md §4.1; kiln does not).
 bool matches_trailing_components(const std::string& path, const std::string& entry) {
   if (path == entry) return true;
   return path.size() > entry.size() && path.ends_with(entry) &&
@@ -226,7 +226,7 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
 
 // HF stores q/k heads half-split ([x_0 … x_{D/2-1} | y_0 …]); llama3.1 in MaxText pairs them
 // (x_0, y_0, x_1, y_1, …). The base converter permutes the kernel's output columns per head the
-// same way (spec §10.1): new[2j] = old[j], new[2j+1] = old[j + D/2].
+// same way (docs/maxtext.md §10.1): new[2j] = old[j], new[2j+1] = old[j + D/2].
 void interleave_heads(std::vector<float>& b, int64_t rank, int64_t out, int64_t D) {
   std::vector<float> head(size_t(D), 0.0f);
   const int64_t half = D / 2;
@@ -382,7 +382,8 @@ void AdapterSource::Impl::open_maxtext(const AdapterConfig& cfg) {
   if (!tm.is_array() || tm.empty())
     throw cfg.error("target_modules", "is " + tm.dump() + ", expected a non-empty list of strings");
 
-  // target_modules: the q/k/v/o_proj short names MaxText maps (spec §4.1), else a module path.
+  // target_modules: the q/k/v/o_proj short names MaxText maps (docs/maxtext.md §4.1), else a module
+  // path.
   struct Entry {
     std::string given, path;
   };
@@ -466,8 +467,8 @@ void AdapterSource::Impl::open_maxtext(const AdapterConfig& cfg) {
   if (weights.tensors().empty()) throw Error(where + ": the adapter holds no LoRA tensors");
 
   // Keys: Linen `params/params/decoder/…`, NNX single-nested `decoder/…`; the NNX tree saved
-  // inside a TrainState (spec §4.3) adds one `params/`, which is dropped here so the key layout
-  // code recognises it as NNX.
+  // inside a TrainState (docs/maxtext.md §4.3) adds one `params/`, which is dropped here so the key
+  // layout code recognises it as NNX.
   std::vector<std::string> layout_keys;
   for (const SourceTensor& t : weights.tensors()) {
     std::vector<std::string> c = split_key(t.key);
@@ -571,7 +572,8 @@ void AdapterSource::Impl::open_maxtext(const AdapterConfig& cfg) {
       throw Error(file_of(a) + ": rank mismatch between A and B: key '" + a.key + "' has shape " +
                   shape_to_string(a.shape) + " (rank on the last axis), key '" + b.key +
                   "' has shape " + shape_to_string(b.shape) + " (rank on the first axis)");
-    // Spec §4.1: A = in_dims + (r,), B = (r,) + out_dims; scanned: the layer axis at index 1.
+    // docs/maxtext.md §4.1: A = in_dims + (r,), B = (r,) + out_dims; scanned: the layer axis at
+    // index 1.
     const std::vector<int64_t> base_shape = *target_base_shape(base, p.tensor);
     const size_t k = input_axes(p.tensor);
     std::vector<int64_t> want_a(base_shape.begin(), base_shape.begin() + std::ptrdiff_t(k));
@@ -929,7 +931,7 @@ LoraDelta AdapterSource::read(int layer, const std::string& tensor) const {
   }
 
   // PEFT: lora_A [r, in], lora_B [out, r] (PyTorch weight orientation) → MaxText A [in, r],
-  // B [r, out]; then the base converter's HF → MaxText transforms (spec §10.1).
+  // B [r, out]; then the base converter's HF → MaxText transforms (docs/maxtext.md §10.1).
   std::vector<float> raw(size_t(std::max(in, out) * d.rank));
   read_as_f32(*src.a, raw.data());
   transpose(raw.data(), d.rank, in, d.a.data());

@@ -3,9 +3,9 @@
 // target the CPU supports at run time. The build has no -march flags, so static dispatch would
 // stop at the baseline (no SIMD beyond SSE2); dynamic dispatch gets AVX-512 on the Zen 5 machine.
 //
-// Numerics mirror MaxText (spec §2.1–2.3, §11): every place MaxText materialises a bf16 tensor we
-// round to bf16 here, using the same round-to-nearest-even as common/bf16.h (RoundBf16 below is
-// bit-identical to kiln::round_to_bf16, NaN included).
+// Numerics mirror MaxText (docs/maxtext.md §2.1–2.3, §11): every place MaxText materialises a bf16
+// tensor we round to bf16 here, using the same round-to-nearest-even as common/bf16.h (RoundBf16
+// below is bit-identical to kiln::round_to_bf16, NaN included).
 #include "engine/ops/kernels.h"
 
 #include <algorithm>
@@ -331,9 +331,10 @@ void RopeInterleaved(float* HWY_RESTRICT x, int64_t heads, int64_t stride, int64
 }
 
 // YaRN with interleaved input pairs (x[2i], x[2i+1]) and concatenated output [Re | Im]
-// (spec §2.3c). The output slots overlap other pairs' inputs, so each head is first copied into a
-// zero-padded buffer; whole vectors only (a tail is padding), so every element goes through the
-// same vector code. The half-split-input YaRN variant is RopeHalfSplit with f32 sin/cos.
+// (docs/maxtext.md §2.3c). The output slots overlap other pairs' inputs, so each head is first
+// copied into a zero-padded buffer; whole vectors only (a tail is padding), so every element goes
+// through the same vector code. The half-split-input YaRN variant is RopeHalfSplit with f32
+// sin/cos.
 void RopeYarnInterleaved(float* HWY_RESTRICT x, int64_t heads, int64_t stride, int64_t dim,
                          const float* HWY_RESTRICT cos, const float* HWY_RESTRICT sin) {
   const DF d;
@@ -763,7 +764,7 @@ HWY_NOINLINE void AttendRows(AttnRow* rows, const uint16_t* HWY_RESTRICT k,
     }
   }
   QkLogits<M>(rows, qde, k, n, D, Dp, Dv, stride);
-  // MaxText: out = bf16(e @ V) / bf16(sum(e)), both bf16 because e is (spec §2.2, §11).
+  // MaxText: out = bf16(e @ V) / bf16(sum(e)), both bf16 because e is (docs/maxtext.md §2.2, §11).
   for (int64_t r = 0; r < M; ++r) rows[r].sum = round_to_bf16(SoftmaxWeights(rows[r].w, n));
   // Two pairs (4 vectors) of the head dimension per pass keep M × 4 accumulators in registers.
   int64_t c0 = 0;

@@ -1,6 +1,6 @@
 // Element-wise and attention kernels (Highway SIMD). All activations are f32 in memory; where
-// MaxText rounds to bf16 (spec §11) these kernels round too, so the engine follows MaxText's
-// numerics. None of them allocates.
+// MaxText rounds to bf16 (docs/maxtext.md §11) these kernels round too, so the engine follows
+// MaxText's numerics. None of them allocates.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +18,7 @@ void rms_norm(const float* x, const uint16_t* scale, int64_t rows, int64_t dim, 
 void rms_norm(const float* x, const uint16_t* scale, int64_t rows, int64_t dim, float eps,
               float* out);
 
-// YaRN parameters (MaxText YarnRotaryEmbedding, spec §2.3c; DeepSeek V2/V3, Kimi K2).
+// YaRN parameters (MaxText YarnRotaryEmbedding, docs/maxtext.md §2.3c; DeepSeek V2/V3, Kimi K2).
 struct YarnParams {
   double theta = 10000.0;                  // rope_max_timescale
   double factor = 40.0;                    // rope_factor
@@ -32,8 +32,8 @@ struct YarnParams {
 // Largest rotary dim the YaRN kernel handles (it rotates a head through a stack buffer).
 inline constexpr int64_t kYarnMaxHeadDim = 1024;
 
-// The YaRN correction range (low, high) for rotary dim d, exactly as spec §2.3(c): correction
-// dim c(n) = d·ln(orig / (n·2π)) / (2·ln θ) in f64; low = floor(c(beta_fast)), high =
+// The YaRN correction range (low, high) for rotary dim d, exactly as docs/maxtext.md §2.3(c):
+// correction dim c(n) = d·ln(orig / (n·2π)) / (2·ln θ) in f64; low = floor(c(beta_fast)), high =
 // ceil(c(beta_slow)) when truncate; clamped to [0, d − 1]; high += 0.001 if low == high.
 void yarn_correction_range(int64_t d, const YarnParams& p, double& low, double& high);
 // The YaRN inverse frequencies f_i, i ∈ [0, d/2), in f32 as MaxText computes them:
@@ -54,8 +54,8 @@ std::vector<float> yarn_inv_freq(int64_t d, const YarnParams& p);
 //               The rotation is the complex64 product in f32 (re·cos − im·sin, re·sin + im·cos,
 //               no FMA) and its result is rounded to bf16 (MaxText casts the output back to the
 //               activation dtype). No amplitude scaling: rope_attention_scaling is false, the
-//               mscale lives in the softmax scale (spec §2.5). Only sin/cos tables and the output
-//               are rounded — as in MaxText and tests/reference/deepseek_ref.py.
+//               mscale lives in the softmax scale (docs/maxtext.md §2.5). Only sin/cos tables and
+//               the output are rounded — as in MaxText and tests/reference/deepseek_ref.py.
 // Throws kiln::Error for an odd or non-positive head_dim, non-positive timescales or scaling
 // factor, or max_positions < 1 (Yarn: also head_dim > 1024, non-positive theta, factor,
 // original_max_positions or betas). apply() throws for pos outside [0, max_positions).
@@ -96,7 +96,7 @@ void add_round(float* x, const float* y, int64_t n);
 
 // acc[i] += w · bf16(y[i]) for n values: one MoE expert's output (rounded to bf16, MaxText's
 // expert output dtype) added with its routing weight into the f32 weighted sum
-// (float32_weight_sum, spec §2.7).
+// (float32_weight_sum, docs/maxtext.md §2.7).
 void add_weighted_bf16(float* acc, const float* y, float w, int64_t n);
 
 // f32 → bf16 for a row block (e.g. attention output before the out-projection).
@@ -114,8 +114,8 @@ void to_bf16(const float* x, int64_t n, uint16_t* out);
 //            unnormalised bf16 weight exp(l − max) of head h at position s.
 // Logits are rounded to bf16 before the softmax as in MaxText (float32_logits: false); the
 // exponentials are rounded to bf16, their sum and the weighted V sum are accumulated in f32 and
-// rounded to bf16, and out = bf16(bf16(Σ e·v) / bf16(Σ e)) (spec §2.2: the einsum and the sum of
-// bf16 exps are bf16).
+// rounded to bf16, and out = bf16(bf16(Σ e·v) / bf16(Σ e)) (docs/maxtext.md §2.2: the einsum and
+// the sum of bf16 exps are bf16).
 // Throws kiln::Error for n_ctx < 1, K < 1, H not a multiple of K, D < 1, pos_stride < D, or
 // head_stride < D with K > 1.
 void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t n_ctx, int64_t H,
@@ -127,7 +127,7 @@ inline int64_t attend_scratch_floats(int64_t n_ctx, int64_t H) {
 
 // QK-Clip calibration (kiln calibrate): raises max[h] to the largest bf16 attention logit of
 // query head h over positions [0, n_ctx) — the softmax input of `attend` for the same arguments,
-// i.e. MaxText's max_logits (spec §3). Not on the serving path; plain loops.
+// i.e. MaxText's max_logits (docs/maxtext.md §3). Not on the serving path; plain loops.
 void max_logits(const float* q, const uint16_t* k, int64_t n_ctx, int64_t H, int64_t K, int64_t D,
                 int64_t pos_stride, int64_t head_stride, float* max);
 

@@ -1,7 +1,8 @@
-// DeepSeek-family pieces: YaRN RoPE (spec §2.3c), the strided kernels of MLA's absorbed attention,
-// MoE routing and expert grouping (spec §2.7), and the DeepSeek forward pass end to end on a tiny
-// exported model: decoding through the latent KV cache gives the logits of a full prefill, the
-// per-token path allocates nothing, and the cache holds Rkv + Dr values per token and layer.
+// DeepSeek-family pieces: YaRN RoPE (docs/maxtext.md §2.3c), the strided kernels of MLA's absorbed
+// attention, MoE routing and expert grouping (docs/maxtext.md §2.7), and the DeepSeek forward pass
+// end to end on a tiny exported model: decoding through the latent KV cache gives the logits of a
+// full prefill, the per-token path allocates nothing, and the cache holds Rkv + Dr values per token
+// and layer.
 //
 // Built as its own executable (it needs the exporter and the engine, and interposes malloc):
 //   deepseek_tests = executable('deepseek_tests', 'tests/unit/yarn_moe_test.cpp',
@@ -109,7 +110,7 @@ std::vector<float> ref_yarn(const std::vector<float>& x, const std::vector<float
 TEST_CASE("YaRN correction range: the spec's constants, clamping and the equal case") {
   double low = 0, high = 0;
   yarn_correction_range(64, deepseek_v3_yarn(), low, high);
-  CHECK(low == 10.0);  // spec §2.3(c): DeepSeek-V3
+  CHECK(low == 10.0);  // docs/maxtext.md §2.3(c): DeepSeek-V3
   CHECK(high == 23.0);
   YarnParams kimi{50000.0, 32.0, 4096.0, 1.0, 1.0, true, true};
   yarn_correction_range(64, kimi, low, high);
@@ -548,8 +549,8 @@ struct TinyDeepSeek {
           Dv = 16;  // H >= 8: decode runs heads in parallel
 };
 
-// Unrolled MaxText Linen keys (spec §1.7): one dense layer, two MoE layers with a router bias and
-// a shared expert, q_lora_rank > 0, DeepSeek-V3 routing.
+// Unrolled MaxText Linen keys (docs/maxtext.md §1.7): one dense layer, two MoE layers with a router
+// bias and a shared expert, q_lora_rank > 0, DeepSeek-V3 routing.
 TinyDeepSeek make_tiny_deepseek() {
   TinyDeepSeek m;
   m.dir = fs::temp_directory_path() / "kiln_deepseek_test";

@@ -1,6 +1,7 @@
-// Kernels against straightforward scalar references written from the MaxText formulas (spec
-// §2.1–2.3, §11). Every check runs once per Highway target this CPU supports, so the SSSE3/SSE4/
-// AVX2 code paths are exercised too, not only the AVX-512 one the machine dispatches to.
+// Kernels against straightforward scalar references written from the MaxText formulas
+// (docs/maxtext.md §2.1–2.3, §11). Every check runs once per Highway target this CPU supports, so
+// the SSSE3/SSE4/ AVX2 code paths are exercised too, not only the AVX-512 one the machine
+// dispatches to.
 //
 // The benchmarks at the end are skipped by default: ops_tests --no-skip -tc='bench*'
 #include "engine/ops/kernels.h"

@@ -1,5 +1,6 @@
-// QK-Clip at export (spec §3): the cases of MaxText's qk_clip_test.py, reproduced through the real
-// exporter on real files, plus kiln's own options (per layer vs per group, query mode).
+// QK-Clip at export (docs/maxtext.md §3): the cases of MaxText's qk_clip_test.py, reproduced
+// through the real exporter on real files, plus kiln's own options (per layer vs per group, query
+// mode).
 #include <doctest/doctest.h>
 
 #include <cmath>
