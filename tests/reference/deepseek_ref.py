@@ -28,7 +28,7 @@ f32/f64 and rounded once at the point MaxText materialises a bf16 array. Roundin
     the final norm
   * every projection output -> bf16: wq_a, wq_b (or query), wkv_a, wkv_b, out, mlp/expert
     wi_0/wi_1/wo, shared experts, router gate, logits
-  * YaRN RoPE (§2.3c): frequencies in f32 exactly as written in the spec (b_i, ramp, mix), angle
+  * YaRN RoPE (§2.3c): frequencies in f32 exactly as written in docs/maxtext.md (b_i, ramp, mix), angle
     f32(pos*f_i), cos/sin as f32 (complex64 table), rotation evaluated in f64 from those f32
     values, output -> bf16. Input pairs (x[2i], x[2i+1]) (rope_interleave) or (x[i], x[i+d/2]);
     output always concatenated [Re..., Im...]. Applied to q_pe [T,H,Dr] and to the single shared

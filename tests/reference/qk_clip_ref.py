@@ -42,7 +42,7 @@ Entry points:
     sequential_calibrate_and_clip(model, prompts, tau, per_group=False) -> (model, gammas, S)
     write_max_logits(path, stats [L, ..., H], cfg, form=..., key_form=..., ...)
     llama_query_clip(ckpt, config, stats_paths, tau, ...) -> llama_ref.RefModel
-  MaxText-semantics functions on nested dicts (reproducing the spec's qk_clip_test.py table):
+  MaxText-semantics functions on nested dicts (reproducing docs/maxtext.md's qk_clip_test.py table):
     maxtext_apply_qk_clip(params, intermediates, tau, qk_nope_head_dim, attention_type="mla")
     maxtext_max_logit_metric(intermediates), dot_product_max_logits(q, k)
 """

@@ -70,7 +70,7 @@ YarnParams deepseek_v3_yarn() {
   return YarnParams{10000.0, 40.0, 4096.0, 32.0, 1.0, true, true};
 }
 
-// The spec's formulas written out independently (f32 steps as MaxText evaluates them).
+// docs/maxtext.md's formulas written out independently (f32 steps as MaxText evaluates them).
 std::vector<float> ref_inv_freq(int64_t d, double theta, double factor, double low, double high) {
   std::vector<float> f;
   for (int64_t i = 0; i < d / 2; ++i) {
@@ -107,7 +107,7 @@ std::vector<float> ref_yarn(const std::vector<float>& x, const std::vector<float
 // ------------------------------------------------------------------------------------------------
 // YaRN
 
-TEST_CASE("YaRN correction range: the spec's constants, clamping and the equal case") {
+TEST_CASE("YaRN correction range: docs/maxtext.md's constants, clamping and the equal case") {
   double low = 0, high = 0;
   yarn_correction_range(64, deepseek_v3_yarn(), low, high);
   CHECK(low == 10.0);  // docs/maxtext.md §2.3(c): DeepSeek-V3
@@ -161,7 +161,8 @@ TEST_CASE("YaRN frequencies: unscaled below the range, / factor above it, ramp b
   CHECK(yarn_inv_freq(64, eq) == ref_inv_freq(64, 5e4, 32.0, low, high));
 }
 
-TEST_CASE("YaRN RoPE matches the spec: interleaved or half-split input, concatenated output") {
+TEST_CASE(
+    "YaRN RoPE matches docs/maxtext.md: interleaved or half-split input, concatenated output") {
   std::mt19937 rng(31);
   for_each_target([&] {
     for (bool interleave : {true, false}) {
