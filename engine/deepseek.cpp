@@ -24,7 +24,7 @@
 // (ops::matmul_xwt / matmul_xw); nothing is re-laid for it.
 //
 // Prefill uses the same absorbed path as decode, so decode and prefill do the same arithmetic
-// (tests/unit/yarn_moe_test.cpp: decode-step logits equal a full prefill's). Measured against the
+// (tests/unit/deepseek_test.cpp: decode-step logits equal a full prefill's). Measured against the
 // expanded computation of tests/reference/deepseek_ref.py (MaxText's), the 30 e2e fixtures give
 // max|Δlogit| of 0.6–1.7% of max|logit| (limit 2%; tests/e2e/test_deepseek_e2e.py prints them),
 // with top-1 and 32 greedy tokens identical everywhere; a numpy emulation of this absorbed path

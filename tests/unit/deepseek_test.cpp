@@ -4,10 +4,8 @@
 // full prefill, the per-token path allocates nothing, and the cache holds Rkv + Dr values per token
 // and layer.
 //
-// Built as its own executable (it needs the exporter and the engine, and interposes malloc):
-//   deepseek_tests = executable('deepseek_tests', 'tests/unit/yarn_moe_test.cpp',
-//     link_with : test_main, dependencies : [export_dep, engine_dep, doctest_dep, json_dep])
-//   test('deepseek', deepseek_tests)
+// Built as its own executable, deepseek_tests (meson.build): it needs the exporter and the engine,
+// and interposes malloc.
 #include <doctest/doctest.h>
 #include <hwy/targets.h>
 
