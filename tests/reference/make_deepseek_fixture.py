@@ -21,9 +21,9 @@ Parameter keys and shapes (docs/maxtext.md §1.3, §1.7; kernels [in..., out...]
                    DeepSeekMoeBlock_0/MoeBlock_0/wi_0 [X, E, Fm], wi_1 [X, E, Fm], wo [X, Fm, E]
                    (no `kernel` leaf), DeepSeekMoeBlock_0/shared_experts/{wi_0,wi_1}/kernel
                    [E, S*Fm] and wo/kernel [S*Fm, E] (shared_experts S > 0)
-Scanned: each group is stacked with the layer axis inserted at `scan_axis` of every tensor (spec
-§1.2): axis 1 (default) gives wq_b [Rq, L, H, Dqk], norms [E, L], bias [X, L], experts
-[X, L, E, Fm]; axis 0 gives [L, ...]. A group with no layers (first_num_dense_layers = 0) is
+Scanned: each group is stacked with the layer axis inserted at `scan_axis` of every tensor
+(docs/maxtext.md §1.2): axis 1 (default) gives wq_b [Rq, L, H, Dqk], norms [E, L], bias [X, L],
+experts [X, L, E, Fm]; axis 0 gives [L, ...]. A group with no layers (first_num_dense_layers = 0) is
 absent. Unrolled: decoder/dense_layers_{i}, decoder/moe_layers_{j} (j restarts at 0).
 Key layouts / separators / dtypes / sharding: as make_fixture.py (linen = params/params/P,
 nnx = model/P, nnx-decode = P/value, nnx-model-value = model/P/value; "." or "/").
