@@ -1,6 +1,6 @@
 // clang-format off
-// The DeepSeek-family forward pass (DeepSeek V2/V3, Kimi K2: decoder_block deepseek), spec §2.1,
-// §2.2, §2.3(c), §2.5–2.7:
+// The DeepSeek-family forward pass (DeepSeek V2/V3, Kimi K2: decoder_block deepseek),
+// docs/maxtext.md §2.1, §2.2, §2.3(c), §2.5–2.7:
 //
 //   x = embed(tokens)
 //   for each layer (the first first_num_dense_layers dense, the rest MoE):
@@ -8,7 +8,7 @@
 //     x = h + FFN(rms(h))        FFN = SwiGLU MLP (dense) | routed experts + shared experts (MoE)
 //   logits = rms(x) · W_out      (or · embeddingᵀ [/ sqrt(E)] when tied)
 //
-// MLA with a latent KV cache. MaxText computes, per head h (spec §2.5),
+// MLA with a latent KV cache. MaxText computes, per head h (docs/maxtext.md §2.5),
 //   q = [q_nope | q_pe] = (rms(x·Wq_a)·Wq_b  or  x·Wquery),   q_pe ← YaRN(q_pe)
 //   query = bf16([q_nope | q_pe] · s)                  (s: softmax scale incl. mscale²)
 //   [c | k_pe] = x·Wkv_a,   c ← rms(c) (the latent, Rkv values),   k_pe ← YaRN(k_pe) (one per token)
@@ -26,7 +26,7 @@
 // (ops::matmul_xwt / matmul_xw); nothing is re-laid for it.
 //
 // Prefill uses the same absorbed path as decode, so decode and prefill do the same arithmetic
-// (tests/unit/yarn_moe_test.cpp: decode-step logits equal a full prefill's). Measured against the
+// (tests/unit/deepseek_test.cpp: decode-step logits equal a full prefill's). Measured against the
 // expanded computation of tests/reference/deepseek_ref.py (MaxText's), the 30 e2e fixtures give
 // max|Δlogit| of 0.6–1.7% of max|logit| (limit 2%; tests/e2e/test_deepseek_e2e.py prints them),
 // with top-1 and 32 greedy tokens identical everywhere; a numpy emulation of this absorbed path
@@ -38,20 +38,20 @@
 // (1–2% of a 512-token prefill of a DeepSeek-V2-Lite-shaped model), and no chunk ever expands the
 // cached context.
 //
-// Rounding (spec §11; as deepseek_ref.py): every projection output, RMSNorm output, RoPE output,
-// the scaled query (s itself taken as a bf16 constant, JAX weak typing), the attention logits and
-// exponentials (ops::attend), the attention output (after Wkv_b's value slice), residual adds, the
-// MLP product and every MoE rounding point listed in engine/ops/moe.h. What the absorption changes:
-// k_nope and v are never materialised, so MaxText's bf16 rounding of them has no counterpart, q_lat
-// stays f32, and the attention's bf16 weighted sum is taken over the latent (Rkv values) rather
-// than over v (Dv values) — differences of the size of one bf16 rounding.
+// Rounding (docs/maxtext.md §11; as deepseek_ref.py): every projection output, RMSNorm output, RoPE
+// output, the scaled query (s itself taken as a bf16 constant, JAX weak typing), the attention
+// logits and exponentials (ops::attend), the attention output (after Wkv_b's value slice), residual
+// adds, the MLP product and every MoE rounding point listed in engine/ops/moe.h. What the
+// absorption changes: k_nope and v are never materialised, so MaxText's bf16 rounding of them has
+// no counterpart, q_lat stays f32, and the attention's bf16 weighted sum is taken over the latent
+// (Rkv values) rather than over v (Dv values) — differences of the size of one bf16 rounding.
 //
-// MoE (spec §2.7): the router (ops::Router) picks k experts per token; the batch's (token, expert)
-// pairs are grouped by expert (ops::ExpertBatches) so each selected expert runs once per step with
-// M = its token count (gather rows → Linear → scatter-add with the routing weight); experts nobody
-// chose are not touched. The weighted sum is f32 in expert-index order (the same order for a
-// token whether it is decoded alone or prefilled with others), rounded to bf16, plus the shared
-// experts (a SwiGLU MLP of width shared_experts · moe_mlp_dim).
+// MoE (docs/maxtext.md §2.7): the router (ops::Router) picks k experts per token; the batch's
+// (token, expert) pairs are grouped by expert (ops::ExpertBatches) so each selected expert runs
+// once per step with M = its token count (gather rows → Linear → scatter-add with the routing
+// weight); experts nobody chose are not touched. The weighted sum is f32 in expert-index order (the
+// same order for a token whether it is decoded alone or prefilled with others), rounded to bf16,
+// plus the shared experts (a SwiGLU MLP of width shared_experts · moe_mlp_dim).
 //
 // Activations are f32 holding bf16 values; matmul inputs bf16. Every buffer is sized once for
 // `max_chunk` tokens; the decode step allocates nothing.
@@ -271,8 +271,8 @@ class DeepSeekModel final : public Model {
                ops::Linear(a.bf16(b, prefix + "wo", {F, E}), F, E, lo)};
   }
 
-  // out[T, E] (f32, unrounded projection output) = (silu(x·Wi0) * (x·Wi1))·Wo, spec §2.6. With
-  // `rows` (the dense MLP; experts take no LoRA), each row adds its adapter's deltas.
+  // out[T, E] (f32, unrounded projection output) = (silu(x·Wi0) * (x·Wi1))·Wo, docs/maxtext.md
+  // §2.6. With `rows` (the dense MLP; experts take no LoRA), each row adds its adapter's deltas.
   void run_mlp(const Mlp& m, const uint16_t* x, int64_t T, float* out, const Rows* rows = nullptr,
                int64_t layer = 0) {
     const int64_t F = m.wi_0.N();

@@ -1,6 +1,6 @@
-// The serving API, with MaxEngine's semantics (spec §6): prefill a prompt into a Prefix (its KV
-// cache, the logits at its last position and the first sampled token), insert the Prefix into a
-// free decode slot, and advance every active slot by one token per generate() — one batched
+// The serving API, with MaxEngine's semantics (docs/maxtext.md §6): prefill a prompt into a Prefix
+// (its KV cache, the logits at its last position and the first sampled token), insert the Prefix
+// into a free decode slot, and advance every active slot by one token per generate() — one batched
 // forward pass for all of them (continuous batching on Model::forward_batch). A request's tokens
 // and log-probabilities do not depend on what else is batched with it.
 //
@@ -19,7 +19,7 @@
 #include "engine/lora.h"
 #include "engine/model.h"
 #include "engine/sampling.h"
-#include "engine/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace kiln {
 

@@ -1,4 +1,4 @@
-// The Llama-family forward pass (Llama 2/3/3.1, Mistral, Qwen3-dense), spec §2.1–2.4:
+// The Llama-family forward pass (Llama 2/3/3.1, Mistral, Qwen3-dense), docs/maxtext.md §2.1–2.4:
 //
 //   x = embed(tokens)                 (every projection W also adds a row's LoRA s·(x·A)·B)
 //   for each layer:
@@ -7,7 +7,8 @@
 //   logits = rms(x) · W_out            (or · embeddingᵀ / sqrt(E) when tied)
 //
 // Activations are f32 holding the bf16 values MaxText would have (the kernels round where MaxText
-// rounds, spec §11); matmul inputs are bf16. Buffers are sized once for `max_chunk` tokens.
+// rounds, docs/maxtext.md §11); matmul inputs are bf16. Buffers are sized once for `max_chunk`
+// tokens.
 
 #include <cmath>
 #include <optional>

@@ -143,8 +143,9 @@ class Model {
   virtual void check_cache(const KvCache& cache) const;
 
   // MaxText's output head: bf16 logits, divided by sqrt(emb_dim) for a normalised tied head, then
-  // the optional soft cap, then f32 (spec §2.1). `n` logits, whole rows of the vocabulary; the
-  // first one that is not finite is recorded for forward()/forward_batch() to report.
+  // the optional soft cap, then f32 (docs/maxtext.md §2.1). `n` logits, whole rows of the
+  // vocabulary; the first one that is not finite is recorded for forward()/forward_batch() to
+  // report.
   void finish_logits(float* logits, int64_t n);
 
   std::unique_ptr<Artifact> artifact_;

@@ -1,4 +1,4 @@
-// Token selection with MaxEngine's semantics (spec §6, inference_utils.py::sampling), by
+// Token selection with MaxEngine's semantics (docs/maxtext.md §6, inference_utils.py::sampling), by
 // SamplingParams::algorithm:
 //   greedy     argmax, lowest id on ties
 //   weighted   categorical(logits / T)

@@ -8,13 +8,13 @@
 
 namespace kiln {
 
-// MaxText's decode_sampling_strategy values (spec §6).
+// MaxText's decode_sampling_strategy values (docs/maxtext.md §6).
 enum class SamplingAlgorithm { Greedy, Weighted, TopK, Nucleus, Composite };
 const char* sampling_algorithm_name(SamplingAlgorithm a);  // "greedy", "weighted", "topk", …
 // Parses a name as above; throws kiln::Error listing the valid names.
 SamplingAlgorithm parse_sampling_algorithm(const std::string& name);
 
-// One request's sampling (spec §6 table):
+// One request's sampling (docs/maxtext.md §6 table):
 //   greedy     argmax, lowest id on ties (temperature, top_k, top_p ignored)
 //   weighted   categorical(logits / T); T > 0
 //   topk       categorical over the top_k largest logits / T; top_k > 0, T > 0

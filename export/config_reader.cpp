@@ -412,8 +412,9 @@ class Fields {
   const Entries& e_;
 };
 
-// MLA, MoE and YaRN fields (spec §2.3c, §2.5, §2.7, §9). Defaults are MaxText base.yml's; a
-// default that does not match the checkpoint shows up as a missing or unknown tensor at export.
+// MLA, MoE and YaRN fields (docs/maxtext.md §2.3c, §2.5, §2.7, §9). Defaults are MaxText
+// base.yml's; a default that does not match the checkpoint shows up as a missing or unknown tensor
+// at export.
 void read_deepseek_fields(const std::string& path, const Fields& f, ModelConfig& m) {
   m.q_lora_rank = f.get_int("q_lora_rank").value_or(0);
   m.kv_lora_rank = f.get_int("kv_lora_rank").value_or(0);
@@ -450,7 +451,8 @@ void read_deepseek_fields(const std::string& path, const Fields& f, ModelConfig&
     throw Error(path +
                 ": rope_attention_scaling: true is not supported (MaxText's DeepSeek "
                 "configs keep it false and put mscale into the softmax scale)");
-  // Spec §2.5 step 3: Dqk^-0.5, times (0.1·mscale·ln(factor) + 1)² when the context is extended.
+  // docs/maxtext.md §2.5 step 3: Dqk^-0.5, times (0.1·mscale·ln(factor) + 1)² when the context is
+  // extended.
   double s = 1.0 / std::sqrt(double(m.head_dim));
   if (m.max_position_embeddings > m.original_max_position_embeddings) {
     double mf = 0.1 * m.mscale * std::log(m.rope_factor) + 1.0;
@@ -589,8 +591,8 @@ ExportConfig read_export_config(const std::string& path,
                 "' is not supported (supported: default, llama3.1)");
   }
 
-  // llama2/mistral checkpoints carry 1/sqrt(head_dim) inside the query kernel (spec §2.2); qwen3
-  // applies it at run time.
+  // llama2/mistral checkpoints carry 1/sqrt(head_dim) inside the query kernel (docs/maxtext.md
+  // §2.2); qwen3 applies it at run time.
   m.query_scale = qwen3 && m.head_dim > 0 ? 1.0 / std::sqrt(double(m.head_dim)) : 1.0;
 
   m.validate(path);

@@ -15,7 +15,7 @@
 #include "common/error.h"
 #include "common/file_io.h"
 #include "common/interrupt.h"
-#include "engine/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "export/adapter.h"
 #include "export/config_reader.h"
 #include "export/key_layout.h"

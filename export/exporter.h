@@ -1,4 +1,4 @@
-// `kiln export`: training checkpoint + config → artifact directory (design.md §3).
+// `kiln export`: training checkpoint + config → artifact directory (docs/architecture.md §3).
 //
 // Stage order per layer: read → canonicalise names → unroll → merge LoRA (--merge-lora) →
 // QK-Clip (so the clip applies to the merged weights) → convert to bf16 once → write. Run-time

@@ -41,9 +41,9 @@ std::optional<std::string> canonical_key(std::string_view raw, KeyLayout layout)
 // (`layers_99999999999999999999` is no layer of the group).
 std::optional<int64_t> unrolled_layer_index(std::string_view component, std::string_view group);
 
-// A layer group of the decoder and the global layers it holds (spec §1.2, §1.7): Llama-family
-// models have one group `layers`; DeepSeek has `dense_layers` then `moe_layers`, numbered
-// globally with the dense ones first. A group may be empty (count 0).
+// A layer group of the decoder and the global layers it holds (docs/maxtext.md §1.2, §1.7):
+// Llama-family models have one group `layers`; DeepSeek has `dense_layers` then `moe_layers`,
+// numbered globally with the dense ones first. A group may be empty (count 0).
 struct GroupSpan {
   std::string name;
   int64_t first_layer = 0;

@@ -21,8 +21,8 @@ const char* adapter_format_name(AdapterFormat f) {
 
 namespace {
 
-// The projections LoRA may adapt (spec §4.2's default module set, and the MLA projections for
-// DeepSeek). Norms, the router and the experts carry no adapter.
+// The projections LoRA may adapt (docs/maxtext.md §4.2's default module set, and the MLA
+// projections for DeepSeek). Norms, the router and the experts carry no adapter.
 constexpr std::string_view kLlamaTargets[] = {"attn.q",   "attn.k",   "attn.v", "attn.o",
                                               "mlp.wi_0", "mlp.wi_1", "mlp.wo"};
 constexpr std::string_view kDeepSeekTargets[] = {"attn.wq_a",  "attn.wq_b",  "attn.query",

@@ -1,12 +1,12 @@
-// LoRA adapters (spec §4, issue 4): reading MaxText and PEFT adapter directories onto the
-// artifact's canonical layer tensors, and the merge W' = W + s·A·B.
+// LoRA adapters (docs/maxtext.md §4, issue 4): reading MaxText and PEFT adapter directories onto
+// the artifact's canonical layer tensors, and the merge W' = W + s·A·B.
 //
 // Every adapter pair is presented flattened to two dimensions in MaxText's orientation:
 //   A [in, r], B [r, out], with [in, out] the base kernel flattened (lora_in_out()),
 // so that ΔW = s · A·B has the base kernel's layout ([in, out] row-major, the artifact layout).
 //
-// MaxText adapters (spec §4.1): DIR/adapter_config.json {r, lora_alpha, target_modules} and one
-// safetensors file of any name (or several with an *.index.json); leaves named literally
+// MaxText adapters (docs/maxtext.md §4.1): DIR/adapter_config.json {r, lora_alpha, target_modules}
+// and one safetensors file of any name (or several with an *.index.json); leaves named literally
 // `lora_a.kernel` / `lora_b.kernel`; Linen (`params.params.decoder…`) or NNX single-nested
 // (`decoder…`); scanned (layer axis at index 1 of both A and B, groups `layers` or
 // `dense_layers` / `moe_layers`, a group may be absent) or unrolled (`layers_N`). Target names
@@ -16,9 +16,9 @@
 // PEFT adapters: DIR/adapter_config.json + DIR/adapter_model.safetensors with HF module names
 // (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` [r, in], `lora_B.weight`
 // [out, r]); s = lora_alpha/r or, with use_rslora, lora_alpha/sqrt(r); rank_pattern and
-// alpha_pattern per module. HF → MaxText (spec §10.1/§10.2): A = lora_Aᵀ, B = lora_Bᵀ; Llama
-// family: llama3.1 (interleaved RoPE) permutes the q and k output columns per head like the base
-// converter, and llama2/mistral multiply B of q by 1/sqrt(head_dim) (the query scale the base
+// alpha_pattern per module. HF → MaxText (docs/maxtext.md §10.1/§10.2): A = lora_Aᵀ, B = lora_Bᵀ;
+// Llama family: llama3.1 (interleaved RoPE) permutes the q and k output columns per head like the
+// base converter, and llama2/mistral multiply B of q by 1/sqrt(head_dim) (the query scale the base
 // converter folds into `query`); Qwen3 and DeepSeek: no transform. DoRA, modules_to_save, bias
 // training, embedding/lm_head LoRA and other unsupported features are refused by name.
 #pragma once

@@ -1,5 +1,6 @@
-// MaxText's adapter format (spec §4.1): adapter_config.json {r, lora_alpha, target_modules} and
-// the `lora_a.kernel` / `lora_b.kernel` leaves under the adapted modules, scanned or unrolled.
+// MaxText's adapter format (docs/maxtext.md §4.1): adapter_config.json {r, lora_alpha,
+// target_modules} and the `lora_a.kernel` / `lora_b.kernel` leaves under the adapted modules,
+// scanned or unrolled.
 #include <algorithm>
 #include <filesystem>
 #include <map>
@@ -43,7 +44,7 @@ std::optional<std::string> tensor_of_module(const ModelConfig& c, const std::str
 
 // MaxText target_modules matching is on whole trailing path components: `self_attention.query`
 // matches `decoder/layers/self_attention/query` but NOT `decoder/layers/self_attention/query_norm`
-// (MaxText's own substring test would match the latter, spec §4.1; kiln does not).
+// (MaxText's own substring test would match the latter, docs/maxtext.md §4.1; kiln does not).
 bool matches_trailing_components(const std::string& path, const std::string& entry) {
   if (path == entry) return true;
   return path.size() > entry.size() && path.ends_with(entry) &&
@@ -59,7 +60,8 @@ void AdapterSource::Impl::open_maxtext(const AdapterConfig& cfg) {
   if (!tm.is_array() || tm.empty())
     throw cfg.error("target_modules", "is " + tm.dump() + ", expected a non-empty list of strings");
 
-  // target_modules: the q/k/v/o_proj short names MaxText maps (spec §4.1), else a module path.
+  // target_modules: the q/k/v/o_proj short names MaxText maps (docs/maxtext.md §4.1), else a module
+  // path.
   struct Entry {
     std::string given, path;
   };
@@ -143,8 +145,8 @@ void AdapterSource::Impl::open_maxtext(const AdapterConfig& cfg) {
   if (weights.tensors().empty()) throw Error(where + ": the adapter holds no LoRA tensors");
 
   // Keys: Linen `params/params/decoder/…`, NNX single-nested `decoder/…`; the NNX tree saved
-  // inside a TrainState (spec §4.3) adds one `params/`, which is dropped here so the key layout
-  // code recognises it as NNX.
+  // inside a TrainState (docs/maxtext.md §4.3) adds one `params/`, which is dropped here so the key
+  // layout code recognises it as NNX.
   std::vector<std::string> layout_keys;
   for (const SourceTensor& t : weights.tensors()) {
     std::vector<std::string> c = split_key(t.key);
@@ -248,7 +250,8 @@ void AdapterSource::Impl::open_maxtext(const AdapterConfig& cfg) {
       throw Error(file_of(a) + ": rank mismatch between A and B: key '" + a.key + "' has shape " +
                   shape_to_string(a.shape) + " (rank on the last axis), key '" + b.key +
                   "' has shape " + shape_to_string(b.shape) + " (rank on the first axis)");
-    // Spec §4.1: A = in_dims + (r,), B = (r,) + out_dims; scanned: the layer axis at index 1.
+    // docs/maxtext.md §4.1: A = in_dims + (r,), B = (r,) + out_dims; scanned: the layer axis at
+    // index 1.
     const std::vector<int64_t> base_shape = *target_base_shape(base, p.tensor);
     const size_t k = input_axes(p.tensor);
     std::vector<int64_t> want_a(base_shape.begin(), base_shape.begin() + std::ptrdiff_t(k));

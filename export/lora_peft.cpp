@@ -1,5 +1,5 @@
 // PEFT's adapter format: adapter_config.json + adapter_model.safetensors with Hugging Face module
-// names, turned into MaxText's orientation and layout (spec §10.1, §10.2).
+// names, turned into MaxText's orientation and layout (docs/maxtext.md §10.1, §10.2).
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -17,7 +17,7 @@ using namespace lora_detail;
 
 namespace {
 
-// HF module (relative to `model.layers.N.`) → canonical tensor (spec §10.1, §10.2).
+// HF module (relative to `model.layers.N.`) → canonical tensor (docs/maxtext.md §10.1, §10.2).
 struct HfModule {
   const char* hf;
   const char* tensor;
@@ -83,7 +83,7 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
 
 // HF stores q/k heads half-split ([x_0 … x_{D/2-1} | y_0 …]); llama3.1 in MaxText pairs them
 // (x_0, y_0, x_1, y_1, …). The base converter permutes the kernel's output columns per head the
-// same way (spec §10.1): new[2j] = old[j], new[2j+1] = old[j + D/2].
+// same way (docs/maxtext.md §10.1): new[2j] = old[j], new[2j+1] = old[j + D/2].
 void interleave_heads(std::vector<float>& b, int64_t rank, int64_t out, int64_t D) {
   std::vector<float> head(size_t(D), 0.0f);
   const int64_t half = D / 2;
@@ -330,7 +330,7 @@ void AdapterSource::Impl::read_peft(const PairSource& src, const LoraTargetInfo&
   const ModelConfig& c = base;
   const int64_t in = d.in, out = d.out;
   // PEFT: lora_A [r, in], lora_B [out, r] (PyTorch weight orientation) → MaxText A [in, r],
-  // B [r, out]; then the base converter's HF → MaxText transforms (spec §10.1).
+  // B [r, out]; then the base converter's HF → MaxText transforms (docs/maxtext.md §10.1).
   std::vector<float> raw(size_t(std::max(in, out) * d.rank));
   read_as_f32(*src.a, raw.data());
   transpose(raw.data(), d.rank, in, d.a.data());

@@ -1,5 +1,5 @@
-// Canonical artifact tensor names ← MaxText parameter paths (spec §1.3, §1.4, §1.6, §1.7).
-// Shared by the exporter (base weights) and the LoRA reader (adapter targets are the same
+// Canonical artifact tensor names ← MaxText parameter paths (docs/maxtext.md §1.3, §1.4, §1.6,
+// §1.7). Shared by the exporter (base weights) and the LoRA reader (adapter targets are the same
 // modules: `<path without /kernel>/lora_a.kernel`).
 #pragma once
 

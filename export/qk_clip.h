@@ -1,4 +1,5 @@
-// QK-Clip (MuonClip's per-head rescale of query/key weights, spec §3), baked in at export.
+// QK-Clip (MuonClip's per-head rescale of query/key weights, docs/maxtext.md §3), baked in at
+// export.
 //
 // Statistics: per-head max pre-softmax logits recorded during training (MaxText intermediates
 // `…/self_attention/attention_op/max_logits` or `…/self_attention/max_logits`, Linen sow tuples

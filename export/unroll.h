@@ -1,7 +1,7 @@
 // Unrolling a scanned layer group: MaxText stacks every parameter of a decoder layer group on one
-// axis (`param_scan_axis`, default 1; spec §1.2: insert L at that position of the unscanned
-// shape). Layer l of a scanned tensor is its slice at index l of that axis. Already-unrolled
-// checkpoints (`layers_0 … layers_{L-1}`) are read as they are.
+// axis (`param_scan_axis`, default 1; docs/maxtext.md §1.2: insert L at that position of the
+// unscanned shape). Layer l of a scanned tensor is its slice at index l of that axis.
+// Already-unrolled checkpoints (`layers_0 … layers_{L-1}`) are read as they are.
 #pragma once
 
 #include <cstdint>

@@ -34,7 +34,7 @@ struct ModelConfig {
   double final_logits_soft_cap = 0.0;
   int64_t max_target_length = 2048;
 
-  // DeepSeek family (decoder_block deepseek; spec §1.7, §2.5, §2.7). Layers
+  // DeepSeek family (decoder_block deepseek; docs/maxtext.md §1.7, §2.5, §2.7). Layers
   // [0, first_num_dense_layers) have a dense MLP, the rest MoE. MLA has num_kv_heads ==
   // num_query_heads; query_scale holds MLA's softmax scale (Dqk^-0.5 · mscale factor²).
   int64_t first_num_dense_layers = 0;
@@ -51,12 +51,12 @@ struct ModelConfig {
   std::string routed_score_func;  // "softmax" | "sigmoid" | "" (raw logits)
   bool routed_bias = false;
   // Weights of the selected experts come from the scores before the routing bias (DeepSeek-V3
-  // noaux_tc). MaxText does this only for model names starting with deepseek3/deepseek4 (spec
-  // §2.7); otherwise selection and weights both use the biased scores.
+  // noaux_tc). MaxText does this only for model names starting with deepseek3/deepseek4
+  // (docs/maxtext.md §2.7); otherwise selection and weights both use the biased scores.
   bool routing_weights_pre_bias = false;
   int64_t n_routing_groups = -1;  // -1: no group-limited routing
   int64_t topk_routing_group = -1;
-  // YaRN RoPE (rope_layout Yarn, spec §2.3c); rope_max_timescale is θ.
+  // YaRN RoPE (rope_layout Yarn, docs/maxtext.md §2.3c); rope_max_timescale is θ.
   int64_t max_position_embeddings = 0;
   int64_t original_max_position_embeddings = 0;
   double rope_factor = 1.0;

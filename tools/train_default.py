@@ -17,15 +17,15 @@ What it does
      adapter, excluded from base training, and the base training text (everything else).
   2. tokenizer: SentencePiece unigram, 4096 pieces, identity normalisation, byte fallback,
      whitespace kept; decode(encode(s)) == s is checked for every line (fatal for held-out lines).
-  3. model (MaxText decoder_block deepseek, spec §1.7/§2.5/§2.7): MLA with q_lora_rank, YaRN RoPE
+  3. model (MaxText decoder_block deepseek, docs/maxtext.md §1.7/§2.5/§2.7): MLA with q_lora_rank, YaRN RoPE
      (original 64 -> 256 positions, factor 4), 1 dense layer + 3 MoE layers (16 routed experts,
      top-8, sigmoid scores, routing bias updated aux-loss-free, DeepSeek-V3 pre-bias weighting since
      model_name starts with "deepseek3", 1 shared expert), untied output head.
      Training: f32 master weights, bf16 matmuls (as MaxText's dtype bf16), AdamW, packed verses
      (each verse its own segment: positions restart at 0, attention stays inside the segment).
-     The last step's per-head max attention logits (spec §3) go to max_logits.safetensors.
+     The last step's per-head max attention logits (docs/maxtext.md §3) go to max_logits.safetensors.
   4. LoRA: rank 8 on wq_a, wq_b, wkv_a, wkv_b, out (every layer) and the dense MLP, base frozen
-     (bf16-rounded), trained on the style slice; MaxText adapter layout (spec §4.1), scanned.
+     (bf16-rounded), trained on the style slice; MaxText adapter layout (docs/maxtext.md §4.1), scanned.
   5. evaluation in torch with the weights rounded to bf16 and f32 compute: held-out perplexity of
      the base, base + merged adapter, base + run-time adapter -> reference.json; greedy samples.
 
@@ -55,7 +55,7 @@ DEFAULT_SEED = 20240611
 # configuration
 
 MODEL = {
-    "model_name": "deepseek3-kjv-6m",   # deepseek3*: pre-bias routing weights (spec §2.7)
+    "model_name": "deepseek3-kjv-6m",   # deepseek3*: pre-bias routing weights (docs/maxtext.md §2.7)
     "decoder_block": "deepseek",
     "base_emb_dim": 256,
     "base_num_query_heads": 8,
@@ -234,7 +234,7 @@ def train_tokenizer(lines, path, check):
 
 
 # ------------------------------------------------------------------------------------------------
-# YaRN (spec §2.3c), computed in numpy exactly as MaxText / the project's numpy reference
+# YaRN (docs/maxtext.md §2.3c), computed in numpy exactly as MaxText / the project's numpy reference
 
 
 def yarn_tables(d, cfg, n_pos):
@@ -769,7 +769,7 @@ def write_max_logits(path, stats):
 
 
 def write_adapter(directory, lora_b):
-    """MaxText adapter (spec §4.1): adapter_config.json + one safetensors file, Linen keys,
+    """MaxText adapter (docs/maxtext.md §4.1): adapter_config.json + one safetensors file, Linen keys,
     scanned groups with the layer axis at 1; A = in_dims + (r,), B = (r,) + out_dims."""
     d = dims()
     r = LORA["r"]
@@ -1162,7 +1162,7 @@ def write_readme(path, ref, sp_lines, n_tok, hist, lora_hist, n_params, lowhigh)
       "fallback, identity normalisation) |" % (ref["tokenizer"]["vocab_size"],
                                               ref["tokenizer"]["bos_id"],
                                               ref["tokenizer"]["eos_id"]))
-    w("| `adapter/` | LoRA r=%d, alpha %g (scale %g), MaxText adapter layout (spec §4.1): "
+    w("| `adapter/` | LoRA r=%d, alpha %g (scale %g), MaxText adapter layout (docs/maxtext.md §4.1): "
       "`adapter_config.json` + `adapter.safetensors` (bf16, scanned) |"
       % (LORA["r"], LORA["lora_alpha"], ref["adapter"]["scale"]))
     w("| `heldout.txt` / `heldout.tokens` | the %d held-out verses, text and token ids (no "
@@ -1203,7 +1203,7 @@ def write_readme(path, ref, sp_lines, n_tok, hist, lora_hist, n_params, lowhigh)
     w("## Model")
     w("")
     w("`decoder_block: deepseek`, model_name `%s` (a `deepseek3` name: experts are selected "
-      "with the biased sigmoid scores and weighted with the pre-bias ones, spec §2.7)."
+      "with the biased sigmoid scores and weighted with the pre-bias ones, docs/maxtext.md §2.7)."
       % MODEL["model_name"])
     w("")
     w("| | |")

@@ -323,7 +323,7 @@ HWY_NOINLINE void AttendRows(AttnRow* rows, const uint16_t* HWY_RESTRICT k,
     }
   }
   QkLogits<M>(rows, qde, k, n, D, Dp, Dv, stride);
-  // MaxText: out = bf16(e @ V) / bf16(sum(e)), both bf16 because e is (spec §2.2, §11).
+  // MaxText: out = bf16(e @ V) / bf16(sum(e)), both bf16 because e is (docs/maxtext.md §2.2, §11).
   for (int64_t r = 0; r < M; ++r) rows[r].sum = round_to_bf16(SoftmaxWeights(rows[r].w, n));
   // Two pairs (4 vectors) of the head dimension per pass keep M × 4 accumulators in registers.
   int64_t c0 = 0;

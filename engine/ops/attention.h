@@ -1,5 +1,5 @@
 // Attention of one query position over a bf16 KV cache (Highway SIMD), rounding to bf16 where
-// MaxText does (spec §2.2, §11). attend does not allocate.
+// MaxText does (docs/maxtext.md §2.2, §11). attend does not allocate.
 #pragma once
 
 #include <cstdint>
@@ -19,10 +19,9 @@ namespace kiln::ops {
 //            unnormalised bf16 weight exp(l − max) of head h at position s.
 // Logits are rounded to bf16 before the softmax as in MaxText (float32_logits: false); the
 // exponentials are rounded to bf16, their sum and the weighted V sum are accumulated in f32 and
-// rounded to bf16, and out = bf16(bf16(Σ e·v) / bf16(Σ e)) (spec §2.2: the einsum and the sum of
-// bf16 exps are bf16).
-// Throws kiln::Error for n_ctx < 1, K < 1, H not a multiple of K, D < 1, pos_stride < D, or
-// head_stride < D with K > 1.
+// rounded to bf16, and out = bf16(bf16(Σ e·v) / bf16(Σ e)) (docs/maxtext.md §2.2: the einsum and
+// the sum of bf16 exps are bf16). Throws kiln::Error for n_ctx < 1, K < 1, H not a multiple of K, D
+// < 1, pos_stride < D, or head_stride < D with K > 1.
 void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t n_ctx, int64_t H,
             int64_t K, int64_t D, int64_t pos_stride, int64_t head_stride, float* scratch,
             float* out);
@@ -32,7 +31,7 @@ inline int64_t attend_scratch_floats(int64_t n_ctx, int64_t H) {
 
 // QK-Clip calibration (kiln calibrate): raises max[h] to the largest bf16 attention logit of
 // query head h over positions [0, n_ctx) — the softmax input of `attend` for the same arguments,
-// i.e. MaxText's max_logits (spec §3). Not on the serving path; plain loops.
+// i.e. MaxText's max_logits (docs/maxtext.md §3). Not on the serving path; plain loops.
 void max_logits(const float* q, const uint16_t* k, int64_t n_ctx, int64_t H, int64_t K, int64_t D,
                 int64_t pos_stride, int64_t head_stride, float* max);
 

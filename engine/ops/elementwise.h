@@ -1,6 +1,6 @@
 // Element-wise kernels on activations (Highway SIMD). All activations are f32 in memory; where
-// MaxText rounds to bf16 (spec §11) these kernels round too, so the engine follows MaxText's
-// numerics. None of them allocates.
+// MaxText rounds to bf16 (docs/maxtext.md §11) these kernels round too, so the engine follows
+// MaxText's numerics. None of them allocates.
 #pragma once
 
 #include <cstdint>
@@ -30,7 +30,7 @@ void add_round(float* x, const float* y, int64_t n);
 
 // acc[i] += w · bf16(y[i]) for n values: one MoE expert's output (rounded to bf16, MaxText's
 // expert output dtype) added with its routing weight into the f32 weighted sum
-// (float32_weight_sum, spec §2.7).
+// (float32_weight_sum, docs/maxtext.md §2.7).
 void add_weighted_bf16(float* acc, const float* y, float w, int64_t n);
 
 // f32 → bf16 for a row block (e.g. attention output before the out-projection).

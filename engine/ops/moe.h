@@ -1,6 +1,6 @@
-// Mixture-of-experts routing for the DeepSeek family (spec §2.7) and the grouping of a batch's
-// (token, expert) pairs by expert, so each selected expert runs once per step with M = its token
-// count. Scalar code: routing is T · X work, small next to the experts' matmuls. Nothing here
+// Mixture-of-experts routing for the DeepSeek family (docs/maxtext.md §2.7) and the grouping of a
+// batch's (token, expert) pairs by expert, so each selected expert runs once per step with M = its
+// token count. Scalar code: routing is T · X work, small next to the experts' matmuls. Nothing here
 // allocates after construction.
 //
 // Rounding (MaxText materialises every one of these as bf16; the same points as
@@ -16,8 +16,8 @@
 //            reference rounds once, and so do we: the difference is one bf16 step of a weight at
 //            most, far inside the e2e tolerance, and matching the reference keeps the tests exact.)
 // Selection: top-k of the biased scores, ties to the lower expert index (lax.top_k); with
-// group-limited routing (DeepSeek-V3 names only, n_routing_groups != -1, spec §2.7) each group of
-// X / n_groups consecutive experts scores the f32 sum of its two best biased scores, the
+// group-limited routing (DeepSeek-V3 names only, n_routing_groups != -1, docs/maxtext.md §2.7) each
+// group of X / n_groups consecutive experts scores the f32 sum of its two best biased scores, the
 // topk_routing_group best groups are kept (ties to the lower group) and the others' experts get
 // −∞. A NaN score is never preferred over a number.
 #pragma once
@@ -43,7 +43,7 @@ struct RoutingParams {
 
   // MaxText's behaviour for a config: group-limited routing only applies together with the
   // DeepSeek-V3 routing (routing_weights_pre_bias, i.e. a deepseek3*/deepseek4* model name); for
-  // other names MaxText ignores n_routing_groups (spec §2.7, get_topk).
+  // other names MaxText ignores n_routing_groups (docs/maxtext.md §2.7, get_topk).
   static RoutingParams from_config(const ModelConfig& c);
 };
 

@@ -1,5 +1,5 @@
 // Normalisation kernels (Highway SIMD) on f32 activations, rounding to bf16 where MaxText does
-// (spec §11). None of them allocates.
+// (docs/maxtext.md §11). None of them allocates.
 #pragma once
 
 #include <cstdint>

@@ -97,9 +97,10 @@ void RopeInterleaved(float* HWY_RESTRICT x, int64_t heads, int64_t stride, int64
 }
 
 // YaRN with interleaved input pairs (x[2i], x[2i+1]) and concatenated output [Re | Im]
-// (spec §2.3c). The output slots overlap other pairs' inputs, so each head is first copied into a
-// zero-padded buffer; whole vectors only (a tail is padding), so every element goes through the
-// same vector code. The half-split-input YaRN variant is RopeHalfSplit with f32 sin/cos.
+// (docs/maxtext.md §2.3c). The output slots overlap other pairs' inputs, so each head is first
+// copied into a zero-padded buffer; whole vectors only (a tail is padding), so every element goes
+// through the same vector code. The half-split-input YaRN variant is RopeHalfSplit with f32
+// sin/cos.
 void RopeYarnInterleaved(float* HWY_RESTRICT x, int64_t heads, int64_t stride, int64_t dim,
                          const float* HWY_RESTRICT cos, const float* HWY_RESTRICT sin) {
   const DF d;

@@ -1,5 +1,5 @@
 // Rotary position embeddings (RoPE, YaRN) as MaxText applies them, on f32 activations with the
-// result rounded to bf16 (spec §2.3, §11). apply() does not allocate.
+// result rounded to bf16 (docs/maxtext.md §2.3, §11). apply() does not allocate.
 #pragma once
 
 #include <cstdint>
@@ -9,7 +9,7 @@
 
 namespace kiln::ops {
 
-// YaRN parameters (MaxText YarnRotaryEmbedding, spec §2.3c; DeepSeek V2/V3, Kimi K2).
+// YaRN parameters (MaxText YarnRotaryEmbedding, docs/maxtext.md §2.3c; DeepSeek V2/V3, Kimi K2).
 struct YarnParams {
   double theta = 10000.0;                  // rope_max_timescale
   double factor = 40.0;                    // rope_factor
@@ -23,8 +23,8 @@ struct YarnParams {
 // Largest rotary dim the YaRN kernel handles (it rotates a head through a stack buffer).
 inline constexpr int64_t kYarnMaxHeadDim = 1024;
 
-// The YaRN correction range (low, high) for rotary dim d, exactly as spec §2.3(c): correction
-// dim c(n) = d·ln(orig / (n·2π)) / (2·ln θ) in f64; low = floor(c(beta_fast)), high =
+// The YaRN correction range (low, high) for rotary dim d, exactly as docs/maxtext.md §2.3(c):
+// correction dim c(n) = d·ln(orig / (n·2π)) / (2·ln θ) in f64; low = floor(c(beta_fast)), high =
 // ceil(c(beta_slow)) when truncate; clamped to [0, d − 1]; high += 0.001 if low == high.
 void yarn_correction_range(int64_t d, const YarnParams& p, double& low, double& high);
 // The YaRN inverse frequencies f_i, i ∈ [0, d/2), in f32 as MaxText computes them:
@@ -45,8 +45,8 @@ std::vector<float> yarn_inv_freq(int64_t d, const YarnParams& p);
 //               The rotation is the complex64 product in f32 (re·cos − im·sin, re·sin + im·cos,
 //               no FMA) and its result is rounded to bf16 (MaxText casts the output back to the
 //               activation dtype). No amplitude scaling: rope_attention_scaling is false, the
-//               mscale lives in the softmax scale (spec §2.5). Only sin/cos tables and the output
-//               are rounded — as in MaxText and tests/reference/deepseek_ref.py.
+//               mscale lives in the softmax scale (docs/maxtext.md §2.5). Only sin/cos tables and
+//               the output are rounded — as in MaxText and tests/reference/deepseek_ref.py.
 // Throws kiln::Error for an odd or non-positive head_dim, non-positive timescales or scaling
 // factor, or max_positions < 1 (Yarn: also head_dim > 1024, non-positive theta, factor,
 // original_max_positions or betas). apply() throws for pos outside [0, max_positions).

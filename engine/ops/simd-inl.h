@@ -4,9 +4,9 @@
 // run time. The build has no -march flags, so static dispatch would stop at the baseline (no SIMD
 // beyond SSE2); dynamic dispatch gets AVX-512 on the Zen 5 machine.
 //
-// Numerics mirror MaxText (spec §2.1–2.3, §11): every place MaxText materialises a bf16 tensor the
-// kernels round to bf16, using the same round-to-nearest-even as common/bf16.h (RoundBf16 below
-// is bit-identical to kiln::round_to_bf16, NaN included).
+// Numerics mirror MaxText (docs/maxtext.md §2.1–2.3, §11): every place MaxText materialises a bf16
+// tensor the kernels round to bf16, using the same round-to-nearest-even as common/bf16.h
+// (RoundBf16 below is bit-identical to kiln::round_to_bf16, NaN included).
 //
 // Included after foreach_target.h, so once per target: the guard is Highway's per-target toggle
 // instead of #pragma once.

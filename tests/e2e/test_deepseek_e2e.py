@@ -11,7 +11,7 @@ Per variant (make_deepseek_fixture.variants(); every option of the matrix appear
     predicts, at every generated position, the token kiln's decode through the latent cache
     produced, and its logits at every position meet the same criteria against the reference.
     (Decode-step logits themselves are compared with the prefill's in the C++ engine test,
-    tests/unit/yarn_moe_test.cpp.)
+    tests/unit/deepseek_test.cpp.)
 The prompt (20 tokens) comes from deepseek_ref.choose_prompt: the reference's top-1/top-2 gap is
 >= 3% of the row's max |logit| at every compared position and greedy step, every MoE layer's k-th
 vs (k+1)-th expert score gap (and group gap) is >= 3% on the whole generated sequence (so neither

@@ -6,7 +6,7 @@ Each check uses a second, independently written formulation where it can: YaRN f
 numbers with its own correction-range code, an incremental f64 decoder that caches only the MLA
 latent + rope key and computes attention in the latent space (wkv_b absorbed into the query and
 output sides) with a per-token loop for the MoE routing, hand-worked routing cases, an independent
-safetensors parse of the fixtures against a shape table written from spec §1.7, and the spec §3
+safetensors parse of the fixtures against a shape table written from docs/maxtext.md §1.7, and the docs/maxtext.md §3
 qk_clip_test.py table.
 """
 
@@ -67,7 +67,7 @@ class _Tmp(unittest.TestCase):
 
 
 # ------------------------------------------------------------------------------------------------
-# YaRN (spec §2.3c) and the softmax scale (§2.5)
+# YaRN (docs/maxtext.md §2.3c) and the softmax scale (§2.5)
 
 
 def yarn_direct(x, pos, d, theta, factor, orig, beta_fast, beta_slow, interleave=True):
@@ -100,7 +100,7 @@ def yarn_cfg(**kw):
 
 class YarnTest(unittest.TestCase):
     def test_correction_range_constants(self):
-        # spec §2.3(c): d = 64
+        # docs/maxtext.md §2.3(c): d = 64
         self.assertEqual(dr.yarn_correction_range(64, 1e4, 4096, 32, 1), (10, 23))   # DeepSeek-V3
         self.assertEqual(dr.yarn_correction_range(64, 5e4, 4096, 1, 1), (19, 20))    # Kimi-K2
         # the fixtures' rope dim 8: V3 constants -> (1, 3); original context 64 -> (0, 2)
@@ -187,7 +187,7 @@ class YarnTest(unittest.TestCase):
 
 
 def route_by_hand(scores_f64, bias, cfg):
-    """Per-token routing, written from spec §2.7 in plain python (no rounding)."""
+    """Per-token routing, written from docs/maxtext.md §2.7 in plain python (no rounding)."""
     X, k = cfg["num_experts"], cfg["num_experts_per_tok"]
     ds3 = str(cfg["model_name"]).startswith(("deepseek3", "deepseek4"))
     post = [s + (bias[e] if bias is not None else 0.0) for e, s in enumerate(scores_f64)]
@@ -375,7 +375,7 @@ class MLATest(_Tmp):
 
 
 # ------------------------------------------------------------------------------------------------
-# routing worked by hand (spec §2.7)
+# routing worked by hand (docs/maxtext.md §2.7)
 
 
 def rcfg(**kw):
@@ -458,7 +458,7 @@ class RoutingTest(unittest.TestCase):
         s2 = [0.99, 0.1, 0.1, 0.1, 0.8, 0.7, 0.1, 0.1]
         r2, _, _, _ = self.route(s2, n_routing_groups=2, topk_routing_group=1)
         self.assertEqual(list(r2["indices"][0]), [4, 5])
-        # the same fields are ignored for other model names (spec §2.7: deepseek_routing only
+        # the same fields are ignored for other model names (docs/maxtext.md §2.7: deepseek_routing only
         # for deepseek3*/deepseek4*)
         r3, _, _, _ = self.route(s, model_name="kimi-k2-tiny", **kw)
         self.assertEqual(list(r3["indices"][0]), [0, 7])
@@ -489,12 +489,12 @@ class RoutingTest(unittest.TestCase):
 
 
 # ------------------------------------------------------------------------------------------------
-# fixtures: keys, shapes, layouts (spec §1.1, §1.2, §1.7)
+# fixtures: keys, shapes, layouts (docs/maxtext.md §1.1, §1.2, §1.7)
 
 
 def expected_unscanned(E=64, H=4, Rq=32, Rkv=16, Dn=16, Dr=8, Dv=16, F=96, Fm=32, X=8, S=1,
                        bias=True):
-    """Spec §1.7 table, typed in again."""
+    """docs/maxtext.md §1.7 table, typed in again."""
     att = {"pre_self_attention_layer_norm/scale": (E,),
            "self_attention/wkv_a/kernel": (E, Rkv + Dr),
            "self_attention/kv_norm/scale": (Rkv,),
@@ -550,7 +550,7 @@ class FixtureLayoutTest(common.TempDirCase):
             self.assertEqual(sorted(raw), sorted(want))
             for k, shp in want.items():
                 self.assertEqual(raw[k].shape, shp, k)
-        # spot checks of spec §0.2 / §1.7 (axis 1): query-side [Rq, L, H, Dqk], norms [E, L],
+        # spot checks of docs/maxtext.md §0.2 / §1.7 (axis 1): query-side [Rq, L, H, Dqk], norms [E, L],
         # experts [X, L, E, Fm], bias [X, L]
         v = mdf.variant_by_name("ds3-2dense-scan1")
         raw = self.load_raw(mdf.write_fixture(v, os.path.join(self.tmp, "b")))

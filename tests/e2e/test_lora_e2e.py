@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""End-to-end LoRA (spec §4, issue 4): adapters written by tests/reference/lora_ref.py, merged at
+"""End-to-end LoRA (docs/maxtext.md §4, issue 4): adapters written by tests/reference/lora_ref.py, merged at
 export (`--merge-lora`) or kept as run-time adapters (`--lora-name`, `kiln adapter add`), against
 the numpy reference of the merged model (lora_ref.merged_model: W' = bf16(W + s·A·B), on
 llama_ref / deepseek_ref).

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""End-to-end QK-Clip (spec §3, issue 3 items 4-6): `kiln export --max-logits F
+"""End-to-end QK-Clip (docs/maxtext.md §3, issue 3 items 4-6): `kiln export --max-logits F
 --qk-clip-threshold TAU` / `--qk-clip-calibrate PROMPTS`, `kiln calibrate`, `kiln inspect --json`
 and `kiln golden dump` against the numpy references (tests/reference/qk_clip_ref.py,
 deepseek_ref.py, llama_ref.py), through real files.
@@ -10,7 +10,7 @@ layers (1 dense + 3 MoE), heads above tau = 7.75 in every layer; a Llama fixture
 (make_fixture `linen-scan1-f32`) for the non-MLA refusal and `--qk-clip-mode query`.
 
 Per DeepSeek variant:
-  spec §3 table through files
+  docs/maxtext.md §3 table through files
     * per-head scaling: crafted statistics (a head at 2·tau, one at 4·tau, one exactly at tau, a
       layer entirely below tau): the manifest's gammas equal qk_clip_ref's bit for bit
       (tau/(S+1e-6) in f32; exactly 1 at or below tau); wq_b / query / wkv_b equal the reference's
@@ -416,7 +416,7 @@ class _QKClipVariant:
         np.testing.assert_array_equal(art.max_logits(), S, "%s: manifest max_logit" % what)
         self.assertEqual(qk["heads_clipped"], int((gammas < 1).sum()), what)
 
-    # -- spec §3 table through files ---------------------------------------------------------
+    # -- docs/maxtext.md §3 table through files ----------------------------------------------------
 
     def test_spec_per_head_scaling(self):
         """A head above tau gets gamma = tau/(S+1e-6), heads at/below tau exactly 1 and stay

@@ -112,7 +112,7 @@ def rope_direct_interleaved_llama31(x, pos, theta):
 
 
 def incremental_decoder_f64(model, tokens):
-    """Token-by-token decoder with a KV cache, f64, written from spec §2.4 in a different style."""
+    """Token-by-token decoder with a KV cache, f64, written from docs/maxtext.md §2.4 in a different style."""
     c = model.cfg
     H, K, D = c["num_query_heads"], c["num_kv_heads"], c["head_dim"]
     eps = c["normalization_layer_epsilon"]
@@ -263,7 +263,7 @@ class FixtureLayoutTest(common.TempDirCase):
             n = scanned["params.params.decoder.layers.pre_self_attention_layer_norm.scale"]
             o = scanned["params.params.decoder.layers.self_attention.out.kernel"]
             wo = scanned["params.params.decoder.layers.mlp.wo.kernel"]
-            if axis == 1:   # spec §1.2/§1.4: [E, L, H, D], [E, L], [H, L, D, E], [F, L, E]
+            if axis == 1:   # docs/maxtext.md §1.2/§1.4: [E, L, H, D], [E, L], [H, L, D, E], [F, L, E]
                 self.assertEqual(q.shape, (E, L, H, D))
                 self.assertEqual(n.shape, (E, L))
                 self.assertEqual(o.shape, (H, L, D, E))
@@ -378,7 +378,7 @@ class RopeTest(unittest.TestCase):
                                    atol=0.01 * np.abs(x).max())
 
     def test_llama31_interleaved_equals_hf_halfsplit_after_permutation(self):
-        """spec §10.1: MaxText llama3.1 q/k kernels are HF's with each head's output dims
+        """docs/maxtext.md §10.1: MaxText llama3.1 q/k kernels are HF's with each head's output dims
         interleaved (new[2j] = old[j], new[2j+1] = old[j + D/2]); with the interleaved RoPE the
         scores q.k equal HF's half-split RoPE on the original layout."""
         rng = np.random.default_rng(4)

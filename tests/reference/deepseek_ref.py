@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Independent numpy reference of the MaxText DeepSeek / Kimi-K2 forward (decoder_block deepseek).
 
-Written from /work/shared/maxtext-spec.md (§1.1-1.2, §1.7, §2.1-2.3(c), §2.5-2.7, §3, §9, §11),
+Written from docs/maxtext.md (§1.1-1.2, §1.7, §2.1-2.3(c), §2.5-2.7, §3, §9, §11),
 not from kiln's C++. Same conventions and rounding choices as llama_ref.py (read its docstring first).
 
 Entry points (same calling convention as llama_ref):
@@ -15,7 +15,7 @@ Entry points (same calling convention as llama_ref):
 statistic is the max over prompts (each prompt is its own sequence, as `kiln calibrate` runs them).
 `overrides`: "key=value" strings (like `kiln export --set`); `scan_axis`: like `--scan-axis`.
 
-Model (spec §2.4-§2.7): global layer numbering = dense layers first (decoder/dense_layers[_i],
+Model (docs/maxtext.md §2.4-§2.7): global layer numbering = dense layers first (decoder/dense_layers[_i],
 first_num_dense_layers of them), then MoE layers (decoder/moe_layers[_j]).
     h   = x + MLA(RMSNorm_pre(x));   out = h + FFN(RMSNorm_post(h))
     FFN = dense SwiGLU MLP (dense layers) | routed experts + shared experts (MoE layers)
@@ -28,7 +28,7 @@ f32/f64 and rounded once at the point MaxText materialises a bf16 array. Roundin
     the final norm
   * every projection output -> bf16: wq_a, wq_b (or query), wkv_a, wkv_b, out, mlp/expert
     wi_0/wi_1/wo, shared experts, router gate, logits
-  * YaRN RoPE (§2.3c): frequencies in f32 exactly as written in the spec (b_i, ramp, mix), angle
+  * YaRN RoPE (§2.3c): frequencies in f32 exactly as written in docs/maxtext.md (b_i, ramp, mix), angle
     f32(pos*f_i), cos/sin as f32 (complex64 table), rotation evaluated in f64 from those f32
     values, output -> bf16. Input pairs (x[2i], x[2i+1]) (rope_interleave) or (x[i], x[i+d/2]);
     output always concatenated [Re..., Im...]. Applied to q_pe [T,H,Dr] and to the single shared
@@ -72,7 +72,7 @@ import llama_ref as _lr  # noqa: E402  (config parsing helpers, relative_gaps, d
 # ------------------------------------------------------------------------------------------------
 # config
 
-# MaxText base.yml defaults (spec §2.3 list, §9 "Base defaults") for the fields this family uses.
+# MaxText base.yml defaults (docs/maxtext.md §2.3 list, §9 "Base defaults") for the fields this family uses.
 DEFAULTS = {
     "model_name": "default",
     "normalization_layer_epsilon": 1e-5,
@@ -152,11 +152,11 @@ def load_config(config, overrides=(), scan_axis=None):
         cfg[k] = bool(cfg[k])
     cfg["routed_score_func"] = str(cfg["routed_score_func"] or "")
     if cfg["num_kv_heads"] != cfg["num_query_heads"]:
-        raise ValueError("MLA requires num_query_heads == num_kv_heads (spec §2.5)")
+        raise ValueError("MLA requires num_query_heads == num_kv_heads (docs/maxtext.md §2.5)")
     if not str(cfg["rope_type"]).startswith("yarn"):
         raise ValueError("deepseek_ref implements rope_type yarn only (got %r)" % cfg["rope_type"])
     if cfg["rope_attention_scaling"]:
-        raise ValueError("rope_attention_scaling: true is not implemented (spec §2.3c: false)")
+        raise ValueError("rope_attention_scaling: true is not implemented (docs/maxtext.md §2.3c: false)")
     if cfg["routed_score_func"] not in SCORE_FUNCS:
         raise ValueError("unsupported routed_score_func %r" % cfg["routed_score_func"])
     if not 0 <= cfg["first_num_dense_layers"] <= cfg["num_decoder_layers"]:
@@ -172,7 +172,7 @@ def load_config(config, overrides=(), scan_axis=None):
 
 
 def is_deepseek3_name(cfg):
-    """spec §2.7: pre-bias weighting and group routing only for deepseek3*/deepseek4* names."""
+    """docs/maxtext.md §2.7: pre-bias weighting and group routing only for deepseek3*/deepseek4* names."""
     return str(cfg.get("model_name", "")).startswith(("deepseek3", "deepseek4"))
 
 
@@ -189,7 +189,7 @@ def layer_kind(cfg, i):
 
 
 # ------------------------------------------------------------------------------------------------
-# parameter names and shapes (spec §1.7; unscanned shapes)
+# parameter names and shapes (docs/maxtext.md §1.7; unscanned shapes)
 
 MOE = "DeepSeekMoeBlock_0/MoeBlock_0/"
 SHARED = "DeepSeekMoeBlock_0/shared_experts/"
@@ -348,7 +348,7 @@ def mlp(x, wi0, wi1, wo):
     return matmul_bf16(bf16((silu(g) * u.astype(np.float64)).astype(np.float32)), wo)
 
 
-# ---- YaRN (spec §2.3c) -------------------------------------------------------------------------
+# ---- YaRN (docs/maxtext.md §2.3c) ----------------------------------------------------------------
 
 
 def yarn_correction_dim(n, d, theta, orig_max):
@@ -356,7 +356,7 @@ def yarn_correction_dim(n, d, theta, orig_max):
 
 
 def yarn_correction_range(d, theta, orig_max, beta_fast, beta_slow, truncate=True):
-    """(low, high) exactly as spec §2.3(c): floor/ceil (truncate), clamp to [0, d-1]."""
+    """(low, high) exactly as docs/maxtext.md §2.3(c): floor/ceil (truncate), clamp to [0, d-1]."""
     low = yarn_correction_dim(beta_fast, d, theta, orig_max)
     high = yarn_correction_dim(beta_slow, d, theta, orig_max)
     if truncate:
@@ -408,7 +408,7 @@ def apply_yarn_rope(x, positions, cfg):
 
 
 def softmax_scale(cfg):
-    """spec §2.5 step 3 (python floats, f64)."""
+    """docs/maxtext.md §2.5 step 3 (python floats, f64)."""
     dqk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
     s = dqk ** -0.5
     if cfg["max_position_embeddings"] > cfg["original_max_position_embeddings"]:
@@ -423,7 +423,7 @@ NEG = np.float32(-0.7 * np.finfo(np.float32).max)
 
 
 def mla_attention(q, k, v):
-    """Causal MHA (spec §2.2). q, k [T,H,Dqk] (q already scaled), v [T,H,Dv]; bf16 values.
+    """Causal MHA (docs/maxtext.md §2.2). q, k [T,H,Dqk] (q already scaled), v [T,H,Dv]; bf16 values.
 
     Returns (out [T,H,Dv] bf16, max_logits [H]: max of the bf16 logits over unmasked (t, s))."""
     T, H, _ = q.shape
@@ -442,7 +442,7 @@ def mla_attention(q, k, v):
     return np.transpose(out, (1, 0, 2)), maxl
 
 
-# ---- routing (spec §2.7) -----------------------------------------------------------------------
+# ---- routing (docs/maxtext.md §2.7) --------------------------------------------------------------
 
 
 def score_function(logits, func):
@@ -688,7 +688,7 @@ class RefModel:
 
     def max_logits(self, prompts, upto=None, per_prompt=False):
         """Per layer, per head max pre-softmax logit (after the softmax scale, unmasked
-        positions), spec §3. `prompts`: one token list or a list of them. Returns [L, H] (max
+        positions), docs/maxtext.md §3. `prompts`: one token list or a list of them. Returns [L, H] (max
         over prompts) or [P, L, H] with per_prompt. `upto`: only layers 0..upto (others NaN)."""
         prompts = _as_prompts(prompts)
         L, H = len(self.layers), self.cfg["num_query_heads"]

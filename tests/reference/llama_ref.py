@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Independent numpy reference of the MaxText Llama-family forward pass (llama2 / mistral / qwen3).
 
-Written from /work/shared/maxtext-spec.md (§1, §2.1-2.4, §9, §11), not from kiln's C++.
+Written from docs/maxtext.md (§1, §2.1-2.4, §9, §11), not from kiln's C++.
 
 Entry points:
     reference_logits(checkpoint_paths, config, tokens, ...) -> np.ndarray [T, V] float32
@@ -16,7 +16,7 @@ Entry points:
 Numerics (MaxText defaults: dtype bf16, weights rounded to bf16 once = "the same bf16-rounded
 weights the engine runs"). bf16 rounding is emulated with round-to-nearest-even on float32 arrays;
 matmuls are done in float64 on bf16-valued inputs and the result is rounded to bf16 once.
-Rounding points (spec §2.1, §2.2, §2.3, §2.6, §11):
+Rounding points (docs/maxtext.md §2.1, §2.2, §2.3, §2.6, §11):
   * embedding gather: bf16 table -> bf16 activations
   * RMSNorm: x->f32, y = x*rsqrt(mean(x^2)+eps) (f32), y->bf16, out = bf16(y * scale_bf16)
   * every projection output (q, k, v, out, wi_0, wi_1, wo, logits) -> bf16
@@ -48,7 +48,7 @@ from safetensors_io import bf16_round, read_checkpoint  # noqa: E402
 # ------------------------------------------------------------------------------------------------
 # config
 
-# MaxText base.yml defaults for the fields this family uses (spec §9 "Base defaults").
+# MaxText base.yml defaults for the fields this family uses (docs/maxtext.md §9 "Base defaults").
 DEFAULTS = {
     "model_name": "default",
     "head_dim": 128,
@@ -167,7 +167,7 @@ def load_config(config, overrides=(), scan_axis=None):
 
 
 def rope_kind(cfg):
-    """'llama3.1' (interleaved + scaling) or 'default' (half-split), spec §2.3 selection order."""
+    """'llama3.1' (interleaved + scaling) or 'default' (half-split), docs/maxtext.md §2.3 selection order."""
     if str(cfg.get("model_name", "")).startswith("llama3.1") or \
             str(cfg.get("rope_type", "")).startswith("llama3.1"):
         return "llama3.1"
@@ -284,7 +284,7 @@ def rmsnorm(x, scale, eps):
 
 
 def default_rope_tables(positions, d, theta, min_ts=1.0, linear_factor=1.0):
-    """Half-split RoPE (spec §2.3a): returns bf16-rounded (sin, cos) of shape [T, d/2]."""
+    """Half-split RoPE (docs/maxtext.md §2.3a): returns bf16-rounded (sin, cos) of shape [T, d/2]."""
     half = d // 2
     fraction = (np.float32(2.0) * np.arange(half, dtype=np.float32)) / np.float32(d)
     timescale = np.float32(min_ts) * np.power(np.float32(theta / min_ts), fraction,
@@ -308,7 +308,7 @@ def apply_default_rope(x, positions, theta, min_ts=1.0, linear_factor=1.0):
 
 
 def llama31_inv_freq(d, theta, min_ts=1.0, use_scale=True):
-    """Per-dimension (repeated pairs) frequencies of LLaMARotaryEmbedding, f32 (spec §2.3b)."""
+    """Per-dimension (repeated pairs) frequencies of LLaMARotaryEmbedding, f32 (docs/maxtext.md §2.3b)."""
     half = d // 2
     fraction = (np.float32(2.0) * np.arange(half, dtype=np.float32)) / np.float32(d)
     fraction = np.repeat(fraction, 2)
@@ -358,7 +358,7 @@ def silu(x):
 
 
 def attention(q, k, v):
-    """Causal GQA attention, spec §2.2. q [T,H,D], k/v [S,K,D] (S == T, prefill). bf16 values."""
+    """Causal GQA attention, docs/maxtext.md §2.2. q [T,H,D], k/v [S,K,D] (S == T, prefill). bf16 values."""
     T, H, D = q.shape
     S, K, _ = k.shape
     G = H // K

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """LoRA adapters for kiln's tests: seeded adapter generator (MaxText and PEFT formats) and an
-independent reference of the merged model, written from /work/shared/maxtext-spec.md §4 (LoRA),
+independent reference of the merged model, written from docs/maxtext.md §4 (LoRA),
 §1.2/§1.4/§1.7 (layouts) and §10 (HF <-> MaxText mapping), not from kiln's C++.
 
 Importable API:
@@ -16,7 +16,7 @@ CLI:
                 [--out F.npy] [--max-tokens N]
 
 On-disk formats written (and read back by read_adapter, the reference's own reader):
-  MaxText (spec §4.1): DIR/adapter_config.json {"r", "lora_alpha", "target_modules"} and one
+  MaxText (docs/maxtext.md §4.1): DIR/adapter_config.json {"r", "lora_alpha", "target_modules"} and one
     safetensors file DIR/adapter.safetensors. Keys: Linen
     `params.params.decoder.<group>.<module path>.lora_a.kernel` (and `lora_b.kernel`), NNX
     single-nested `decoder.<group>...`; separator "." or "/" (the leaf names `lora_a.kernel` /
@@ -39,7 +39,7 @@ On-disk formats written (and read back by read_adapter, the reference's own read
 
 Reference merge (per adapted layer and module), in MaxText kernel layout, f64:
     A2 [in, r] = A (MaxText) flattened | lora_A^T (PEFT);  B2 [r, out] = B flattened | lora_B^T
-    PEFT, llama family (spec §10.1): llama3.1 (interleaved RoPE) permutes every head's output
+    PEFT, llama family (docs/maxtext.md §10.1): llama3.1 (interleaved RoPE) permutes every head's output
     columns of q and k: new[..., 2j] = old[..., j], new[..., 2j+1] = old[..., j + D/2]; llama2 /
     mistral (incl. llama3.1) multiply B of q by 1/sqrt(head_dim); qwen3 and DeepSeek: nothing.
     dW = scale * user_scale * sum_k outer(A2[:, k], B2[k, :])  (explicit loop over k: the result
@@ -90,7 +90,7 @@ HF_NAME = {
     "mlp/wo": "mlp.down_proj",
 }
 MT_FROM_HF = {v: k for k, v in HF_NAME.items()}
-# MaxText target_modules short names (spec §4.1)
+# MaxText target_modules short names (docs/maxtext.md §4.1)
 MT_SHORT = {"self_attention/query": "q_proj", "self_attention/key": "k_proj",
             "self_attention/value": "v_proj", "self_attention/out": "o_proj"}
 # short names accepted in AdapterSpec.targets
@@ -249,7 +249,7 @@ def peft_scale(r, alpha, use_rslora):
 
 
 def interleave_perm(D):
-    """spec §10.1 llama3.1: new[..., 2j] = old[..., j], new[..., 2j+1] = old[..., j + D/2]."""
+    """docs/maxtext.md §10.1 llama3.1: new[..., 2j] = old[..., j], new[..., 2j+1] = old[..., j + D/2]."""
     idx = np.empty(D, dtype=np.int64)
     idx[0::2] = np.arange(D // 2)
     idx[1::2] = np.arange(D // 2) + D // 2

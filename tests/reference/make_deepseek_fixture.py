@@ -7,7 +7,7 @@ Importable API (same shape as make_fixture.py, whose Fixture class and key layou
 CLI:
     make_deepseek_fixture.py --out DIR [--variant NAME | --list] [--set field=value ...]
 
-Parameter keys and shapes (spec §1.3, §1.7; kernels [in..., out...]; unscanned shapes):
+Parameter keys and shapes (docs/maxtext.md §1.3, §1.7; kernels [in..., out...]; unscanned shapes):
     token_embedder/embedding [V, E]; decoder/decoder_norm/scale [E]; decoder/logits_dense/kernel
     [E, V] (untied only); per layer, under decoder/dense_layers/ and decoder/moe_layers/:
       pre_self_attention_layer_norm/scale [E]       post_self_attention_layer_norm/scale [E]
@@ -21,9 +21,9 @@ Parameter keys and shapes (spec §1.3, §1.7; kernels [in..., out...]; unscanned
                    DeepSeekMoeBlock_0/MoeBlock_0/wi_0 [X, E, Fm], wi_1 [X, E, Fm], wo [X, Fm, E]
                    (no `kernel` leaf), DeepSeekMoeBlock_0/shared_experts/{wi_0,wi_1}/kernel
                    [E, S*Fm] and wo/kernel [S*Fm, E] (shared_experts S > 0)
-Scanned: each group is stacked with the layer axis inserted at `scan_axis` of every tensor (spec
-§1.2): axis 1 (default) gives wq_b [Rq, L, H, Dqk], norms [E, L], bias [X, L], experts
-[X, L, E, Fm]; axis 0 gives [L, ...]. A group with no layers (first_num_dense_layers = 0) is
+Scanned: each group is stacked with the layer axis inserted at `scan_axis` of every tensor
+(docs/maxtext.md §1.2): axis 1 (default) gives wq_b [Rq, L, H, Dqk], norms [E, L], bias [X, L],
+experts [X, L, E, Fm]; axis 0 gives [L, ...]. A group with no layers (first_num_dense_layers = 0) is
 absent. Unrolled: decoder/dense_layers_{i}, decoder/moe_layers_{j} (j restarts at 0).
 Key layouts / separators / dtypes / sharding: as make_fixture.py (linen = params/params/P,
 nnx = model/P, nnx-decode = P/value, nnx-model-value = model/P/value; "." or "/").
@@ -457,7 +457,7 @@ def variants():
         # constants only the slowest pairs are rescaled, invisible below ~100 tokens)
         V(name="ds3-yarn-orig64", original_max_position_embeddings=64,
           max_position_embeddings=2560, mscale=0.707, seed=229),
-        # max_position_embeddings == original: no mscale^2 in the softmax scale (spec §2.5 step
+        # max_position_embeddings == original: no mscale^2 in the softmax scale (docs/maxtext.md §2.5 step
         # 3), while the YaRN frequency mix still applies (§2.3c has no such condition)
         V(name="ds3-maxpos-eq-orig", max_position_embeddings=4096, seed=230),
         # Kimi-K2 style: post-bias weighting (model_name not deepseek3*), theta 5e4, factor 32
@@ -465,7 +465,7 @@ def variants():
         V(name="kimi-yarn-orig64-nnx-unrolled-bf16", layout="nnx", scanned=False, dtype="bf16",
           seed=223, **dict(KIMI, original_max_position_embeddings=64,
                            max_position_embeddings=2048)),
-        # group routing fields are ignored for non-deepseek3 names (spec §2.7)
+        # group routing fields are ignored for non-deepseek3 names (docs/maxtext.md §2.7)
         V(name="kimi-groups-ignored", num_experts=16, num_experts_per_tok=3, n_routing_groups=4,
           topk_routing_group=2, seed=224, **KIMI),
         # DeepSeek-V2(-Lite) style: softmax, no bias, no renormalisation, q_lora_rank 0, 2 shared

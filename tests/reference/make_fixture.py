@@ -8,7 +8,7 @@ Importable API:
 CLI:
     make_fixture.py --out DIR [--variant NAME | --list] [--set field=value ...]
 
-Parameter keys and shapes follow maxtext-spec.md §1.3/§1.4/§1.6 (kernels are [in..., out...]):
+Parameter keys and shapes follow docs/maxtext.md §1.3/§1.4/§1.6 (kernels are [in..., out...]):
     token_embedder/embedding                               [V, E]
     decoder/decoder_norm/scale                             [E]
     decoder/logits_dense/kernel                            [E, V]   (untied only)
@@ -210,7 +210,7 @@ def make_weights(v):
 
 
 def stack_layers(layers, axis):
-    """{name: [L tensors]} -> {name: stacked}; layer axis inserted at `axis` (spec §1.2)."""
+    """{name: [L tensors]} -> {name: stacked}; layer axis inserted at `axis` (docs/maxtext.md §1.2)."""
     out = {}
     for name in layers[0]:
         out[name] = np.stack([t[name] for t in layers], axis=axis)

@@ -2,7 +2,7 @@
 """Held-out perplexity of a DeepSeek-family checkpoint with the project's numpy reference.
 
 numpy only (no torch, no sentencepiece): the forward pass is deepseek_ref.RefModel (MaxText's
-bf16 rounding points, spec §2), adapters are read and merged by lora_ref (spec §4.1).
+bf16 rounding points, docs/maxtext.md §2), adapters are read and merged by lora_ref (docs/maxtext.md §4.1).
 
     perplexity_ref.py CKPT_DIR [--tokens FILE] [--adapter ADAPTER_DIR [--mode merged|runtime]]
                       [--lora-scale S] [--bos ID] [--eos ID] [--limit N] [--json]

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
-"""Independent numpy reference of QK-Clip (MuonClip) as kiln bakes it at export (spec §3, issue 3).
+"""Independent numpy reference of QK-Clip (MuonClip) as kiln bakes it at export (docs/maxtext.md §3, issue 3).
 
-Written from /work/shared/maxtext-spec.md §3 and the issue text, not from kiln's C++.
+Written from docs/maxtext.md §3 and the issue text, not from kiln's C++.
 
 Max-logit statistics files (safetensors):
   * keys ending in `self_attention.attention_op.max_logits` or `self_attention.max_logits`,
@@ -9,7 +9,7 @@ Max-logit statistics files (safetensors):
     before the layer component (`intermediates.decoder.`, `decoder.`, ...);
   * the component before `self_attention` names the layer(s): a scanned group `dense_layers`,
     `moe_layers` (DeepSeek) or `layers`, stacked with the layer axis FIRST (as MaxText keeps
-    intermediates, spec §1.2) -> [L_group, ..., H]; or one unrolled layer `dense_layers_i`,
+    intermediates, docs/maxtext.md §1.2) -> [L_group, ..., H]; or one unrolled layer `dense_layers_i`,
     `moe_layers_j` (global index first_num_dense_layers + j) or `layers_N` (global index N, the
     form `kiln calibrate` writes) -> [..., H];
   * other keys are ignored; a max_logits key whose layer component is not one of these, a layer
@@ -42,7 +42,7 @@ Entry points:
     sequential_calibrate_and_clip(model, prompts, tau, per_group=False) -> (model, gammas, S)
     write_max_logits(path, stats [L, ..., H], cfg, form=..., key_form=..., ...)
     llama_query_clip(ckpt, config, stats_paths, tau, ...) -> llama_ref.RefModel
-  MaxText-semantics functions on nested dicts (reproducing the spec's qk_clip_test.py table):
+  MaxText-semantics functions on nested dicts (reproducing docs/maxtext.md's qk_clip_test.py table):
     maxtext_apply_qk_clip(params, intermediates, tau, qk_nope_head_dim, attention_type="mla")
     maxtext_max_logit_metric(intermediates), dot_product_max_logits(q, k)
 """
@@ -355,7 +355,7 @@ def write_max_logits(path, stats, cfg, form="layers", key_form="attention_op", p
 
 
 # ------------------------------------------------------------------------------------------------
-# MaxText semantics on nested dicts (qk_clip_utils.py as described in spec §3)
+# MaxText semantics on nested dicts (qk_clip_utils.py as described in docs/maxtext.md §3)
 
 
 def _find_max_logits(node):
@@ -437,11 +437,11 @@ def dot_product_max_logits(q, k, mask=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# self-test of the spec §3 table (also run by tests/e2e/test_deepseek_reference.py)
+# self-test of the docs/maxtext.md §3 table (also run by tests/e2e/test_deepseek_reference.py)
 
 
 def spec_table_checks():
-    """Reproduce every row of the spec §3 qk_clip_test.py table on numpy arrays.
+    """Reproduce every row of the docs/maxtext.md §3 qk_clip_test.py table on numpy arrays.
     Returns a list of (row name, passed, detail)."""
     res = []
 
@@ -586,7 +586,7 @@ def spec_table_checks():
 
 def main(argv=None):
     import argparse
-    ap = argparse.ArgumentParser(description="QK-Clip reference (spec §3 table self-check)")
+    ap = argparse.ArgumentParser(description="QK-Clip reference (docs/maxtext.md §3 table self-check)")
     ap.parse_args(argv)
     bad = 0
     for name, ok, detail in spec_table_checks():

@@ -2,7 +2,7 @@
 """Diagnostic: which bf16 rounding points does an engine actually implement?
 
 Runs `kiln golden dump` on a few fixtures and compares the logits with a variant of the reference
-forward pass in which each MaxText rounding point (spec §2.1-2.6, §11) can be switched off
+forward pass in which each MaxText rounding point (docs/maxtext.md §2.1-2.6, §11) can be switched off
 individually. With f64 (or f32) accumulation the reference is deterministic to the last bit, so an
 engine that rounds at exactly the MaxText points matches it (almost) bit for bit; a mean deviation
 that drops when a point is switched off means the engine does not round there.
@@ -31,7 +31,7 @@ POINTS = ["norm_y", "norm_out", "proj_q", "proj_k", "proj_v", "qk_norm", "rope_s
 
 
 ATTN_MODES = {
-    "maxtext": "e = bf16(exp(s - m)); o = bf16(bf16(e @ v) / bf16(sum e))  (spec §2.2)",
+    "maxtext": "e = bf16(exp(s - m)); o = bf16(bf16(e @ v) / bf16(sum e))  (docs/maxtext.md §2.2)",
     "p-bf16": "p = bf16(softmax(s) in f32); o = bf16(p @ v)  (normalise first, bf16 P matmul)",
     "p-f32": "p = softmax(s) in f32; o = bf16(p @ v)",
 }

@@ -1,7 +1,8 @@
-// DeepSeek-family pieces: MoE routing and expert grouping (spec §2.7), and the DeepSeek forward
-// pass end to end on a tiny exported model: decoding through the latent KV cache gives the logits
-// of a full prefill, the per-token path allocates nothing, and the cache holds Rkv + Dr values per
-// token and layer. YaRN and MLA's strided products: rope_test.cpp, matmul_strided_test.cpp.
+// DeepSeek-family pieces: MoE routing and expert grouping (docs/maxtext.md §2.7), and the DeepSeek
+// forward pass end to end on a tiny exported model: decoding through the latent KV cache gives the
+// logits of a full prefill, the per-token path allocates nothing, and the cache holds Rkv + Dr
+// values per token and layer. YaRN and MLA's strided products: rope_test.cpp,
+// matmul_strided_test.cpp.
 //
 // Built as its own executable (it needs the exporter and the engine, and interposes malloc):
 //   deepseek_tests = executable('deepseek_tests', 'tests/unit/deepseek_test.cpp',
@@ -288,8 +289,8 @@ struct TinyDeepSeek {
           Dv = 16;  // H >= 8: decode runs heads in parallel
 };
 
-// Unrolled MaxText Linen keys (spec §1.7): one dense layer, two MoE layers with a router bias and
-// a shared expert, q_lora_rank > 0, DeepSeek-V3 routing.
+// Unrolled MaxText Linen keys (docs/maxtext.md §1.7): one dense layer, two MoE layers with a router
+// bias and a shared expert, q_lora_rank > 0, DeepSeek-V3 routing.
 TinyDeepSeek make_tiny_deepseek() {
   TinyDeepSeek m;
   m.dir = fs::temp_directory_path() / "kiln_deepseek_test";

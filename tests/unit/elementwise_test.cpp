@@ -1,5 +1,5 @@
 // Element-wise kernels against straightforward scalar references written from the MaxText formulas
-// (spec §2.1, §11). Every check runs once per Highway target this CPU supports, so the
+// (docs/maxtext.md §2.1, §11). Every check runs once per Highway target this CPU supports, so the
 // SSSE3/SSE4/AVX2 code paths are exercised too, not only the AVX-512 one the machine dispatches to.
 //
 // The benchmark at the end is skipped by default: ops_tests --no-skip -tc='bench*'

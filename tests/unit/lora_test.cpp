@@ -1,6 +1,7 @@
-// LoRA adapter reading (export/lora.h, spec §4, §10.1): MaxText (Linen / NNX, scanned / unrolled,
-// Llama and DeepSeek groups) and PEFT (transpose, llama3.1 permutation, query scale, rsLoRA,
-// rank/alpha patterns) onto canonical tensors; the merge; and the refusals, each naming the key.
+// LoRA adapter reading (export/lora.h, docs/maxtext.md §4, §10.1): MaxText (Linen / NNX, scanned /
+// unrolled, Llama and DeepSeek groups) and PEFT (transpose, llama3.1 permutation, query scale,
+// rsLoRA, rank/alpha patterns) onto canonical tensors; the merge; and the refusals, each naming the
+// key.
 #include "export/lora.h"
 
 #include <doctest/doctest.h>
@@ -189,7 +190,7 @@ TEST_CASE("lora: MaxText Linen scanned llama, query and out, unrolled on read") 
   TmpDir d("linen_scanned");
   write_config(d, {{"r", 2}, {"lora_alpha", 3.0}, {"target_modules", {"q_proj", "o_proj"}}});
   const std::string p = "params.params.decoder.layers.self_attention.";
-  // Spec §4.1: query A [E, L, r], B [r, L, H, D]; out A [H, L, D, r], B [r, L, E].
+  // docs/maxtext.md §4.1: query A [E, L, r], B [r, L, H, D]; out A [H, L, D, r], B [r, L, E].
   const F32Tensor qa = ramp(p + "query.lora_a.kernel", {8, 3, 2}, 0);
   const F32Tensor qb = ramp(p + "query.lora_b.kernel", {2, 3, 2, 4}, 100);
   const F32Tensor oa = ramp(p + "out.lora_a.kernel", {2, 3, 4, 2}, 200);

@@ -1,5 +1,6 @@
-// QK-Clip at export (spec §3): the cases of MaxText's qk_clip_test.py, reproduced through the real
-// exporter on real files, plus kiln's own options (per layer vs per group, query mode).
+// QK-Clip at export (docs/maxtext.md §3): the cases of MaxText's qk_clip_test.py, reproduced
+// through the real exporter on real files, plus kiln's own options (per layer vs per group, query
+// mode).
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -47,8 +48,8 @@ Tensor filled(std::vector<int64_t> shape, uint32_t seed) {
   return t;
 }
 
-// The spec's test model: heads H, kernels [rank 4, H, 6] with qk_nope_head_dim 4 (so rope 2 and
-// v 2), unrolled Linen keys, `layers` dense layers.
+// docs/maxtext.md's test model: heads H, kernels [rank 4, H, 6] with qk_nope_head_dim 4 (so rope 2
+// and v 2), unrolled Linen keys, `layers` dense layers.
 struct Fixture {
   fs::path dir;
   TensorMap params;

@@ -1,6 +1,6 @@
-// RoPE and YaRN against straightforward scalar references written from the MaxText formulas (spec
-// §2.3, §11). Every check runs once per Highway target this CPU supports, so the SSSE3/SSE4/AVX2
-// code paths are exercised too, not only the AVX-512 one the machine dispatches to.
+// RoPE and YaRN against straightforward scalar references written from the MaxText formulas
+// (docs/maxtext.md §2.3, §11). Every check runs once per Highway target this CPU supports, so the
+// SSSE3/SSE4/AVX2 code paths are exercised too, not only the AVX-512 one the machine dispatches to.
 //
 // The benchmark at the end is skipped by default: ops_tests --no-skip -tc='bench*'
 #include "engine/ops/rope.h"
@@ -197,7 +197,7 @@ YarnParams deepseek_v3_yarn() {
   return YarnParams{10000.0, 40.0, 4096.0, 32.0, 1.0, true, true};
 }
 
-// The spec's formulas written out independently (f32 steps as MaxText evaluates them).
+// docs/maxtext.md's formulas written out independently (f32 steps as MaxText evaluates them).
 std::vector<float> ref_inv_freq(int64_t d, double theta, double factor, double low, double high) {
   std::vector<float> f;
   for (int64_t i = 0; i < d / 2; ++i) {
@@ -229,10 +229,10 @@ std::vector<float> ref_yarn(const std::vector<float>& x, const std::vector<float
   return out;
 }
 
-TEST_CASE("YaRN correction range: the spec's constants, clamping and the equal case") {
+TEST_CASE("YaRN correction range: docs/maxtext.md's constants, clamping and the equal case") {
   double low = 0, high = 0;
   yarn_correction_range(64, deepseek_v3_yarn(), low, high);
-  CHECK(low == 10.0);  // spec §2.3(c): DeepSeek-V3
+  CHECK(low == 10.0);  // docs/maxtext.md §2.3(c): DeepSeek-V3
   CHECK(high == 23.0);
   YarnParams kimi{50000.0, 32.0, 4096.0, 1.0, 1.0, true, true};
   yarn_correction_range(64, kimi, low, high);
@@ -283,7 +283,8 @@ TEST_CASE("YaRN frequencies: unscaled below the range, / factor above it, ramp b
   CHECK(yarn_inv_freq(64, eq) == ref_inv_freq(64, 5e4, 32.0, low, high));
 }
 
-TEST_CASE("YaRN RoPE matches the spec: interleaved or half-split input, concatenated output") {
+TEST_CASE(
+    "YaRN RoPE matches docs/maxtext.md: interleaved or half-split input, concatenated output") {
   std::mt19937 rng(31);
   for_each_target([&] {
     for (bool interleave : {true, false}) {

@@ -1,5 +1,5 @@
-// Sampler: MaxEngine's greedy / weighted / top-k / nucleus / composite semantics (spec §6) with a
-// seeded generator.
+// Sampler: MaxEngine's greedy / weighted / top-k / nucleus / composite semantics (docs/maxtext.md
+// §6) with a seeded generator.
 #include "engine/sampling.h"
 
 #include <doctest/doctest.h>

@@ -4,7 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/artifact.h"
-#include "engine/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
 #include "tools/kiln/common.h"

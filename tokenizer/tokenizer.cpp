@@ -1,4 +1,4 @@
-#include "engine/tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 #include <sentencepiece_processor.h>
 
