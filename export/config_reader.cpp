@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string_view>
+#include <type_traits>
 
 #include "common/error.h"
 #include "common/file_io.h"
@@ -397,6 +398,20 @@ class Fields {
     return e->value.get<std::string>();
   }
 
+  template <class T>
+  std::optional<T> get(const std::string& key) const {
+    if constexpr (std::is_same_v<T, int64_t>) {
+      return get_int(key);
+    } else if constexpr (std::is_same_v<T, double>) {
+      return get_double(key);
+    } else if constexpr (std::is_same_v<T, bool>) {
+      return get_bool(key);
+    } else {
+      static_assert(std::is_same_v<T, std::string>, "a ModelConfig field of a type no key has");
+      return get_string(key);
+    }
+  }
+
   // MaxText derives `emb_dim` from `base_emb_dim` (× global_parameter_scale, which must be 1
   // here); a JSON config may give either name. Both with different values is ambiguous.
   std::optional<int64_t> get_dim(const std::string& key) const {
@@ -412,40 +427,22 @@ class Fields {
   const Entries& e_;
 };
 
-// MLA, MoE and YaRN fields (spec §2.3c, §2.5, §2.7, §9). Defaults are MaxText base.yml's; a
-// default that does not match the checkpoint shows up as a missing or unknown tensor at export.
-void read_deepseek_fields(const std::string& path, const Fields& f, ModelConfig& m) {
-  m.q_lora_rank = f.get_int("q_lora_rank").value_or(0);
-  m.kv_lora_rank = f.get_int("kv_lora_rank").value_or(0);
-  m.qk_nope_head_dim = f.get_int("qk_nope_head_dim").value_or(0);
-  m.qk_rope_head_dim = f.get_int("qk_rope_head_dim").value_or(0);
-  m.v_head_dim = f.get_int("v_head_dim").value_or(0);
+// What MLA, MoE and YaRN derive from the keys (spec §2.3c, §2.5, §2.7, §9). The keys themselves
+// were read with MaxText base.yml's defaults; a default that does not match the checkpoint shows
+// up as a missing or unknown tensor at export.
+void derive_deepseek_fields(const std::string& path, const Fields& f, ModelConfig& m) {
+  // MLA: one kv head per query head.
+  if (!f.find("num_kv_heads") && !f.find("base_num_kv_heads")) m.num_kv_heads = m.num_query_heads;
   if (__builtin_add_overflow(m.qk_nope_head_dim, m.qk_rope_head_dim, &m.head_dim))
     throw Error(path + ": qk_nope_head_dim + qk_rope_head_dim does not fit in 64 bits");
-  m.num_experts = f.get_int("num_experts").value_or(0);
-  m.num_experts_per_tok = f.get_int("num_experts_per_tok").value_or(0);
-  m.shared_experts = f.get_int("shared_experts").value_or(1);
-  m.routed_scaling_factor = f.get_double("routed_scaling_factor").value_or(1.0);
-  m.routed_score_func = f.get_string("routed_score_func").value_or("");
-  m.routed_bias = f.get_bool("routed_bias").value_or(false);
   m.routing_weights_pre_bias =
       m.model_name.starts_with("deepseek3") || m.model_name.starts_with("deepseek4");
-  m.n_routing_groups = f.get_int("n_routing_groups").value_or(-1);
-  m.topk_routing_group = f.get_int("topk_routing_group").value_or(-1);
 
   const std::string rope_type = f.get_string("rope_type").value_or("yarn");
   if (!rope_type.starts_with("yarn"))
     throw Error(path + ": rope_type '" + rope_type +
                 "' is not supported for decoder_block deepseek (expected yarn)");
   m.rope_layout = RopeLayout::Yarn;
-  m.max_position_embeddings = f.get_int("max_position_embeddings").value_or(163840);
-  m.original_max_position_embeddings = f.get_int("original_max_position_embeddings").value_or(4096);
-  m.rope_factor = f.get_double("rope_factor").value_or(40.0);
-  m.beta_fast = f.get_double("beta_fast").value_or(32.0);
-  m.beta_slow = f.get_double("beta_slow").value_or(1.0);
-  m.mscale = f.get_double("mscale").value_or(1.0);
-  m.rope_interleave = f.get_bool("rope_interleave").value_or(true);
-  m.rope_truncate = f.get_bool("rope_truncate").value_or(true);
   if (f.get_bool("rope_attention_scaling").value_or(false))
     throw Error(path +
                 ": rope_attention_scaling: true is not supported (MaxText's DeepSeek "
@@ -484,49 +481,53 @@ ExportConfig read_export_config(const std::string& path,
   for (const auto& [k, e] : entries.items()) cfg.raw.emplace_back(k, e.text);
   ModelConfig& m = cfg.model;
 
-  std::vector<std::string> missing;
-  auto required_dim = [&](const std::string& key, int64_t& dst) {
-    if (auto v = f.get_dim(key)) {
-      dst = *v;
-    } else {
-      missing.push_back(key + " (or base_" + key + ")");
-    }
-  };
-  std::optional<std::string> block = f.get_string("decoder_block");
-  if (!block) missing.push_back("decoder_block");
+  // Which fields' keys are read, and which must be given, follows decoder_block.
+  const std::optional<std::string> block = f.get_string("decoder_block");
   const bool deepseek = block && *block == "deepseek";
-  required_dim("emb_dim", m.emb_dim);
-  required_dim("num_query_heads", m.num_query_heads);
-  if (deepseek) {
-    // MLA: one kv head per query head; the dense MLP only exists with dense layers.
-    m.num_kv_heads = f.get_dim("num_kv_heads").value_or(m.num_query_heads);
-    m.first_num_dense_layers = f.get_int("first_num_dense_layers").value_or(0);
-    if (m.first_num_dense_layers > 0) required_dim("mlp_dim", m.mlp_dim);
-    for (const char* key : {"kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"}) {
-      if (!f.get_int(key)) missing.push_back(key);
+  auto applies = [&](FieldFamily family) { return family != FieldFamily::DeepSeek || deepseek; };
+  auto given = [&](const std::string& key, bool base_name) {
+    return f.find(key) || (base_name && f.find("base_" + key));
+  };
+  visit_fields(m, [&]<class T>(const char* name, T& value, const FieldMeta<T>& meta) {
+    if (meta.source == FieldSource::Derived || !applies(meta.family)) return;
+    if constexpr (!std::is_enum_v<T>) {  // enums are derived (RoPE layout)
+      std::optional<T> v;
+      if constexpr (std::is_same_v<T, int64_t>)
+        v = meta.base_name ? f.get_dim(name) : f.get_int(name);
+      else
+        v = f.get<T>(name);
+      if (v) {
+        value = *v;
+      } else if (meta.source == FieldSource::Optional) {
+        value = meta.maxtext;
+      }
     }
-  } else {
-    required_dim("num_kv_heads", m.num_kv_heads);
-    required_dim("mlp_dim", m.mlp_dim);
-  }
-  required_dim("num_decoder_layers", m.num_decoder_layers);
-  if (deepseek && m.num_decoder_layers > m.first_num_dense_layers) {
-    if (!f.get_int("num_experts")) missing.push_back("num_experts");
-    if (!f.get_int("num_experts_per_tok")) missing.push_back("num_experts_per_tok");
-    required_dim("moe_mlp_dim", m.moe_mlp_dim);
-  }
-  if (auto v = f.get_int("vocab_size")) {
-    m.vocab_size = *v;
-  } else {
-    missing.push_back("vocab_size");
-  }
+  });
+
+  const bool dense_layers = !deepseek || m.first_num_dense_layers > 0;
+  const bool moe_layers = deepseek && m.num_decoder_layers > m.first_num_dense_layers;
+  std::vector<std::string> missing;
+  visit_fields(m, [&](const char* name, auto& value, const auto& meta) {
+    if (!applies(meta.family)) return;
+    const FieldSource s = meta.source;
+    if ((s == FieldSource::DenseDim && !dense_layers) ||
+        (s == FieldSource::MoeDim && !moe_layers)) {
+      value = meta.maxtext;
+      return;
+    }
+    const bool required = s == FieldSource::Required || s == FieldSource::DenseDim ||
+                          s == FieldSource::MoeDim ||
+                          (s == FieldSource::RequiredLlama && !deepseek) ||
+                          (s == FieldSource::RequiredMoe && moe_layers);
+    if (required && !given(name, meta.base_name))
+      missing.push_back(meta.base_name ? std::string(name) + " (or base_" + name + ")" : name);
+  });
   if (!missing.empty()) {
     std::string list;
     for (size_t i = 0; i < missing.size(); ++i) list += (i ? ", " : "") + missing[i];
     throw Error(path + ": missing required field" + (missing.size() > 1 ? "s: " : ": ") + list);
   }
 
-  m.decoder_block = *block;
   if (m.decoder_block != "llama2" && m.decoder_block != "mistral" && m.decoder_block != "qwen3" &&
       !deepseek)
     throw Error(path + ": decoder_block '" + m.decoder_block +
@@ -535,11 +536,8 @@ ExportConfig read_export_config(const std::string& path,
 
   // MaxText picks the model file by model_name (configs/models/<model_name>.yml), and the RoPE
   // variant depends on the name; a model YAML read on its own therefore stands for its stem.
-  if (auto v = f.get_string("model_name")) {
-    m.model_name = *v;
-  } else if (yaml) {
-    m.model_name = fs::path(path).stem().string();
-  }
+  if (!f.find("model_name") && yaml) m.model_name = fs::path(path).stem().string();
+  if (qwen3 && !f.find("use_qk_norm")) m.use_qk_norm = true;
 
   if (auto v = f.get_double("global_parameter_scale"); v && *v != 1.0)
     throw Error(path + ": global_parameter_scale " + entries.get("global_parameter_scale")->text +
@@ -550,17 +548,6 @@ ExportConfig read_export_config(const std::string& path,
                   m.decoder_block + " (expected [silu, linear])");
   }
 
-  m.head_dim = f.get_int("head_dim").value_or(128);
-  m.normalization_layer_epsilon = f.get_double("normalization_layer_epsilon").value_or(1e-5);
-  m.rope_min_timescale = f.get_double("rope_min_timescale").value_or(1.0);
-  m.rope_max_timescale = f.get_double("rope_max_timescale").value_or(10000.0);
-  m.rope_linear_scaling_factor = f.get_double("rope_linear_scaling_factor").value_or(1.0);
-  m.rope_use_scale = f.get_bool("rope_use_scale").value_or(true);
-  m.use_qk_norm = f.get_bool("use_qk_norm").value_or(qwen3);
-  m.logits_via_embedding = f.get_bool("logits_via_embedding").value_or(false);
-  m.normalize_embedding_logits = f.get_bool("normalize_embedding_logits").value_or(true);
-  m.final_logits_soft_cap = f.get_double("final_logits_soft_cap").value_or(0.0);
-  m.max_target_length = f.get_int("max_target_length").value_or(2048);
   cfg.scan_layers = f.get_bool("scan_layers").value_or(true);
   const int64_t axis = f.get_int("param_scan_axis").value_or(1);
   if (axis < 0 || axis > 1'000'000)
@@ -569,7 +556,7 @@ ExportConfig read_export_config(const std::string& path,
   cfg.param_scan_axis = int(axis);
 
   if (deepseek) {
-    read_deepseek_fields(path, f, m);
+    derive_deepseek_fields(path, f, m);
     m.validate(path);
     return cfg;
   }
