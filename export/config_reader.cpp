@@ -1,5 +1,8 @@
 #include "export/config_reader.h"
 
+#include <yaml-cpp/depthguard.h>
+#include <yaml-cpp/yaml.h>
+
 #include <cctype>
 #include <cerrno>
 #include <cmath>
@@ -9,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string_view>
+#include <type_traits>
 
 #include "common/error.h"
 #include "common/file_io.h"
@@ -61,76 +65,7 @@ std::string lower(std::string_view s) {
   return out;
 }
 
-// ---- YAML subset ---------------------------------------------------------------------------
-
-// Removes a trailing comment: '#' outside quotes, at the start or after whitespace (YAML treats
-// `a#b` as plain text).
-std::string_view strip_comment(std::string_view line) {
-  char quote = 0;
-  for (size_t i = 0; i < line.size(); ++i) {
-    const char c = line[i];
-    if (quote) {
-      if (c == quote) quote = 0;
-    } else if (c == '\'' || c == '"') {
-      if (i == 0 || std::isspace(static_cast<unsigned char>(line[i - 1])) || line[i - 1] == '[' ||
-          line[i - 1] == ',' || line[i - 1] == ':')
-        quote = c;
-    } else if (c == '#' && (i == 0 || std::isspace(static_cast<unsigned char>(line[i - 1])))) {
-      return line.substr(0, i);
-    }
-  }
-  return line;
-}
-
-// Net bracket depth of a flow collection fragment, ignoring brackets inside quotes.
-int bracket_balance(std::string_view s) {
-  int depth = 0;
-  char quote = 0;
-  for (char c : s) {
-    if (quote) {
-      if (c == quote) quote = 0;
-    } else if (c == '\'' || c == '"') {
-      quote = c;
-    } else if (c == '[' || c == '{') {
-      ++depth;
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-  return depth;
-}
-
-std::optional<std::string> unquote(std::string_view s) {
-  if (s.size() < 2 || (s.front() != '"' && s.front() != '\'') || s.back() != s.front())
-    return std::nullopt;
-  std::string_view body = s.substr(1, s.size() - 2);
-  std::string out;
-  if (s.front() == '\'') {  // single quotes: only '' is special
-    for (size_t i = 0; i < body.size(); ++i) {
-      out += body[i];
-      if (body[i] == '\'' && i + 1 < body.size() && body[i + 1] == '\'') ++i;
-    }
-    return out;
-  }
-  for (size_t i = 0; i < body.size(); ++i) {
-    if (body[i] != '\\' || i + 1 == body.size()) {
-      out += body[i];
-      continue;
-    }
-    switch (char c = body[++i]) {
-      case 'n':
-        out += '\n';
-        break;
-      case 't':
-        out += '\t';
-        break;
-      default:
-        out += c;
-        break;
-    }
-  }
-  return out;
-}
+// ---- YAML (yaml-cpp) -----------------------------------------------------------------------
 
 bool is_int_text(std::string_view s) {
   size_t i = (!s.empty() && (s[0] == '-' || s[0] == '+')) ? 1 : 0;
@@ -172,49 +107,12 @@ std::string without_underscores(std::string_view s) {
   return out;
 }
 
-json parse_scalar(std::string_view text);
-
-// Splits the inside of a flat `[a, b, c]` into items; nested collections are not split (the caller
-// keeps those lists as raw text).
-json parse_flow_list(std::string_view text) {
-  std::string_view body = trim(text.substr(1, text.size() - 2));
-  json arr = json::array();
-  if (body.empty()) return arr;
-  std::vector<std::string_view> items;
-  char quote = 0;
-  size_t start = 0;
-  for (size_t i = 0; i <= body.size(); ++i) {
-    if (i < body.size() && quote) {
-      if (body[i] == quote) quote = 0;
-      continue;
-    }
-    if (i < body.size() && (body[i] == '\'' || body[i] == '"')) {
-      quote = body[i];
-      continue;
-    }
-    if (i == body.size() || body[i] == ',') {
-      items.push_back(trim(body.substr(start, i - start)));
-      start = i + 1;
-    }
-  }
-  if (!items.empty() && items.back().empty()) items.pop_back();  // trailing comma
-  for (std::string_view item : items) {
-    if (!item.empty() && (item.front() == '[' || item.front() == '{'))
-      return json(std::string(text));  // nested: kept verbatim, no supported key needs it
-    arr.push_back(parse_scalar(item));
-  }
-  return arr;
-}
-
-// A YAML 1.2-ish scalar, plus `_` digit separators as in MaxText's `500_000`.
-json parse_scalar(std::string_view text) {
-  std::string_view s = trim(text);
+// A plain (unquoted) scalar: YAML's core nulls, booleans and numbers, plus the `_` digit
+// separators of MaxText's `500_000` (YAML 1.1 integers; yaml-cpp leaves typing to the reader).
+json resolve_plain(std::string_view s) {
   if (s.empty() || s == "~" || s == "null" || s == "Null" || s == "NULL") return nullptr;
-  if (auto q = unquote(s)) return *q;
   if (s == "true" || s == "True" || s == "TRUE") return true;
   if (s == "false" || s == "False" || s == "FALSE") return false;
-  if (s.front() == '[' && s.back() == ']' && bracket_balance(s) == 0) return parse_flow_list(s);
-  if (s.front() == '{') return std::string(s);
   if (is_int_text(s)) {
     const std::string digits = without_underscores(s);
     errno = 0;
@@ -235,92 +133,126 @@ std::string json_text(const json& v) {
   return v.is_string() ? v.get<std::string>() : v.dump();
 }
 
-bool indented(std::string_view line) {
-  return !line.empty() && (line.front() == ' ' || line.front() == '\t');
+// Every yaml-cpp exception as one line naming `where` and, in a file (`marks`), the line and
+// column.
+template <class F>
+auto yaml_call(const std::string& where, bool marks, F&& f) {
+  auto at = [&](const YAML::Mark& m) {
+    return marks && !m.is_null()
+               ? where + ":" + std::to_string(m.line + 1) + ":" + std::to_string(m.column + 1)
+               : where;
+  };
+  try {
+    return f();
+  } catch (const YAML::DeepRecursion& e) {
+    throw Error(at(e.mark) + ": malformed YAML: nested too deeply");
+  } catch (const YAML::Exception& e) {
+    throw Error(at(e.mark) + ": malformed YAML: " + e.msg);
+  }
+}
+
+// A value as JSON, and as YAML flow text for messages and provenance. An alias repeats its
+// anchor's whole value, so a few lines of nested aliases would expand to billions of nodes: the
+// nodes visited (aliases expanded) and the depth are bounded.
+class YamlValue {
+ public:
+  explicit YamlValue(std::string where) : where_(std::move(where)) {}
+
+  Entry operator()(const YAML::Node& node, std::string origin) {
+    Entry e;
+    convert(node, 0, e.value, e.text);
+    e.origin = std::move(origin);
+    return e;
+  }
+
+ private:
+  static constexpr int kMaxDepth = 64;
+  static constexpr size_t kMaxNodes = size_t(1) << 16;
+
+  void convert(const YAML::Node& n, int depth, json& value, std::string& text) {
+    if (++nodes_ > kMaxNodes)
+      throw Error(where_ + ": the value has more than " + std::to_string(kMaxNodes) +
+                  " elements once its aliases are expanded");
+    if (depth > kMaxDepth)
+      throw Error(where_ + ": the value is nested more than " + std::to_string(kMaxDepth) +
+                  " levels deep");
+    switch (n.Type()) {
+      case YAML::NodeType::Scalar:
+        // "?" is a plain scalar's tag; quoted and block scalars ("!") and explicit tags are text.
+        value = n.Tag() == "?" ? resolve_plain(n.Scalar()) : json(n.Scalar());
+        text += n.Scalar();
+        return;
+      case YAML::NodeType::Sequence: {
+        value = json::array();
+        text += '[';
+        for (const YAML::Node& item : n) {
+          if (value.size()) text += ", ";
+          convert(item, depth + 1, value.emplace_back(), text);
+        }
+        text += ']';
+        return;
+      }
+      case YAML::NodeType::Map: {
+        value = json::object();
+        text += '{';
+        for (const auto& kv : n) {
+          if (text.back() != '{') text += ", ";
+          json key;
+          std::string key_text;
+          convert(kv.first, depth + 1, key, key_text);
+          text += key_text + ": ";
+          convert(kv.second, depth + 1, value[key_text], text);
+        }
+        text += '}';
+        return;
+      }
+      default:  // null
+        value = nullptr;
+        if (depth > 0) text += '~';
+        return;
+    }
+  }
+
+  std::string where_;
+  size_t nodes_ = 0;
+};
+
+// A plain key not followed by ':' is a line without one (yaml-cpp reads `just some words` inside
+// a mapping as a key with no value).
+bool has_colon_after(const std::string& content, const YAML::Node& key) {
+  const YAML::Mark m = key.Mark();
+  const std::string& k = key.Scalar();
+  if (m.is_null() || m.pos < 0 || content.compare(size_t(m.pos), k.size(), k) != 0) return true;
+  size_t i = size_t(m.pos) + k.size();
+  while (i < content.size() && (content[i] == ' ' || content[i] == '\t')) ++i;
+  return i < content.size() && content[i] == ':';
 }
 
 void parse_yaml(const std::string& path, const std::string& content, Entries& out) {
-  std::vector<std::string_view> lines;
-  {
-    std::string_view all(content);
-    size_t start = 0;
-    while (start <= all.size()) {
-      size_t nl = all.find('\n', start);
-      if (nl == std::string_view::npos) nl = all.size();
-      std::string_view line = all.substr(start, nl - start);
-      if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-      lines.push_back(line);
-      start = nl + 1;
+  yaml_call(path, true, [&] {
+    const std::vector<YAML::Node> docs = YAML::LoadAll(content);
+    auto line = [&](const YAML::Node& n) {
+      return n.Mark().is_null() ? path : path + ":" + std::to_string(n.Mark().line + 1);
+    };
+    if (docs.size() > 1)
+      throw Error(line(docs[1]) +
+                  ": a second YAML document; a config is one mapping of 'key: value' lines");
+    if (docs.empty() || docs[0].IsNull()) return;
+    const YAML::Node& root = docs[0];
+    if (root.IsSequence())
+      throw Error(line(root) + ": a top-level list item; expected 'key: value' lines");
+    if (root.IsScalar())
+      throw Error(line(root) + ": expected 'key: value', got '" + root.Scalar() + "'");
+    for (const auto& kv : root) {
+      const std::string origin = line(kv.first);
+      if (!kv.first.IsScalar())
+        throw Error(origin + ": a key that is not a name; expected 'key: value' lines");
+      const std::string& key = kv.first.Scalar();
+      if (kv.second.IsNull() && kv.first.Tag() == "?" && !has_colon_after(content, kv.first))
+        throw Error(origin + ": expected 'key: value', got '" + key + "'");
+      out.set(key, YamlValue(origin + ": key '" + key + "'")(kv.second, origin));
     }
-  }
-  auto where = [&](size_t i) { return path + ":" + std::to_string(i + 1); };
-  for (size_t i = 0; i < lines.size(); ++i) {
-    std::string_view line = strip_comment(lines[i]);
-    std::string_view t = trim(line);
-    if (t.empty() || t == "---" || t == "...") continue;
-    if (indented(line))
-      throw Error(where(i) + ": unexpected indented line '" + std::string(t) +
-                  "'; expected a top-level 'key: value' line");
-    if (t.starts_with("- "))
-      throw Error(where(i) + ": a top-level list item '" + std::string(t) +
-                  "'; expected 'key: value' lines");
-    // The key ends at the first ':' followed by a space or the end of the line.
-    size_t colon = std::string_view::npos;
-    size_t from = 0;
-    if (t.front() == '"' || t.front() == '\'') from = t.find(t.front(), 1);
-    for (size_t p = t.find(':', from == std::string_view::npos ? 0 : from);
-         p != std::string_view::npos; p = t.find(':', p + 1)) {
-      if (p + 1 == t.size() || t[p + 1] == ' ' || t[p + 1] == '\t') {
-        colon = p;
-        break;
-      }
-    }
-    if (colon == std::string_view::npos || colon == 0)
-      throw Error(where(i) + ": expected 'key: value', got '" + std::string(t) + "'");
-    std::string_view key_text = trim(t.substr(0, colon));
-    const std::string key = unquote(key_text).value_or(std::string(key_text));
-    std::string value(trim(t.substr(colon + 1)));
-    const size_t first = i;
-
-    if (value.empty() || value == "|" || value == ">" || value.starts_with("|-") ||
-        value.starts_with(">-")) {
-      // A nested mapping, block list or block scalar: its lines are indented (a block list may
-      // also start at column 0 with "- "). None of the keys we read are nested, so it is skipped.
-      size_t j = i + 1, last = i;
-      for (; j < lines.size(); ++j) {
-        std::string_view lj = strip_comment(lines[j]);
-        if (trim(lj).empty()) continue;
-        if (!indented(lj) && !trim(lj).starts_with("- ") && trim(lj) != "-") break;
-        last = j;
-      }
-      if (last == i && value.empty()) {
-        out.set(key, Entry{nullptr, "", where(first)});  // `key:` alone is null in YAML
-      } else {
-        out.set(key, Entry{"<nested block, not read>", "<nested block, not read>", where(first)});
-        i = last;
-      }
-      continue;
-    }
-
-    if (value.front() == '[' || value.front() == '{') {
-      // Flow collections may span lines (MaxText's logical_axis_rules does).
-      int depth = bracket_balance(value);
-      while (depth > 0) {
-        if (++i == lines.size())
-          throw Error(where(first) + ": key '" + key + "': '" + value.substr(0, 1) +
-                      "' is never closed");
-        std::string_view more = trim(strip_comment(lines[i]));
-        value += " ";
-        value += more;
-        depth += bracket_balance(more);
-      }
-      if (depth < 0)
-        throw Error(where(first) + ": key '" + key + "': unbalanced brackets in '" + value + "'");
-    }
-    json v = parse_scalar(value);
-    std::string text = v.is_string() ? v.get<std::string>() : value;
-    out.set(key, Entry{std::move(v), std::move(text), where(first)});
-  }
+  });
 }
 
 void parse_json_config(const std::string& path, const std::string& content, Entries& out) {
@@ -397,6 +329,20 @@ class Fields {
     return e->value.get<std::string>();
   }
 
+  template <class T>
+  std::optional<T> get(const std::string& key) const {
+    if constexpr (std::is_same_v<T, int64_t>) {
+      return get_int(key);
+    } else if constexpr (std::is_same_v<T, double>) {
+      return get_double(key);
+    } else if constexpr (std::is_same_v<T, bool>) {
+      return get_bool(key);
+    } else {
+      static_assert(std::is_same_v<T, std::string>, "a ModelConfig field of a type no key has");
+      return get_string(key);
+    }
+  }
+
   // MaxText derives `emb_dim` from `base_emb_dim` (× global_parameter_scale, which must be 1
   // here); a JSON config may give either name. Both with different values is ambiguous.
   std::optional<int64_t> get_dim(const std::string& key) const {
@@ -412,41 +358,22 @@ class Fields {
   const Entries& e_;
 };
 
-// MLA, MoE and YaRN fields (docs/maxtext.md §2.3c, §2.5, §2.7, §9). Defaults are MaxText
-// base.yml's; a default that does not match the checkpoint shows up as a missing or unknown tensor
-// at export.
-void read_deepseek_fields(const std::string& path, const Fields& f, ModelConfig& m) {
-  m.q_lora_rank = f.get_int("q_lora_rank").value_or(0);
-  m.kv_lora_rank = f.get_int("kv_lora_rank").value_or(0);
-  m.qk_nope_head_dim = f.get_int("qk_nope_head_dim").value_or(0);
-  m.qk_rope_head_dim = f.get_int("qk_rope_head_dim").value_or(0);
-  m.v_head_dim = f.get_int("v_head_dim").value_or(0);
+// What MLA, MoE and YaRN derive from the keys (docs/maxtext.md §2.3c, §2.5, §2.7, §9). The keys
+// themselves were read with MaxText base.yml's defaults; a default that does not match the
+// checkpoint shows up as a missing or unknown tensor at export.
+void derive_deepseek_fields(const std::string& path, const Fields& f, ModelConfig& m) {
+  // MLA: one kv head per query head.
+  if (!f.find("num_kv_heads") && !f.find("base_num_kv_heads")) m.num_kv_heads = m.num_query_heads;
   if (__builtin_add_overflow(m.qk_nope_head_dim, m.qk_rope_head_dim, &m.head_dim))
     throw Error(path + ": qk_nope_head_dim + qk_rope_head_dim does not fit in 64 bits");
-  m.num_experts = f.get_int("num_experts").value_or(0);
-  m.num_experts_per_tok = f.get_int("num_experts_per_tok").value_or(0);
-  m.shared_experts = f.get_int("shared_experts").value_or(1);
-  m.routed_scaling_factor = f.get_double("routed_scaling_factor").value_or(1.0);
-  m.routed_score_func = f.get_string("routed_score_func").value_or("");
-  m.routed_bias = f.get_bool("routed_bias").value_or(false);
   m.routing_weights_pre_bias =
       m.model_name.starts_with("deepseek3") || m.model_name.starts_with("deepseek4");
-  m.n_routing_groups = f.get_int("n_routing_groups").value_or(-1);
-  m.topk_routing_group = f.get_int("topk_routing_group").value_or(-1);
 
   const std::string rope_type = f.get_string("rope_type").value_or("yarn");
   if (!rope_type.starts_with("yarn"))
     throw Error(path + ": rope_type '" + rope_type +
                 "' is not supported for decoder_block deepseek (expected yarn)");
   m.rope_layout = RopeLayout::Yarn;
-  m.max_position_embeddings = f.get_int("max_position_embeddings").value_or(163840);
-  m.original_max_position_embeddings = f.get_int("original_max_position_embeddings").value_or(4096);
-  m.rope_factor = f.get_double("rope_factor").value_or(40.0);
-  m.beta_fast = f.get_double("beta_fast").value_or(32.0);
-  m.beta_slow = f.get_double("beta_slow").value_or(1.0);
-  m.mscale = f.get_double("mscale").value_or(1.0);
-  m.rope_interleave = f.get_bool("rope_interleave").value_or(true);
-  m.rope_truncate = f.get_bool("rope_truncate").value_or(true);
   if (f.get_bool("rope_attention_scaling").value_or(false))
     throw Error(path +
                 ": rope_attention_scaling: true is not supported (MaxText's DeepSeek "
@@ -476,9 +403,13 @@ ExportConfig read_export_config(const std::string& path,
   for (const auto& [k, v] : overrides) {
     const std::string key(trim(k));
     if (key.empty()) throw Error(path + ": --set '" + k + "=" + v + "' has an empty key");
-    json value = parse_scalar(v);
-    std::string text = value.is_string() ? value.get<std::string>() : std::string(trim(v));
-    entries.set(key, Entry{std::move(value), std::move(text), "--set " + key + "=" + v});
+    // The value is read as in a YAML file: `[a, b]`, `1_000`, 'quoted' mean the same there.
+    const std::string origin = "--set " + key + "=" + v;
+    Entry e = yaml_call(path + ": " + origin, false, [&, &v = v] {
+      return YamlValue(path + ": " + origin)(YAML::Load(v), origin);
+    });
+    if (!e.value.is_string()) e.text = trim(v);
+    entries.set(key, std::move(e));
   }
 
   const Fields f(path, entries);
@@ -486,49 +417,53 @@ ExportConfig read_export_config(const std::string& path,
   for (const auto& [k, e] : entries.items()) cfg.raw.emplace_back(k, e.text);
   ModelConfig& m = cfg.model;
 
-  std::vector<std::string> missing;
-  auto required_dim = [&](const std::string& key, int64_t& dst) {
-    if (auto v = f.get_dim(key)) {
-      dst = *v;
-    } else {
-      missing.push_back(key + " (or base_" + key + ")");
-    }
-  };
-  std::optional<std::string> block = f.get_string("decoder_block");
-  if (!block) missing.push_back("decoder_block");
+  // Which fields' keys are read, and which must be given, follows decoder_block.
+  const std::optional<std::string> block = f.get_string("decoder_block");
   const bool deepseek = block && *block == "deepseek";
-  required_dim("emb_dim", m.emb_dim);
-  required_dim("num_query_heads", m.num_query_heads);
-  if (deepseek) {
-    // MLA: one kv head per query head; the dense MLP only exists with dense layers.
-    m.num_kv_heads = f.get_dim("num_kv_heads").value_or(m.num_query_heads);
-    m.first_num_dense_layers = f.get_int("first_num_dense_layers").value_or(0);
-    if (m.first_num_dense_layers > 0) required_dim("mlp_dim", m.mlp_dim);
-    for (const char* key : {"kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"}) {
-      if (!f.get_int(key)) missing.push_back(key);
+  auto applies = [&](FieldFamily family) { return family != FieldFamily::DeepSeek || deepseek; };
+  auto given = [&](const std::string& key, bool base_name) {
+    return f.find(key) || (base_name && f.find("base_" + key));
+  };
+  visit_fields(m, [&]<class T>(const char* name, T& value, const FieldMeta<T>& meta) {
+    if (meta.source == FieldSource::Derived || !applies(meta.family)) return;
+    if constexpr (!std::is_enum_v<T>) {  // enums are derived (RoPE layout)
+      std::optional<T> v;
+      if constexpr (std::is_same_v<T, int64_t>)
+        v = meta.base_name ? f.get_dim(name) : f.get_int(name);
+      else
+        v = f.get<T>(name);
+      if (v) {
+        value = *v;
+      } else if (meta.source == FieldSource::Optional) {
+        value = meta.maxtext;
+      }
     }
-  } else {
-    required_dim("num_kv_heads", m.num_kv_heads);
-    required_dim("mlp_dim", m.mlp_dim);
-  }
-  required_dim("num_decoder_layers", m.num_decoder_layers);
-  if (deepseek && m.num_decoder_layers > m.first_num_dense_layers) {
-    if (!f.get_int("num_experts")) missing.push_back("num_experts");
-    if (!f.get_int("num_experts_per_tok")) missing.push_back("num_experts_per_tok");
-    required_dim("moe_mlp_dim", m.moe_mlp_dim);
-  }
-  if (auto v = f.get_int("vocab_size")) {
-    m.vocab_size = *v;
-  } else {
-    missing.push_back("vocab_size");
-  }
+  });
+
+  const bool dense_layers = !deepseek || m.first_num_dense_layers > 0;
+  const bool moe_layers = deepseek && m.num_decoder_layers > m.first_num_dense_layers;
+  std::vector<std::string> missing;
+  visit_fields(m, [&](const char* name, auto& value, const auto& meta) {
+    if (!applies(meta.family)) return;
+    const FieldSource s = meta.source;
+    if ((s == FieldSource::DenseDim && !dense_layers) ||
+        (s == FieldSource::MoeDim && !moe_layers)) {
+      value = meta.maxtext;
+      return;
+    }
+    const bool required = s == FieldSource::Required || s == FieldSource::DenseDim ||
+                          s == FieldSource::MoeDim ||
+                          (s == FieldSource::RequiredLlama && !deepseek) ||
+                          (s == FieldSource::RequiredMoe && moe_layers);
+    if (required && !given(name, meta.base_name))
+      missing.push_back(meta.base_name ? std::string(name) + " (or base_" + name + ")" : name);
+  });
   if (!missing.empty()) {
     std::string list;
     for (size_t i = 0; i < missing.size(); ++i) list += (i ? ", " : "") + missing[i];
     throw Error(path + ": missing required field" + (missing.size() > 1 ? "s: " : ": ") + list);
   }
 
-  m.decoder_block = *block;
   if (m.decoder_block != "llama2" && m.decoder_block != "mistral" && m.decoder_block != "qwen3" &&
       !deepseek)
     throw Error(path + ": decoder_block '" + m.decoder_block +
@@ -537,11 +472,8 @@ ExportConfig read_export_config(const std::string& path,
 
   // MaxText picks the model file by model_name (configs/models/<model_name>.yml), and the RoPE
   // variant depends on the name; a model YAML read on its own therefore stands for its stem.
-  if (auto v = f.get_string("model_name")) {
-    m.model_name = *v;
-  } else if (yaml) {
-    m.model_name = fs::path(path).stem().string();
-  }
+  if (!f.find("model_name") && yaml) m.model_name = fs::path(path).stem().string();
+  if (qwen3 && !f.find("use_qk_norm")) m.use_qk_norm = true;
 
   if (auto v = f.get_double("global_parameter_scale"); v && *v != 1.0)
     throw Error(path + ": global_parameter_scale " + entries.get("global_parameter_scale")->text +
@@ -552,17 +484,6 @@ ExportConfig read_export_config(const std::string& path,
                   m.decoder_block + " (expected [silu, linear])");
   }
 
-  m.head_dim = f.get_int("head_dim").value_or(128);
-  m.normalization_layer_epsilon = f.get_double("normalization_layer_epsilon").value_or(1e-5);
-  m.rope_min_timescale = f.get_double("rope_min_timescale").value_or(1.0);
-  m.rope_max_timescale = f.get_double("rope_max_timescale").value_or(10000.0);
-  m.rope_linear_scaling_factor = f.get_double("rope_linear_scaling_factor").value_or(1.0);
-  m.rope_use_scale = f.get_bool("rope_use_scale").value_or(true);
-  m.use_qk_norm = f.get_bool("use_qk_norm").value_or(qwen3);
-  m.logits_via_embedding = f.get_bool("logits_via_embedding").value_or(false);
-  m.normalize_embedding_logits = f.get_bool("normalize_embedding_logits").value_or(true);
-  m.final_logits_soft_cap = f.get_double("final_logits_soft_cap").value_or(0.0);
-  m.max_target_length = f.get_int("max_target_length").value_or(2048);
   cfg.scan_layers = f.get_bool("scan_layers").value_or(true);
   const int64_t axis = f.get_int("param_scan_axis").value_or(1);
   if (axis < 0 || axis > 1'000'000)
@@ -571,7 +492,7 @@ ExportConfig read_export_config(const std::string& path,
   cfg.param_scan_axis = int(axis);
 
   if (deepseek) {
-    read_deepseek_fields(path, f, m);
+    derive_deepseek_fields(path, f, m);
     m.validate(path);
     return cfg;
   }

@@ -2,7 +2,9 @@
 
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <optional>
+#include <type_traits>
 
 #include "common/checked.h"
 #include "common/crc32c.h"
@@ -15,69 +17,60 @@ namespace kiln {
 
 namespace {
 
+// A field's FlatBuffers slot is its position in visit_fields(), which follows kiln.fbs
+// (model_config_test.cpp holds the two together). Scalars are stored in the schema's types: bool
+// and RopeLayout as ubyte.
+template <class T>
+using FbScalar =
+    std::conditional_t<std::is_same_v<T, bool> || std::is_same_v<T, RopeLayout>, uint8_t, T>;
+
+// The same bytes as flatc's CreateModelConfigDirect, which the manifests before this list were
+// written with: the strings first, in field order; then the fields from the widest to the
+// narrowest (8-byte scalars, 4-byte string offsets, 1-byte scalars), within a width the last
+// field first.
 flatbuffers::Offset<fb::ModelConfig> config_to_fb(flatbuffers::FlatBufferBuilder& b,
                                                   const ModelConfig& c) {
-  return fb::CreateModelConfigDirect(
-      b, c.decoder_block.c_str(), c.model_name.c_str(), c.emb_dim, c.num_query_heads,
-      c.num_kv_heads, c.head_dim, c.mlp_dim, c.num_decoder_layers, c.vocab_size,
-      c.normalization_layer_epsilon, static_cast<fb::RopeLayout>(c.rope_layout),
-      c.rope_min_timescale, c.rope_max_timescale, c.rope_linear_scaling_factor, c.rope_use_scale,
-      c.use_qk_norm, c.query_scale, c.logits_via_embedding, c.normalize_embedding_logits,
-      c.final_logits_soft_cap, c.max_target_length, c.first_num_dense_layers, c.q_lora_rank,
-      c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.num_experts,
-      c.num_experts_per_tok, c.moe_mlp_dim, c.shared_experts, c.routed_scaling_factor,
-      c.routed_score_func.c_str(), c.routed_bias, c.routing_weights_pre_bias, c.n_routing_groups,
-      c.topk_routing_group, c.max_position_embeddings, c.original_max_position_embeddings,
-      c.rope_factor, c.beta_fast, c.beta_slow, c.mscale, c.rope_interleave, c.rope_truncate);
+  struct Slot {
+    size_t width;
+    std::function<void()> add;
+  };
+  std::vector<Slot> slots;
+  visit_fields(c, [&](const char*, const auto& value, const auto&) {
+    using T = std::decay_t<decltype(value)>;
+    const auto vt = flatbuffers::FieldIndexToOffset(flatbuffers::voffset_t(slots.size()));
+    if constexpr (std::is_same_v<T, std::string>) {
+      const auto s = b.CreateString(value);
+      slots.push_back({sizeof(flatbuffers::uoffset_t), [&b, vt, s] { b.AddOffset(vt, s); }});
+    } else {
+      using S = FbScalar<T>;
+      slots.push_back(
+          {sizeof(S), [&b, vt, v = static_cast<S>(value)] { b.AddElement(vt, v, S{}); }});
+    }
+  });
+  const auto start = b.StartTable();
+  for (const size_t width : {8, 4, 2, 1})
+    for (auto it = slots.rbegin(); it != slots.rend(); ++it)
+      if (it->width == width) it->add();
+  return flatbuffers::Offset<fb::ModelConfig>(b.EndTable(start));
 }
 
 ModelConfig config_from_fb(const fb::ModelConfig& f) {
+  // The generated accessors are named per field; the slot positions are read through the table.
+  const auto& t = reinterpret_cast<const flatbuffers::Table&>(f);
   ModelConfig c;
-  c.decoder_block = f.decoder_block()->str();
-  c.model_name = f.model_name() ? f.model_name()->str() : "";
-  c.emb_dim = f.emb_dim();
-  c.num_query_heads = f.num_query_heads();
-  c.num_kv_heads = f.num_kv_heads();
-  c.head_dim = f.head_dim();
-  c.mlp_dim = f.mlp_dim();
-  c.num_decoder_layers = f.num_decoder_layers();
-  c.vocab_size = f.vocab_size();
-  c.normalization_layer_epsilon = f.normalization_layer_epsilon();
-  c.rope_layout = static_cast<RopeLayout>(f.rope_layout());
-  c.rope_min_timescale = f.rope_min_timescale();
-  c.rope_max_timescale = f.rope_max_timescale();
-  c.rope_linear_scaling_factor = f.rope_linear_scaling_factor();
-  c.rope_use_scale = f.rope_use_scale();
-  c.use_qk_norm = f.use_qk_norm();
-  c.query_scale = f.query_scale();
-  c.logits_via_embedding = f.logits_via_embedding();
-  c.normalize_embedding_logits = f.normalize_embedding_logits();
-  c.final_logits_soft_cap = f.final_logits_soft_cap();
-  c.max_target_length = f.max_target_length();
-  c.first_num_dense_layers = f.first_num_dense_layers();
-  c.q_lora_rank = f.q_lora_rank();
-  c.kv_lora_rank = f.kv_lora_rank();
-  c.qk_nope_head_dim = f.qk_nope_head_dim();
-  c.qk_rope_head_dim = f.qk_rope_head_dim();
-  c.v_head_dim = f.v_head_dim();
-  c.num_experts = f.num_experts();
-  c.num_experts_per_tok = f.num_experts_per_tok();
-  c.moe_mlp_dim = f.moe_mlp_dim();
-  c.shared_experts = f.shared_experts();
-  c.routed_scaling_factor = f.routed_scaling_factor();
-  c.routed_score_func = f.routed_score_func() ? f.routed_score_func()->str() : "";
-  c.routed_bias = f.routed_bias();
-  c.routing_weights_pre_bias = f.routing_weights_pre_bias();
-  c.n_routing_groups = f.n_routing_groups();
-  c.topk_routing_group = f.topk_routing_group();
-  c.max_position_embeddings = f.max_position_embeddings();
-  c.original_max_position_embeddings = f.original_max_position_embeddings();
-  c.rope_factor = f.rope_factor();
-  c.beta_fast = f.beta_fast();
-  c.beta_slow = f.beta_slow();
-  c.mscale = f.mscale();
-  c.rope_interleave = f.rope_interleave();
-  c.rope_truncate = f.rope_truncate();
+  flatbuffers::voffset_t index = 0;
+  visit_fields(c, [&](const char*, auto& value, const auto&) {
+    using T = std::decay_t<decltype(value)>;
+    const auto vt = flatbuffers::FieldIndexToOffset(index++);
+    if constexpr (std::is_same_v<T, std::string>) {
+      const auto* s = t.GetPointer<const flatbuffers::String*>(vt);
+      value = s ? s->str() : "";
+    } else if constexpr (std::is_same_v<T, bool>) {
+      value = t.GetField<uint8_t>(vt, 0) != 0;
+    } else {
+      value = static_cast<T>(t.GetField<FbScalar<T>>(vt, 0));
+    }
+  });
   return c;
 }
 

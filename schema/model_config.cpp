@@ -2,6 +2,7 @@
 
 #include <climits>
 #include <cmath>
+#include <type_traits>
 #include <utility>
 
 #include "common/checked.h"
@@ -78,22 +79,11 @@ void check_sizes(const ModelConfig& c, const std::string& where) {
 void ModelConfig::validate(const std::string& where) const {
   // A YAML `1e999` reads as infinity, and a damaged manifest can hold anything: every real-valued
   // hyper-parameter must be a number before the range checks below mean anything.
-  const std::pair<const char*, double> reals[] = {
-      {"normalization_layer_epsilon", normalization_layer_epsilon},
-      {"rope_min_timescale", rope_min_timescale},
-      {"rope_max_timescale", rope_max_timescale},
-      {"rope_linear_scaling_factor", rope_linear_scaling_factor},
-      {"query_scale", query_scale},
-      {"final_logits_soft_cap", final_logits_soft_cap},
-      {"routed_scaling_factor", routed_scaling_factor},
-      {"rope_factor", rope_factor},
-      {"beta_fast", beta_fast},
-      {"beta_slow", beta_slow},
-      {"mscale", mscale},
-  };
-  for (const auto& [field, v] : reals)
-    if (!std::isfinite(v))
-      throw Error(where + ": " + field + " must be a finite number, got " + std::to_string(v));
+  visit_fields(*this, [&](const char* field, const auto& v, const auto&) {
+    if constexpr (std::is_same_v<std::decay_t<decltype(v)>, double>)
+      if (!std::isfinite(v))
+        throw Error(where + ": " + field + " must be a finite number, got " + std::to_string(v));
+  });
   if (decoder_block != "llama2" && decoder_block != "mistral" && decoder_block != "qwen3" &&
       decoder_block != "deepseek")
     throw Error(where + ": decoder_block '" + decoder_block +

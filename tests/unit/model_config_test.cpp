@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 #include "common/crc32c.h"
 #include "common/error.h"
@@ -95,6 +98,41 @@ TEST_CASE("manifest round trip keeps every field") {
   CHECK(r.blobs[1].layer == 0);
   CHECK(r.provenance.scan_axis == 0);
   CHECK(r.provenance.sources[0].second == 42);
+}
+
+// The manifest writer and reader address each field by its position in visit_fields(): the list
+// must name kiln.fbs's fields in the schema's order, each in the schema's type.
+TEST_CASE("visit_fields lists kiln.fbs's ModelConfig fields in order, with their types") {
+  const flatbuffers::TypeTable* schema = fb::ModelConfigTypeTable();
+  const ModelConfig config;
+  size_t i = 0;
+  visit_fields(config, [&](const char* name, const auto& value, const auto&) {
+    using T = std::decay_t<decltype(value)>;
+    INFO("field ", i, ": ", name);
+    REQUIRE(i < schema->num_elems);
+    CHECK(std::string(name) == schema->names[i]);
+    const flatbuffers::TypeCode code = schema->type_codes[i++];
+    CHECK(code.is_repeating == 0);
+    const auto type = flatbuffers::ElementaryType(code.base_type);
+    if constexpr (std::is_same_v<T, int64_t>) {
+      CHECK(type == flatbuffers::ET_LONG);
+    } else if constexpr (std::is_same_v<T, double>) {
+      CHECK(type == flatbuffers::ET_DOUBLE);
+    } else if constexpr (std::is_same_v<T, bool>) {
+      CHECK(type == flatbuffers::ET_BOOL);
+    } else if constexpr (std::is_same_v<T, std::string>) {
+      CHECK(type == flatbuffers::ET_STRING);
+    } else {
+      static_assert(std::is_same_v<T, RopeLayout>, "a field type the manifest cannot store");
+      CHECK(type == flatbuffers::ET_UCHAR);
+      REQUIRE(code.sequence_ref >= 0);
+      CHECK(schema->type_refs[code.sequence_ref]() == fb::RopeLayoutTypeTable());
+    }
+  });
+  CHECK(i == schema->num_elems);
+  for (const RopeLayout r : {RopeLayout::HalfSplit, RopeLayout::Interleaved, RopeLayout::Yarn})
+    CHECK(std::string(fb::EnumNameRopeLayout(static_cast<fb::RopeLayout>(r))) ==
+          std::vector<std::string>{"HalfSplit", "Interleaved", "Yarn"}[size_t(r)]);
 }
 
 TEST_CASE("parse_manifest refuses garbage and truncation") {

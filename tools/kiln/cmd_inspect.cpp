@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <type_traits>
 
 #include "engine/artifact.h"
 #include "tokenizer/tokenizer.h"
@@ -12,8 +13,6 @@
 namespace kiln::cli {
 
 namespace {
-
-nlohmann::ordered_json config_json_common(const ModelConfig& c);
 
 const char* rope_layout_name(RopeLayout r) {
   switch (r) {
@@ -39,67 +38,21 @@ const char* kind_name(LayerKind k) {
   return "?";
 }
 
+// Every field of the model's family (FieldFamily), in the schema's order.
 nlohmann::ordered_json config_json(const ModelConfig& c) {
-  nlohmann::ordered_json j = config_json_common(c);
-  if (!c.is_deepseek()) return j;
-  j["query_scale"] = c.query_scale;  // the MLA softmax scale
-  for (auto [k, v] : {std::pair{"first_num_dense_layers", c.first_num_dense_layers},
-                      {"q_lora_rank", c.q_lora_rank},
-                      {"kv_lora_rank", c.kv_lora_rank},
-                      {"qk_nope_head_dim", c.qk_nope_head_dim},
-                      {"qk_rope_head_dim", c.qk_rope_head_dim},
-                      {"v_head_dim", c.v_head_dim},
-                      {"num_experts", c.num_experts},
-                      {"num_experts_per_tok", c.num_experts_per_tok},
-                      {"moe_mlp_dim", c.moe_mlp_dim},
-                      {"shared_experts", c.shared_experts},
-                      {"n_routing_groups", c.n_routing_groups},
-                      {"topk_routing_group", c.topk_routing_group},
-                      {"max_position_embeddings", c.max_position_embeddings},
-                      {"original_max_position_embeddings", c.original_max_position_embeddings}})
-    j[k] = v;
-  j["routed_score_func"] = c.routed_score_func.empty() ? "none" : c.routed_score_func;
-  j["routed_bias"] = c.routed_bias;
-  j["routed_scaling_factor"] = c.routed_scaling_factor;
-  j["routing_weights"] = c.routing_weights_pre_bias
-                             ? "pre-bias scores (deepseek3/deepseek4 model name, as MaxText)"
-                             : "post-bias scores (MaxText's behaviour for this model name)";
-  j["rope_factor"] = c.rope_factor;
-  j["beta_fast"] = c.beta_fast;
-  j["beta_slow"] = c.beta_slow;
-  j["mscale"] = c.mscale;
-  j["rope_interleave"] = c.rope_interleave;
-  j["rope_truncate"] = c.rope_truncate;
-  // Llama-only fields mean nothing for MLA; mlp_dim only exists with dense layers.
-  for (const char* unused : {"head_dim", "rope_min_timescale", "rope_linear_scaling_factor",
-                             "rope_use_scale", "use_qk_norm"})
-    j.erase(unused);
-  if (c.first_num_dense_layers == 0) j.erase("mlp_dim");
+  const FieldFamily other = c.is_deepseek() ? FieldFamily::Llama : FieldFamily::DeepSeek;
+  nlohmann::ordered_json j;
+  visit_fields(c, [&](const char* name, const auto& value, const auto& meta) {
+    if (meta.family == other) return;
+    if constexpr (std::is_same_v<std::decay_t<decltype(value)>, RopeLayout>)
+      j[name] = rope_layout_name(value);
+    else
+      j[name] = value;
+  });
+  // mlp_dim only exists with dense layers.
+  if (c.is_deepseek() && c.first_num_dense_layers == 0) j.erase("mlp_dim");
+  if (c.is_deepseek() && c.routed_score_func.empty()) j["routed_score_func"] = "none";
   return j;
-}
-
-nlohmann::ordered_json config_json_common(const ModelConfig& c) {
-  return {{"decoder_block", c.decoder_block},
-          {"model_name", c.model_name},
-          {"emb_dim", c.emb_dim},
-          {"num_query_heads", c.num_query_heads},
-          {"num_kv_heads", c.num_kv_heads},
-          {"head_dim", c.head_dim},
-          {"mlp_dim", c.mlp_dim},
-          {"num_decoder_layers", c.num_decoder_layers},
-          {"vocab_size", c.vocab_size},
-          {"normalization_layer_epsilon", c.normalization_layer_epsilon},
-          {"rope_layout", rope_layout_name(c.rope_layout)},
-          {"rope_min_timescale", c.rope_min_timescale},
-          {"rope_max_timescale", c.rope_max_timescale},
-          {"rope_linear_scaling_factor", c.rope_linear_scaling_factor},
-          {"rope_use_scale", c.rope_use_scale},
-          {"use_qk_norm", c.use_qk_norm},
-          {"query_scale", c.query_scale},
-          {"logits_via_embedding", c.logits_via_embedding},
-          {"normalize_embedding_logits", c.normalize_embedding_logits},
-          {"final_logits_soft_cap", c.final_logits_soft_cap},
-          {"max_target_length", c.max_target_length}};
 }
 
 }  // namespace
