@@ -7,12 +7,28 @@
 #include <utility>
 
 #include "common/error.h"
+#include "common/process_stats.h"
 #include "engine/ops/elementwise.h"
 
 namespace kiln {
 
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+AdapterLoad load_adapter_measured(Engine& engine, const std::string& name) {
+  AdapterLoad m;
+  m.name = name;
+  m.rss_before_mib = current_rss_mib();
+  const long long faults = major_page_faults();
+  const double t0 = now_seconds();
+  const LoraAdapter& a = engine.load_adapter(name);
+  m.seconds = now_seconds() - t0;
+  m.major_faults = major_page_faults() - faults;
+  m.rss_after_mib = current_rss_mib();
+  m.bytes = a.bytes();
+  m.rank = a.max_rank();
+  return m;
 }
 
 double RunnerStats::prefill_tokens_per_s() const {

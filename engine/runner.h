@@ -17,6 +17,19 @@ namespace kiln {
 // Seconds since an arbitrary fixed point (monotonic).
 double now_seconds();
 
+// What loading a run-time adapter into an open engine cost. The engine maps the adapter's blobs
+// only, so the resident set grows by about the adapter's size and the base weights are not touched.
+struct AdapterLoad {
+  std::string name;
+  double seconds = 0, rss_before_mib = 0, rss_after_mib = 0;
+  uint64_t bytes = 0;  // the adapter's mapped blob bytes
+  int64_t rank = 0;    // its largest rank
+  long long major_faults = 0;
+};
+
+// Engine::load_adapter(name), timed and with the resident set and major page faults around it.
+AdapterLoad load_adapter_measured(Engine& engine, const std::string& name);
+
 struct GenerationRequest {
   std::vector<int32_t> prompt;
   std::string adapter;  // a loaded run-time adapter, or empty for the base weights

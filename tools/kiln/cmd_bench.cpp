@@ -1,75 +1,16 @@
-#include <sys/resource.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 
+#include "common/process_stats.h"
 #include "engine/runner.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
 #include "tools/kiln/common.h"
 
 namespace kiln::cli {
-
-namespace {
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-double peak_rss_mib() {
-  struct rusage ru {};
-  ::getrusage(RUSAGE_SELF, &ru);
-  return double(ru.ru_maxrss) / 1024.0;  // Linux reports KiB
-}
-
-// Resident memory now (not the peak): /proc/self/statm's second field, in pages.
-double current_rss_mib() {
-  std::FILE* f = std::fopen("/proc/self/statm", "r");
-  if (!f) return 0.0;
-  long long size = 0, resident = 0;
-  const int n = std::fscanf(f, "%lld %lld", &size, &resident);
-  std::fclose(f);
-  return n == 2 ? double(resident) * double(::sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0) : 0.0;
-}
-
-long long major_faults() {
-  struct rusage ru {};
-  ::getrusage(RUSAGE_SELF, &ru);
-  return ru.ru_majflt;
-}
-
-// What loading a run-time adapter into the open engine costs: it maps the adapter's blobs only, so
-// the resident set grows by about the adapter's size and the base weights are not touched.
-struct AdapterLoad {
-  std::string name;
-  double seconds = 0, rss_before_mib = 0, rss_after_mib = 0;
-  uint64_t bytes = 0;
-  int64_t rank = 0;
-  long long major_faults = 0;
-};
-
-AdapterLoad load_adapter_measured(Engine& engine, const std::string& name) {
-  AdapterLoad m;
-  m.name = name;
-  m.rss_before_mib = current_rss_mib();
-  const long long faults = major_faults();
-  const double t0 = now_seconds();
-  const LoraAdapter& a = engine.load_adapter(name);
-  m.seconds = now_seconds() - t0;
-  m.major_faults = major_faults() - faults;
-  m.rss_after_mib = current_rss_mib();
-  m.bytes = a.bytes();
-  m.rank = a.max_rank();
-  return m;
-}
-
-}  // namespace
 
 int cmd_bench(int argc, const char* const* argv) {
   ArgParser p("kiln bench",

@@ -1,6 +1,6 @@
-#include <cmath>
 #include <cstdio>
 
+#include "engine/golden.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
 #include "tools/kiln/common.h"
@@ -15,13 +15,6 @@ std::vector<float> prefill_logits(Engine& e, const std::vector<int32_t>& prompt,
   std::vector<float> logits(prompt.size() * size_t(e.config().vocab_size));
   e.prefill_logits(prompt, logits.data(), adapter);
   return logits;
-}
-
-int64_t argmax(const float* x, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i)
-    if (x[i] > x[best]) best = i;
-  return best;
 }
 
 }  // namespace
@@ -74,28 +67,18 @@ int cmd_golden(int argc, const char* const* argv) {
     throw Error(path + ": holds logits of shape " + shape_to_string(expect.shape) + ", expected [" +
                 std::to_string(T) + ", " + std::to_string(V) + "] for these tokens and this model");
   std::vector<float> logits = prefill_logits(*engine, prompt, adapter);
-  double max_diff = 0;
-  int64_t where = 0, top1_mismatch = -1;
-  for (int64_t i = 0; i < T * V; ++i) {
-    double d = std::fabs(double(logits[size_t(i)]) - double(expect.data[size_t(i)]));
-    if (!(d <= max_diff)) {  // also catches NaN
-      max_diff = std::isnan(d) ? INFINITY : d;
-      where = i;
-    }
-  }
-  for (int64_t t = 0; t < T && top1_mismatch < 0; ++t)
-    if (argmax(&logits[size_t(t * V)], V) != argmax(&expect.data[size_t(t * V)], V))
-      top1_mismatch = t;
-  bool ok = max_diff <= atol && top1_mismatch < 0;
-  std::printf("%s: max |logit difference| %.6g at position %lld, id %lld (atol %.3g)%s\n",
-              ok ? "PASS" : "FAIL", max_diff, static_cast<long long>(where / V),
-              static_cast<long long>(where % V), atol,
-              top1_mismatch >= 0
-                  ? (", top-1 token differs at position " + std::to_string(top1_mismatch)).c_str()
-                  : "");
+  const LogitComparison c = compare_logits(logits, expect.data, V);
+  const bool ok = c.passes(atol);
+  std::printf(
+      "%s: max |logit difference| %.6g at position %lld, id %lld (atol %.3g)%s\n",
+      ok ? "PASS" : "FAIL", c.max_abs_diff, static_cast<long long>(c.max_diff_position),
+      static_cast<long long>(c.max_diff_token_id), atol,
+      c.first_top1_mismatch >= 0
+          ? (", top-1 token differs at position " + std::to_string(c.first_top1_mismatch)).c_str()
+          : "");
   if (!ok)
     throw Error(path + ": logits differ from the golden file (max |difference| " +
-                std::to_string(max_diff) + " > atol " + std::to_string(atol) +
+                std::to_string(c.max_abs_diff) + " > atol " + std::to_string(atol) +
                 " or top-1 differs)");
   return 0;
 }
