@@ -8,7 +8,9 @@
 // the file's full length, which the FlatBuffers verifier accepts with trailing bytes.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -55,6 +57,11 @@ struct QkClipRecord {
     for (float g : gamma) n += g < 1.0f;
     return n;
   }
+  float smallest_gamma() const {  // 1 when nothing was clipped
+    float m = 1.0f;
+    for (float g : gamma) m = std::min(m, g);
+    return m;
+  }
 };
 
 // A LoRA adapter recorded in the manifest (kiln.fbs `Adapter`).
@@ -79,6 +86,12 @@ struct AdapterRecord {
   uint64_t bytes() const {
     uint64_t n = 0;
     for (const auto& b : blobs) n += b.size;
+    return n;
+  }
+  // How many layers each adapted tensor name has an adapter in, by name.
+  std::map<std::string, int64_t> targets_per_tensor() const {
+    std::map<std::string, int64_t> n;
+    for (const auto& t : targets) n[t.tensor]++;
     return n;
   }
 };

@@ -23,8 +23,6 @@ constexpr const char* kAdapterUsage =
     "directories; the base weights are not rewritten).\n";
 
 nlohmann::json adapter_json(const AdapterRecord& a) {
-  std::map<std::string, int64_t> per_tensor;
-  for (const auto& t : a.targets) per_tensor[t.tensor]++;
   return {{"name", a.name},
           {"merged", a.merged},
           {"format", a.format},
@@ -34,7 +32,7 @@ nlohmann::json adapter_json(const AdapterRecord& a) {
           {"use_rslora", a.use_rslora},
           {"lora_scale", a.lora_scale},
           {"targets", a.targets.size()},
-          {"tensors", per_tensor},
+          {"tensors", a.targets_per_tensor()},
           {"blobs", a.blobs.size()},
           {"bytes", a.bytes()},
           {"created_utc", a.created_utc}};

@@ -159,13 +159,11 @@ int cmd_export(int argc, const char* const* argv) {
   ProgressBar bar;
   ExportSummary s = export_artifact(opt, [&](const ExportProgress& pr) { bar.update(pr); });
   if (s.qk_clip.applied) {
-    float min_gamma = 1.0f;
-    for (float g : s.qk_clip.gamma) min_gamma = std::min(min_gamma, g);
     std::printf("QK-Clip (tau %g, %s%s): %lld of %zu heads clipped, smallest gamma %.4g\n",
                 s.qk_clip.threshold, s.qk_clip.mode.c_str(),
                 s.qk_clip.per_group ? ", per group" : ", per layer",
                 static_cast<long long>(s.qk_clip.clipped_heads()), s.qk_clip.gamma.size(),
-                double(min_gamma));
+                double(s.qk_clip.smallest_gamma()));
   }
   for (const auto& ad : s.adapters)
     std::printf("LoRA %s (%s, rank %lld, %zu tensors)%s\n", ad.name.c_str(), ad.format.c_str(),

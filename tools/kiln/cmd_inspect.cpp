@@ -80,8 +80,6 @@ int cmd_inspect(int argc, const char* const* argv) {
   uint64_t adapter_bytes = 0;
   for (const AdapterRecord& ad : m.adapters) {
     if (!ad.merged) adapter_bytes += LoraAdapter::open(art->dir(), m.config, ad, verify)->bytes();
-    std::map<std::string, int64_t> per_tensor;
-    for (const auto& t : ad.targets) per_tensor[t.tensor]++;
     adapters.push_back({{"name", ad.name},
                         {"merged", ad.merged},
                         {"format", ad.format},
@@ -91,7 +89,7 @@ int cmd_inspect(int argc, const char* const* argv) {
                         {"use_rslora", ad.use_rslora},
                         {"lora_scale", ad.lora_scale},
                         {"targets", ad.targets.size()},
-                        {"tensors", per_tensor},
+                        {"tensors", ad.targets_per_tensor()},
                         {"bytes", ad.bytes()}});
   }
 

@@ -96,10 +96,8 @@ std::vector<std::pair<int64_t, std::string>> read_lines(const std::string& path,
 
 void print_adapters(const Manifest& m) {
   for (const AdapterRecord& a : m.adapters) {
-    std::map<std::string, int64_t> per_tensor;
-    for (const auto& t : a.targets) per_tensor[t.tensor]++;
     std::string tensors;
-    for (const auto& [name, n] : per_tensor)
+    for (const auto& [name, n] : a.targets_per_tensor())
       tensors += (tensors.empty() ? "" : ", ") + name + "×" + std::to_string(n);
     std::printf("  %-16s %-7s rank %-4lld %8.2f MiB  %s%s\n", a.name.c_str(), a.format.c_str(),
                 static_cast<long long>(a.rank), double(a.bytes()) / (1 << 20), tensors.c_str(),
