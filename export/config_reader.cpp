@@ -153,17 +153,10 @@ auto yaml_call(const std::string& where, bool marks, F&& f) {
 
 // A value as JSON, and as YAML flow text for messages and provenance. An alias repeats its
 // anchor's whole value, so a few lines of nested aliases would expand to billions of nodes: the
-// depth of a value, and the nodes visited and scalar bytes copied (aliases expanded) over the whole
-// document, are bounded. The budget is the document's, not each key's: a thousand keys that each
-// alias a large value would otherwise each stay under a per-key limit and exhaust memory together.
-struct YamlBudget {
-  size_t nodes = 0;
-  size_t bytes = 0;
-};
-
+// nodes visited (aliases expanded) and the depth are bounded.
 class YamlValue {
  public:
-  YamlValue(std::string where, YamlBudget& budget) : where_(std::move(where)), budget_(budget) {}
+  explicit YamlValue(std::string where) : where_(std::move(where)) {}
 
   Entry operator()(const YAML::Node& node, std::string origin) {
     Entry e;
@@ -175,21 +168,16 @@ class YamlValue {
  private:
   static constexpr int kMaxDepth = 64;
   static constexpr size_t kMaxNodes = size_t(1) << 16;
-  static constexpr size_t kMaxBytes = size_t(1) << 24;
 
   void convert(const YAML::Node& n, int depth, json& value, std::string& text) {
-    if (++budget_.nodes > kMaxNodes)
-      throw Error(where_ + ": the config has more than " + std::to_string(kMaxNodes) +
-                  " values once its aliases are expanded");
+    if (++nodes_ > kMaxNodes)
+      throw Error(where_ + ": the value has more than " + std::to_string(kMaxNodes) +
+                  " elements once its aliases are expanded");
     if (depth > kMaxDepth)
       throw Error(where_ + ": the value is nested more than " + std::to_string(kMaxDepth) +
                   " levels deep");
     switch (n.Type()) {
       case YAML::NodeType::Scalar:
-        budget_.bytes += n.Scalar().size();
-        if (budget_.bytes > kMaxBytes)
-          throw Error(where_ + ": the config holds more than " + std::to_string(kMaxBytes >> 20) +
-                      " MiB of values once its aliases are expanded");
         // "?" is a plain scalar's tag; quoted and block scalars ("!") and explicit tags are text.
         value = n.Tag() == "?" ? resolve_plain(n.Scalar()) : json(n.Scalar());
         text += n.Scalar();
@@ -226,7 +214,7 @@ class YamlValue {
   }
 
   std::string where_;
-  YamlBudget& budget_;
+  size_t nodes_ = 0;
 };
 
 // A plain key not followed by ':' is a line without one (yaml-cpp reads `just some words` inside
@@ -255,7 +243,6 @@ void parse_yaml(const std::string& path, const std::string& content, Entries& ou
       throw Error(line(root) + ": a top-level list item; expected 'key: value' lines");
     if (root.IsScalar())
       throw Error(line(root) + ": expected 'key: value', got '" + root.Scalar() + "'");
-    YamlBudget budget;
     for (const auto& kv : root) {
       const std::string origin = line(kv.first);
       if (!kv.first.IsScalar())
@@ -263,7 +250,7 @@ void parse_yaml(const std::string& path, const std::string& content, Entries& ou
       const std::string& key = kv.first.Scalar();
       if (kv.second.IsNull() && kv.first.Tag() == "?" && !has_colon_after(content, kv.first))
         throw Error(origin + ": expected 'key: value', got '" + key + "'");
-      out.set(key, YamlValue(origin + ": key '" + key + "'", budget)(kv.second, origin));
+      out.set(key, YamlValue(origin + ": key '" + key + "'")(kv.second, origin));
     }
   });
 }
@@ -419,8 +406,7 @@ ExportConfig read_export_config(const std::string& path,
     // The value is read as in a YAML file: `[a, b]`, `1_000`, 'quoted' mean the same there.
     const std::string origin = "--set " + key + "=" + v;
     Entry e = yaml_call(path + ": " + origin, false, [&, &v = v] {
-      YamlBudget budget;
-      return YamlValue(path + ": " + origin, budget)(YAML::Load(v), origin);
+      return YamlValue(path + ": " + origin)(YAML::Load(v), origin);
     });
     if (!e.value.is_string()) e.text = trim(v);
     entries.set(key, std::move(e));
