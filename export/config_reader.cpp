@@ -167,7 +167,7 @@ class YamlValue {
 
  private:
   static constexpr int kMaxDepth = 64;
-  static constexpr size_t kMaxNodes = size_t(1) << 16;
+  static constexpr size_t kMaxNodes = size_t(1) << 20;
 
   void convert(const YAML::Node& n, int depth, json& value, std::string& text) {
     if (++nodes_ > kMaxNodes)
@@ -405,9 +405,8 @@ ExportConfig read_export_config(const std::string& path,
     if (key.empty()) throw Error(path + ": --set '" + k + "=" + v + "' has an empty key");
     // The value is read as in a YAML file: `[a, b]`, `1_000`, 'quoted' mean the same there.
     const std::string origin = "--set " + key + "=" + v;
-    Entry e = yaml_call(path + ": " + origin, false, [&, &v = v] {
-      return YamlValue(path + ": " + origin)(YAML::Load(v), origin);
-    });
+    Entry e = yaml_call(path + ": " + origin, false,
+                        [&] { return YamlValue(path + ": " + origin)(YAML::Load(v), origin); });
     if (!e.value.is_string()) e.text = trim(v);
     entries.set(key, std::move(e));
   }

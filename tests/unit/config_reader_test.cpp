@@ -412,7 +412,7 @@ TEST_CASE("config: YAML that would expand or nest without bound is refused by li
     for (int j = 0; j < 10; ++j) laughs += (j ? ", *a" : "*a") + std::to_string(i - 1);
     laughs += "]\n";
   }
-  CHECK(contains(err("laughs.yml", laughs), "laughs.yml:5: key 'a4': the value has more than"));
+  CHECK(contains(err("laughs.yml", laughs), "laughs.yml:6: key 'a5': the value has more than"));
   // Within yaml-cpp's own depth limit, but deeper than a config needs.
   CHECK(contains(err("deep.yml", "a: " + std::string(100, '[') + std::string(100, ']') + "\n"),
                  "deep.yml:1: key 'a': the value is nested more than 64 levels deep"));
