@@ -1,8 +1,5 @@
 #include "export/config_reader.h"
 
-#include <yaml-cpp/depthguard.h>
-#include <yaml-cpp/yaml.h>
-
 #include <cctype>
 #include <cerrno>
 #include <cmath>
@@ -65,7 +62,76 @@ std::string lower(std::string_view s) {
   return out;
 }
 
-// ---- YAML (yaml-cpp) -----------------------------------------------------------------------
+// ---- YAML subset ---------------------------------------------------------------------------
+
+// Removes a trailing comment: '#' outside quotes, at the start or after whitespace (YAML treats
+// `a#b` as plain text).
+std::string_view strip_comment(std::string_view line) {
+  char quote = 0;
+  for (size_t i = 0; i < line.size(); ++i) {
+    const char c = line[i];
+    if (quote) {
+      if (c == quote) quote = 0;
+    } else if (c == '\'' || c == '"') {
+      if (i == 0 || std::isspace(static_cast<unsigned char>(line[i - 1])) || line[i - 1] == '[' ||
+          line[i - 1] == ',' || line[i - 1] == ':')
+        quote = c;
+    } else if (c == '#' && (i == 0 || std::isspace(static_cast<unsigned char>(line[i - 1])))) {
+      return line.substr(0, i);
+    }
+  }
+  return line;
+}
+
+// Net bracket depth of a flow collection fragment, ignoring brackets inside quotes.
+int bracket_balance(std::string_view s) {
+  int depth = 0;
+  char quote = 0;
+  for (char c : s) {
+    if (quote) {
+      if (c == quote) quote = 0;
+    } else if (c == '\'' || c == '"') {
+      quote = c;
+    } else if (c == '[' || c == '{') {
+      ++depth;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return depth;
+}
+
+std::optional<std::string> unquote(std::string_view s) {
+  if (s.size() < 2 || (s.front() != '"' && s.front() != '\'') || s.back() != s.front())
+    return std::nullopt;
+  std::string_view body = s.substr(1, s.size() - 2);
+  std::string out;
+  if (s.front() == '\'') {  // single quotes: only '' is special
+    for (size_t i = 0; i < body.size(); ++i) {
+      out += body[i];
+      if (body[i] == '\'' && i + 1 < body.size() && body[i + 1] == '\'') ++i;
+    }
+    return out;
+  }
+  for (size_t i = 0; i < body.size(); ++i) {
+    if (body[i] != '\\' || i + 1 == body.size()) {
+      out += body[i];
+      continue;
+    }
+    switch (char c = body[++i]) {
+      case 'n':
+        out += '\n';
+        break;
+      case 't':
+        out += '\t';
+        break;
+      default:
+        out += c;
+        break;
+    }
+  }
+  return out;
+}
 
 bool is_int_text(std::string_view s) {
   size_t i = (!s.empty() && (s[0] == '-' || s[0] == '+')) ? 1 : 0;
@@ -107,12 +173,49 @@ std::string without_underscores(std::string_view s) {
   return out;
 }
 
-// A plain (unquoted) scalar: YAML's core nulls, booleans and numbers, plus the `_` digit
-// separators of MaxText's `500_000` (YAML 1.1 integers; yaml-cpp leaves typing to the reader).
-json resolve_plain(std::string_view s) {
+json parse_scalar(std::string_view text);
+
+// Splits the inside of a flat `[a, b, c]` into items; nested collections are not split (the caller
+// keeps those lists as raw text).
+json parse_flow_list(std::string_view text) {
+  std::string_view body = trim(text.substr(1, text.size() - 2));
+  json arr = json::array();
+  if (body.empty()) return arr;
+  std::vector<std::string_view> items;
+  char quote = 0;
+  size_t start = 0;
+  for (size_t i = 0; i <= body.size(); ++i) {
+    if (i < body.size() && quote) {
+      if (body[i] == quote) quote = 0;
+      continue;
+    }
+    if (i < body.size() && (body[i] == '\'' || body[i] == '"')) {
+      quote = body[i];
+      continue;
+    }
+    if (i == body.size() || body[i] == ',') {
+      items.push_back(trim(body.substr(start, i - start)));
+      start = i + 1;
+    }
+  }
+  if (!items.empty() && items.back().empty()) items.pop_back();  // trailing comma
+  for (std::string_view item : items) {
+    if (!item.empty() && (item.front() == '[' || item.front() == '{'))
+      return json(std::string(text));  // nested: kept verbatim, no supported key needs it
+    arr.push_back(parse_scalar(item));
+  }
+  return arr;
+}
+
+// A YAML 1.2-ish scalar, plus `_` digit separators as in MaxText's `500_000`.
+json parse_scalar(std::string_view text) {
+  std::string_view s = trim(text);
   if (s.empty() || s == "~" || s == "null" || s == "Null" || s == "NULL") return nullptr;
+  if (auto q = unquote(s)) return *q;
   if (s == "true" || s == "True" || s == "TRUE") return true;
   if (s == "false" || s == "False" || s == "FALSE") return false;
+  if (s.front() == '[' && s.back() == ']' && bracket_balance(s) == 0) return parse_flow_list(s);
+  if (s.front() == '{') return std::string(s);
   if (is_int_text(s)) {
     const std::string digits = without_underscores(s);
     errno = 0;
@@ -133,126 +236,92 @@ std::string json_text(const json& v) {
   return v.is_string() ? v.get<std::string>() : v.dump();
 }
 
-// Every yaml-cpp exception as one line naming `where` and, in a file (`marks`), the line and
-// column.
-template <class F>
-auto yaml_call(const std::string& where, bool marks, F&& f) {
-  auto at = [&](const YAML::Mark& m) {
-    return marks && !m.is_null()
-               ? where + ":" + std::to_string(m.line + 1) + ":" + std::to_string(m.column + 1)
-               : where;
-  };
-  try {
-    return f();
-  } catch (const YAML::DeepRecursion& e) {
-    throw Error(at(e.mark) + ": malformed YAML: nested too deeply");
-  } catch (const YAML::Exception& e) {
-    throw Error(at(e.mark) + ": malformed YAML: " + e.msg);
-  }
-}
-
-// A value as JSON, and as YAML flow text for messages and provenance. An alias repeats its
-// anchor's whole value, so a few lines of nested aliases would expand to billions of nodes: the
-// nodes visited (aliases expanded) and the depth are bounded.
-class YamlValue {
- public:
-  explicit YamlValue(std::string where) : where_(std::move(where)) {}
-
-  Entry operator()(const YAML::Node& node, std::string origin) {
-    Entry e;
-    convert(node, 0, e.value, e.text);
-    e.origin = std::move(origin);
-    return e;
-  }
-
- private:
-  static constexpr int kMaxDepth = 64;
-  static constexpr size_t kMaxNodes = size_t(1) << 20;
-
-  void convert(const YAML::Node& n, int depth, json& value, std::string& text) {
-    if (++nodes_ > kMaxNodes)
-      throw Error(where_ + ": the value has more than " + std::to_string(kMaxNodes) +
-                  " elements once its aliases are expanded");
-    if (depth > kMaxDepth)
-      throw Error(where_ + ": the value is nested more than " + std::to_string(kMaxDepth) +
-                  " levels deep");
-    switch (n.Type()) {
-      case YAML::NodeType::Scalar:
-        // "?" is a plain scalar's tag; quoted and block scalars ("!") and explicit tags are text.
-        value = n.Tag() == "?" ? resolve_plain(n.Scalar()) : json(n.Scalar());
-        text += n.Scalar();
-        return;
-      case YAML::NodeType::Sequence: {
-        value = json::array();
-        text += '[';
-        for (const YAML::Node& item : n) {
-          if (value.size()) text += ", ";
-          convert(item, depth + 1, value.emplace_back(), text);
-        }
-        text += ']';
-        return;
-      }
-      case YAML::NodeType::Map: {
-        value = json::object();
-        text += '{';
-        for (const auto& kv : n) {
-          if (text.back() != '{') text += ", ";
-          json key;
-          std::string key_text;
-          convert(kv.first, depth + 1, key, key_text);
-          text += key_text + ": ";
-          convert(kv.second, depth + 1, value[key_text], text);
-        }
-        text += '}';
-        return;
-      }
-      default:  // null
-        value = nullptr;
-        if (depth > 0) text += '~';
-        return;
-    }
-  }
-
-  std::string where_;
-  size_t nodes_ = 0;
-};
-
-// A plain key not followed by ':' is a line without one (yaml-cpp reads `just some words` inside
-// a mapping as a key with no value).
-bool has_colon_after(const std::string& content, const YAML::Node& key) {
-  const YAML::Mark m = key.Mark();
-  const std::string& k = key.Scalar();
-  if (m.is_null() || m.pos < 0 || content.compare(size_t(m.pos), k.size(), k) != 0) return true;
-  size_t i = size_t(m.pos) + k.size();
-  while (i < content.size() && (content[i] == ' ' || content[i] == '\t')) ++i;
-  return i < content.size() && content[i] == ':';
+bool indented(std::string_view line) {
+  return !line.empty() && (line.front() == ' ' || line.front() == '\t');
 }
 
 void parse_yaml(const std::string& path, const std::string& content, Entries& out) {
-  yaml_call(path, true, [&] {
-    const std::vector<YAML::Node> docs = YAML::LoadAll(content);
-    auto line = [&](const YAML::Node& n) {
-      return n.Mark().is_null() ? path : path + ":" + std::to_string(n.Mark().line + 1);
-    };
-    if (docs.size() > 1)
-      throw Error(line(docs[1]) +
-                  ": a second YAML document; a config is one mapping of 'key: value' lines");
-    if (docs.empty() || docs[0].IsNull()) return;
-    const YAML::Node& root = docs[0];
-    if (root.IsSequence())
-      throw Error(line(root) + ": a top-level list item; expected 'key: value' lines");
-    if (root.IsScalar())
-      throw Error(line(root) + ": expected 'key: value', got '" + root.Scalar() + "'");
-    for (const auto& kv : root) {
-      const std::string origin = line(kv.first);
-      if (!kv.first.IsScalar())
-        throw Error(origin + ": a key that is not a name; expected 'key: value' lines");
-      const std::string& key = kv.first.Scalar();
-      if (kv.second.IsNull() && kv.first.Tag() == "?" && !has_colon_after(content, kv.first))
-        throw Error(origin + ": expected 'key: value', got '" + key + "'");
-      out.set(key, YamlValue(origin + ": key '" + key + "'")(kv.second, origin));
+  std::vector<std::string_view> lines;
+  {
+    std::string_view all(content);
+    size_t start = 0;
+    while (start <= all.size()) {
+      size_t nl = all.find('\n', start);
+      if (nl == std::string_view::npos) nl = all.size();
+      std::string_view line = all.substr(start, nl - start);
+      if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+      lines.push_back(line);
+      start = nl + 1;
     }
-  });
+  }
+  auto where = [&](size_t i) { return path + ":" + std::to_string(i + 1); };
+  for (size_t i = 0; i < lines.size(); ++i) {
+    std::string_view line = strip_comment(lines[i]);
+    std::string_view t = trim(line);
+    if (t.empty() || t == "---" || t == "...") continue;
+    if (indented(line))
+      throw Error(where(i) + ": unexpected indented line '" + std::string(t) +
+                  "'; expected a top-level 'key: value' line");
+    if (t.starts_with("- "))
+      throw Error(where(i) + ": a top-level list item '" + std::string(t) +
+                  "'; expected 'key: value' lines");
+    // The key ends at the first ':' followed by a space or the end of the line.
+    size_t colon = std::string_view::npos;
+    size_t from = 0;
+    if (t.front() == '"' || t.front() == '\'') from = t.find(t.front(), 1);
+    for (size_t p = t.find(':', from == std::string_view::npos ? 0 : from);
+         p != std::string_view::npos; p = t.find(':', p + 1)) {
+      if (p + 1 == t.size() || t[p + 1] == ' ' || t[p + 1] == '\t') {
+        colon = p;
+        break;
+      }
+    }
+    if (colon == std::string_view::npos || colon == 0)
+      throw Error(where(i) + ": expected 'key: value', got '" + std::string(t) + "'");
+    std::string_view key_text = trim(t.substr(0, colon));
+    const std::string key = unquote(key_text).value_or(std::string(key_text));
+    std::string value(trim(t.substr(colon + 1)));
+    const size_t first = i;
+
+    if (value.empty() || value == "|" || value == ">" || value.starts_with("|-") ||
+        value.starts_with(">-")) {
+      // A nested mapping, block list or block scalar: its lines are indented (a block list may
+      // also start at column 0 with "- "). None of the keys we read are nested, so it is skipped.
+      size_t j = i + 1, last = i;
+      for (; j < lines.size(); ++j) {
+        std::string_view lj = strip_comment(lines[j]);
+        if (trim(lj).empty()) continue;
+        if (!indented(lj) && !trim(lj).starts_with("- ") && trim(lj) != "-") break;
+        last = j;
+      }
+      if (last == i && value.empty()) {
+        out.set(key, Entry{nullptr, "", where(first)});  // `key:` alone is null in YAML
+      } else {
+        out.set(key, Entry{"<nested block, not read>", "<nested block, not read>", where(first)});
+        i = last;
+      }
+      continue;
+    }
+
+    if (value.front() == '[' || value.front() == '{') {
+      // Flow collections may span lines (MaxText's logical_axis_rules does).
+      int depth = bracket_balance(value);
+      while (depth > 0) {
+        if (++i == lines.size())
+          throw Error(where(first) + ": key '" + key + "': '" + value.substr(0, 1) +
+                      "' is never closed");
+        std::string_view more = trim(strip_comment(lines[i]));
+        value += " ";
+        value += more;
+        depth += bracket_balance(more);
+      }
+      if (depth < 0)
+        throw Error(where(first) + ": key '" + key + "': unbalanced brackets in '" + value + "'");
+    }
+    json v = parse_scalar(value);
+    std::string text = v.is_string() ? v.get<std::string>() : value;
+    out.set(key, Entry{std::move(v), std::move(text), where(first)});
+  }
 }
 
 void parse_json_config(const std::string& path, const std::string& content, Entries& out) {
@@ -403,12 +472,9 @@ ExportConfig read_export_config(const std::string& path,
   for (const auto& [k, v] : overrides) {
     const std::string key(trim(k));
     if (key.empty()) throw Error(path + ": --set '" + k + "=" + v + "' has an empty key");
-    // The value is read as in a YAML file: `[a, b]`, `1_000`, 'quoted' mean the same there.
-    const std::string origin = "--set " + key + "=" + v;
-    Entry e = yaml_call(path + ": " + origin, false,
-                        [&] { return YamlValue(path + ": " + origin)(YAML::Load(v), origin); });
-    if (!e.value.is_string()) e.text = trim(v);
-    entries.set(key, std::move(e));
+    json value = parse_scalar(v);
+    std::string text = value.is_string() ? value.get<std::string>() : std::string(trim(v));
+    entries.set(key, Entry{std::move(value), std::move(text), "--set " + key + "=" + v});
   }
 
   const Fields f(path, entries);

@@ -1,6 +1,6 @@
-// Reading the model configuration: a JSON object or a MaxText model YAML file (read by yaml-cpp: a
-// top-level mapping; `base_*` dimension names; plain scalars typed as MaxText writes them, with
-// numbers like `500_000` or `1e-5`), plus `--set key=value` overrides, read as YAML values. MaxText base.yml defaults are applied explicitly here (never
+// Reading the model configuration: a JSON object or a MaxText model YAML file (flat `key: value`
+// lines, `base_*` dimension names, numbers like `500_000` or `1e-5`, `[a, b]` lists, comments),
+// plus `--set key=value` overrides. MaxText base.yml defaults are applied explicitly here (never
 // in the engine) and derived fields (RoPE layout, query scale, q/k norm) are resolved here.
 #pragma once
 

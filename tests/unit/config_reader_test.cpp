@@ -128,7 +128,7 @@ TEST_CASE("config: MaxText llama3.1-8b model YAML") {
   CHECK(raw_value(c, "rope_max_timescale") == "500_000");
   CHECK(raw_value(c, "enable_dropout") == "False");
   CHECK(raw_value(c, "decoder_block") == "llama2");
-  CHECK(contains(raw_value(c, "logical_axis_rules"), "[norm, fsdp]"));
+  CHECK(contains(raw_value(c, "logical_axis_rules"), "['norm', 'fsdp']"));
   CHECK(raw_value(c, "weight_dtype") == "float32");
   CHECK(c.raw.front().first == "base_emb_dim");  // file order is kept
 
@@ -229,7 +229,7 @@ tokenizer_type: "huggingface"
   }
 }
 
-TEST_CASE("config: YAML forms") {
+TEST_CASE("config: the YAML subset") {
   TempDir dir;
   const std::string path =
       dir.write("tiny", std::string("---\r\n") + R"(decoder_block: llama2   # comment after a value
@@ -276,10 +276,10 @@ weird: a#b
   CHECK(c.model.logits_via_embedding);
   CHECK(c.model.final_logits_soft_cap == 0.0);
   CHECK(raw_value(c, "decoder_block") == "llama2");
-  CHECK(raw_value(c, "nested_block") == "{inner: 1, deeper: [x]}");
+  CHECK(raw_value(c, "nested_block") == "<nested block, not read>");
   CHECK(raw_value(c, "inner") == "<absent>");
-  CHECK(raw_value(c, "block_list") == "[a, b]");
-  CHECK(raw_value(c, "literal") == "some text\nmore\n");
+  CHECK(raw_value(c, "block_list") == "<nested block, not read>");
+  CHECK(raw_value(c, "literal") == "<nested block, not read>");
   CHECK(raw_value(c, "empty_at_end") == "");
   CHECK(raw_value(c, "url") == "http://example.com/a#b");
   CHECK(raw_value(c, "quoted_hash") == "a # b");
@@ -371,17 +371,10 @@ vocab_size: 256
     CHECK(contains(err("arr.json", "[1, 2]"), "expected a JSON object"));
     CHECK(contains(err("nocolon.yml", base + "just some words\n"),
                    "nocolon.yml:9: expected 'key: value', got 'just some words'"));
-    CHECK(contains(err("indent.yml", "decoder_block: llama2\n  emb_dim: 64\n"),
-                   "indent.yml:2:10: malformed YAML: illegal map value"));
+    CHECK(contains(err("indent.yml", "  decoder_block: llama2\n"),
+                   "indent.yml:1: unexpected indented line"));
     CHECK(contains(err("open.yml", base + "rules: [[a, b],\n  [c, d]\n"),
-                   "open.yml:11:1: malformed YAML: end of sequence flow not found"));
-    CHECK(contains(err("twodocs.yml", base + "---\nvocab_size: 3\n"),
-                   "twodocs.yml:10: a second YAML document"));
-    CHECK(contains(err("listkey.yml", base + "[a, b]: 3\n"), "listkey.yml:9: a key that is not"));
-    CHECK(contains(err("alias.yml", base + "x: *nowhere\n"),
-                   "alias.yml:9:4: malformed YAML: the referenced anchor is not defined"));
-    CHECK(contains(err("badset.yml", base, {{"rules", "[a"}}),
-                   "--set rules=[a: malformed YAML: end of sequence flow not found"));
+                   "open.yml:9: key 'rules': '[' is never closed"));
     CHECK(contains(err("toplist.yml", "- a\n"), "top-level list item"));
     CHECK(contains(err("emptykey.yml", base, {{" ", "3"}}), "empty key"));
     const std::string missing = (dir.path / "absent.yml").string();
@@ -394,42 +387,4 @@ vocab_size: 256
     CHECK(contains(err("huge.json", "{\"decoder_block\": \"llama2\", \"emb_dim\": 1e999}"),
                    "huge.json: malformed JSON: number overflow parsing '1e999'"));
   }
-}
-
-TEST_CASE("config: YAML that would expand or nest without bound is refused by line") {
-  TempDir dir;
-  auto err = [&](const std::string& name, const std::string& text) {
-    const std::string path = dir.write(name, text);
-    const std::string msg = error_of([&] { (void)read_export_config(path, {}); });
-    CHECK(msg.find('\n') == std::string::npos);
-    CHECK(contains(msg, path));
-    return msg;
-  };
-  // Ten levels of ten aliases: 10^10 elements from a few hundred bytes.
-  std::string laughs = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n";
-  for (int i = 1; i < 10; ++i) {
-    laughs += "a" + std::to_string(i) + ": &a" + std::to_string(i) + " [";
-    for (int j = 0; j < 10; ++j) laughs += (j ? ", *a" : "*a") + std::to_string(i - 1);
-    laughs += "]\n";
-  }
-  CHECK(contains(err("laughs.yml", laughs), "laughs.yml:6: key 'a5': the value has more than"));
-  // Within yaml-cpp's own depth limit, but deeper than a config needs.
-  CHECK(contains(err("deep.yml", "a: " + std::string(100, '[') + std::string(100, ']') + "\n"),
-                 "deep.yml:1: key 'a': the value is nested more than 64 levels deep"));
-  // Beyond yaml-cpp's parser limit (its recursion would otherwise overflow the stack).
-  CHECK(contains(err("deeper.yml", "a: " + std::string(100000, '[') + "\n"),
-                 "malformed YAML: nested too deeply"));
-  // A duplicated key: the later value, as MaxText's YAML loader keeps it.
-  CHECK(raw_value(read_export_config(dir.write("dup.yml", R"(decoder_block: llama2
-emb_dim: 8
-num_query_heads: 4
-num_kv_heads: 2
-mlp_dim: 8
-num_decoder_layers: 1
-vocab_size: 16
-head_dim: 2
-emb_dim: 16
-)"),
-                                     {}),
-                  "emb_dim") == "16");
 }
