@@ -300,15 +300,10 @@ TinyDeepSeek make_tiny_deepseek() {
   const int64_t E = 64, H = m.H, Rq = 24, Rkv = m.Rkv, Dn = m.Dn, Dr = m.Dr, Dv = m.Dv, F = 96,
                 Fm = 32, X = 8, S = 1, V = 256;
 
-  struct T {
-    std::string key;
-    std::vector<int64_t> shape;
-    float scale;  // 0 → ones (norm scales)
-  };
   const std::string p = "params.params.";
-  std::vector<T> ts = {{p + "token_embedder.embedding", {V, E}, 1.0f},
-                       {p + "decoder.decoder_norm.scale", {E}, 0},
-                       {p + "decoder.logits_dense.kernel", {E, V}, 0.3f}};
+  std::vector<test::SeededTensorSpec> ts = {{p + "token_embedder.embedding", {V, E}, 1.0f},
+                                            {p + "decoder.decoder_norm.scale", {E}, 0},
+                                            {p + "decoder.logits_dense.kernel", {E, V}, 0.3f}};
   for (int64_t l = 0; l < m.L; ++l) {
     const bool dense = l == 0;
     const std::string b =
@@ -340,20 +335,8 @@ TinyDeepSeek make_tiny_deepseek() {
       ts.push_back({s + "wo.kernel", {S * Fm, E}, 0.25f});
     }
   }
-  std::vector<F32Tensor> tensors;
-  uint64_t seed = 424242;
-  for (const auto& t : ts) {
-    int64_t n = 1;
-    for (auto d : t.shape) n *= d;
-    F32Tensor out{t.key, t.shape, {}};
-    for (int64_t i = 0; i < n; ++i) {
-      seed = seed * 6364136223846793005ull + 1442695040888963407ull;
-      const float u = float((seed >> 40) & 0xffffff) / float(1 << 24) * 2.0f - 1.0f;  // [-1, 1)
-      out.data.push_back(t.scale == 0 ? 1.0f + 0.1f * u : u * t.scale * 1.7f);
-    }
-    tensors.push_back(std::move(out));
-  }
-  write_safetensors_f32((m.dir / "model.safetensors").string(), tensors);
+  write_safetensors_f32((m.dir / "model.safetensors").string(),
+                        test::seeded_tensors(ts, 424242, 0.1f));
 
   const nlohmann::json cfg = {{"decoder_block", "deepseek"},
                               {"model_name", "deepseek3-test"},

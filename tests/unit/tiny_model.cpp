@@ -11,6 +11,23 @@ namespace fs = std::filesystem;
 
 namespace kiln::test {
 
+std::vector<F32Tensor> seeded_tensors(const std::vector<SeededTensorSpec>& specs, uint64_t seed,
+                                      float norm_jitter) {
+  std::vector<F32Tensor> tensors;
+  for (const auto& t : specs) {
+    int64_t n = 1;
+    for (auto d : t.shape) n *= d;
+    F32Tensor out{t.key, t.shape, {}};
+    for (int64_t i = 0; i < n; ++i) {
+      seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+      const float u = float((seed >> 40) & 0xffffff) / float(1 << 24) * 2.0f - 1.0f;  // [-1, 1)
+      out.data.push_back(t.scale == 0 ? 1.0f + norm_jitter * u : u * t.scale * 1.7f);
+    }
+    tensors.push_back(std::move(out));
+  }
+  return tensors;
+}
+
 TinyModel make_tiny_model(const std::string& name, bool tied, int64_t V) {
   const int64_t E = 64, H = 4, K = 2, D = 16, F = 128, L = 2;
   TinyModel m{fs::temp_directory_path() / ("kiln_engine_test_" + name), {}};
@@ -18,13 +35,8 @@ TinyModel make_tiny_model(const std::string& name, bool tied, int64_t V) {
   fs::create_directories(m.dir);
   m.artifact = m.dir / "model.kiln";
 
-  struct T {
-    std::string key;
-    std::vector<int64_t> shape;
-    float scale;  // 0 → ones (norm scales)
-  };
   const std::string p = "params.params.", l = p + "decoder.layers.";
-  std::vector<T> ts = {
+  std::vector<SeededTensorSpec> ts = {
       {p + "token_embedder.embedding", {V, E}, 1.0f},
       {p + "decoder.decoder_norm.scale", {E}, 0},
       {l + "pre_self_attention_layer_norm.scale", {E, L}, 0},
@@ -38,20 +50,7 @@ TinyModel make_tiny_model(const std::string& name, bool tied, int64_t V) {
       {l + "mlp.wo.kernel", {F, L, E}, 1.0f / 11},
   };
   if (!tied) ts.push_back({p + "decoder.logits_dense.kernel", {E, V}, 1.0f / 8});
-  std::vector<F32Tensor> tensors;
-  uint64_t seed = 12345;
-  for (const auto& t : ts) {
-    int64_t n = 1;
-    for (auto d : t.shape) n *= d;
-    F32Tensor out{t.key, t.shape, {}};
-    for (int64_t i = 0; i < n; ++i) {
-      seed = seed * 6364136223846793005ull + 1442695040888963407ull;
-      const float u = float((seed >> 40) & 0xffffff) / float(1 << 24) * 2.0f - 1.0f;  // [-1, 1)
-      out.data.push_back(t.scale == 0 ? 1.0f : u * t.scale * 1.7f);
-    }
-    tensors.push_back(std::move(out));
-  }
-  write_safetensors_f32((m.dir / "model.safetensors").string(), tensors);
+  write_safetensors_f32((m.dir / "model.safetensors").string(), seeded_tensors(ts, 12345, 0.0f));
 
   nlohmann::json cfg = {{"decoder_block", "llama2"},   {"emb_dim", E},    {"num_query_heads", H},
                         {"num_kv_heads", K},           {"head_dim", D},   {"mlp_dim", F},

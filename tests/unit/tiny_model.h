@@ -4,8 +4,21 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <vector>
+
+#include "export/safetensors.h"
 
 namespace kiln::test {
+
+// A tensor of a synthetic checkpoint: uniform values in ±1.7·scale from a fixed LCG, or, for
+// scale 0 (norm scales), 1 + norm_jitter·u.
+struct SeededTensorSpec {
+  std::string key;
+  std::vector<int64_t> shape;
+  float scale;
+};
+std::vector<F32Tensor> seeded_tensors(const std::vector<SeededTensorSpec>& specs, uint64_t seed,
+                                      float norm_jitter);
 
 // A tiny Llama checkpoint in MaxText's scanned Linen layout (f32, layer axis 1), its config and
 // its artifact, under the temporary directory (kiln_engine_test_<name>/).
