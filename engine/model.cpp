@@ -41,6 +41,7 @@ std::unique_ptr<Model> Model::open(const std::string& dir, const ModelOptions& o
   else
     throw Error(dir + ": decoder_block '" + block + "' has no forward pass in this kiln");
   model->artifact_->verify_remaining();  // a tensor the family did not take is checked all the same
+  model->threads_ = threads > 0 ? threads : 1;
   return model;
 }
 
@@ -116,6 +117,7 @@ void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logi
                     const LoraAdapter* adapter) {
   const ModelConfig& c = config();
   validate(tokens, cache);
+  ops::set_num_threads(threads_);
   if (adapter && adapter->max_rank() > lora_rank_)
     throw Error("forward: adapter '" + adapter->name() + "' needs reserve_lora(" +
                 std::to_string(adapter->max_rank()) + ") first");
@@ -170,6 +172,7 @@ void Model::forward_batch(std::span<const SequenceStep> steps, float* logits) {
   if (total > chunk_)
     throw Error("forward_batch: " + std::to_string(total) + " tokens exceed max_chunk " +
                 std::to_string(chunk_));
+  ops::set_num_threads(threads_);
   int64_t t = 0;
   bool any_adapter = false;
   for (size_t i = 0; i < steps.size(); ++i) {

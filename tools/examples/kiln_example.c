@@ -1,4 +1,4 @@
-/* An example of embedding kiln through its C API (engine/kiln.h): runs every prompt of a file
+/* An example of embedding kiln through its C API (include/kiln/kiln.h): runs every prompt of a file
  * with continuous batching over a number of decode slots (kiln_run: the runner of
  * `kiln run --prompts-file`; greedy sampling, optional stop tokens), and prints one line per
  * request in input order:
@@ -17,7 +17,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "engine/kiln.h"
+#include <kiln/kiln.h>
 
 typedef struct request {
   int32_t* prompt;
