@@ -832,11 +832,4 @@ void Linear::forward(const uint16_t* x, int64_t M, float* y) const {
   }
 }
 
-void set_num_threads(int n) {
-  if (n < 1) throw Error("set_num_threads: thread count must be ≥ 1, got " + std::to_string(n));
-  // oneDNN's OpenMP runtime sizes its parallel regions from omp_get_max_threads() when a
-  // primitive is created, and Linear records it for its GEMV; nothing else to tell oneDNN.
-  omp_set_num_threads(n);
-}
-
 }  // namespace kiln::ops

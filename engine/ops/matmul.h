@@ -91,8 +91,4 @@ class Linear {
   std::unique_ptr<Impl> impl_;
 };
 
-// Number of threads oneDNN (OpenMP) and the GEMV use; call before the first Linear is built (each
-// Linear fixes the thread count it was built with). Throws kiln::Error if n < 1.
-void set_num_threads(int n);
-
 }  // namespace kiln::ops

@@ -79,16 +79,7 @@ void run_and_check(const Linear& lin, const std::vector<uint16_t>& w, int64_t M,
 
 // Linears built inside the scope use `n` threads. Most cases use one: the shapes are tiny, and on a
 // shared machine every multi-threaded call can wait a scheduler slice for its second thread.
-class Threads {
- public:
-  explicit Threads(int n) : saved_(omp_get_max_threads()) { kiln::ops::set_num_threads(n); }
-  ~Threads() { kiln::ops::set_num_threads(saved_); }
-  Threads(const Threads&) = delete;
-  Threads& operator=(const Threads&) = delete;
-
- private:
-  int saved_;
-};
+using Threads = kiln::ops::ScopedThreadCount;
 
 }  // namespace
 
@@ -315,7 +306,6 @@ TEST_CASE("Linear rejects bad shapes and M outside 1..max_m") {
   LinearOptions bad;
   bad.max_m = 0;
   CHECK_THROWS_AS(Linear(w.data(), 64, 32, bad), kiln::Error);
-  CHECK_THROWS_AS(kiln::ops::set_num_threads(0), kiln::Error);
 }
 
 TEST_CASE("Linear move construction and assignment") {
