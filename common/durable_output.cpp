@@ -109,7 +109,8 @@ void remove_tree(const std::string& path) {
 // attempts: a concurrent writer's clean-up can remove it between our creating and locking it (the
 // clean-up holds the lock while it removes).
 template <typename Create>
-FileHandle create_locked(const std::string& path, const std::string& error_prefix, Create&& create) {
+FileHandle create_locked(const std::string& path, const std::string& error_prefix,
+                         Create&& create) {
   for (int attempt = 0;; ++attempt) {
     FileHandle fd(create());
     const int e = errno;

@@ -8,9 +8,9 @@
 // request names its adapter (or none), and one batched step mixes them row by row.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
-#include <atomic>
 #include <memory>
 #include <optional>
 #include <span>

@@ -293,15 +293,14 @@ kiln_status kiln_open(const char* dir, const kiln_engine_options* options, kiln_
                                             std::to_string(eo.model.max_chunk) + "], got " +
                                             std::to_string(o->slots));
     if (o->max_seq_len < 0)
-      fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": max_seq_len must be >= 0, got " +
-                                            std::to_string(o->max_seq_len));
+      fail(KILN_ERROR_INVALID_ARGUMENT,
+           std::string(fn) + ": max_seq_len must be >= 0, got " + std::to_string(o->max_seq_len));
     if (o->max_seq_len > 0) {
       const int64_t ctx = manifest_context(dir, o->verify_checksums != 0);
       if (ctx >= 0 && o->max_seq_len > ctx)
-        fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": " + dir + ": max_seq_len " +
-                                              std::to_string(o->max_seq_len) +
-                                              " exceeds the model's max_target_length " +
-                                              std::to_string(ctx));
+        fail(KILN_ERROR_INVALID_ARGUMENT,
+             std::string(fn) + ": " + dir + ": max_seq_len " + std::to_string(o->max_seq_len) +
+                 " exceeds the model's max_target_length " + std::to_string(ctx));
     }
     eo.model.threads = o->threads;
     eo.model.relayout = o->relayout != 0;
@@ -350,7 +349,8 @@ kiln_status prefill(const char* fn, kiln_engine* engine, const int32_t* tokens, 
       fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": n_samples must be in [1, " +
                                             std::to_string(e.slots()) + "] (the slots), got " +
                                             std::to_string(n_samples));
-    const kiln::SamplingParams sp = sampling_params(sampling_at(sampling, 0, fn), fn, e.config().vocab_size);
+    const kiln::SamplingParams sp =
+        sampling_params(sampling_at(sampling, 0, fn), fn, e.config().vocab_size);
     const std::string name = adapter_name(adapter);
     const std::span<const int32_t> prompt(tokens, n);
     check_request(e, prompt, sp, fn);
@@ -521,7 +521,8 @@ kiln_status kiln_run(kiln_engine* engine, const kiln_request* requests, size_t n
     require(out, fn, "out");
     if (n_requests == 0) fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": no requests");
     kiln::Engine& e = *engine->engine;
-    const kiln::SamplingParams sp = sampling_params(sampling_at(sampling, 0, fn), fn, e.config().vocab_size);
+    const kiln::SamplingParams sp =
+        sampling_params(sampling_at(sampling, 0, fn), fn, e.config().vocab_size);
     std::vector<kiln::GenerationRequest> reqs(n_requests);
     for (size_t i = 0; i < n_requests; ++i) {
       const std::string what = std::string(fn) + ": request " + std::to_string(i);

@@ -192,7 +192,8 @@ ExportConfig read_export_config(const std::string& path,
   const bool yaml = looks_like_yaml(path, content);
   Entries entries;
   if (yaml) {
-    parse_config_yaml(path, content, [&](const std::string& key, Entry e) { entries.set(key, std::move(e)); });
+    parse_config_yaml(path, content,
+                      [&](const std::string& key, Entry e) { entries.set(key, std::move(e)); });
   } else {
     parse_json_config(path, content, entries);
   }

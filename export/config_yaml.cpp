@@ -125,7 +125,6 @@ std::string without_underscores(std::string_view s) {
   return out;
 }
 
-
 // Splits the inside of a flat `[a, b, c]` into items; nested collections are not split (the caller
 // keeps those lists as raw text).
 json parse_flow_list(std::string_view text) {

@@ -6,8 +6,9 @@
 // Why not yaml-cpp: the YAML library Debian 12 ships (yaml-cpp 0.7.0) loops forever, allocating,
 // in YAML::LoadAll on some malformed inputs (upstream jbeder/yaml-cpp#1319, fixed after 0.7.0; a
 // yaml-cpp-based reader ran out of memory in kiln's CI fuzz smoke, docs/hardening.md), and
-// YAML::Load accepts such an input without an error and ignores what follows. A config is untrusted input that must fail with a one-line error naming the
-// file and line, so kiln keeps this small parser, which the config_yaml fuzz target covers.
+// YAML::Load accepts such an input without an error and ignores what follows. A config is untrusted
+// input that must fail with a one-line error naming the file and line, so kiln keeps this small
+// parser, which the config_yaml fuzz target covers.
 #pragma once
 
 #include <functional>

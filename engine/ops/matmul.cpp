@@ -21,7 +21,6 @@
 //    oneDNN and its allocations), brgemm buckets on plain W above (it copies W panels into the
 //    scratchpad as it goes).
 #include "engine/ops/matmul.h"
-#include "engine/ops/parallel.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -39,6 +38,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "engine/ops/parallel.h"
 
 namespace kiln::ops {
 namespace {
@@ -204,7 +204,8 @@ KILN_AVX512BF16 inline __mmask32 mask32(int64_t n) {
 // block is a contiguous Kp·128-byte stream and vdpbf16ps consumes it with x pairs broadcast.
 constexpr int64_t kBlockN = 64;
 constexpr int64_t kBlockK = 32;
-constexpr int kRowsPerPass = 6;  // 6 rows × 4 zmm accumulators + 4 weight zmm + x fit the 32 registers
+constexpr int kRowsPerPass =
+    6;  // 6 rows × 4 zmm accumulators + 4 weight zmm + x fit the 32 registers
 
 bool cpu_has_avx512_bf16() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -238,8 +239,8 @@ KILN_AVX512BF16 inline void gemv_panel_rows(const uint16_t* x, int64_t ldx, int6
     for (int j = 0; j < 4; ++j) {
       const int64_t c = ncols - 16 * j;
       const __mmask16 mask = c >= 16 ? __mmask16(0xffff) : c <= 0 ? 0 : __mmask16((1u << c) - 1);
-      acc[r][j] = accumulate ? _mm512_maskz_loadu_ps(mask, y + r * ldy + 16 * j)
-                             : _mm512_setzero_ps();
+      acc[r][j] =
+          accumulate ? _mm512_maskz_loadu_ps(mask, y + r * ldy + 16 * j) : _mm512_setzero_ps();
     }
   }
   const int64_t p0 = k0 / 2, p1 = k1 / 2;
@@ -672,7 +673,8 @@ std::vector<int64_t> bucket_sizes(int64_t max_m, int64_t gemv_max_m) {
 
 // Rows served by the hand GEMVs by default. On re-laid W, measured against brgemm on the same W,
 // the GEMV was ahead at every M from 1 to 16 (1.3–1.6× at M = 1, 1.2–2× at M = 2–4, ≈ 1.08× at
-// M = 16 with 6-row passes). On plain W it beats both brgemm and gemm:jit at every M ≤ 16 too (bench report).
+// M = 16 with 6-row passes). On plain W it beats both brgemm and gemm:jit at every M ≤ 16 too
+// (bench report).
 constexpr int64_t kDefaultGemvMaxM = 16;
 // On W in place (plain or transposed) the GEMVs stream W once per 4 rows of x, so they win only
 // at small M: ahead of brgemm on the same W at M ≤ 4, behind from M ≈ 8 (bench report).
@@ -686,12 +688,12 @@ constexpr int64_t kMaxGemvM = 16;  // bucket_sizes() relies on it
 struct Linear::Impl {
   int64_t K = 0, N = 0, max_m = 0;
   int threads = 1;
-  HugeBuffer owned;              // re-laid W (empty when W is used in place)
-  const uint16_t* w = nullptr;   // the W forward() reads: owned.data() or the caller's
-  int64_t Kp = 0;                // K padded to the blocked layout's 32 (blocked W only)
-  Gemv gemv_kind = Gemv::kNone;  // which hand GEMV reads w
-  int64_t gemv_max_m = 0;        // rows the hand GEMV serves (0: none)
-  dnnl::memory wmem;             // W as oneDNN sees it; handle set once here, never again
+  HugeBuffer owned;                    // re-laid W (empty when W is used in place)
+  const uint16_t* w = nullptr;         // the W forward() reads: owned.data() or the caller's
+  int64_t Kp = 0;                      // K padded to the blocked layout's 32 (blocked W only)
+  Gemv gemv_kind = Gemv::kNone;        // which hand GEMV reads w
+  int64_t gemv_max_m = 0;              // rows the hand GEMV serves (0: none)
+  dnnl::memory wmem;                   // W as oneDNN sees it; handle set once here, never again
   MatmulContext::Impl* ctx = nullptr;  // the context forward() runs in
   using Bound = MatmulContext::Impl::Bound;
   std::vector<const Bound*> largest_le;  // [M] → largest bucket with m ≤ M (M ≤ max_m)

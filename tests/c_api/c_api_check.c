@@ -8,14 +8,13 @@
  *            verify_checksums = 0 it opens and the prompt 1,2,3 runs -- or, given RUN_NEEDLE
  *            (a NaN weight), fails with KILN_ERROR_IO naming it)
  * Prints one line per failed check and "N checks, M failed"; exits 1 if any failed. */
+#include <kiln/kiln.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <kiln/kiln.h>
 
 static int n_checks = 0, n_failed = 0;
 

@@ -35,7 +35,8 @@ Served serve(const std::string& artifact, uint64_t seed, int threads) {
   std::vector<GenerationRequest> requests;
   for (int r = 0; r < 4; ++r) {
     std::vector<int32_t> prompt;
-    for (int t = 0; t < 20; ++t) prompt.push_back(int32_t((seed * 31 + uint64_t(r * 20 + t) * 7) % 256));
+    for (int t = 0; t < 20; ++t)
+      prompt.push_back(int32_t((seed * 31 + uint64_t(r * 20 + t) * 7) % 256));
     requests.push_back({prompt, ""});
   }
   SamplingParams sp;

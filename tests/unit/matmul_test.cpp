@@ -1,7 +1,6 @@
 // Linear against a naive reference: every input is a bf16 value, so each product is exact in f32
 // and the only difference to the double-precision reference is the summation order.
 #include "engine/ops/matmul.h"
-#include "engine/ops/parallel.h"
 
 #include <doctest/doctest.h>
 #include <omp.h>
@@ -22,6 +21,7 @@
 
 #include "common/bf16.h"
 #include "common/error.h"
+#include "engine/ops/parallel.h"
 
 namespace {
 
@@ -90,9 +90,8 @@ TEST_CASE("Linear matches a naive reference for many shapes") {
   };
   // K and N off the 16/32/64 grids, tiny and odd sizes, one realistic-width case, and K past
   // the GEMV's 2048-row panels (several panels added up; an odd last row in the last one).
-  const Shape shapes[] = {{64, 64, 40}, {33, 70, 40},  {100, 200, 40}, {1, 1, 20},
-                          {7, 3, 20},   {130, 17, 20}, {2048, 96, 40}, {4099, 70, 17},
-                          {6144, 64, 16}};
+  const Shape shapes[] = {{64, 64, 40},  {33, 70, 40},   {100, 200, 40}, {1, 1, 20},    {7, 3, 20},
+                          {130, 17, 20}, {2048, 96, 40}, {4099, 70, 17}, {6144, 64, 16}};
   for (const Shape& s : shapes) {
     const std::vector<uint16_t> w = random_bf16(size_t(s.K * s.N), uint32_t(s.K * 7 + s.N));
     for (bool relayout : {true, false}) {

@@ -11,13 +11,12 @@
  *   STOP_IDS: "id,id,...": a request ends after producing one of them (`kiln run --stop`).
  * Exit status: 0 on success, 1 on an error (one line on stderr), 2 for bad usage. */
 #include <errno.h>
+#include <kiln/kiln.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-
-#include <kiln/kiln.h>
 
 typedef struct request {
   int32_t* prompt;

@@ -92,8 +92,9 @@ int cmd_bench(int argc, const char* const* argv) {
   std::printf("prefill       %.1f tokens/s   (%lld-token prompt, median of %lld)\n",
               median(r.prefill_tokens_per_s), static_cast<long long>(bo.prompt_tokens),
               static_cast<long long>(bo.repeat));
-  std::printf("decode        %.2f tokens/s   (%lld tokens, median of %lld)\n", median(r.decode_tokens_per_s),
-              static_cast<long long>(bo.gen_tokens), static_cast<long long>(bo.repeat));
+  std::printf("decode        %.2f tokens/s   (%lld tokens, median of %lld)\n",
+              median(r.decode_tokens_per_s), static_cast<long long>(bo.gen_tokens),
+              static_cast<long long>(bo.repeat));
   for (const BatchedDecode& b : r.batched)
     std::printf(
         "decode        %.2f tokens/s with %lld slots (%.2f per slot; %.2fx one slot, "
