@@ -191,7 +191,7 @@ class TextGeneration {
                  const SamplingParams& sp)
       : e_(e), owner_(std::move(owner)) {
     Engine& engine = e_.engine();
-    tok_ = &require_tokenizer(engine, e_.path(),
+    tok_ = &cli::require_tokenizer(engine, e_.path(),
                               "generate_text cannot take text; give token ids to prefill instead");
     for (int64_t s = 0; s < engine.slots(); ++s)
       if (!engine.slot_busy(s)) {
