@@ -77,12 +77,12 @@ bool is_temporary_of(std::string_view entry, const std::string& name) {
   return false;
 }
 
-// The lock of `path` when no live process holds it; an empty UniqueFd otherwise.
-UniqueFd lock_if_free(const std::string& path, bool directory) {
+// The lock of `path` when no live process holds it; an empty FileHandle otherwise.
+FileHandle lock_if_free(const std::string& path, bool directory) {
   const int fd = ::open(
       path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | (directory ? O_DIRECTORY : 0));
   if (fd < 0) return {};
-  UniqueFd lock(fd);
+  FileHandle lock(fd);
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) return {};
   return lock;
 }
@@ -109,9 +109,10 @@ void remove_tree(const std::string& path) {
 // attempts: a concurrent writer's clean-up can remove it between our creating and locking it (the
 // clean-up holds the lock while it removes).
 template <typename Create>
-UniqueFd create_locked(const std::string& path, const std::string& error_prefix, Create&& create) {
+FileHandle create_locked(const std::string& path, const std::string& error_prefix,
+                         Create&& create) {
   for (int attempt = 0;; ++attempt) {
-    UniqueFd fd(create());
+    FileHandle fd(create());
     const int e = errno;
     if (fd.get() >= 0 && ::flock(fd.get(), LOCK_EX | LOCK_NB) == 0 && still_at(fd.get(), path))
       return fd;
@@ -144,7 +145,7 @@ void remove_stale(const std::string& dir, Match&& match) {
     struct stat st {};
     if (::lstat(path.c_str(), &st) != 0 || !(S_ISDIR(st.st_mode) || S_ISREG(st.st_mode))) continue;
     // Held while removing, so a writer that created this very name a moment ago cannot lock it.
-    const UniqueFd lock = lock_if_free(path, S_ISDIR(st.st_mode));
+    const FileHandle lock = lock_if_free(path, S_ISDIR(st.st_mode));
     if (lock.get() < 0) continue;  // a live writer
     fs::remove_all(path, ec);
     if (ec)
@@ -158,23 +159,10 @@ void remove_stale(const std::string& dir, Match&& match) {
 
 }  // namespace
 
-UniqueFd::~UniqueFd() {
-  if (fd_ >= 0) ::close(fd_);  // closing the last descriptor releases the flock
-}
-
-UniqueFd UniqueFd::open_directory(const std::string& dir) {
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) throw Error(dir + ": cannot open directory: " + errno_text(errno));
-  return UniqueFd(fd);
-}
-
-UniqueFd& UniqueFd::operator=(UniqueFd&& o) noexcept {
-  if (this != &o) {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = o.fd_;
-    o.fd_ = -1;
-  }
-  return *this;
+FileHandle open_directory(const std::string& dir) {
+  FileHandle fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (fd.get() < 0) throw Error(dir + ": cannot open directory: " + errno_text(errno));
+  return fd;
 }
 
 void remove_stale_temporaries(const std::string& final_path) {
@@ -189,7 +177,7 @@ void remove_stale_temporaries_in(const std::string& dir) {
 void sync_path(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
   if (fd < 0) throw Error(path + ": cannot open to sync: " + errno_text(errno));
-  const UniqueFd owned(fd);
+  const FileHandle owned(fd);
   sync_fd(fd, path);
 }
 
@@ -210,8 +198,8 @@ void sync_tree(const std::string& dir) {
   sync_path(dir);
 }
 
-UniqueFd lock_directory(const std::string& dir, const std::string& what) {
-  UniqueFd lock = UniqueFd::open_directory(dir);
+FileHandle lock_directory(const std::string& dir, const std::string& what) {
+  FileHandle lock = open_directory(dir);
   if (::flock(lock.get(), LOCK_EX | LOCK_NB) != 0)
     throw Error(dir + ": another process is changing it (" + what +
                 " needs it alone; try again when that has finished)");
@@ -221,7 +209,7 @@ UniqueFd lock_directory(const std::string& dir, const std::string& what) {
 void move_into_place(const std::string& from, const std::string& to, bool replace, bool sync) {
   const DirAndName target = split_path(to);
   const std::string from_name = split_path(from).name;
-  const UniqueFd dir = UniqueFd::open_directory(target.dir);
+  const FileHandle dir = open_directory(target.dir);
   const auto sync_dir = [&] {
     if (sync) sync_fd(dir.get(), target.dir);
   };

@@ -15,6 +15,8 @@
 #include <span>
 #include <string>
 
+#include "common/file_io.h"
+
 namespace kiln {
 
 // Removes the leftovers of dead writers of `final_path`: its siblings `.NAME.kiln-tmp-PID`,
@@ -30,26 +32,12 @@ void sync_path(const std::string& path);
 // fsync of every file and directory below `dir`, then of `dir` itself.
 void sync_tree(const std::string& dir);
 
-// An owned file descriptor, closed on destruction (which releases a flock it holds).
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  static UniqueFd open_directory(const std::string& dir);  // throws kiln::Error naming it
-  ~UniqueFd();
-  UniqueFd(UniqueFd&& o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
-  UniqueFd& operator=(UniqueFd&& o) noexcept;
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_ = -1;
-};
+// Opens the directory `dir` (for fsync and flock); throws kiln::Error naming it.
+FileHandle open_directory(const std::string& dir);
 
 // Locks the existing directory `dir` against other kiln commands that change it (`kiln adapter
 // add/remove`); throws kiln::Error naming it when another process holds the lock.
-UniqueFd lock_directory(const std::string& dir, const std::string& what);
+FileHandle lock_directory(const std::string& dir, const std::string& what);
 
 // A locked, empty temporary directory `.NAME.<kind>-PID` next to `final_path` (created after
 // removing stale temporaries of NAME). Removed with everything in it on destruction unless
@@ -76,7 +64,7 @@ class StagedDirectory {
  private:
   std::string final_;
   std::string path_;
-  UniqueFd lock_;
+  FileHandle lock_;
   bool committed_ = false;
 };
 
@@ -99,7 +87,7 @@ class StagedFile {
  private:
   std::string final_;
   std::string path_;
-  UniqueFd fd_;
+  FileHandle fd_;
   bool committed_ = false;
 };
 

@@ -124,7 +124,8 @@ class DeepSeekModel final : public Model {
                   c_.decoder_block + "'");
     const int64_t E = E_, H = H_, V = c_.vocab_size;
     const Artifact& a = *artifact_;
-    const ops::LinearOptions lo{chunk_, opt.relayout};
+    ops::LinearOptions lo{chunk_, opt.relayout};
+    lo.context = &matmul_context_;
     const bool any_moe = c_.first_num_dense_layers < c_.num_decoder_layers;
     int64_t widest = 1;  // widest MLP intermediate (dense, expert or shared)
     for (int64_t l = 0; l < c_.num_decoder_layers; ++l) {

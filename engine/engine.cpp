@@ -9,6 +9,30 @@
 
 namespace kiln {
 
+class Engine::ExclusiveUse {
+ public:
+  explicit ExclusiveUse(const Engine& e) : user_(e.user_) {
+    const std::thread::id me = std::this_thread::get_id();
+    std::thread::id none;
+    if (user_.compare_exchange_strong(none, me)) {
+      outer_ = true;
+    } else if (none != me) {
+      throw StateError(
+          "the engine is in use by another thread: an engine serves one thread at a time (open "
+          "one engine per thread; engines run side by side)");
+    }
+  }
+  ~ExclusiveUse() {
+    if (outer_) user_.store(std::thread::id());
+  }
+  ExclusiveUse(const ExclusiveUse&) = delete;
+  ExclusiveUse& operator=(const ExclusiveUse&) = delete;
+
+ private:
+  std::atomic<std::thread::id>& user_;
+  bool outer_ = false;
+};
+
 std::unique_ptr<Engine> Engine::open(const std::string& dir, const EngineOptions& opt) {
   if (opt.model.threads < 0 || opt.model.threads > kMaxThreads)
     throw Error(dir + ": " + std::to_string(opt.model.threads) +
@@ -55,6 +79,7 @@ const char* finish_reason_name(FinishReason r) {
 }
 
 const LoraAdapter& Engine::load_adapter(const std::string& name) {
+  const ExclusiveUse use(*this);
   if (auto it = adapters_.find(name); it != adapters_.end()) return *it->second;
   const std::string& dir = model_->artifact().dir();
   const bool verify = model_->artifact().verifies_checksums();
@@ -73,6 +98,7 @@ const LoraAdapter& Engine::load_adapter(const std::string& name) {
 }
 
 void Engine::unload_adapter(const std::string& name) {
+  const ExclusiveUse use(*this);
   auto it = adapters_.find(name);
   if (it == adapters_.end())
     throw StateError("unload_adapter: adapter '" + name + "' is not loaded");
@@ -124,11 +150,13 @@ void Engine::sample_first(Prefix& p, const SamplingParams& sampling, int64_t n) 
 
 Prefix Engine::prefill(std::span<const int32_t> prompt, const SamplingParams& sampling,
                        const std::string& adapter) {
+  const ExclusiveUse use(*this);
   return prefill_multisampling(prompt, 1, sampling, adapter);
 }
 
 Prefix Engine::prefill_multisampling(std::span<const int32_t> prompt, int64_t n,
                                      const SamplingParams& sampling, const std::string& adapter) {
+  const ExclusiveUse use(*this);
   if (n < 1 || n > slots())
     throw Error("prefill_multisampling: " + std::to_string(n) +
                 " samples requested; between 1 and " + std::to_string(slots()) +
@@ -141,6 +169,7 @@ Prefix Engine::prefill_multisampling(std::span<const int32_t> prompt, int64_t n,
 }
 
 std::vector<Prefix> Engine::prefill_concat(std::span<const PrefillRequest> requests) {
+  const ExclusiveUse use(*this);
   std::vector<Prefix> out;
   out.reserve(requests.size());
   for (const PrefillRequest& r : requests) {
@@ -223,6 +252,7 @@ SlotToken Engine::place(Prefix& p, size_t sample, int64_t slot) {
 }
 
 SlotToken Engine::insert(Prefix&& prefix, int64_t slot) {
+  const ExclusiveUse use(*this);
   if (prefix.samplers.size() != 1)
     throw Error("insert: the prefix holds " + std::to_string(prefix.samplers.size()) +
                 " samples; use bulk_insert");
@@ -230,6 +260,7 @@ SlotToken Engine::insert(Prefix&& prefix, int64_t slot) {
 }
 
 std::vector<SlotToken> Engine::bulk_insert(Prefix&& prefix, std::span<const int64_t> slots) {
+  const ExclusiveUse use(*this);
   if (slots.size() != prefix.samplers.size())
     throw Error("bulk_insert: " + std::to_string(slots.size()) + " slots for a prefix of " +
                 std::to_string(prefix.samplers.size()) + " samples");
@@ -246,6 +277,7 @@ std::vector<SlotToken> Engine::bulk_insert(Prefix&& prefix, std::span<const int6
 }
 
 std::span<const SlotToken> Engine::generate() {
+  const ExclusiveUse use(*this);
   steps_.clear();
   step_slot_.clear();
   step_tokens_.clear();
@@ -282,6 +314,7 @@ std::span<const SlotToken> Engine::generate() {
 }
 
 void Engine::release(int64_t slot) {
+  const ExclusiveUse use(*this);
   slot_state(slot);
   Slot& s = slots_[size_t(slot)];
   if (!s.busy) throw StateError("release: slot " + std::to_string(slot) + " is not in use");
@@ -315,6 +348,7 @@ void Engine::check_prompt(std::span<const int32_t> prompt) const {
 
 void Engine::prefill_logits(std::span<const int32_t> prompt, float* out,
                             const std::string& adapter) {
+  const ExclusiveUse use(*this);
   check_prompt(prompt);
   const auto a = adapter_for(adapter);
   scratch_cache_.length = 0;
@@ -322,6 +356,7 @@ void Engine::prefill_logits(std::span<const int32_t> prompt, float* out,
 }
 
 std::vector<float> Engine::calibrate_max_logits(const std::vector<std::vector<int32_t>>& prompts) {
+  const ExclusiveUse use(*this);
   const ModelConfig& c = config();
   std::vector<float> max(size_t(c.num_decoder_layers * c.num_query_heads),
                          -std::numeric_limits<float>::infinity());

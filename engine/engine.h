@@ -8,12 +8,14 @@
 // request names its adapter (or none), and one batched step mixes them row by row.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/lora.h"
@@ -148,6 +150,10 @@ class Engine {
     FinishReason finish = FinishReason::None;
   };
 
+  // Held by every call that changes the engine (or runs its model): a call while another thread
+  // holds it throws StateError instead of corrupting the slots. Re-entrant on the holding thread.
+  class ExclusiveUse;
+
   Engine(std::unique_ptr<Model> m, int64_t max_seq_len, int64_t slots);
   const Slot& slot_state(int64_t slot) const;
   void check_prompt(std::span<const int32_t> prompt) const;
@@ -158,6 +164,7 @@ class Engine {
   FinishReason finish_of(const Slot& s, int32_t token) const;
 
   std::unique_ptr<Model> model_;
+  mutable std::atomic<std::thread::id> user_{};  // the thread inside a call, or none
   std::optional<Tokenizer> tokenizer_;
   int64_t max_seq_len_ = 0;
   std::map<std::string, std::shared_ptr<const LoraAdapter>> adapters_;

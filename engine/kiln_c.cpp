@@ -1,4 +1,4 @@
-// The C API (engine/kiln.h) over kiln::Engine. Every entry point catches every exception: a
+// The C API (include/kiln/kiln.h) over kiln::Engine. Every entry point catches every exception: a
 // kiln::StateError becomes KILN_ERROR_STATE, a kiln::NonFiniteError (damaged weights)
 // KILN_ERROR_IO, another kiln::Error the status its call's context implies (an invalid argument;
 // I/O for opening and loading), a std::filesystem error (it names its path) KILN_ERROR_IO,
@@ -18,8 +18,8 @@
 
 #include "common/error.h"
 #include "engine/engine.h"
-#include "engine/kiln.h"
 #include "engine/runner.h"
+#include "include/kiln/kiln.h"
 #include "schema/manifest.h"
 
 struct kiln_engine {
@@ -139,6 +139,12 @@ kiln_slot_token to_c(const kiln::SlotToken& t) {
 }
 
 static_assert(KILN_MAX_THREADS == kiln::kMaxThreads);
+#if defined(KILN_API_MAJOR_BUILT) && defined(KILN_API_MINOR_BUILT)
+// The soname meson.build gives libkiln.so is the header's major version.
+static_assert(KILN_API_VERSION_MAJOR == KILN_API_MAJOR_BUILT &&
+                  KILN_API_VERSION_MINOR == KILN_API_MINOR_BUILT,
+              "meson.build's kiln_api_major/minor differ from include/kiln/kiln.h");
+#endif
 static_assert(int(kiln::FinishReason::None) == KILN_FINISH_NONE &&
               int(kiln::FinishReason::Stop) == KILN_FINISH_STOP &&
               int(kiln::FinishReason::Length) == KILN_FINISH_LENGTH &&
@@ -148,6 +154,75 @@ static_assert(int(kiln::SamplingAlgorithm::Greedy) == KILN_SAMPLING_GREEDY &&
               int(kiln::SamplingAlgorithm::TopK) == KILN_SAMPLING_TOPK &&
               int(kiln::SamplingAlgorithm::Nucleus) == KILN_SAMPLING_NUCLEUS &&
               int(kiln::SamplingAlgorithm::Composite) == KILN_SAMPLING_COMPOSITE);
+
+// ---- option structs that grow (kiln.h: struct_size) ------------------------------------------
+
+kiln_sampling default_sampling() {
+  kiln_sampling s{};
+  s.struct_size = sizeof s;
+  s.algorithm = KILN_SAMPLING_GREEDY;
+  s.temperature = 1.0f;
+  s.top_k = 0;
+  s.top_p = 1.0f;
+  s.seed = 0;
+  s.stop_tokens = nullptr;
+  s.n_stop_tokens = 0;
+  s.max_new_tokens = 0;
+  return s;
+}
+
+kiln_engine_options default_engine_options() {
+  kiln_engine_options o{};
+  o.struct_size = sizeof o;
+  o.threads = 0;
+  o.slots = 1;
+  o.max_seq_len = 0;
+  o.relayout = 1;
+  o.verify_checksums = 1;
+  return o;
+}
+
+// The defaults into the caller's struct of `size` bytes: the fields it has, and zeros in what
+// this library does not know (a newer header's fields, whose zero is their default).
+template <class T>
+void write_sized(T* out, size_t size, T defaults) {
+  if (!out || size < sizeof(size_t)) return;
+  defaults.struct_size = size;
+  std::memcpy(out, &defaults, std::min(size, sizeof(T)));
+  if (size > sizeof(T)) std::memset(reinterpret_cast<char*>(out) + sizeof(T), 0, size - sizeof(T));
+}
+
+// The caller's struct as this library's T: its own struct_size bytes, the defaults for fields
+// an older caller lacks; fields of a newer caller that this library does not know must be zero.
+template <class T>
+T read_sized(const T* in, T defaults, const char* fn, const char* what) {
+  const size_t size = in->struct_size;
+  if (size < sizeof(size_t))
+    fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": " + what + "->struct_size is " +
+                                          std::to_string(size) + "; fill it with " + what +
+                                          "_default() first");
+  const char* bytes = reinterpret_cast<const char*>(in);
+  for (size_t i = sizeof(T); i < size; ++i)
+    if (bytes[i] != 0)
+      fail(KILN_ERROR_INVALID_ARGUMENT,
+           std::string(fn) + ": " + what + " has fields this kiln " + KILN_VERSION +
+               " does not know (struct_size " + std::to_string(size) + " > " +
+               std::to_string(sizeof(T)) + ", byte " + std::to_string(i) + " set)");
+  std::memcpy(&defaults, in, std::min(size, sizeof(T)));
+  defaults.struct_size = sizeof(T);
+  return defaults;
+}
+
+// Element i of a caller's array of kiln_sampling, read with the first element's struct_size as
+// the stride.
+kiln_sampling sampling_at(const kiln_sampling* array, size_t i, const char* fn) {
+  const size_t stride = array[0].struct_size;
+  if (stride < sizeof(size_t))
+    return read_sized(array, default_sampling(), fn, "kiln_sampling");  // refused as such
+  const auto* element =
+      reinterpret_cast<const kiln_sampling*>(reinterpret_cast<const char*>(array) + i * stride);
+  return read_sized(element, default_sampling(), fn, "kiln_sampling");
+}
 
 // The model's max_target_length from the manifest, or -1 when it cannot be read (Engine::open then
 // reports the problem).
@@ -179,29 +254,24 @@ const char* kiln_status_name(kiln_status status) {
   return "unknown status";
 }
 
+const char* kiln_version(void) {
+  return KILN_VERSION;
+}
+
+int kiln_api_version(void) {
+  return KILN_API_VERSION_MAJOR * 1000 + KILN_API_VERSION_MINOR;
+}
+
 const char* kiln_last_error(void) {
   return g_last_error.c_str();
 }
 
-void kiln_sampling_default(kiln_sampling* s) {
-  if (!s) return;
-  s->algorithm = KILN_SAMPLING_GREEDY;
-  s->temperature = 1.0f;
-  s->top_k = 0;
-  s->top_p = 1.0f;
-  s->seed = 0;
-  s->stop_tokens = nullptr;
-  s->n_stop_tokens = 0;
-  s->max_new_tokens = 0;
+void kiln_sampling_init(kiln_sampling* s, size_t struct_size) {
+  write_sized(s, struct_size, default_sampling());
 }
 
-void kiln_engine_options_default(kiln_engine_options* o) {
-  if (!o) return;
-  o->threads = 0;
-  o->slots = 1;
-  o->max_seq_len = 0;
-  o->relayout = 1;
-  o->verify_checksums = 1;
+void kiln_engine_options_init(kiln_engine_options* o, size_t struct_size) {
+  write_sized(o, struct_size, default_engine_options());
 }
 
 kiln_status kiln_open(const char* dir, const kiln_engine_options* options, kiln_engine** out) {
@@ -209,32 +279,34 @@ kiln_status kiln_open(const char* dir, const kiln_engine_options* options, kiln_
   return guarded(fn, KILN_ERROR_IO, [&] {
     require(dir, fn, "dir");
     require(options, fn, "options");
+    const kiln_engine_options opts =
+        read_sized(options, default_engine_options(), fn, "kiln_engine_options");
+    const kiln_engine_options* const o = &opts;
     require(out, fn, "out");
     kiln::EngineOptions eo;
-    if (options->threads < 0 || options->threads > KILN_MAX_THREADS)
+    if (o->threads < 0 || o->threads > KILN_MAX_THREADS)
       fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": threads must be in [0, " +
                                             std::to_string(KILN_MAX_THREADS) + "], got " +
-                                            std::to_string(options->threads));
-    if (options->slots < 1 || options->slots > eo.model.max_chunk)
+                                            std::to_string(o->threads));
+    if (o->slots < 1 || o->slots > eo.model.max_chunk)
       fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": slots must be in [1, " +
                                             std::to_string(eo.model.max_chunk) + "], got " +
-                                            std::to_string(options->slots));
-    if (options->max_seq_len < 0)
-      fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": max_seq_len must be >= 0, got " +
-                                            std::to_string(options->max_seq_len));
-    if (options->max_seq_len > 0) {
-      const int64_t ctx = manifest_context(dir, options->verify_checksums != 0);
-      if (ctx >= 0 && options->max_seq_len > ctx)
-        fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": " + dir + ": max_seq_len " +
-                                              std::to_string(options->max_seq_len) +
-                                              " exceeds the model's max_target_length " +
-                                              std::to_string(ctx));
+                                            std::to_string(o->slots));
+    if (o->max_seq_len < 0)
+      fail(KILN_ERROR_INVALID_ARGUMENT,
+           std::string(fn) + ": max_seq_len must be >= 0, got " + std::to_string(o->max_seq_len));
+    if (o->max_seq_len > 0) {
+      const int64_t ctx = manifest_context(dir, o->verify_checksums != 0);
+      if (ctx >= 0 && o->max_seq_len > ctx)
+        fail(KILN_ERROR_INVALID_ARGUMENT,
+             std::string(fn) + ": " + dir + ": max_seq_len " + std::to_string(o->max_seq_len) +
+                 " exceeds the model's max_target_length " + std::to_string(ctx));
     }
-    eo.model.threads = options->threads;
-    eo.model.relayout = options->relayout != 0;
-    eo.model.verify_checksums = options->verify_checksums != 0;
-    eo.max_seq_len = options->max_seq_len;
-    eo.slots = options->slots;
+    eo.model.threads = o->threads;
+    eo.model.relayout = o->relayout != 0;
+    eo.model.verify_checksums = o->verify_checksums != 0;
+    eo.max_seq_len = o->max_seq_len;
+    eo.slots = o->slots;
     auto e = std::make_unique<kiln_engine>();
     e->engine = kiln::Engine::open(dir, eo);
     *out = e.release();
@@ -277,7 +349,8 @@ kiln_status prefill(const char* fn, kiln_engine* engine, const int32_t* tokens, 
       fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": n_samples must be in [1, " +
                                             std::to_string(e.slots()) + "] (the slots), got " +
                                             std::to_string(n_samples));
-    const kiln::SamplingParams sp = sampling_params(*sampling, fn, e.config().vocab_size);
+    const kiln::SamplingParams sp =
+        sampling_params(sampling_at(sampling, 0, fn), fn, e.config().vocab_size);
     const std::string name = adapter_name(adapter);
     const std::span<const int32_t> prompt(tokens, n);
     check_request(e, prompt, sp, fn);
@@ -320,7 +393,7 @@ kiln_status kiln_prefill_concat(kiln_engine* engine, size_t n_prompts, const int
       const std::string what = std::string(fn) + ": prompt " + std::to_string(i);
       if (!tokens[i]) fail(KILN_ERROR_INVALID_ARGUMENT, what + ": tokens is NULL");
       reqs[i].tokens = std::span<const int32_t>(tokens[i], lengths[i]);
-      reqs[i].sampling = sampling_params(sampling[i], what, e.config().vocab_size);
+      reqs[i].sampling = sampling_params(sampling_at(sampling, i, fn), what, e.config().vocab_size);
       reqs[i].adapter = adapter_name(adapters ? adapters[i] : nullptr);
       check_request(e, reqs[i].tokens, reqs[i].sampling, what);
     }
@@ -448,7 +521,8 @@ kiln_status kiln_run(kiln_engine* engine, const kiln_request* requests, size_t n
     require(out, fn, "out");
     if (n_requests == 0) fail(KILN_ERROR_INVALID_ARGUMENT, std::string(fn) + ": no requests");
     kiln::Engine& e = *engine->engine;
-    const kiln::SamplingParams sp = sampling_params(*sampling, fn, e.config().vocab_size);
+    const kiln::SamplingParams sp =
+        sampling_params(sampling_at(sampling, 0, fn), fn, e.config().vocab_size);
     std::vector<kiln::GenerationRequest> reqs(n_requests);
     for (size_t i = 0; i < n_requests; ++i) {
       const std::string what = std::string(fn) + ": request " + std::to_string(i);

@@ -19,7 +19,9 @@ namespace kiln {
 
 std::unique_ptr<Model> Model::open(const std::string& dir, const ModelOptions& opt) {
   int threads = opt.threads > 0 ? opt.threads : int(std::thread::hardware_concurrency());
-  ops::set_num_threads(threads > 0 ? threads : 1);  // before the artifact: its checks use them
+  threads = std::max(threads, 1);
+  // For the artifact's checks and the Linears, which record the count they were built with.
+  const ops::ScopedThreadCount thread_count(threads);
   // Each tensor is checked when the family takes its pointer, right before its re-layout reads it
   // (or, used in place, as the pass that first reads it): the checksum costs no extra read from
   // the page cache.
@@ -41,6 +43,7 @@ std::unique_ptr<Model> Model::open(const std::string& dir, const ModelOptions& o
   else
     throw Error(dir + ": decoder_block '" + block + "' has no forward pass in this kiln");
   model->artifact_->verify_remaining();  // a tensor the family did not take is checked all the same
+  model->threads_ = threads;
   return model;
 }
 
@@ -116,6 +119,7 @@ void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logi
                     const LoraAdapter* adapter) {
   const ModelConfig& c = config();
   validate(tokens, cache);
+  const ops::ScopedThreadCount thread_count(threads_);
   if (adapter && adapter->max_rank() > lora_rank_)
     throw Error("forward: adapter '" + adapter->name() + "' needs reserve_lora(" +
                 std::to_string(adapter->max_rank()) + ") first");
@@ -170,6 +174,7 @@ void Model::forward_batch(std::span<const SequenceStep> steps, float* logits) {
   if (total > chunk_)
     throw Error("forward_batch: " + std::to_string(total) + " tokens exceed max_chunk " +
                 std::to_string(chunk_));
+  const ops::ScopedThreadCount thread_count(threads_);
   int64_t t = 0;
   bool any_adapter = false;
   for (size_t i = 0; i < steps.size(); ++i) {

@@ -14,6 +14,7 @@
 #include "common/error.h"
 #include "engine/artifact.h"
 #include "engine/lora.h"
+#include "engine/ops/matmul.h"
 
 namespace kiln {
 
@@ -151,6 +152,12 @@ class Model {
   std::unique_ptr<Artifact> artifact_;
   int64_t chunk_;  // prefill processes at most this many tokens per pass
   float* max_logits_ = nullptr;
+  // The worker threads of every pass, set on the calling thread at the start of each forward
+  // (OpenMP's thread count is per calling thread, so engines on different threads keep theirs).
+  int threads_ = 1;
+  // Where this model's matrix products run (its oneDNN stream and scratchpad): the families build
+  // their Linears with it, so two models run their passes at the same time on two threads.
+  ops::MatmulContext matmul_context_;
 
  private:
   void validate(std::span<const int32_t> tokens, const KvCache& cache) const;

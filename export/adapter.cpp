@@ -75,7 +75,7 @@ void discard_directory(const fs::path& dir) {
 }
 
 // Only one kiln command changes an artifact's adapters at a time.
-UniqueFd lock_artifact(const std::string& artifact, const char* what, bool verify_checksum) {
+FileHandle lock_artifact(const std::string& artifact, const char* what, bool verify_checksum) {
   read_manifest_in(artifact, verify_checksum);  // a directory that is no artifact is refused first
   return lock_directory(artifact, what);
 }
@@ -216,7 +216,7 @@ void write_manifest(const std::string& artifact, const Manifest& m) {
 
 AdapterRecord add_adapter(const AddAdapterOptions& opt) {
   check_adapter_name(opt.name, "--name");
-  const UniqueFd lock = lock_artifact(opt.artifact, "kiln adapter add", opt.verify_checksum);
+  const FileHandle lock = lock_artifact(opt.artifact, "kiln adapter add", opt.verify_checksum);
   recover_adapter_changes(opt.artifact, opt.verify_checksum);
   const Manifest m = read_manifest_in(opt.artifact, opt.verify_checksum);
   const bool replacing = m.find_adapter(opt.name) != nullptr;
@@ -271,7 +271,7 @@ AdapterRecord add_adapter(const AddAdapterOptions& opt) {
 }
 
 void remove_adapter(const std::string& artifact, const std::string& name, bool verify_checksum) {
-  const UniqueFd lock = lock_artifact(artifact, "kiln adapter remove", verify_checksum);
+  const FileHandle lock = lock_artifact(artifact, "kiln adapter remove", verify_checksum);
   recover_adapter_changes(artifact, verify_checksum);
   Manifest m = read_manifest_in(artifact, verify_checksum);
   if (!m.find_adapter(name)) throw Error(artifact + ": has no adapter named '" + name + "'");

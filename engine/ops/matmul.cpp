@@ -21,7 +21,6 @@
 //    oneDNN and its allocations), brgemm buckets on plain W above (it copies W panels into the
 //    scratchpad as it goes).
 #include "engine/ops/matmul.h"
-#include "engine/ops/parallel.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -39,6 +38,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "engine/ops/parallel.h"
 
 namespace kiln::ops {
 namespace {
@@ -102,13 +102,15 @@ class HugeBuffer {
 
 // ---- process-wide oneDNN state ------------------------------------------------------------------
 
-// One primitive for one row count, shared by every Linear of the same shape. The src/dst memory
-// objects get the caller's pointers on each call (plain layouts: setting a handle writes nothing).
+// One primitive for one row count, shared by every Linear of the same shape and by every thread:
+// a oneDNN primitive may execute concurrently from several threads as long as each execution has
+// its own scratchpad and memory objects, which a MatmulContext holds.
 struct Bucket {
   int64_t m = 0;
   dnnl::memory::desc wmd;  // the weights layout it was built for
+  dnnl::memory::desc src_md, dst_md;
+  size_t scratch_bytes = 0;  // of oneDNN's scratchpad when it executes
   dnnl::primitive prim;
-  dnnl::memory src, dst;
 };
 
 enum class Kind { kPlain, kBlocked };
@@ -124,15 +126,34 @@ struct BucketKey {
 
 struct Runtime {
   dnnl::engine eng{dnnl::engine::kind::cpu, 0};
-  dnnl::stream strm{eng};
-  std::mutex mu;  // guards everything below; taken by constructors only, never by forward()
-  // weak_ptr: primitives die with the last Linear of their shape instead of living forever.
+  std::mutex mu;  // guards the cache and the default context; taken by constructors only
+  // weak_ptr: primitives die with the last Linear (and context) of their shape.
   std::map<BucketKey, std::weak_ptr<const Bucket>> cache;
-  // One user-mode scratchpad for every primitive (forward() calls never overlap), grown by
-  // constructors only, so executing never makes oneDNN allocate its own.
+};
+
+Runtime& runtime() {
+  static Runtime rt;
+  return rt;
+}
+
+}  // namespace
+
+// What executing primitives needs that two threads must not share. Grown by the constructors of
+// the Linears built with it, never by forward().
+struct MatmulContext::Impl {
+  dnnl::stream strm{runtime().eng};
+  // One user-mode scratchpad for every primitive of the context (its forward() calls never
+  // overlap), also the plain GEMV's partial sums, so executing never makes oneDNN allocate.
   HugeBuffer scratch_buf;
   size_t scratch_size = 0;
   dnnl::memory scratch;
+  // The src/dst memory objects of each primitive the context's Linears run: forward() only sets
+  // their data handles. Holding the bucket keeps its primitive alive as long as the context.
+  struct Bound {
+    std::shared_ptr<const Bucket> bucket;
+    dnnl::memory src, dst;
+  };
+  std::map<const Bucket*, Bound> bound;
 
   void reserve_scratch(size_t bytes) {
     bytes = std::max<size_t>(bytes, 4096);
@@ -141,15 +162,31 @@ struct Runtime {
     // Fault the pages in now: first touch costs ~13 µs per 4 KiB here, ~6 ms for a 2 MiB page,
     // which would otherwise land on the first forward() that uses the scratchpad.
     std::memset(buf.data(), 0, bytes);
-    scratch = dnnl::memory({{int64_t(bytes)}, dt::u8, tag::a}, eng, buf.data());
+    scratch = dnnl::memory({{int64_t(bytes)}, dt::u8, tag::a}, runtime().eng, buf.data());
     scratch_buf = std::move(buf);
     scratch_size = bytes;
   }
+
+  const Bound& bind(const std::shared_ptr<const Bucket>& b) {
+    auto [it, inserted] = bound.try_emplace(b.get());
+    if (inserted) {
+      it->second.bucket = b;
+      it->second.src = dnnl::memory(b->src_md, runtime().eng, DNNL_MEMORY_NONE);
+      it->second.dst = dnnl::memory(b->dst_md, runtime().eng, DNNL_MEMORY_NONE);
+    }
+    return it->second;
+  }
 };
 
-Runtime& runtime() {
-  static Runtime rt;
-  return rt;
+MatmulContext::MatmulContext() : impl_(std::make_unique<Impl>()) {}
+MatmulContext::~MatmulContext() = default;
+
+namespace {
+
+// The context of Linears built without one (tests and tools that run one thing at a time).
+MatmulContext& default_context() {
+  static MatmulContext ctx;
+  return ctx;
 }
 
 // ---- the hand-written GEMV on BA16a64b2a ------------------------------------------------------
@@ -167,7 +204,8 @@ KILN_AVX512BF16 inline __mmask32 mask32(int64_t n) {
 // block is a contiguous Kp·128-byte stream and vdpbf16ps consumes it with x pairs broadcast.
 constexpr int64_t kBlockN = 64;
 constexpr int64_t kBlockK = 32;
-constexpr int kRowsPerPass = 6;  // 6 rows × 4 zmm accumulators + 4 weight zmm + x fit the 32 registers
+constexpr int kRowsPerPass =
+    6;  // 6 rows × 4 zmm accumulators + 4 weight zmm + x fit the 32 registers
 
 bool cpu_has_avx512_bf16() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -201,8 +239,8 @@ KILN_AVX512BF16 inline void gemv_panel_rows(const uint16_t* x, int64_t ldx, int6
     for (int j = 0; j < 4; ++j) {
       const int64_t c = ncols - 16 * j;
       const __mmask16 mask = c >= 16 ? __mmask16(0xffff) : c <= 0 ? 0 : __mmask16((1u << c) - 1);
-      acc[r][j] = accumulate ? _mm512_maskz_loadu_ps(mask, y + r * ldy + 16 * j)
-                             : _mm512_setzero_ps();
+      acc[r][j] =
+          accumulate ? _mm512_maskz_loadu_ps(mask, y + r * ldy + 16 * j) : _mm512_setzero_ps();
     }
   }
   const int64_t p0 = k0 / 2, p1 = k1 / 2;
@@ -608,10 +646,10 @@ std::shared_ptr<const Bucket> get_bucket(Runtime& rt, int64_t K, int64_t N, int6
     const dnnl::memory::desc src_md({M, K}, dt::bf16, tag::ab), dst_md({M, N}, dt::f32, tag::ab);
     const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, wmd, dst_md),
                                           user_scratchpad_attr(), rt.eng);
-    rt.reserve_scratch(pd.scratchpad_desc().get_size());
+    b->scratch_bytes = pd.scratchpad_desc().get_size();
     b->prim = dnnl::matmul(pd);
-    b->src = dnnl::memory(src_md, rt.eng, DNNL_MEMORY_NONE);
-    b->dst = dnnl::memory(dst_md, rt.eng, DNNL_MEMORY_NONE);
+    b->src_md = src_md;
+    b->dst_md = dst_md;
   } catch (const dnnl::error& e) {
     throw Error(shape_str(K, N) + ": oneDNN cannot build a bf16 matmul for M=" + std::to_string(M) +
                 ": " + e.what());
@@ -635,7 +673,8 @@ std::vector<int64_t> bucket_sizes(int64_t max_m, int64_t gemv_max_m) {
 
 // Rows served by the hand GEMVs by default. On re-laid W, measured against brgemm on the same W,
 // the GEMV was ahead at every M from 1 to 16 (1.3–1.6× at M = 1, 1.2–2× at M = 2–4, ≈ 1.08× at
-// M = 16 with 6-row passes). On plain W it beats both brgemm and gemm:jit at every M ≤ 16 too (bench report).
+// M = 16 with 6-row passes). On plain W it beats both brgemm and gemm:jit at every M ≤ 16 too
+// (bench report).
 constexpr int64_t kDefaultGemvMaxM = 16;
 // On W in place (plain or transposed) the GEMVs stream W once per 4 rows of x, so they win only
 // at small M: ahead of brgemm on the same W at M ≤ 4, behind from M ≈ 8 (bench report).
@@ -649,17 +688,17 @@ constexpr int64_t kMaxGemvM = 16;  // bucket_sizes() relies on it
 struct Linear::Impl {
   int64_t K = 0, N = 0, max_m = 0;
   int threads = 1;
-  HugeBuffer owned;              // re-laid W (empty when W is used in place)
-  const uint16_t* w = nullptr;   // the W forward() reads: owned.data() or the caller's
-  int64_t Kp = 0;                // K padded to the blocked layout's 32 (blocked W only)
-  Gemv gemv_kind = Gemv::kNone;  // which hand GEMV reads w
-  int64_t gemv_max_m = 0;        // rows the hand GEMV serves (0: none)
-  dnnl::memory wmem;             // W as oneDNN sees it; handle set once here, never again
-  std::vector<std::shared_ptr<const Bucket>> buckets;
-  std::vector<const Bucket*> largest_le;  // [M] → largest bucket with m ≤ M (M ≤ max_m)
+  HugeBuffer owned;                    // re-laid W (empty when W is used in place)
+  const uint16_t* w = nullptr;         // the W forward() reads: owned.data() or the caller's
+  int64_t Kp = 0;                      // K padded to the blocked layout's 32 (blocked W only)
+  Gemv gemv_kind = Gemv::kNone;        // which hand GEMV reads w
+  int64_t gemv_max_m = 0;              // rows the hand GEMV serves (0: none)
+  dnnl::memory wmem;                   // W as oneDNN sees it; handle set once here, never again
+  MatmulContext::Impl* ctx = nullptr;  // the context forward() runs in
+  using Bound = MatmulContext::Impl::Bound;
+  std::vector<const Bound*> largest_le;  // [M] → largest bucket with m ≤ M (M ≤ max_m)
 
-  void run(const Bucket& b, const uint16_t* x, float* y) const {
-    Runtime& rt = runtime();
+  void run(const Bound& b, const uint16_t* x, float* y) const {
     // dnnl::memory::set_data_handle on plain layouts only stores the pointer; the C execute API
     // takes a stack array, where the C++ wrapper would build a std::vector/unordered_map.
     b.src.set_data_handle(const_cast<uint16_t*>(x));
@@ -667,9 +706,9 @@ struct Linear::Impl {
     dnnl_exec_arg_t args[] = {{DNNL_ARG_SRC, b.src.get()},
                               {DNNL_ARG_WEIGHTS, wmem.get()},
                               {DNNL_ARG_DST, b.dst.get()},
-                              {DNNL_ARG_SCRATCHPAD, rt.scratch.get()}};
-    if (dnnl_primitive_execute(b.prim.get(), rt.strm.get(), 4, args) != dnnl_success)
-      throw Error(shape_str(K, N) + ": oneDNN matmul failed for M=" + std::to_string(b.m));
+                              {DNNL_ARG_SCRATCHPAD, ctx->scratch.get()}};
+    if (dnnl_primitive_execute(b.bucket->prim.get(), ctx->strm.get(), 4, args) != dnnl_success)
+      throw Error(shape_str(K, N) + ": oneDNN matmul failed for M=" + std::to_string(b.bucket->m));
   }
 };
 
@@ -691,6 +730,8 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
 
   Runtime& rt = runtime();
   std::lock_guard<std::mutex> lock(rt.mu);
+  MatmulContext::Impl& ctx = *(opt.context ? opt.context : &default_context())->impl_;
+  impl->ctx = &ctx;
   try {
     const dnnl::memory::desc plain = plain_weights_md(K, N, opt.transposed);
     dnnl::memory::desc wmd = plain;
@@ -713,8 +754,8 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
         // transposes and blocks in the same pass.
         dnnl::memory src(plain, rt.eng, const_cast<uint16_t*>(weights));
         dnnl::memory dst(wmd, rt.eng, impl->owned.data());
-        dnnl::reorder(src, dst).execute(rt.strm, src, dst);
-        rt.strm.wait();
+        dnnl::reorder(src, dst).execute(ctx.strm, src, dst);
+        ctx.strm.wait();
         impl->w = static_cast<const uint16_t*>(impl->owned.data());
         if (is_ba16a64b2a(wmd, K, N)) {
           impl->Kp = wmd.data.padded_dims[0];
@@ -731,19 +772,22 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
           std::min({opt.max_m, kMaxGemvM, opt.gemv_max_m < 0 ? def : opt.gemv_max_m});
     }
     if (impl->gemv_kind == Gemv::kPlain) {
-      rt.reserve_scratch(size_t(plain_gemv_scratch(impl->threads, impl->gemv_max_m, N)) *
-                         sizeof(float));
+      ctx.reserve_scratch(size_t(plain_gemv_scratch(impl->threads, impl->gemv_max_m, N)) *
+                          sizeof(float));
     }
     impl->wmem = dnnl::memory(wmd, rt.eng, const_cast<uint16_t*>(impl->w));
 
     impl->largest_le.assign(size_t(opt.max_m) + 1, nullptr);
-    for (int64_t m : bucket_sizes(opt.max_m, impl->gemv_max_m))
-      impl->buckets.push_back(get_bucket(rt, K, N, m, kind, opt.transposed, wmd, impl->threads));
-    const Bucket* best = nullptr;
+    std::vector<const Impl::Bound*> buckets;  // ascending m
+    for (int64_t m : bucket_sizes(opt.max_m, impl->gemv_max_m)) {
+      const auto b = get_bucket(rt, K, N, m, kind, opt.transposed, wmd, impl->threads);
+      ctx.reserve_scratch(b->scratch_bytes);
+      buckets.push_back(&ctx.bind(b));
+    }
+    const Impl::Bound* best = nullptr;
     size_t next = 0;
     for (int64_t m = 1; m <= opt.max_m; ++m) {
-      while (next < impl->buckets.size() && impl->buckets[next]->m <= m)
-        best = impl->buckets[next++].get();
+      while (next < buckets.size() && buckets[next]->bucket->m <= m) best = buckets[next++];
       impl->largest_le[size_t(m)] = best;
     }
   } catch (const dnnl::error& e) {
@@ -779,22 +823,15 @@ void Linear::forward(const uint16_t* x, int64_t M, float* y) const {
   while (M > 0) {
     if (M <= im.gemv_max_m) {
       gemv(im.gemv_kind, x, M, im.K, im.N, im.Kp, im.w, y, im.threads,
-           static_cast<float*>(runtime().scratch_buf.data()));
+           static_cast<float*>(im.ctx->scratch_buf.data()));
       return;
     }
-    const Bucket& b = *im.largest_le[size_t(M)];
+    const Impl::Bound& b = *im.largest_le[size_t(M)];
     im.run(b, x, y);
-    x += b.m * im.K;
-    y += b.m * im.N;
-    M -= b.m;
+    x += b.bucket->m * im.K;
+    y += b.bucket->m * im.N;
+    M -= b.bucket->m;
   }
-}
-
-void set_num_threads(int n) {
-  if (n < 1) throw Error("set_num_threads: thread count must be ≥ 1, got " + std::to_string(n));
-  // oneDNN's OpenMP runtime sizes its parallel regions from omp_get_max_threads() when a
-  // primitive is created, and Linear records it for its GEMV; nothing else to tell oneDNN.
-  omp_set_num_threads(n);
 }
 
 }  // namespace kiln::ops

@@ -16,16 +16,33 @@
 //  never read or written past row M. Bucket primitives are shared process-wide by all Linears of
 //  one shape. The GEMV paths allocate nothing; a oneDNN execute allocates a small argument map.
 //
-// Threading contract: forward() calls must not overlap, across all Linears of the process (they
-// share one oneDNN stream, one scratchpad and per-shape primitive state), and no Linear may be
-// constructed while a forward() runs. Construction is thread-safe with respect to other
-// constructions. The engine runs one forward at a time on one OpenMP pool, which satisfies this.
+// Threading contract: what two concurrent forward() calls must not share (a oneDNN stream, the
+// scratchpad, the memory objects bound to x and y) lives in a MatmulContext. Linears built with
+// the same context must not run forward() at the same time, nor be constructed while one of them
+// does; Linears with different contexts may run and be constructed concurrently (each engine owns
+// one context, so engines run side by side). Primitives are shared process-wide between Linears of
+// one shape and thread count, which oneDNN allows for concurrent execution.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 
 namespace kiln::ops {
+
+// The per-engine execution state of Linears (see the threading contract above). Not copyable or
+// movable: Linears keep a pointer to it, so it must outlive them.
+class MatmulContext {
+ public:
+  MatmulContext();
+  ~MatmulContext();
+  MatmulContext(const MatmulContext&) = delete;
+  MatmulContext& operator=(const MatmulContext&) = delete;
+
+ private:
+  friend class Linear;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 struct LinearOptions {
   int64_t max_m = 512;   // largest M forward() is called with
@@ -37,6 +54,9 @@ struct LinearOptions {
   // Largest M served by the hand-written GEMVs; -1 picks the measured default (16 on re-laid W,
   // 4 on W in place), 0 disables them, values above 16 act as 16 (tuning / benchmarking knob).
   int64_t gemv_max_m = -1;
+  // Where forward() runs; must outlive the Linear. nullptr: a process-wide default context, for
+  // programs that run one Linear at a time (tests, benchmarks).
+  MatmulContext* context = nullptr;
 };
 
 class Linear {
@@ -70,9 +90,5 @@ class Linear {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
-
-// Number of threads oneDNN (OpenMP) and the GEMV use; call before the first Linear is built (each
-// Linear fixes the thread count it was built with). Throws kiln::Error if n < 1.
-void set_num_threads(int n);
 
 }  // namespace kiln::ops

@@ -17,11 +17,25 @@
 
 namespace kiln::ops {
 
-// The number of threads a region gets by default (OMP_NUM_THREADS, or set_num_threads of
-// engine/ops/matmul.h).
+// The number of threads a region gets by default (OMP_NUM_THREADS, or a ScopedThreadCount).
 inline int max_threads() {
   return omp_get_max_threads();
 }
+
+// Sets the calling thread's OpenMP thread count (the default of its regions, and what oneDNN
+// builds primitives for) to n for the scope, then restores it. OpenMP keeps the count per calling
+// thread, so an engine running on one thread never changes another's, nor its caller's after the
+// call returns. Allocates nothing once the thread has run OpenMP code.
+class ScopedThreadCount {
+ public:
+  explicit ScopedThreadCount(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~ScopedThreadCount() { omp_set_num_threads(saved_); }
+  ScopedThreadCount(const ScopedThreadCount&) = delete;
+  ScopedThreadCount& operator=(const ScopedThreadCount&) = delete;
+
+ private:
+  int saved_;
+};
 
 // Runs body(t, nt) on each thread t of a team of nt (≤ threads; the runtime may give fewer)
 // OpenMP threads. The caller splits the work by t and nt.

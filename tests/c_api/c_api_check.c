@@ -1,4 +1,4 @@
-/* Contract checks of the C API (engine/kiln.h) on an exported artifact, run by
+/* Contract checks of the C API (include/kiln/kiln.h) on an exported artifact, run by
  * tests/e2e/test_c_api.py: status codes and messages for bad arguments and states, prefix
  * ownership, accessors, multisampling, packed prefill, kiln_run and adapters.
  *
@@ -8,13 +8,13 @@
  *            verify_checksums = 0 it opens and the prompt 1,2,3 runs -- or, given RUN_NEEDLE
  *            (a NaN weight), fails with KILN_ERROR_IO naming it)
  * Prints one line per failed check and "N checks, M failed"; exits 1 if any failed. */
+#include <kiln/kiln.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include "engine/kiln.h"
 
 static int n_checks = 0, n_failed = 0;
 
@@ -114,6 +114,39 @@ int main(int argc, char** argv) {
         greedy.stop_tokens == NULL && greedy.n_stop_tokens == 0);
   CHECK(strcmp(kiln_status_name(KILN_ERROR_STATE), "invalid state") == 0);
   CHECK(strcmp(kiln_last_error(), "") == 0);
+
+  /* --- versions and option structs that grow ------------------------------------------------ */
+  CHECK(kiln_api_version() / 1000 == KILN_API_VERSION_MAJOR &&
+        kiln_api_version() % 1000 >= KILN_API_VERSION_MINOR);
+  CHECK(kiln_version() != NULL && kiln_version()[0] != '\0');
+  CHECK(opt.struct_size == sizeof opt && greedy.struct_size == sizeof greedy);
+  {
+    kiln_engine_options older, unset;
+    struct {
+      kiln_engine_options o;
+      int64_t future; /* a field of a later minor version */
+    } newer;
+    /* An older caller's struct ends before verify_checksums: the library uses its default. */
+    kiln_engine_options_init(&older, offsetof(kiln_engine_options, verify_checksums));
+    CHECK(older.struct_size == offsetof(kiln_engine_options, verify_checksums));
+    CHECK(kiln_open(art, &older, &e) == KILN_OK);
+    kiln_close(e);
+    e = NULL;
+    /* A newer caller's struct: fields this library does not know must be zero. */
+    kiln_engine_options_init(&newer.o, sizeof newer);
+    CHECK(newer.o.struct_size == sizeof newer && newer.future == 0);
+    CHECK(kiln_open(art, &newer.o, &e) == KILN_OK);
+    kiln_close(e);
+    e = NULL;
+    newer.future = 7;
+    EXPECT(kiln_open(art, &newer.o, &e), KILN_ERROR_INVALID_ARGUMENT, "does not know");
+    CHECK(e == NULL);
+    /* Filled by hand without struct_size. */
+    memset(&unset, 0, sizeof unset);
+    unset.slots = 1;
+    EXPECT(kiln_open(art, &unset, &e), KILN_ERROR_INVALID_ARGUMENT, "struct_size");
+    CHECK(e == NULL);
+  }
 
   /* --- open ---------------------------------------------------------------------------------- */
   EXPECT(kiln_open(NULL, &opt, &e), KILN_ERROR_INVALID_ARGUMENT, "dir is NULL");

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""End-to-end C API (issue 5, item 2): engine/kiln.h driven from C.
+"""End-to-end C API (issue 5, item 2): include/kiln/kiln.h driven from C.
 
 Programs (built by meson next to the kiln binary):
   kiln_example ART PROMPTS_FILE SLOTS MAX_TOKENS [STOP_IDS]   (tools/examples/kiln_example.c)
@@ -47,9 +47,9 @@ ADAPTER = "ad1"
 LINE_RE = re.compile(r"^tokens: ([0-9,]*) \| logprobs: ([-0-9.,e]*) \| finish: (\w*)$")
 
 
-def run(argv, timeout=60):
+def run(argv, timeout=60, env=None):
     p = subprocess.run([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       timeout=timeout, stdin=subprocess.DEVNULL)
+                       timeout=timeout, stdin=subprocess.DEVNULL, env=env)
     return common.KilnResult([str(a) for a in argv], p.returncode,
                              p.stdout.decode("utf-8", "replace"),
                              p.stderr.decode("utf-8", "replace"))
@@ -130,7 +130,8 @@ class CApiChecks:
                    MAX_TOKENS, "--json", *stop_args)
         self.assertEqual(cli.rc, 0, cli.describe())
         want = common.parse_json_stdout(cli)["requests"]
-        res = run([EXAMPLE, art, prompts, SLOTS, MAX_TOKENS] + stop_args[1:])
+        res = run([self.example(), art, prompts, SLOTS, MAX_TOKENS] + stop_args[1:],
+                  env=self.example_env())
         self.assertEqual(res.rc, 0, res.describe())
         got = parse_example(res)
         self.assertEqual(len(got), len(want), res.describe())
@@ -142,6 +143,12 @@ class CApiChecks:
                 self.assertLessEqual(abs(a - b), LP_TOL, "request %d logprob %d: %r vs %r"
                                      % (i, k, a, b))
         return want
+
+    def example(self):
+        return EXAMPLE
+
+    def example_env(self):
+        return None
 
     # -- tests -----------------------------------------------------------------------------------
 
@@ -202,6 +209,77 @@ class CApiLlama(CApiChecks, unittest.TestCase):
 
 class CApiDeepSeek(CApiChecks, unittest.TestCase):
     VARIANT = "ds3-linen-scan1-f32"
+
+
+class CApiInstalled(CApiChecks, unittest.TestCase):
+    """`meson install` into a temporary folder, then the C example compiled from that folder with
+    nothing but `pkg-config --cflags --libs kiln`, run against the installed libkiln.so and
+    compared with `kiln run` as above; the library exports the C API's kiln_* functions only."""
+
+    VARIANT = "linen-scan1-f32"
+    LORA = True
+    test_api_contract = None  # the same library; checked by the classes above
+    test_errors = None
+    _installed = None
+
+    def installed(self):
+        cls = type(self)
+        if cls._installed is not None:
+            return cls._installed
+        build = os.path.dirname(os.path.abspath(common.KILN))
+        dest = tempfile.mkdtemp(prefix="kiln-install-")
+        cls.addClassCleanup(shutil.rmtree, dest, True)
+        res = run(["meson", "install", "-C", build, "--no-rebuild", "--destdir", dest],
+                  timeout=300)
+        self.assertEqual(res.rc, 0, res.describe())
+        found = {}
+        for d, _, files in os.walk(dest):
+            for f in files:
+                found.setdefault(f, os.path.join(d, f))
+        for name in ("kiln", "kiln.pc", "kiln.h", "libkiln.so"):
+            self.assertIn(name, found, "meson install did not install %s (installed: %s)"
+                          % (name, sorted(found)))
+        self.assertTrue(found["kiln.h"].endswith(os.path.join("include", "kiln", "kiln.h")))
+        pc_dir = os.path.dirname(found["kiln.pc"])
+        env = dict(os.environ, PKG_CONFIG_SYSROOT_DIR=dest, PKG_CONFIG_PATH=pc_dir,
+                   PKG_CONFIG_LIBDIR=pc_dir)
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "kiln"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.assertEqual(flags.returncode, 0, flags.stderr)
+        exe = os.path.join(dest, "kiln_example")
+        cc = subprocess.run(["cc", "-std=c99", "-Wall", "-Wextra", "-Werror",
+                             os.path.join(common.REPO, "tools", "examples", "kiln_example.c"),
+                             "-o", exe] + flags.stdout.split(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+        self.assertEqual(cc.returncode, 0, "cc %s:\n%s" % (flags.stdout, cc.stderr))
+        lib_dir = os.path.dirname(found["libkiln.so"])
+        run_env = dict(os.environ, LD_LIBRARY_PATH=lib_dir)
+        cls._installed = (exe, found, run_env)
+        return cls._installed
+
+    def example(self):
+        return self.installed()[0]
+
+    def example_env(self):
+        return self.installed()[2]
+
+    def test_exports_only_the_c_api(self):
+        lib = os.path.realpath(self.installed()[1]["libkiln.so"])
+        nm = subprocess.run(["nm", "-D", "--defined-only", lib], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+        self.assertEqual(nm.returncode, 0, nm.stderr)
+        names = [line.split()[-1] for line in nm.stdout.splitlines() if line.strip()]
+        self.assertIn("kiln_open", names)
+        self.assertEqual([n for n in names if not n.startswith("kiln_")], [],
+                         "libkiln.so exports more than the C API")
+
+    def test_links_the_installed_library(self):
+        exe = self.example()
+        ldd = subprocess.run(["ldd", exe], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=self.example_env())
+        line = [x for x in ldd.stdout.splitlines() if "libkiln.so" in x]
+        self.assertEqual(len(line), 1, ldd.stdout)
+        self.assertIn(os.path.dirname(self.installed()[1]["libkiln.so"]), line[0])
 
 
 if __name__ == "__main__":

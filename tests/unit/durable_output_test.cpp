@@ -173,7 +173,7 @@ TEST_CASE("a staged file replaces the final file whole, or leaves nothing") {
 TEST_CASE("a directory lock excludes a second holder") {
   const TempDir d("lock");
   {
-    const UniqueFd first = lock_directory(d.path.string(), "test");
+    const FileHandle first = lock_directory(d.path.string(), "test");
     CHECK(error_of([&] {
             lock_directory(d.path.string(), "kiln adapter add");
           }).find("another process is changing it (kiln adapter add") != std::string::npos);

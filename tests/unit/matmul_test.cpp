@@ -1,7 +1,6 @@
 // Linear against a naive reference: every input is a bf16 value, so each product is exact in f32
 // and the only difference to the double-precision reference is the summation order.
 #include "engine/ops/matmul.h"
-#include "engine/ops/parallel.h"
 
 #include <doctest/doctest.h>
 #include <omp.h>
@@ -22,6 +21,7 @@
 
 #include "common/bf16.h"
 #include "common/error.h"
+#include "engine/ops/parallel.h"
 
 namespace {
 
@@ -79,16 +79,7 @@ void run_and_check(const Linear& lin, const std::vector<uint16_t>& w, int64_t M,
 
 // Linears built inside the scope use `n` threads. Most cases use one: the shapes are tiny, and on a
 // shared machine every multi-threaded call can wait a scheduler slice for its second thread.
-class Threads {
- public:
-  explicit Threads(int n) : saved_(omp_get_max_threads()) { kiln::ops::set_num_threads(n); }
-  ~Threads() { kiln::ops::set_num_threads(saved_); }
-  Threads(const Threads&) = delete;
-  Threads& operator=(const Threads&) = delete;
-
- private:
-  int saved_;
-};
+using Threads = kiln::ops::ScopedThreadCount;
 
 }  // namespace
 
@@ -99,9 +90,8 @@ TEST_CASE("Linear matches a naive reference for many shapes") {
   };
   // K and N off the 16/32/64 grids, tiny and odd sizes, one realistic-width case, and K past
   // the GEMV's 2048-row panels (several panels added up; an odd last row in the last one).
-  const Shape shapes[] = {{64, 64, 40}, {33, 70, 40},  {100, 200, 40}, {1, 1, 20},
-                          {7, 3, 20},   {130, 17, 20}, {2048, 96, 40}, {4099, 70, 17},
-                          {6144, 64, 16}};
+  const Shape shapes[] = {{64, 64, 40},  {33, 70, 40},   {100, 200, 40}, {1, 1, 20},    {7, 3, 20},
+                          {130, 17, 20}, {2048, 96, 40}, {4099, 70, 17}, {6144, 64, 16}};
   for (const Shape& s : shapes) {
     const std::vector<uint16_t> w = random_bf16(size_t(s.K * s.N), uint32_t(s.K * 7 + s.N));
     for (bool relayout : {true, false}) {
@@ -315,7 +305,6 @@ TEST_CASE("Linear rejects bad shapes and M outside 1..max_m") {
   LinearOptions bad;
   bad.max_m = 0;
   CHECK_THROWS_AS(Linear(w.data(), 64, 32, bad), kiln::Error);
-  CHECK_THROWS_AS(kiln::ops::set_num_threads(0), kiln::Error);
 }
 
 TEST_CASE("Linear move construction and assignment") {

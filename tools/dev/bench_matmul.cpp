@@ -254,7 +254,7 @@ int run(int argc, char** argv) {
     else
       throw kiln::Error("unknown argument " + a);
   }
-  kiln::ops::set_num_threads(threads);
+  const kiln::ops::ScopedThreadCount thread_count(threads);
   const char* wait = std::getenv("OMP_WAIT_POLICY");
   std::printf("threads=%d OMP_WAIT_POLICY=%s gap=%.0fus\n", threads, wait ? wait : "(unset)",
               gap_us);

@@ -1,4 +1,4 @@
-/* An example of embedding kiln through its C API (engine/kiln.h): runs every prompt of a file
+/* An example of embedding kiln through its C API (include/kiln/kiln.h): runs every prompt of a file
  * with continuous batching over a number of decode slots (kiln_run: the runner of
  * `kiln run --prompts-file`; greedy sampling, optional stop tokens), and prints one line per
  * request in input order:
@@ -11,13 +11,12 @@
  *   STOP_IDS: "id,id,...": a request ends after producing one of them (`kiln run --stop`).
  * Exit status: 0 on success, 1 on an error (one line on stderr), 2 for bad usage. */
 #include <errno.h>
+#include <kiln/kiln.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-
-#include "engine/kiln.h"
 
 typedef struct request {
   int32_t* prompt;

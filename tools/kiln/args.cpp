@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <system_error>
 
+#include "common/text.h"
+
 namespace kiln::cli {
 namespace {
 
@@ -17,13 +19,6 @@ constexpr size_t kMaxLeftColumn = 28;  // wider entries put their help on the ne
 // Every usage message ends with the same pointer to --help, so users always know the next step.
 UsageError usage_error(const std::string& program, const std::string& message) {
   return UsageError(program + ": " + message + " (see '" + program + " --help')");
-}
-
-std::string_view trim(std::string_view s) {
-  const auto not_space = [](char c) { return c != ' ' && c != '\t'; };
-  const auto b = std::find_if(s.begin(), s.end(), not_space);
-  const auto e = std::find_if(s.rbegin(), s.rend(), not_space).base();
-  return b < e ? std::string_view(&*b, static_cast<size_t>(e - b)) : std::string_view();
 }
 
 // Greedy word wrap; `indent` starts every line after the first.

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "engine/inspect.h"
 #include "export/adapter.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
@@ -22,24 +23,8 @@ constexpr const char* kAdapterUsage =
     "Adds, removes or lists the run-time LoRA adapters of an artifact (MaxText or PEFT adapter\n"
     "directories; the base weights are not rewritten).\n";
 
-nlohmann::json adapter_json(const AdapterRecord& a) {
-  return {{"name", a.name},
-          {"merged", a.merged},
-          {"format", a.format},
-          {"source", a.source},
-          {"rank", a.rank},
-          {"lora_alpha", a.lora_alpha},
-          {"use_rslora", a.use_rslora},
-          {"lora_scale", a.lora_scale},
-          {"targets", a.targets.size()},
-          {"tensors", a.targets_per_tensor()},
-          {"blobs", a.blobs.size()},
-          {"bytes", a.bytes()},
-          {"created_utc", a.created_utc}};
-}
-
-nlohmann::json adapters_json(const Manifest& m) {
-  nlohmann::json list = nlohmann::json::array();
+nlohmann::ordered_json adapters_json(const Manifest& m) {
+  nlohmann::ordered_json list = nlohmann::ordered_json::array();
   for (const auto& a : m.adapters) list.push_back(adapter_json(a));
   return list;
 }
@@ -91,7 +76,7 @@ int cmd_adapter(int argc, const char* const* argv) {
     Args a = p.parse(argc - 1, argv + 1);
     Manifest m = read_manifest_in(a.positional(0), !a.has("--no-verify"));
     if (a.has("--json")) {
-      std::printf("%s\n", nlohmann::json{{"adapters", adapters_json(m)}}.dump().c_str());
+      std::printf("%s\n", nlohmann::ordered_json{{"adapters", adapters_json(m)}}.dump().c_str());
     } else if (m.adapters.empty()) {
       std::printf("%s: no adapters\n", a.positional(0).c_str());
     } else {

@@ -1,61 +1,14 @@
 #include <cmath>
 #include <cstdio>
-#include <map>
 #include <nlohmann/json.hpp>
-#include <type_traits>
 
 #include "engine/artifact.h"
-#include "tokenizer/tokenizer.h"
+#include "engine/inspect.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
 #include "tools/kiln/common.h"
 
 namespace kiln::cli {
-
-namespace {
-
-const char* rope_layout_name(RopeLayout r) {
-  switch (r) {
-    case RopeLayout::HalfSplit:
-      return "half-split";
-    case RopeLayout::Interleaved:
-      return "interleaved (llama3.1)";
-    case RopeLayout::Yarn:
-      return "yarn";
-  }
-  return "?";
-}
-
-const char* kind_name(LayerKind k) {
-  switch (k) {
-    case LayerKind::Globals:
-      return "globals";
-    case LayerKind::Dense:
-      return "dense";
-    case LayerKind::MoE:
-      return "moe";
-  }
-  return "?";
-}
-
-// Every field of the model's family (FieldFamily), in the schema's order.
-nlohmann::ordered_json config_json(const ModelConfig& c) {
-  const FieldFamily other = c.is_deepseek() ? FieldFamily::Llama : FieldFamily::DeepSeek;
-  nlohmann::ordered_json j;
-  visit_fields(c, [&](const char* name, const auto& value, const auto& meta) {
-    if (meta.family == other) return;
-    if constexpr (std::is_same_v<std::decay_t<decltype(value)>, RopeLayout>)
-      j[name] = rope_layout_name(value);
-    else
-      j[name] = value;
-  });
-  // mlp_dim only exists with dense layers.
-  if (c.is_deepseek() && c.first_num_dense_layers == 0) j.erase("mlp_dim");
-  if (c.is_deepseek() && c.routed_score_func.empty()) j["routed_score_func"] = "none";
-  return j;
-}
-
-}  // namespace
 
 int cmd_inspect(int argc, const char* const* argv) {
   ArgParser p("kiln inspect",
@@ -74,121 +27,22 @@ int cmd_inspect(int argc, const char* const* argv) {
   auto art = Artifact::open(a.positional(0), {.verify_checksums = verify});
   const Manifest& m = art->manifest();
   const Provenance& pv = m.provenance;
-  // Run-time adapters are mapped and checked like the engine loads them (checksums included
-  // unless --no-verify); their memory is the mapped blob bytes.
-  nlohmann::ordered_json adapters = nlohmann::ordered_json::array();
-  uint64_t adapter_bytes = 0;
-  for (const AdapterRecord& ad : m.adapters) {
-    if (!ad.merged) adapter_bytes += LoraAdapter::open(art->dir(), m.config, ad, verify)->bytes();
-    adapters.push_back({{"name", ad.name},
-                        {"merged", ad.merged},
-                        {"format", ad.format},
-                        {"source", ad.source},
-                        {"rank", ad.rank},
-                        {"lora_alpha", ad.lora_alpha},
-                        {"use_rslora", ad.use_rslora},
-                        {"lora_scale", ad.lora_scale},
-                        {"targets", ad.targets.size()},
-                        {"tensors", ad.targets_per_tensor()},
-                        {"bytes", ad.bytes()}});
-  }
-
-  uint64_t n_tensors = 0, n_params = 0;
-  nlohmann::ordered_json blobs = nlohmann::ordered_json::array();
-  for (size_t i = 0; i < m.blobs.size(); ++i) {
-    const BlobView& v = i == 0 ? art->globals() : art->layer(int64_t(i) - 1);
-    nlohmann::ordered_json tensors = nlohmann::ordered_json::array();
-    for (const auto& t : v.tensors()) {
-      ++n_tensors;
-      n_params += t.length / dtype_size(t.dtype);
-      tensors.push_back({{"name", t.name},
-                         {"dtype", std::string(dtype_name(t.dtype))},
-                         {"shape", t.shape},
-                         {"bytes", t.length},
-                         {"crc32c", t.crc32c}});
-    }
-    blobs.push_back({{"file", m.blobs[i].file},
-                     {"layer", m.blobs[i].layer},
-                     {"kind", kind_name(m.blobs[i].kind)},
-                     {"bytes", m.blobs[i].size},
-                     {"tensors", tensors}});
-  }
-  nlohmann::ordered_json sources = nlohmann::ordered_json::array();
-  for (const auto& [path, size] : pv.sources) sources.push_back({{"path", path}, {"bytes", size}});
-  nlohmann::ordered_json options = nlohmann::ordered_json::array();
-  for (const auto& [k, val] : pv.options) options.push_back(val.empty() ? k : k + " " + val);
-
-  const QkClipRecord& qk = m.qk_clip;
-  nlohmann::ordered_json qk_json = nullptr;
-  if (qk.applied) {
-    nlohmann::ordered_json layers = nlohmann::ordered_json::array();
-    for (int64_t l = 0; l < m.config.num_decoder_layers; ++l) {
-      nlohmann::ordered_json g = nlohmann::ordered_json::array(),
-                             s = nlohmann::ordered_json::array();
-      for (int64_t h = 0; h < qk.heads; ++h) {
-        g.push_back(qk.gamma[size_t(l * qk.heads + h)]);
-        float x = qk.max_logit[size_t(l * qk.heads + h)];
-        s.push_back(std::isnan(x) ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(x));
-      }
-      layers.push_back({{"layer", l}, {"gamma", g}, {"max_logit", s}});
-    }
-    qk_json = {{"threshold", qk.threshold}, {"mode", qk.mode},
-               {"targets", qk.targets},     {"per_group", qk.per_group},
-               {"sources", qk.sources},     {"heads_clipped", qk.clipped_heads()},
-               {"layers", layers}};
-  }
-
-  // The tokenizer is parsed, not just counted: inspect is where a broken one should show.
-  nlohmann::ordered_json tokenizer = nullptr;
-  if (!m.tokenizer.empty()) {
-    const Tokenizer tok(m.tokenizer, art->dir() + ": manifest tokenizer");
-    tokenizer = {{"type", "sentencepiece"},
-                 {"pieces", tok.vocab_size()},
-                 {"bos_id", tok.bos_id()},
-                 {"eos_id", tok.eos_id()},
-                 {"bytes", m.tokenizer.size()}};
-  }
-
+  const nlohmann::ordered_json j = inspect_artifact(*art);
   if (a.has("--json")) {
-    nlohmann::ordered_json j = {
-        {"dir", art->dir()},
-        {"format_version", std::to_string(m.format_major) + "." + std::to_string(m.format_minor)},
-        {"config", config_json(m.config)},
-        {"parameters", n_params},
-        {"tensors", n_tensors},
-        {"bytes", art->total_bytes()},
-        {"checksums_verified", verify},
-        {"blobs", blobs},
-        {"tokenizer", tokenizer},
-        {"qk_clip", qk_json},
-        {"adapters", adapters},
-        {"adapter_bytes", adapter_bytes},
-        {"provenance",
-         {{"exporter_version", pv.exporter_version},
-          {"created_utc", pv.created_utc},
-          {"sources", sources},
-          {"config_source", pv.config_source},
-          {"key_layout", pv.key_layout},
-          {"scanned", pv.scanned},
-          {"scan_axis", pv.scan_axis},
-          {"options", options},
-          {"nonfinite_nan", pv.nonfinite_nan},
-          {"nonfinite_inf", pv.nonfinite_inf}}}};
     std::printf("%s\n", j.dump(2).c_str());
     return 0;
   }
 
   std::printf("artifact   %s (format %u.%u, %.1f MiB, %llu tensors, %.3f M parameters)\n",
               art->dir().c_str(), m.format_major, m.format_minor,
-              double(art->total_bytes()) / (1 << 20), static_cast<unsigned long long>(n_tensors),
-              double(n_params) / 1e6);
+              double(art->total_bytes()) / (1 << 20), j["tensors"].get<unsigned long long>(),
+              double(j["parameters"].get<uint64_t>()) / 1e6);
   std::printf("\nconfig\n");
-  const nlohmann::ordered_json config = config_json(m.config);
-  for (const auto& [k, val] : config.items())
+  for (const auto& [k, val] : j["config"].items())
     std::printf("  %-28s %s\n", k.c_str(),
                 val.is_string() ? val.get<std::string>().c_str() : val.dump().c_str());
   std::printf("\nblobs\n");
-  for (const auto& b : blobs) {
+  for (const auto& b : j["blobs"]) {
     std::printf("  %-18s %-8s %10.2f MiB  %zu tensors\n", b["file"].get<std::string>().c_str(),
                 b["kind"].get<std::string>().c_str(), b["bytes"].get<double>() / (1 << 20),
                 b["tensors"].size());
@@ -198,12 +52,14 @@ int cmd_inspect(int argc, const char* const* argv) {
                     t["dtype"].get<std::string>().c_str(), t["shape"].dump().c_str(),
                     t["crc32c"].get<uint32_t>());
   }
+  const nlohmann::ordered_json& tokenizer = j["tokenizer"];
   if (tokenizer.is_null())
     std::printf("\ntokenizer  none (exported without --tokenizer: token ids only)\n");
   else
     std::printf("\ntokenizer  SentencePiece, %lld pieces, bos %d, eos %d (%.1f KiB)\n",
                 tokenizer["pieces"].get<long long>(), tokenizer["bos_id"].get<int>(),
                 tokenizer["eos_id"].get<int>(), double(m.tokenizer.size()) / 1024);
+  const QkClipRecord& qk = m.qk_clip;
   if (qk.applied) {
     std::printf("\nqk-clip    tau %g, mode %s (%s), %lld of %zu heads clipped; from %s\n",
                 qk.threshold, qk.mode.c_str(), qk.per_group ? "per scanned group" : "per layer",
@@ -229,7 +85,7 @@ int cmd_inspect(int argc, const char* const* argv) {
   }
   if (!m.adapters.empty()) {
     std::printf("\nadapters   %zu, %.2f MiB of run-time adapter blobs\n", m.adapters.size(),
-                double(adapter_bytes) / (1 << 20));
+                double(j["adapter_bytes"].get<uint64_t>()) / (1 << 20));
     print_adapters(m);
   }
   std::printf("\nprovenance\n");

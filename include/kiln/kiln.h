@@ -1,5 +1,6 @@
 /* kiln's C API: the serving API of engine/engine.h (kiln::Engine) for C99 and other languages'
- * foreign-function interfaces.
+ * foreign-function interfaces. Installed as <kiln/kiln.h> with libkiln.so (pkg-config kiln); the
+ * library exports these kiln_* functions and nothing else.
  *
  * Usage: kiln_open an artifact with some decode slots; kiln_prefill a prompt into a kiln_prefix
  * (its attention cache, the logits at its last position and its first sampled token);
@@ -16,9 +17,22 @@
  *     exceptions: a NULL adapter name means the base weights; kiln_close and kiln_prefix_free
  *     accept NULL).
  *   - Token ids are int32_t in [0, kiln_vocab_size); slots are int64_t in [0, kiln_slots).
- *   - A kiln_engine and the prefixes made from it are not thread-safe: use an engine from one
- *     thread at a time. Different engines may be used concurrently. A prefix must be inserted
- *     into (or freed before closing) the engine that made it.
+ *   - Threads: different engines may be used concurrently, each from its own thread, and give
+ *     exactly the results each gives alone. One engine serves one thread at a time: a call made
+ *     while another thread is inside a call on the same engine fails with KILN_ERROR_STATE
+ *     ("in use by another thread") and changes nothing. A prefix must be inserted into (or freed
+ *     before closing) the engine that made it.
+ *   - Option structs (kiln_engine_options, kiln_sampling) begin with struct_size, the size of
+ *     the struct the caller was compiled with. Fill them with kiln_engine_options_default and
+ *     kiln_sampling_default (macros that pass sizeof), which set struct_size and every default,
+ *     then change what you need. Later minor versions only add fields at the end: a library
+ *     given a smaller struct uses the defaults for the fields it lacks; given a larger one, it
+ *     refuses (INVALID_ARGUMENT) unless the fields it does not know are zero. An array of
+ *     kiln_sampling is read with its first element's struct_size as the stride.
+ *   - Versions: the header's KILN_API_VERSION_MAJOR/MINOR; the library's kiln_api_version().
+ *     A program runs with a library of the same major version and at least its minor version.
+ *   - Threads of the OpenMP runtime: a waiting worker thread spins for a while before it
+ *     sleeps (libgomp's default); README "Use from C" shows what OMP_WAIT_POLICY changes.
  */
 #ifndef KILN_H
 #define KILN_H
@@ -29,6 +43,19 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* ---- versions -------------------------------------------------------------------------------- */
+
+#define KILN_API_VERSION_MAJOR 1
+#define KILN_API_VERSION_MINOR 0
+
+/* The release of the library, e.g. "0.2.0". */
+const char* kiln_version(void);
+
+/* The C API version the library implements: major * 1000 + minor. A program compiled with this
+ * header can check at start-up that kiln_api_version() / 1000 == KILN_API_VERSION_MAJOR and
+ * kiln_api_version() % 1000 >= KILN_API_VERSION_MINOR. */
+int kiln_api_version(void);
 
 /* ---- errors ---------------------------------------------------------------------------------- */
 
@@ -78,6 +105,8 @@ typedef enum kiln_sampling_algorithm {
 /* One request's sampling and limits. The stop_tokens array is copied by the call it is passed
  * to; the caller keeps ownership. */
 typedef struct kiln_sampling {
+  /* sizeof(kiln_sampling) as the caller compiled it (kiln_sampling_default) */
+  size_t struct_size;
   kiln_sampling_algorithm algorithm;
   float temperature;
   int32_t top_k;
@@ -89,9 +118,11 @@ typedef struct kiln_sampling {
   int64_t max_new_tokens;
 } kiln_sampling;
 
-/* Fills *s with the defaults: greedy, temperature 1, top_k 0, top_p 1, seed 0, no stop tokens,
- * max_new_tokens 0. Does nothing for NULL. */
-void kiln_sampling_default(kiln_sampling* s);
+/* Fills the struct_size bytes at s with the defaults: greedy, temperature 1, top_k 0, top_p 1,
+ * seed 0, no stop tokens, max_new_tokens 0, and struct_size. Does nothing for NULL or a
+ * struct_size too small to hold struct_size. Call it through kiln_sampling_default. */
+void kiln_sampling_init(kiln_sampling* s, size_t struct_size);
+#define kiln_sampling_default(s) kiln_sampling_init((s), sizeof *(s))
 
 /* ---- engine ---------------------------------------------------------------------------------- */
 
@@ -103,6 +134,8 @@ typedef struct kiln_prefix kiln_prefix; /* a prefilled prompt, ready to insert i
 #define KILN_MAX_THREADS 1024
 
 typedef struct kiln_engine_options {
+  /* sizeof(kiln_engine_options) as the caller compiled it (kiln_engine_options_default) */
+  size_t struct_size;
   int threads;   /* worker threads in [0, KILN_MAX_THREADS]; 0: every core */
   int64_t slots; /* decode slots (>= 1); their caches (slots x max_seq_len) are made at open */
   int64_t max_seq_len; /* context per slot; 0: the model's max_target_length */
@@ -113,13 +146,16 @@ typedef struct kiln_engine_options {
   int verify_checksums;
 } kiln_engine_options;
 
-/* Fills *o with the defaults: threads 0, slots 1, max_seq_len 0, relayout 1, verify_checksums 1.
- * Does nothing for NULL. */
-void kiln_engine_options_default(kiln_engine_options* o);
+/* Fills the struct_size bytes at o with the defaults: threads 0, slots 1, max_seq_len 0,
+ * relayout 1, verify_checksums 1, and struct_size. Does nothing for NULL or a struct_size too
+ * small to hold struct_size. Call it through kiln_engine_options_default. */
+void kiln_engine_options_init(kiln_engine_options* o, size_t struct_size);
+#define kiln_engine_options_default(o) kiln_engine_options_init((o), sizeof *(o))
 
 /* Opens the artifact directory `dir` (written by `kiln export`) and sets *out to a new engine,
  * which the caller closes with kiln_close.
- * Errors: INVALID_ARGUMENT for NULL arguments and options out of range (slots < 1 or above the
+ * Errors: INVALID_ARGUMENT for NULL arguments, a struct_size the library cannot read (see the
+ * conventions) and options out of range (slots < 1 or above the
  * engine's batch limit, max_seq_len < 0 or above the model's max_target_length, threads < 0 or
  * above KILN_MAX_THREADS);
  * IO when the artifact is missing, incomplete or corrupt, or (verify_checksums) a checksum does
