@@ -56,9 +56,9 @@ SamplingParams sampling_params(const std::optional<std::string>& sampling,
   return sp;
 }
 
-#define KILN_SAMPLING_ARGS                                                                   \
+#define KILN_SAMPLING_ARGS                                                                     \
   py::arg("sampling") = py::none(), py::arg("temperature") = py::none(), py::arg("top_k") = 0, \
-  py::arg("top_p") = 1.0f, py::arg("seed") = 0, py::arg("stop") = std::vector<int32_t>{},     \
+  py::arg("top_p") = 1.0f, py::arg("seed") = 0, py::arg("stop") = std::vector<int32_t>{},      \
   py::arg("max_tokens") = 0
 
 py::dict slot_token(const SlotToken& t) {
@@ -82,8 +82,8 @@ struct PyPrefix {
 
 class PyEngine {
  public:
-  PyEngine(const std::string& path, int64_t slots, std::optional<int> threads,
-           int64_t max_seq_len, bool relayout, bool verify) {
+  PyEngine(const std::string& path, int64_t slots, std::optional<int> threads, int64_t max_seq_len,
+           bool relayout, bool verify) {
     EngineOptions eo;
     eo.slots = slots;
     eo.max_seq_len = max_seq_len;
@@ -187,12 +187,11 @@ class PyEngine {
 // generate_text: a streaming iterator over the continuation of a text prompt, in its own slot.
 class TextGeneration {
  public:
-  TextGeneration(PyEngine& e, py::object owner, const std::string& prompt,
-                 const SamplingParams& sp)
+  TextGeneration(PyEngine& e, py::object owner, const std::string& prompt, const SamplingParams& sp)
       : e_(e), owner_(std::move(owner)) {
     Engine& engine = e_.engine();
-    tok_ = &cli::require_tokenizer(engine, e_.path(),
-                              "generate_text cannot take text; give token ids to prefill instead");
+    tok_ = &cli::require_tokenizer(
+        engine, e_.path(), "generate_text cannot take text; give token ids to prefill instead");
     for (int64_t s = 0; s < engine.slots(); ++s)
       if (!engine.slot_busy(s)) {
         slot_ = s;
@@ -200,7 +199,8 @@ class TextGeneration {
       }
     if (slot_ < 0) throw StateError("generate_text: every slot is busy (release one first)");
     SamplingParams with_eos = sp;
-    if (with_eos.stop_tokens.empty() && tok_->eos_id() >= 0) with_eos.stop_tokens = {tok_->eos_id()};
+    if (with_eos.stop_tokens.empty() && tok_->eos_id() >= 0)
+      with_eos.stop_tokens = {tok_->eos_id()};
     const std::vector<int32_t> ids = cli::text_prompt(*tok_, prompt);
     stream_.emplace(*tok_);
     SlotToken first;
@@ -253,16 +253,14 @@ class TextGeneration {
   bool finished_ = false;
 };
 
-py::dict export_artifact_py(const std::vector<std::string>& checkpoint, const std::string& config,
-                            const std::string& out, const std::vector<std::string>& overrides,
-                            std::optional<int> scan_axis, const std::vector<std::string>& max_logits,
-                            std::optional<double> qk_clip_threshold, bool qk_clip_per_group,
-                            const std::string& qk_clip_mode,
-                            const std::optional<std::string>& qk_clip_calibrate,
-                            const std::vector<std::string>& lora,
-                            const std::vector<std::string>& lora_name, double lora_scale,
-                            bool merge_lora, const std::optional<std::string>& tokenizer,
-                            bool force) {
+py::dict export_artifact_py(
+    const std::vector<std::string>& checkpoint, const std::string& config, const std::string& out,
+    const std::vector<std::string>& overrides, std::optional<int> scan_axis,
+    const std::vector<std::string>& max_logits, std::optional<double> qk_clip_threshold,
+    bool qk_clip_per_group, const std::string& qk_clip_mode,
+    const std::optional<std::string>& qk_clip_calibrate, const std::vector<std::string>& lora,
+    const std::vector<std::string>& lora_name, double lora_scale, bool merge_lora,
+    const std::optional<std::string>& tokenizer, bool force) {
   ExportOptions opt;
   opt.checkpoints = checkpoint;
   opt.config_path = config;
@@ -285,15 +283,15 @@ py::dict export_artifact_py(const std::vector<std::string>& checkpoint, const st
     throw Error("merge_lora folds the adapters into the weights; do not also give lora_name");
   if (merge_lora && lora.empty()) throw Error("merge_lora needs lora=[DIR]");
   if (!merge_lora && lora_name.size() != lora.size())
-    throw Error("give one lora_name per lora (or merge_lora=True): " +
-                std::to_string(lora.size()) + " lora, " + std::to_string(lora_name.size()) +
-                " lora_name");
+    throw Error("give one lora_name per lora (or merge_lora=True): " + std::to_string(lora.size()) +
+                " lora, " + std::to_string(lora_name.size()) + " lora_name");
   for (size_t i = 0; i < lora.size(); ++i)
     opt.loras.push_back({lora[i], merge_lora ? "" : lora_name[i], lora_scale});
   // Provenance as the CLI records it (numbers in Python's spelling).
   for (const auto& f : max_logits) opt.recorded_options.emplace_back("--max-logits", f);
   if (qk_clip_threshold)
-    opt.recorded_options.emplace_back("--qk-clip-threshold", py::str(py::float_(*qk_clip_threshold)));
+    opt.recorded_options.emplace_back("--qk-clip-threshold",
+                                      py::str(py::float_(*qk_clip_threshold)));
   if (qk_clip_per_group) opt.recorded_options.emplace_back("--qk-clip-per-group", "");
   for (const auto& c : checkpoint) opt.recorded_options.emplace_back("--checkpoint", c);
   opt.recorded_options.emplace_back("--config", config);
@@ -364,8 +362,7 @@ PYBIND11_MODULE(kiln, m) {
         py::arg("qk_clip_mode") = "mla", py::arg("qk_clip_calibrate") = py::none(),
         py::arg("lora") = std::vector<std::string>{},
         py::arg("lora_name") = std::vector<std::string>{}, py::arg("lora_scale") = 1.0,
-        py::arg("merge_lora") = false, py::arg("tokenizer") = py::none(),
-        py::arg("force") = false,
+        py::arg("merge_lora") = false, py::arg("tokenizer") = py::none(), py::arg("force") = false,
         "Exports a MaxText checkpoint (kiln export); returns the summary as a dict.");
 
   m.def(
@@ -431,10 +428,10 @@ PYBIND11_MODULE(kiln, m) {
              const std::optional<std::string>& adapter, const std::optional<std::string>& sampling,
              std::optional<float> temperature, int32_t top_k, float top_p, uint64_t seed,
              const std::vector<int32_t>& stop, int64_t max_tokens) {
-            return e.prefill(tokens, 1,
-                             sampling_params(sampling, temperature, top_k, top_p, seed, stop,
-                                             max_tokens),
-                             adapter.value_or(""));
+            return e.prefill(
+                tokens, 1,
+                sampling_params(sampling, temperature, top_k, top_p, seed, stop, max_tokens),
+                adapter.value_or(""));
           },
           py::arg("tokens"), py::kw_only(), py::arg("adapter") = py::none(), KILN_SAMPLING_ARGS)
       .def(
@@ -443,10 +440,10 @@ PYBIND11_MODULE(kiln, m) {
              const std::optional<std::string>& adapter, const std::optional<std::string>& sampling,
              std::optional<float> temperature, int32_t top_k, float top_p, uint64_t seed,
              const std::vector<int32_t>& stop, int64_t max_tokens) {
-            return e.prefill(tokens, n,
-                             sampling_params(sampling, temperature, top_k, top_p, seed, stop,
-                                             max_tokens),
-                             adapter.value_or(""));
+            return e.prefill(
+                tokens, n,
+                sampling_params(sampling, temperature, top_k, top_p, seed, stop, max_tokens),
+                adapter.value_or(""));
           },
           py::arg("tokens"), py::arg("n"), py::kw_only(), py::arg("adapter") = py::none(),
           KILN_SAMPLING_ARGS)
@@ -457,9 +454,9 @@ PYBIND11_MODULE(kiln, m) {
              const std::optional<std::string>& sampling, std::optional<float> temperature,
              int32_t top_k, float top_p, uint64_t seed, const std::vector<int32_t>& stop,
              int64_t max_tokens) {
-            return e.prefill_concat(prompts, adapters,
-                                    sampling_params(sampling, temperature, top_k, top_p, seed,
-                                                    stop, max_tokens));
+            return e.prefill_concat(
+                prompts, adapters,
+                sampling_params(sampling, temperature, top_k, top_p, seed, stop, max_tokens));
           },
           py::arg("prompts"), py::kw_only(), py::arg("adapters") = py::none(), KILN_SAMPLING_ARGS)
       .def("insert", &PyEngine::insert, py::arg("prefix"), py::arg("slot"))
@@ -477,7 +474,8 @@ PYBIND11_MODULE(kiln, m) {
           },
           py::arg("name"))
       .def(
-          "unload_adapter", [](PyEngine& e, const std::string& name) { e.engine().unload_adapter(name); },
+          "unload_adapter",
+          [](PyEngine& e, const std::string& name) { e.engine().unload_adapter(name); },
           py::arg("name"))
       .def_property_readonly("loaded_adapters",
                              [](PyEngine& e) { return e.engine().loaded_adapters(); })

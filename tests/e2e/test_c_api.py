@@ -214,7 +214,8 @@ class CApiDeepSeek(CApiChecks, unittest.TestCase):
 class CApiInstalled(CApiChecks, unittest.TestCase):
     """`meson install` into a temporary folder, then the C example compiled from that folder with
     nothing but `pkg-config --cflags --libs kiln`, run against the installed libkiln.so and
-    compared with `kiln run` as above; the library exports the C API's kiln_* functions only."""
+    compared with `kiln run` as above; the library exports the C API's kiln_* functions only; the
+    installed Python package imports in a fresh interpreter."""
 
     VARIANT = "linen-scan1-f32"
     LORA = True
@@ -272,6 +273,21 @@ class CApiInstalled(CApiChecks, unittest.TestCase):
         self.assertIn("kiln_open", names)
         self.assertEqual([n for n in names if not n.startswith("kiln_")], [],
                          "libkiln.so exports more than the C API")
+
+    def test_imports_the_installed_python_package(self):
+        found = self.installed()[1]
+        module = [f for f in found if f.startswith("kiln.cpython") and f.endswith(".so")]
+        self.assertEqual(len(module), 1, "the Python package kiln was not installed: %s"
+                         % sorted(found))
+        site = os.path.dirname(found[module[0]])
+        env = dict(os.environ, PYTHONPATH=site)
+        res = subprocess.run(["/usr/bin/python3", "-c",
+                              "import kiln, sys; print(kiln.__file__); "
+                              "print(kiln.Engine, kiln.export, kiln.inspect, kiln.Error)"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=site)
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertTrue(res.stdout.splitlines()[0].startswith(site), res.stdout)
 
     def test_links_the_installed_library(self):
         exe = self.example()

@@ -263,6 +263,28 @@ class PythonPackage(unittest.TestCase):
         self.assertIn("slot 0", str(cm.exception))
         self.assertIn("busy", str(cm.exception))
 
+    def test_the_readme_snippet_runs(self):
+        readme = open(os.path.join(common.REPO, "README.md"), encoding="utf-8").read()
+        section = readme.split("## Use from Python", 1)[1]
+        code = section.split("```python\n", 1)[1].split("```", 1)[0]
+        work = tempfile.mkdtemp(dir=Shared.tmp)
+        os.symlink(os.path.join(common.REPO, "models"), os.path.join(work, "models"))
+        env = dict(os.environ, PYTHONPATH=PY_DIR)
+        res = subprocess.run(["/usr/bin/python3", "-c", code], cwd=work, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             timeout=300)
+        self.assertEqual(res.returncode, 0, res.stderr)
+        self.assertTrue(res.stdout.strip(), "the snippet printed nothing")
+
+    def test_the_pytest_example_passes(self):
+        env = dict(os.environ, PYTHONPATH=PY_DIR)
+        res = subprocess.run(["/usr/bin/python3", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              os.path.join(common.REPO, "python", "tests")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=600)
+        self.assertEqual(res.returncode, 0, res.stdout)
+        self.assertIn("3 passed", res.stdout)
+
     # -- threads -----------------------------------------------------------------------------------
 
     def steps(self, art, seed, n=200):
