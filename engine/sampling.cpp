@@ -135,6 +135,13 @@ SamplingAlgorithm infer_sampling_algorithm(float temperature, int32_t top_k, flo
   return SamplingAlgorithm::Weighted;
 }
 
+void resolve_sampling_algorithm(SamplingParams& sp, const std::optional<std::string>& name,
+                                std::optional<float> temperature) {
+  sp.temperature = temperature.value_or(name ? 1.0f : 0.0f);
+  sp.algorithm = name ? parse_sampling_algorithm(*name)
+                      : infer_sampling_algorithm(sp.temperature, sp.top_k, sp.top_p);
+}
+
 uint64_t sample_seed(uint64_t seed, int64_t index) {
   if (index == 0) return seed;
   // SplitMix64's finaliser over seed and index (an odd multiple of index, so distinct indices give

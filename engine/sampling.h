@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,13 @@ struct SamplingParams {
 // without --sampling): temperature 0 → greedy; else top_k and top_p < 1 → composite, top_k →
 // topk, top_p < 1 → nucleus, neither → weighted.
 SamplingAlgorithm infer_sampling_algorithm(float temperature, int32_t top_k, float top_p);
+
+// Sets sp.algorithm and sp.temperature as `kiln run` (and the Python package) read their knobs:
+// with an algorithm named (MaxText's name), the temperature defaults to 1; without one, it
+// defaults to 0 and the algorithm is what it and sp.top_k / sp.top_p imply. Throws kiln::Error
+// for an unknown name.
+void resolve_sampling_algorithm(SamplingParams& sp, const std::optional<std::string>& name,
+                                std::optional<float> temperature);
 
 // The seed of sample `index` of a multi-sample request (Engine::prefill_multisampling): index 0 is
 // `seed` itself (so one sample equals a plain prefill), the others are decorrelated streams.

@@ -33,9 +33,7 @@ py::object to_python(const nlohmann::ordered_json& j) {
   return py::module_::import("json").attr("loads")(j.dump());
 }
 
-// The sampling keywords every prefill takes, with `kiln run`'s defaults: `sampling` names
-// MaxText's algorithm (then temperature defaults to 1); without it, temperature 0 means greedy and
-// the other knobs imply the algorithm, as `kiln run --temperature/--top-k/--top-p` do.
+// The sampling keywords every prefill takes, read as `kiln run` reads its options.
 SamplingParams sampling_params(const std::optional<std::string>& sampling,
                                std::optional<float> temperature, int32_t top_k, float top_p,
                                uint64_t seed, const std::vector<int32_t>& stop,
@@ -46,13 +44,7 @@ SamplingParams sampling_params(const std::optional<std::string>& sampling,
   sp.seed = seed;
   sp.stop_tokens = stop;
   sp.max_new_tokens = max_tokens;
-  if (sampling) {
-    sp.algorithm = parse_sampling_algorithm(*sampling);
-    sp.temperature = temperature.value_or(1.0f);
-  } else {
-    sp.temperature = temperature.value_or(0.0f);
-    sp.algorithm = infer_sampling_algorithm(sp.temperature, sp.top_k, sp.top_p);
-  }
+  resolve_sampling_algorithm(sp, sampling, temperature);
   return sp;
 }
 

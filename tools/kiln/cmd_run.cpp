@@ -49,15 +49,10 @@ SamplingParams sampling_params(const Args& a) {
   sp.seed = a.get_u64("--seed");
   sp.max_new_tokens = a.get_int("--max-tokens", 1, 1 << 24);
   if (a.has("--stop")) sp.stop_tokens = a.get_token_list("--stop");
-  if (a.has("--sampling")) {
-    sp.algorithm = parse_sampling_algorithm(a.get("--sampling"));
-    sp.temperature =
-        a.given("--temperature") ? float(a.get_double("--temperature", -1e6, 1e6)) : 1.0f;
-  } else {
-    sp.temperature =
-        a.given("--temperature") ? float(a.get_double("--temperature", -1e6, 1e6)) : 0.0f;
-    sp.algorithm = infer_sampling_algorithm(sp.temperature, sp.top_k, sp.top_p);
-  }
+  resolve_sampling_algorithm(
+      sp, a.has("--sampling") ? std::optional<std::string>(a.get("--sampling")) : std::nullopt,
+      a.given("--temperature") ? std::optional<float>(a.get_double("--temperature", -1e6, 1e6))
+                               : std::nullopt);
   return sp;
 }
 
