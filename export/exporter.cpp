@@ -110,7 +110,7 @@ Plan make_plan(const Checkpoint& ckpt, const ExportConfig& cfg) {
   plan.blobs.push_back(std::move(globals));
 
   for (const GroupSpan& span : layer_groups(mc)) {
-    LayerGroup group(canonical, span.name, span.count, cfg.param_scan_axis);
+    LayerGroup group(canonical, span.name, cfg.param_scan_axis);
     plan.scanned = plan.scanned || group.scanned();
     for (int64_t j = 0; j < span.count; ++j) {
       const int64_t l = span.first_layer + j;

@@ -28,10 +28,9 @@ void unroll_scanned_layer(const LayerTensorSource& src, float* out) {
 }
 
 LayerGroup::LayerGroup(const std::map<std::string, const SourceTensor*>& canonical,
-                       std::string group, int64_t num_layers, int scan_axis)
+                       std::string group, int scan_axis)
     : canonical_(canonical),
       group_(std::move(group)),
-      num_layers_(num_layers),
       scan_axis_(scan_axis) {
   const std::string scanned_prefix = "decoder/" + group_ + "/";
   const std::string unrolled_prefix = "decoder/" + group_ + "_";

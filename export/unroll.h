@@ -34,7 +34,7 @@ void unroll_scanned_layer(const LayerTensorSource& src, float* out);
 class LayerGroup {
  public:
   LayerGroup(const std::map<std::string, const SourceTensor*>& canonical, std::string group,
-             int64_t num_layers, int scan_axis);
+             int scan_axis);
 
   bool scanned() const { return scanned_; }
   // The canonical key that holds `param` of `layer` (for messages and for consumption tracking).
@@ -48,7 +48,6 @@ class LayerGroup {
  private:
   const std::map<std::string, const SourceTensor*>& canonical_;
   std::string group_;
-  int64_t num_layers_;
   int scan_axis_;
   bool scanned_ = false;
 };

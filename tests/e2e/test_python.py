@@ -287,9 +287,9 @@ class PythonPackage(unittest.TestCase):
 
     # -- threads -----------------------------------------------------------------------------------
 
-    def steps(self, art, seed, n=200):
+    def steps(self, art, seed, threads, n=200):
         """n generate steps on one slot, requests one after another; (token, logp) of each."""
-        e = self.k.Engine(art, threads=1)
+        e = self.k.Engine(art, threads=threads)
         out = []
         r = 0
         while len(out) < n:
@@ -307,14 +307,15 @@ class PythonPackage(unittest.TestCase):
 
     def test_two_engines_on_two_threads(self):
         a, b = Shared.llama[1], Shared.deepseek[1]
-        alone = [self.steps(a, 1), self.steps(b, 2)]
+        # Different thread counts: one engine's OpenMP team must not change the other's results.
+        alone = [self.steps(a, 1, 2), self.steps(b, 2, 1)]
         side = [None, None]
 
-        def work(i, art, seed):
-            side[i] = self.steps(art, seed)
+        def work(i, art, seed, threads):
+            side[i] = self.steps(art, seed, threads)
 
-        threads = [threading.Thread(target=work, args=(0, a, 1)),
-                   threading.Thread(target=work, args=(1, b, 2))]
+        threads = [threading.Thread(target=work, args=(0, a, 1, 2)),
+                   threading.Thread(target=work, args=(1, b, 2, 1))]
         for t in threads:
             t.start()
         for t in threads:

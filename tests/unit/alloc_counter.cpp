@@ -25,18 +25,19 @@ uint64_t stop_counting_allocations() {
 
 }  // namespace kiln::test
 
-#if defined(__SANITIZE_ADDRESS__)
-#define KILN_ALLOC_COUNTER_ASAN 1
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define KILN_ALLOC_COUNTER_SANITIZER 1
 #elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KILN_ALLOC_COUNTER_ASAN 1
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define KILN_ALLOC_COUNTER_SANITIZER 1
 #endif
 #endif
 
-#ifdef KILN_ALLOC_COUNTER_ASAN
-// Under AddressSanitizer the allocator is ASan's own, and a malloc defined here would hand it
-// memory it never allocated (and run before it is initialised). ASan calls these hooks for every
-// allocation it serves instead: malloc, calloc, realloc, the aligned forms and operator new alike.
+#ifdef KILN_ALLOC_COUNTER_SANITIZER
+// Under AddressSanitizer or ThreadSanitizer the allocator is the sanitizer's own, and a malloc
+// defined here would hand it memory it never allocated (and run before it is initialised). The
+// sanitizer calls these hooks for every allocation it serves instead: malloc, calloc, realloc, the
+// aligned forms and operator new alike.
 extern "C" int __sanitizer_install_malloc_and_free_hooks(void (*malloc_hook)(const volatile void*,
                                                                              size_t),
                                                          void (*free_hook)(const volatile void*));
@@ -45,7 +46,7 @@ namespace {
 void on_malloc(const volatile void*, size_t) {
   note();
 }
-void on_free(const volatile void*) {}  // ASan installs no hook pair with a null half
+void on_free(const volatile void*) {}  // the sanitizer installs no hook pair with a null half
 [[maybe_unused]] const int g_hooks_installed =
     __sanitizer_install_malloc_and_free_hooks(on_malloc, on_free);
 }  // namespace

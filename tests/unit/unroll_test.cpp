@@ -68,7 +68,7 @@ TEST_CASE("LayerGroup recognises scanned and unrolled forms and refuses a mix") 
   a.key = "params.params.decoder.layers.mlp.wo.kernel";
   b.key = "params.params.decoder.layers_1.mlp.wo.kernel";
   std::map<std::string, const SourceTensor*> scanned = {{"decoder/layers/mlp/wo/kernel", &a}};
-  LayerGroup g1(scanned, "layers", 2, 1);
+  LayerGroup g1(scanned, "layers", 1);
   CHECK(g1.scanned());
   auto s = g1.find(1, "mlp/wo/kernel");
   CHECK(s.tensor == &a);
@@ -77,7 +77,7 @@ TEST_CASE("LayerGroup recognises scanned and unrolled forms and refuses a mix") 
   CHECK(g1.find(0, "mlp/wi_0/kernel").tensor == nullptr);
 
   std::map<std::string, const SourceTensor*> unrolled = {{"decoder/layers_1/mlp/wo/kernel", &b}};
-  LayerGroup g2(unrolled, "layers", 2, 1);
+  LayerGroup g2(unrolled, "layers", 1);
   CHECK_FALSE(g2.scanned());
   CHECK(g2.find(1, "mlp/wo/kernel").tensor == &b);
   CHECK(g2.find(1, "mlp/wo/kernel").scan_axis == -1);
@@ -91,5 +91,5 @@ TEST_CASE("LayerGroup recognises scanned and unrolled forms and refuses a mix") 
 
   std::map<std::string, const SourceTensor*> mixed = {{"decoder/layers/mlp/wo/kernel", &a},
                                                       {"decoder/layers_1/mlp/wo/kernel", &b}};
-  CHECK_THROWS_WITH_AS(LayerGroup(mixed, "layers", 2, 1), doctest::Contains("mixes"), Error);
+  CHECK_THROWS_WITH_AS(LayerGroup(mixed, "layers", 1), doctest::Contains("mixes"), Error);
 }
