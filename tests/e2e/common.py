@@ -9,6 +9,8 @@ import sys
 import tempfile
 import unittest
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 REF_DIR = os.path.join(REPO, "tests", "reference")
@@ -20,7 +22,8 @@ import make_fixture as mf  # noqa: E402
 import safetensors_io as st  # noqa: E402
 
 __all__ = ["lr", "mf", "st", "REPO", "KILN", "kiln", "KilnResult", "tokens_arg",
-           "parse_json_stdout", "TempDirCase", "require_kiln"]
+           "parse_json_stdout", "TempDirCase", "require_kiln", "SANITIZED", "kiln_package",
+           "engine_logits"]
 
 
 def kiln_path():
@@ -32,6 +35,18 @@ def kiln_path():
 
 KILN = kiln_path()
 TIMEOUT = float(os.environ.get("KILN_TEST_TIMEOUT", "120"))
+# tools/test --sanitize: the Python package is not loaded there (an ASan-instrumented extension
+# needs libasan preloaded into the interpreter, whose leaks LeakSanitizer would then report).
+SANITIZED = os.path.basename(os.path.dirname(KILN)) == "build-sanitize"
+
+
+def kiln_package():
+    """The Python package `kiln` of the build that KILN belongs to (BUILD/python)."""
+    directory = os.path.join(os.path.dirname(KILN), "python")
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    import kiln as package  # noqa: E402
+    return package
 
 
 def file_ubsan_report(args, stderr):
@@ -110,6 +125,29 @@ class TempDirCase(unittest.TestCase):
     def assertKilnOk(self, res, what=""):
         if res.rc != 0:
             self.fail("%s failed:\n%s" % (what or "kiln", res.describe()))
+
+
+def engine_logits(tc, art, tokens, adapter=None, what="logits"):
+    """kiln's prefill logits of `tokens` (float32 [T, vocab]) on artifact `art`, through
+    Engine.logits, which equals `kiln golden dump` bit for bit (test_python checks it). Under
+    tools/test --sanitize, where the package is not loaded, through `kiln golden dump` itself, so
+    the instrumented engine computes them."""
+    if not SANITIZED:
+        package = kiln_package()
+        try:
+            return package.Engine(art).logits(list(tokens), adapter=adapter)
+        except package.Error as e:
+            tc.fail("%s: kiln.Error: %s" % (what, e))
+    fd, npy = tempfile.mkstemp(prefix="kiln-golden-", suffix=".npy")
+    os.close(fd)
+    try:
+        extra = ["--adapter", adapter] if adapter else []
+        res = kiln("golden", "dump", art, "--tokens", tokens_arg(tokens), "--out", npy, *extra)
+        if res.rc != 0:
+            tc.fail("%s: kiln golden dump failed:\n%s" % (what, res.describe()))
+        return np.load(npy)
+    finally:
+        os.unlink(npy)
 
 
 def require_kiln(testcase):

@@ -14,7 +14,6 @@ them reproducible) and accepted by `kiln inspect --verify`. The next successful 
 temporary behind. Also: stale temporaries of a dead export are removed by the next one, a live
 one (its lock held) is not; Ctrl-C still exits 130 leaving nothing."""
 
-import fcntl
 import hashlib
 import json
 import os

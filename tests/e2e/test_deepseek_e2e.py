@@ -87,13 +87,6 @@ def compare_greedy(tc, name, model, prompt, got, want):
                    dr.relative_gaps(row[None])[0], got, want))
 
 
-def golden(tc, tmp, art, tokens, what):
-    npy = os.path.join(tmp, "golden.npy")
-    res = kiln("golden", "dump", art, "--tokens", tokens_arg(tokens), "--out", npy)
-    tc.assertKilnOk(res, what)
-    return np.load(npy)
-
-
 class DeepSeekMatrixTest(common.TempDirCase):
     """One test per fixture variant (generated below)."""
 
@@ -116,7 +109,7 @@ class DeepSeekMatrixTest(common.TempDirCase):
                          "whose greedy tokens depend on the decode path" % v.name)
 
         # Prefill of the prompt.
-        got = golden(self, self.tmp, art, prompt, "%s: kiln golden dump" % v.name)
+        got = common.engine_logits(self, art, prompt, what=v.name)
         compare_logits(self, v.name, got, model.logits(prompt), prompt)
 
         # Decode through the latent cache.
@@ -130,7 +123,7 @@ class DeepSeekMatrixTest(common.TempDirCase):
         # Decode vs prefill: one prefill of the whole sequence reproduces every decoded token, and
         # its logits match the reference at every position.
         seq = list(prompt) + decoded[:-1]
-        full = golden(self, self.tmp, art, seq, "%s: kiln golden dump (full sequence)" % v.name)
+        full = common.engine_logits(self, art, seq, what="%s: full sequence" % v.name)
         from_prefill = [int(i) for i in full[PROMPT_LEN - 1:].argmax(-1)]
         self.assertEqual(from_prefill, decoded, "%s: the tokens a full prefill predicts differ "
                          "from the tokens decoded through the latent cache" % v.name)
@@ -153,7 +146,7 @@ class DeepSeekLongContextTest(common.TempDirCase):
         self.assertKilnOk(kiln("export", *fx.export_args(), "--out", art), "export")
         prompt = [int(t) for t in np.random.default_rng(v.seed).integers(0, v.vocab_size,
                                                                           length)]
-        got = golden(self, self.tmp, art, prompt, "golden dump")
+        got = common.engine_logits(self, art, prompt)
         ref = mdf.ref_model(fx).logits(prompt)
         common.check_long_logits(self, v.name, got, ref, length, log)
 

@@ -98,10 +98,7 @@ class LlamaMatrixTest(common.TempDirCase):
         self.assertEqual(sensitive, v.context_sensitive, "%s: fixture problem - no prompt "
                          "whose greedy tokens depend on the decode path" % v.name)
 
-        npy = os.path.join(self.tmp, "golden.npy")
-        res = kiln("golden", "dump", art, "--tokens", tokens_arg(prompt), "--out", npy)
-        self.assertKilnOk(res, "%s: kiln golden dump" % v.name)
-        got = np.load(npy)
+        got = common.engine_logits(self, art, prompt, what=v.name)
         compare_logits(self, v.name, got, model.logits(prompt), prompt)
 
         res = kiln("run", art, "--tokens", tokens_arg(prompt), "--max-tokens", N_GEN, "--json")
@@ -238,10 +235,7 @@ class LongContextTest(common.TempDirCase):
         self.assertKilnOk(kiln("export", *fx.export_args(), "--out", art), "export")
         prompt = [int(t) for t in np.random.default_rng(v.seed).integers(0, v.vocab_size,
                                                                           length)]
-        npy = os.path.join(self.tmp, "g.npy")
-        res = kiln("golden", "dump", art, "--tokens", tokens_arg(prompt), "--out", npy)
-        self.assertKilnOk(res, "golden dump")
-        got = np.load(npy)
+        got = common.engine_logits(self, art, prompt, what=v.name)
         ref = ref_model(fx).logits(prompt)
         common.check_long_logits(self, v.name, got, ref, length, log)
 

@@ -148,12 +148,8 @@ class LoraCase(common.TempDirCase):
         self.assertTrue(os.path.isdir(out), "%s did not create %s" % (what, out))
         return out
 
-    def golden(self, art, tokens, adapter=None, what="golden dump"):
-        npy = os.path.join(self.tmp, "golden-%d.npy" % len(os.listdir(self.tmp)))
-        extra = ["--adapter", adapter] if adapter else []
-        res = kiln("golden", "dump", art, "--tokens", tokens_arg(tokens), "--out", npy, *extra)
-        self.assertKilnOk(res, what)
-        return np.load(npy)
+    def golden(self, art, tokens, adapter=None, what="logits"):
+        return common.engine_logits(self, art, tokens, adapter, what)
 
     def run_tokens(self, art, tokens, n, adapter=None, what="kiln run"):
         extra = ["--adapter", adapter] if adapter else []

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import unittest
@@ -33,17 +32,9 @@ from common import kiln, mf
 import lora_ref as L  # noqa: E402  (common puts tests/reference on sys.path)
 import make_deepseek_fixture as mdf  # noqa: E402
 
-BUILD = os.path.dirname(os.path.abspath(common.KILN))
-PY_DIR = os.path.join(BUILD, "python")
+PY_DIR = os.path.join(os.path.dirname(common.KILN), "python")
 ADAPTER = "ad1"
-SANITIZED = os.path.basename(BUILD) == "build-sanitize"
-
-
-def import_kiln():
-    if PY_DIR not in sys.path:
-        sys.path.insert(0, PY_DIR)
-    import kiln as module  # noqa: E402
-    return module
+SANITIZED = common.SANITIZED
 
 
 def cli_error(res):
@@ -99,7 +90,7 @@ class PythonPackage(unittest.TestCase):
             self.skipTest("the Python package is not built for sanitizer runs (an instrumented "
                           "extension needs libasan preloaded into python3)")
         common.require_kiln(self)
-        self.k = import_kiln()
+        self.k = common.kiln_package()
 
     # -- export and inspect ------------------------------------------------------------------------
 

@@ -225,12 +225,6 @@ def calibrate(tc, art, prompts_path, out, L, H):
     return S
 
 
-def golden(tc, art, tokens, out):
-    res = kiln("golden", "dump", art, "--tokens", tokens_arg(tokens), "--out", out)
-    tc.assertKilnOk(res, "kiln golden dump %s" % art)
-    return np.load(out)
-
-
 def compare_logits(tc, name, got, ref):
     tc.assertEqual(got.dtype, np.float32, name)
     tc.assertEqual(got.shape, ref.shape, name)
@@ -635,7 +629,7 @@ class _QKClipVariant:
                                                context_sensitive=False)
         self.assertGreaterEqual(min(gap, rg), MIN_GAP, "fixture problem: no clear prompt")
         compare_logits(self, self.VARIANT + " clipped (one-shot) golden",
-                       golden(self, a1.path, toks, self.path("g1.npy")), cm.logits(toks))
+                       common.engine_logits(self, a1.path, toks), cm.logits(toks))
 
         # the first layer's statistics left out: the first clipped layer is now layer 1, and
         # layer 0 (untouched) must measure exactly as before
@@ -726,7 +720,7 @@ class _QKClipVariant:
                                                context_sensitive=False)
         self.assertGreaterEqual(min(gap, rg), MIN_GAP, "fixture problem: no clear prompt")
         compare_logits(self, self.VARIANT + " sequential golden",
-                       golden(self, out, toks, self.path("g2.npy")), sm.logits(toks))
+                       common.engine_logits(self, out, toks), sm.logits(toks))
 
         # determinism of the sequential export: a second run gives the same blobs and record
         out2 = self.path("seq2.kiln")
@@ -896,7 +890,7 @@ class QKClipLlamaTest(common.TempDirCase):
         toks, _, gap, _ = lr.choose_prompt(cm, 16, 1, seed=v.seed, context_sensitive=False)
         self.assertGreaterEqual(gap, MIN_GAP, "fixture problem: no clear prompt")
         compare_logits(self, "llama query-mode golden",
-                       golden(self, out, toks, os.path.join(self.tmp, "g.npy")), cm.logits(toks))
+                       common.engine_logits(self, out, toks), cm.logits(toks))
 
 
 if __name__ == "__main__":

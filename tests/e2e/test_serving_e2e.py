@@ -312,14 +312,11 @@ class ServingChecks:
     # -- 2. seeded sampling ----------------------------------------------------------------------
 
     def golden_rows(self, prompt, toks):
-        """kiln's own prefill logits (golden dump) of prompt + toks[:-1] at the rows that produced
-        toks."""
-        sh = self.shared()
+        """kiln's own prefill logits (Engine.logits = golden dump) of prompt + toks[:-1] at the
+        rows that produced toks."""
         seq = list(prompt) + list(toks[:-1])
-        npy = os.path.join(self.tmp, "golden-%d.npy" % len(os.listdir(self.tmp)))
-        res = kiln("golden", "dump", sh["art"], "--tokens", tokens_arg(seq), "--out", npy)
-        self.assertKilnOk(res, "golden dump")
-        return np.load(npy)[len(prompt) - 1:].astype(np.float64)
+        logits = common.engine_logits(self, self.shared()["art"], seq)
+        return logits[len(prompt) - 1:].astype(np.float64)
 
     def check_sampled(self, prompt, o, what, composite=True):
         """A sampled request: each log-prob is the log-softmax of kiln's raw logits (its own
