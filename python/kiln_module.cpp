@@ -22,6 +22,7 @@
 #include "export/exporter.h"
 #include "tokenizer/tokenizer.h"
 #include "tools/kiln/common.h"
+#include "tools/kiln/export_request.h"
 
 namespace py = pybind11;
 
@@ -249,61 +250,30 @@ py::dict export_artifact_py(
     const std::vector<std::string>& checkpoint, const std::string& config, const std::string& out,
     const std::vector<std::string>& overrides, std::optional<int> scan_axis,
     const std::vector<std::string>& max_logits, std::optional<double> qk_clip_threshold,
-    bool qk_clip_per_group, const std::string& qk_clip_mode,
+    bool qk_clip_per_group, const std::optional<std::string>& qk_clip_mode,
     const std::optional<std::string>& qk_clip_calibrate, const std::vector<std::string>& lora,
-    const std::vector<std::string>& lora_name, double lora_scale, bool merge_lora,
+    const std::vector<std::string>& lora_name, std::optional<double> lora_scale, bool merge_lora,
     const std::optional<std::string>& tokenizer, bool force) {
-  ExportOptions opt;
-  opt.checkpoints = checkpoint;
-  opt.config_path = config;
-  opt.out_dir = out;
-  opt.force = force;
-  for (const std::string& kv : overrides) {
-    const auto eq = kv.find('=');
-    if (eq == std::string::npos || eq == 0)
-      throw Error("set: expected KEY=VALUE, got '" + kv + "'");
-    opt.overrides.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
-  }
-  if (scan_axis) opt.scan_axis = *scan_axis;
-  opt.qk_clip.stats = max_logits;
-  if (qk_clip_threshold) opt.qk_clip.threshold = *qk_clip_threshold;
-  opt.qk_clip.per_group = qk_clip_per_group;
-  opt.qk_clip.mode = qk_clip_mode;
-  if (tokenizer) opt.tokenizer_path = *tokenizer;
-  opt.merge_lora = merge_lora;
-  if (merge_lora && !lora_name.empty())
-    throw Error("merge_lora folds the adapters into the weights; do not also give lora_name");
-  if (merge_lora && lora.empty()) throw Error("merge_lora needs lora=[DIR]");
-  if (!merge_lora && lora_name.size() != lora.size())
-    throw Error("give one lora_name per lora (or merge_lora=True): " + std::to_string(lora.size()) +
-                " lora, " + std::to_string(lora_name.size()) + " lora_name");
-  for (size_t i = 0; i < lora.size(); ++i)
-    opt.loras.push_back({lora[i], merge_lora ? "" : lora_name[i], lora_scale});
-  // Provenance as the CLI records it (numbers in Python's spelling).
-  for (const auto& f : max_logits) opt.recorded_options.emplace_back("--max-logits", f);
-  if (qk_clip_threshold)
-    opt.recorded_options.emplace_back("--qk-clip-threshold",
-                                      py::str(py::float_(*qk_clip_threshold)));
-  if (qk_clip_per_group) opt.recorded_options.emplace_back("--qk-clip-per-group", "");
-  for (const auto& c : checkpoint) opt.recorded_options.emplace_back("--checkpoint", c);
-  opt.recorded_options.emplace_back("--config", config);
-  for (const auto& kv : overrides) opt.recorded_options.emplace_back("--set", kv);
-  if (tokenizer) opt.recorded_options.emplace_back("--tokenizer", *tokenizer);
-  for (size_t i = 0; i < lora.size(); ++i) {
-    opt.recorded_options.emplace_back("--lora", lora[i]);
-    if (!merge_lora) opt.recorded_options.emplace_back("--lora-name", lora_name[i]);
-  }
-  if (merge_lora) opt.recorded_options.emplace_back("--merge-lora", "");
-
-  std::optional<cli::PromptsCalibrator> calibrator;
-  if (qk_clip_calibrate) {
-    if (!max_logits.empty())
-      throw Error("qk_clip_calibrate computes the statistics; do not also give max_logits");
-    if (!qk_clip_threshold) throw Error("qk_clip_calibrate needs qk_clip_threshold");
-    opt.recorded_options.emplace_back("--qk-clip-calibrate", *qk_clip_calibrate);
-    calibrator.emplace(*qk_clip_calibrate);
-    opt.qk_clip.calibrator = &*calibrator;
-  }
+  cli::ExportRequest r;
+  r.checkpoints = checkpoint;
+  r.config = config;
+  r.set = overrides;
+  r.scan_axis = scan_axis;
+  r.out = out;
+  r.max_logits = max_logits;
+  r.qk_clip_threshold = qk_clip_threshold;
+  r.qk_clip_per_group = qk_clip_per_group;
+  r.qk_clip_mode = qk_clip_mode;
+  r.qk_clip_calibrate = qk_clip_calibrate;
+  r.lora = lora;
+  r.lora_name = lora_name;
+  r.lora_scale = lora_scale;
+  r.merge_lora = merge_lora;
+  r.tokenizer = tokenizer;
+  r.force = force;
+  const cli::PreparedExport prepared = cli::prepare_export(
+      r, cli::OptionSpelling::Python, [](const std::string& m) { return UsageError(m); });
+  const ExportOptions& opt = prepared.options;
   ExportSummary s;
   {
     py::gil_scoped_release nogil;
@@ -351,9 +321,9 @@ PYBIND11_MODULE(kiln, m) {
         py::kw_only(), py::arg("set") = std::vector<std::string>{},
         py::arg("scan_axis") = py::none(), py::arg("max_logits") = std::vector<std::string>{},
         py::arg("qk_clip_threshold") = py::none(), py::arg("qk_clip_per_group") = false,
-        py::arg("qk_clip_mode") = "mla", py::arg("qk_clip_calibrate") = py::none(),
+        py::arg("qk_clip_mode") = py::none(), py::arg("qk_clip_calibrate") = py::none(),
         py::arg("lora") = std::vector<std::string>{},
-        py::arg("lora_name") = std::vector<std::string>{}, py::arg("lora_scale") = 1.0,
+        py::arg("lora_name") = std::vector<std::string>{}, py::arg("lora_scale") = py::none(),
         py::arg("merge_lora") = false, py::arg("tokenizer") = py::none(), py::arg("force") = false,
         "Exports a MaxText checkpoint (kiln export); returns the summary as a dict.");
 

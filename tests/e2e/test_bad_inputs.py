@@ -259,6 +259,16 @@ class BadInputTest(FixtureCase):
         self.assertIn(res.rc, (1, 2), res.describe())
         self.assertFalse(os.path.exists(self.out))
 
+    def test_bench_outside_the_context_or_the_slots(self):
+        self.assertKilnOk(self.export(), "export")
+        for args, rc, want in (
+                (("--prompt-tokens", "100000"), 1, "must be within the model's context of"),
+                (("--slots", "0"), 2, "slot counts from 1 to")):
+            res = kiln("bench", self.out, "--repeat", "1", *args)
+            self.assertEqual(res.rc, rc, res.describe())
+            self.assertEqual(len(res.stderr_lines), 1, res.describe())
+            self.assertIn(want, res.stderr_lines[0], res.describe())
+
     # -- calibration prompts ---------------------------------------------------------------------
 
     def calibrate(self, prompts_text):

@@ -17,6 +17,7 @@
 """
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -120,6 +121,57 @@ class PythonPackage(unittest.TestCase):
             self.k.export([missing], fx.config_path, os.path.join(Shared.tmp, "never.kiln"))
         self.assertEqual(str(cm.exception), cli_error(res))
         self.assertFalse(os.path.exists(os.path.join(Shared.tmp, "never.kiln")))
+
+    def test_export_refuses_the_cli_combinations_and_records_the_cli_options(self):
+        fx, _, ad = Shared.llama
+        never = os.path.join(Shared.tmp, "never.kiln")
+        base = dict(checkpoint=list(fx.checkpoint_args), config=fx.config_path, out=never)
+        cli_base = ["export", *fx.export_args(), "--out", never]
+        prompts = os.path.join(Shared.tmp, "prompts.txt")
+        with open(prompts, "w") as f:
+            f.write("1,2,3\n")
+        cases = [  # (CLI arguments, Python keyword arguments)
+            (["--set", "novalue"], dict(set=["novalue"])),
+            (["--lora", ad.directory, "--merge-lora", "--lora-name", "x"],
+             dict(lora=[ad.directory], merge_lora=True, lora_name=["x"])),
+            (["--merge-lora"], dict(merge_lora=True)),
+            (["--lora", ad.directory], dict(lora=[ad.directory])),
+            (["--lora-scale", "2"], dict(lora_scale=2.0)),
+            (["--qk-clip-calibrate", prompts, "--max-logits", "s.safetensors",
+              "--qk-clip-threshold", "30"],
+             dict(qk_clip_calibrate=prompts, max_logits=["s.safetensors"], qk_clip_threshold=30.0)),
+            (["--qk-clip-calibrate", prompts], dict(qk_clip_calibrate=prompts)),
+            (["--qk-clip-calibrate", prompts, "--qk-clip-threshold", "30", "--qk-clip-per-group"],
+             dict(qk_clip_calibrate=prompts, qk_clip_threshold=30.0, qk_clip_per_group=True)),
+        ]
+        for cli_args, kwargs in cases:
+            res = kiln(*cli_base, *cli_args)
+            self.assertEqual(res.rc, 2, res.describe())
+            cli_message = cli_error(res)
+            prefix, suffix = "kiln export: ", " (see 'kiln export --help')"
+            self.assertTrue(cli_message.startswith(prefix) and cli_message.endswith(suffix),
+                            cli_message)
+            # the same words, the options named as Python names them
+            want = re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"),
+                          cli_message[len(prefix):-len(suffix)])
+            with self.assertRaises(self.k.Error) as cm:
+                self.k.export(**base, **kwargs)
+            self.assertEqual(str(cm.exception), want, cli_args)
+            self.assertFalse(os.path.exists(never))
+
+        # The manifest records the options in the CLI's spelling, whichever front end exported.
+        via_cli = os.path.join(Shared.tmp, "prov-cli.kiln")
+        via_py = os.path.join(Shared.tmp, "prov-py.kiln")
+        res = kiln("export", *fx.export_args(), "--out", via_cli, "--lora", ad.directory,
+                   "--lora-name", "a", "--lora-scale", "0.5", "--qk-clip-mode", "query",
+                   "--force")
+        self.assertEqual(res.rc, 0, res.describe())
+        self.k.export(list(fx.checkpoint_args), fx.config_path, via_cli.replace("cli", "py"),
+                      set=list(fx.variant.set_overrides), lora=[ad.directory], lora_name=["a"],
+                      lora_scale=0.5, qk_clip_mode="query", force=True)
+        options = [self.k.inspect(d)["provenance"]["options"] for d in (via_cli, via_py)]
+        self.assertEqual(options[0], options[1])
+        self.assertIn("--lora-scale 0.5", options[1])
 
     # -- golden logits -----------------------------------------------------------------------------
 

@@ -2,12 +2,12 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <optional>
 
 #include "export/exporter.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
 #include "tools/kiln/common.h"
+#include "tools/kiln/export_request.h"
 
 namespace kiln::cli {
 
@@ -90,71 +90,27 @@ int cmd_export(int argc, const char* const* argv) {
   p.flag("--force", "replace an existing artifact at --out");
   Args a = p.parse(argc, argv);
 
-  ExportOptions opt;
-  opt.checkpoints = a.get_all("--checkpoint");
-  opt.config_path = a.get("--config");
-  for (const auto& kv : a.get_all("--set")) {
-    auto eq = kv.find('=');
-    if (eq == std::string::npos || eq == 0)
-      throw a.error("--set expects KEY=VALUE, got '" + kv + "'");
-    opt.overrides.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
-  }
-  if (a.has("--scan-axis")) opt.scan_axis = int(a.get_int("--scan-axis", -1000, 1000));
-  opt.out_dir = a.get("--out");
-  opt.force = a.has("--force");
-  opt.qk_clip.stats = a.get_all("--max-logits");
+  ExportRequest r;
+  r.checkpoints = a.get_all("--checkpoint");
+  r.config = a.get("--config");
+  r.set = a.get_all("--set");
+  if (a.has("--scan-axis")) r.scan_axis = int(a.get_int("--scan-axis", -1000, 1000));
+  r.out = a.get("--out");
+  r.max_logits = a.get_all("--max-logits");
   if (a.has("--qk-clip-threshold"))
-    opt.qk_clip.threshold = a.get_double("--qk-clip-threshold", 1e-30, 1e30);
-  opt.qk_clip.per_group = a.has("--qk-clip-per-group");
-  opt.qk_clip.mode = a.get("--qk-clip-mode");
-  for (const auto& f : opt.qk_clip.stats) opt.recorded_options.emplace_back("--max-logits", f);
-  if (a.has("--qk-clip-threshold"))
-    opt.recorded_options.emplace_back("--qk-clip-threshold", a.get("--qk-clip-threshold"));
-  if (opt.qk_clip.per_group) opt.recorded_options.emplace_back("--qk-clip-per-group", "");
-  if (a.given("--qk-clip-mode"))
-    opt.recorded_options.emplace_back("--qk-clip-mode", opt.qk_clip.mode);
-  for (const auto& c : opt.checkpoints) opt.recorded_options.emplace_back("--checkpoint", c);
-  opt.recorded_options.emplace_back("--config", opt.config_path);
-  for (const auto& kv : a.get_all("--set")) opt.recorded_options.emplace_back("--set", kv);
-  if (opt.scan_axis) opt.recorded_options.emplace_back("--scan-axis", a.get("--scan-axis"));
-  if (opt.force) opt.recorded_options.emplace_back("--force", "");
-  if (a.has("--tokenizer")) {
-    opt.tokenizer_path = a.get("--tokenizer");
-    opt.recorded_options.emplace_back("--tokenizer", opt.tokenizer_path);
-  }
-
-  const auto lora_dirs = a.get_all("--lora");
-  const auto lora_names = a.get_all("--lora-name");
-  const double lora_scale = a.get_double("--lora-scale", -1e6, 1e6);
-  opt.merge_lora = a.has("--merge-lora");
-  if (opt.merge_lora && !lora_names.empty())
-    throw a.error("--merge-lora folds the adapters into the weights; do not also give --lora-name");
-  if (opt.merge_lora && lora_dirs.empty()) throw a.error("--merge-lora needs --lora DIR");
-  if (!opt.merge_lora && lora_names.size() != lora_dirs.size())
-    throw a.error(
-        "give one --lora-name per --lora (or --merge-lora): " + std::to_string(lora_dirs.size()) +
-        " --lora, " + std::to_string(lora_names.size()) + " --lora-name");
-  if (a.given("--lora-scale") && lora_dirs.empty()) throw a.error("--lora-scale needs --lora DIR");
-  for (size_t i = 0; i < lora_dirs.size(); ++i) {
-    opt.loras.push_back({lora_dirs[i], opt.merge_lora ? "" : lora_names[i], lora_scale});
-    opt.recorded_options.emplace_back("--lora", lora_dirs[i]);
-    if (!opt.merge_lora) opt.recorded_options.emplace_back("--lora-name", lora_names[i]);
-  }
-  if (a.given("--lora-scale"))
-    opt.recorded_options.emplace_back("--lora-scale", a.get("--lora-scale"));
-  if (opt.merge_lora) opt.recorded_options.emplace_back("--merge-lora", "");
-
-  std::optional<PromptsCalibrator> calibrator;
-  if (a.has("--qk-clip-calibrate")) {
-    if (!opt.qk_clip.stats.empty())
-      throw a.error("--qk-clip-calibrate computes the statistics; do not also give --max-logits");
-    if (opt.qk_clip.threshold == 0) throw a.error("--qk-clip-calibrate needs --qk-clip-threshold");
-    if (opt.qk_clip.per_group)
-      throw a.error("--qk-clip-calibrate clips layer by layer; --qk-clip-per-group does not apply");
-    opt.recorded_options.emplace_back("--qk-clip-calibrate", a.get("--qk-clip-calibrate"));
-    calibrator.emplace(a.get("--qk-clip-calibrate"));
-    opt.qk_clip.calibrator = &*calibrator;
-  }
+    r.qk_clip_threshold = a.get_double("--qk-clip-threshold", 1e-30, 1e30);
+  r.qk_clip_per_group = a.has("--qk-clip-per-group");
+  if (a.given("--qk-clip-mode")) r.qk_clip_mode = a.get("--qk-clip-mode");
+  if (a.has("--qk-clip-calibrate")) r.qk_clip_calibrate = a.get("--qk-clip-calibrate");
+  r.lora = a.get_all("--lora");
+  r.lora_name = a.get_all("--lora-name");
+  if (a.given("--lora-scale")) r.lora_scale = a.get_double("--lora-scale", -1e6, 1e6);
+  r.merge_lora = a.has("--merge-lora");
+  if (a.has("--tokenizer")) r.tokenizer = a.get("--tokenizer");
+  r.force = a.has("--force");
+  const PreparedExport prepared =
+      prepare_export(r, OptionSpelling::Cli, [&](const std::string& m) { return a.error(m); });
+  const ExportOptions& opt = prepared.options;
 
   ProgressBar bar;
   ExportSummary s = export_artifact(opt, [&](const ExportProgress& pr) { bar.update(pr); });
