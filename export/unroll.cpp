@@ -29,9 +29,7 @@ void unroll_scanned_layer(const LayerTensorSource& src, float* out) {
 
 LayerGroup::LayerGroup(const std::map<std::string, const SourceTensor*>& canonical,
                        std::string group, int scan_axis)
-    : canonical_(canonical),
-      group_(std::move(group)),
-      scan_axis_(scan_axis) {
+    : canonical_(canonical), group_(std::move(group)), scan_axis_(scan_axis) {
   const std::string scanned_prefix = "decoder/" + group_ + "/";
   const std::string unrolled_prefix = "decoder/" + group_ + "_";
   std::string a_scanned, a_unrolled;
