@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <filesystem>
 
+#include "common/clock.h"
 #include "common/crc32c.h"
 #include "common/error.h"
 #include "engine/ops/parallel.h"
@@ -29,6 +30,7 @@ void check_tensor_set(const BlobView& view, const std::vector<TensorSpec>& specs
 }  // namespace
 
 std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactOptions& opt) {
+  const double t0 = now_seconds();
   if (!fs::is_directory(dir)) throw Error(dir + ": not an artifact directory (does not exist)");
   auto a = std::unique_ptr<Artifact>(new Artifact());
   a->dir_ = dir;
@@ -55,13 +57,12 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
     BlobView view = check_listed_blob(*file, e, path);
     check_tensor_set(view,
                      want_layer < 0 ? global_tensor_specs(c) : layer_tensor_specs(c, want_layer));
-    const bool later = opt.verify_checksums && opt.verify_on_first_use;
-    if (opt.verify_checksums && !later)
-      for (const auto& t : view.tensors()) verify_tensor(view, t);
-    a->verified_.emplace_back(view.tensors().size(), !later);
+    a->verified_.emplace_back(view.tensors().size(), !opt.verify_checksums);
     a->files_.push_back(std::move(file));
     a->views_.push_back(std::move(view));
   }
+  a->open_seconds_ = now_seconds() - t0;
+  if (opt.verify_checksums && !opt.verify_on_first_use) a->verify_remaining();
   return a;
 }
 
@@ -88,13 +89,17 @@ void verify_tensor(const BlobView& blob, const BlobTensorInfo& t) {
   blob.check_crc(t, crc);
 }
 
+void Artifact::verify(size_t b, size_t i) const {
+  const double t0 = now_seconds();
+  verify_tensor(views_[b], views_[b].tensors()[i]);
+  verified_[b][i] = true;
+  verify_seconds_ += now_seconds() - t0;
+}
+
 void Artifact::verify_remaining() const {
   for (size_t b = 0; b < views_.size(); ++b)
     for (size_t i = 0; i < views_[b].tensors().size(); ++i)
-      if (!verified_[b][i]) {
-        verify_tensor(views_[b], views_[b].tensors()[i]);
-        verified_[b][i] = true;
-      }
+      if (!verified_[b][i]) verify(b, i);
 }
 
 BlobView check_listed_blob(const MappedFile& file, const BlobEntry& e, const std::string& path) {
@@ -139,10 +144,7 @@ const uint16_t* Artifact::bf16(const BlobView& blob, const std::string& name,
   const BlobTensorInfo& t = blob.expect(name, DType::BF16, shape);
   const size_t b = index_of(blob);
   const size_t i = size_t(&t - blob.tensors().data());  // expect() returns an element of tensors()
-  if (!verified_[b][i]) {
-    verify_tensor(blob, t);
-    verified_[b][i] = true;
-  }
+  if (!verified_[b][i]) verify(b, i);
   return reinterpret_cast<const uint16_t*>(blob.bytes(t).data());
 }
 

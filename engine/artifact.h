@@ -59,9 +59,14 @@ class Artifact {
   // Checks every tensor not yet checked (verify_on_first_use); nothing without verification.
   void verify_remaining() const;
   bool verifies_checksums() const { return verify_; }
+  // Time spent so far: in open() outside the checksums (manifest, mappings, structure checks),
+  // and checking checksums (in open() or on first use).
+  double open_seconds() const { return open_seconds_; }
+  double verify_seconds() const { return verify_seconds_; }
 
  private:
   size_t index_of(const BlobView& blob) const;  // throws for a view of another artifact
+  void verify(size_t blob, size_t tensor) const;  // checks, times and marks one tensor
 
   std::string dir_;
   uint64_t manifest_bytes_ = 0;
@@ -70,6 +75,8 @@ class Artifact {
   std::vector<BlobView> views_;
   bool verify_ = true;
   mutable std::vector<std::vector<bool>> verified_;  // [blob][tensor], with verify_on_first_use
+  double open_seconds_ = 0;
+  mutable double verify_seconds_ = 0;
 };
 
 }  // namespace kiln

@@ -43,13 +43,21 @@ BenchmarkResult run_benchmark(const std::string& dir, EngineOptions engine_optio
   if (n_prompt < 1 || n_gen < 1 || n_prompt + n_gen > engine->max_seq_len())
     throw Error("prompt tokens + generated tokens = " + std::to_string(n_prompt + n_gen) +
                 " must be within the model's context of " + std::to_string(engine->max_seq_len()));
+  res.startup = engine->model().startup_times();
+
+  SamplingParams greedy;
+  {
+    greedy.max_new_tokens = 1;
+    Runner first(*engine);
+    first.run({{{1, 2, 3, 4}, ""}}, greedy);
+    res.first_token_seconds = now_seconds() - t0;
+  }
   if (!options.adapter.empty()) res.adapter = load_adapter_measured(*engine, options.adapter);
 
   Rng rng(42);
   std::vector<int32_t> prompt(static_cast<size_t>(n_prompt));
   for (auto& t : prompt) t = int32_t(rng.next() % uint64_t(c.vocab_size));
 
-  SamplingParams greedy;
   greedy.max_new_tokens = n_gen + 1;  // the prefill's token, then n_gen decode steps
   Runner runner(*engine);
   const std::vector<GenerationRequest> request = {{prompt, options.adapter}};

@@ -35,6 +35,10 @@ struct BatchedDecode {
 
 struct BenchmarkResult {
   double load_seconds = 0;  // Engine::open, checksums included
+  StartupTimes startup;     // where Engine::open spent its time
+  // Engine::open and then a 4-token prompt's first token, as a fresh `kiln run` would get it
+  // (without the process's own start: loading the program and its libraries).
+  double first_token_seconds = 0;
   int threads = 0;
   std::string model;  // the model name, or the decoder block when the config has none
   std::optional<AdapterLoad> adapter;

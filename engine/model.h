@@ -75,6 +75,17 @@ struct SequenceStep {
   const LoraAdapter* adapter = nullptr;  // nullptr: the base weights alone
 };
 
+// Where Model::open spent its time (kiln bench's start-up phases). The phases are disjoint; what
+// the total has beyond their sum ("other") is the families' own preparation (copies, norms, the
+// KV-free setup) and page faults outside the timed steps.
+struct StartupTimes {
+  double total_seconds = 0;      // Model::open
+  double open_seconds = 0;       // manifest, mappings, structure checks (Artifact::open)
+  double verify_seconds = 0;     // checksums of every tensor
+  double relayout_seconds = 0;   // weights copied into oneDNN's blocked layout
+  double primitive_seconds = 0;  // oneDNN primitives (or cache hits) and their scratchpad
+};
+
 class Model {
  public:
   static std::unique_ptr<Model> open(const std::string& dir, const ModelOptions& opt = {});
@@ -82,6 +93,7 @@ class Model {
 
   const Artifact& artifact() const { return *artifact_; }
   const ModelConfig& config() const { return artifact_->config(); }
+  const StartupTimes& startup_times() const { return startup_; }
 
   // An empty cache for `capacity` positions in this model's layout (see KvCache).
   virtual KvCache new_cache(int64_t capacity) const;
@@ -160,6 +172,7 @@ class Model {
   ops::MatmulContext matmul_context_;
 
  private:
+  StartupTimes startup_;
   void validate(std::span<const int32_t> tokens, const KvCache& cache) const;
   // Throws NonFiniteError if the last forward_rows recorded a non-finite logit.
   void check_finite(const Rows& rows, bool batch) const;

@@ -12,10 +12,6 @@
 
 namespace kiln {
 
-double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 AdapterLoad load_adapter_measured(Engine& engine, const std::string& name) {
   AdapterLoad m;
   m.name = name;

@@ -10,12 +10,10 @@
 #include <string>
 #include <vector>
 
+#include "common/clock.h"
 #include "engine/engine.h"
 
 namespace kiln {
-
-// Seconds since an arbitrary fixed point (monotonic).
-double now_seconds();
 
 // What loading a run-time adapter into an open engine cost. The engine maps the adapter's blobs
 // only, so the resident set grows by about the adapter's size and the base weights are not touched.

@@ -37,6 +37,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "engine/ops/parallel.h"
 
@@ -142,6 +143,7 @@ Runtime& runtime() {
 // the Linears built with it, never by forward().
 struct MatmulContext::Impl {
   dnnl::stream strm{runtime().eng};
+  BuildTimes build;
   // One user-mode scratchpad for every primitive of the context (its forward() calls never
   // overlap), also the plain GEMV's partial sums, so executing never makes oneDNN allocate.
   HugeBuffer scratch_buf;
@@ -180,6 +182,9 @@ struct MatmulContext::Impl {
 
 MatmulContext::MatmulContext() : impl_(std::make_unique<Impl>()) {}
 MatmulContext::~MatmulContext() = default;
+MatmulContext::BuildTimes MatmulContext::build_times() const {
+  return impl_->build;
+}
 
 namespace {
 
@@ -752,10 +757,12 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
         // oneDNN's reorder writes the layout's zero padding too (Kp, Np), which the GEMV and
         // brgemm rely on; the fresh anonymous pages are zero anyway. From a transposed W it
         // transposes and blocks in the same pass.
+        const double t0 = now_seconds();
         dnnl::memory src(plain, rt.eng, const_cast<uint16_t*>(weights));
         dnnl::memory dst(wmd, rt.eng, impl->owned.data());
         dnnl::reorder(src, dst).execute(ctx.strm, src, dst);
         ctx.strm.wait();
+        ctx.build.relayout_seconds += now_seconds() - t0;
         impl->w = static_cast<const uint16_t*>(impl->owned.data());
         if (is_ba16a64b2a(wmd, K, N)) {
           impl->Kp = wmd.data.padded_dims[0];
@@ -779,11 +786,13 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
 
     impl->largest_le.assign(size_t(opt.max_m) + 1, nullptr);
     std::vector<const Impl::Bound*> buckets;  // ascending m
+    const double t0 = now_seconds();
     for (int64_t m : bucket_sizes(opt.max_m, impl->gemv_max_m)) {
       const auto b = get_bucket(rt, K, N, m, kind, opt.transposed, wmd, impl->threads);
       ctx.reserve_scratch(b->scratch_bytes);
       buckets.push_back(&ctx.bind(b));
     }
+    ctx.build.primitive_seconds += now_seconds() - t0;
     const Impl::Bound* best = nullptr;
     size_t next = 0;
     for (int64_t m = 1; m <= opt.max_m; ++m) {

@@ -38,6 +38,14 @@ class MatmulContext {
   MatmulContext(const MatmulContext&) = delete;
   MatmulContext& operator=(const MatmulContext&) = delete;
 
+  // What building this context's Linears has cost so far (start-up phases): copying weights into
+  // oneDNN's layout, and creating oneDNN primitives (or finding them in the process-wide cache).
+  struct BuildTimes {
+    double relayout_seconds = 0;
+    double primitive_seconds = 0;
+  };
+  BuildTimes build_times() const;
+
  private:
   friend class Linear;
   struct Impl;

@@ -196,6 +196,16 @@ class KilnCliTest(common.TempDirCase):
         flat = " ".join(out.keys())
         self.assertIn("prefill", flat, out)
         self.assertIn("decode", flat, out)
+        # start-up phases: disjoint parts of the open, which is part of the first token's time
+        st = out["startup"]
+        phases = ["mapping_seconds", "checksum_seconds", "relayout_seconds", "primitive_seconds"]
+        for k in phases:
+            self.assertGreaterEqual(st[k], 0, out)
+        self.assertGreater(st["checksum_seconds"], 0, out)  # verification is on by default
+        self.assertAlmostEqual(sum(st[k] for k in phases) + st["other_seconds"],
+                               st["open_seconds"], places=6)
+        self.assertLessEqual(st["open_seconds"], st["first_token_seconds"])
+        self.assertEqual(st["open_seconds"], out["load_seconds"])
 
     def test_bench_slots_json(self):
         res = kiln("bench", self.art, "--prompt-tokens", 16, "--gen-tokens", 4, "--repeat", 2,

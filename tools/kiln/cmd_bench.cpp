@@ -11,10 +11,23 @@
 
 namespace kiln::cli {
 
+namespace {
+
+// Engine::open's time outside the model's named phases.
+double other_startup_seconds(const BenchmarkResult& r) {
+  const StartupTimes& t = r.startup;
+  return r.load_seconds - t.open_seconds - t.verify_seconds - t.relayout_seconds -
+         t.primitive_seconds;
+}
+
+}  // namespace
+
 int cmd_bench(int argc, const char* const* argv) {
   ArgParser p("kiln bench",
-              "Measures load time, prefill and decode tokens/s (medians over --repeat runs) and "
-              "peak resident memory on a seeded pseudo-random prompt. With --adapter, also what "
+              "Measures start-up (the open's phases: mappings, checksums, re-layout, oneDNN "
+              "primitives; then the first token of a 4-token prompt), prefill and decode "
+              "tokens/s (medians over --repeat runs) and peak resident memory on a seeded "
+              "pseudo-random prompt. With --adapter, also what "
               "loading that run-time adapter into the open engine costs (time, resident memory), "
               "and the runs use it.");
   p.positional("DIR", "artifact directory");
@@ -55,6 +68,14 @@ int cmd_bench(int argc, const char* const* argv) {
                                 {"gen_tokens", bo.gen_tokens},
                                 {"repeat", bo.repeat},
                                 {"load_seconds", r.load_seconds},
+                                {"startup",
+                                 {{"first_token_seconds", r.first_token_seconds},
+                                  {"open_seconds", r.load_seconds},
+                                  {"mapping_seconds", r.startup.open_seconds},
+                                  {"checksum_seconds", r.startup.verify_seconds},
+                                  {"relayout_seconds", r.startup.relayout_seconds},
+                                  {"primitive_seconds", r.startup.primitive_seconds},
+                                  {"other_seconds", other_startup_seconds(r)}}},
                                 {"prefill_tokens_per_s", median(r.prefill_tokens_per_s)},
                                 {"decode_tokens_per_s", median(r.decode_tokens_per_s)},
                                 {"prefill_runs", r.prefill_tokens_per_s},
@@ -82,6 +103,12 @@ int cmd_bench(int argc, const char* const* argv) {
     return 0;
   }
   std::printf("load          %.3f s\n", r.load_seconds);
+  std::printf(
+      "start-up      first token %.3f s: open %.3f s (mappings %.3f, checksums %.3f, re-layout "
+      "%.3f, primitives %.3f, other %.3f), first pass %.3f s\n",
+      r.first_token_seconds, r.load_seconds, r.startup.open_seconds,
+      r.startup.verify_seconds, r.startup.relayout_seconds, r.startup.primitive_seconds,
+      other_startup_seconds(r), r.first_token_seconds - r.load_seconds);
   if (adapter)
     std::printf(
         "adapter       '%s' (rank %lld, %.1f MiB): loaded in %.4f s, resident %.0f -> "

@@ -25,7 +25,7 @@ constexpr const char* kUsage =
     "  eval      perplexity and tokens/s on a text file\n"
     "  tokenize  the artifact's tokenizer on a file: text -> ids, or ids -> text\n"
     "  golden    dump / check the logits of one prefill (regression tests)\n"
-    "  bench     prefill and decode tokens/s, load time, peak memory\n"
+    "  bench     start-up phases, prefill and decode tokens/s, peak memory\n"
     "  calibrate record per-layer, per-head max attention logits on prompts (for QK-Clip)\n"
     "  adapter   add / remove / list the run-time LoRA adapters of an artifact\n";
 
