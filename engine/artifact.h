@@ -65,7 +65,7 @@ class Artifact {
   double verify_seconds() const { return verify_seconds_; }
 
  private:
-  size_t index_of(const BlobView& blob) const;  // throws for a view of another artifact
+  size_t index_of(const BlobView& blob) const;    // throws for a view of another artifact
   void verify(size_t blob, size_t tensor) const;  // checks, times and marks one tensor
 
   std::string dir_;

@@ -106,9 +106,9 @@ int cmd_bench(int argc, const char* const* argv) {
   std::printf(
       "start-up      first token %.3f s: open %.3f s (mappings %.3f, checksums %.3f, re-layout "
       "%.3f, primitives %.3f, other %.3f), first pass %.3f s\n",
-      r.first_token_seconds, r.load_seconds, r.startup.open_seconds,
-      r.startup.verify_seconds, r.startup.relayout_seconds, r.startup.primitive_seconds,
-      other_startup_seconds(r), r.first_token_seconds - r.load_seconds);
+      r.first_token_seconds, r.load_seconds, r.startup.open_seconds, r.startup.verify_seconds,
+      r.startup.relayout_seconds, r.startup.primitive_seconds, other_startup_seconds(r),
+      r.first_token_seconds - r.load_seconds);
   if (adapter)
     std::printf(
         "adapter       '%s' (rank %lld, %.1f MiB): loaded in %.4f s, resident %.0f -> "
