@@ -125,6 +125,7 @@ class DeepSeekModel final : public Model {
     const int64_t E = E_, H = H_, V = c_.vocab_size;
     const Artifact& a = *artifact_;
     ops::LinearOptions lo{chunk_, opt.relayout};
+    lo.eager_max_m = opt.decode_rows > 0 ? opt.decode_rows : chunk_;
     lo.context = &matmul_context_;
     const bool any_moe = c_.first_num_dense_layers < c_.num_decoder_layers;
     int64_t widest = 1;  // widest MLP intermediate (dense, expert or shared)

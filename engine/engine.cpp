@@ -38,7 +38,9 @@ std::unique_ptr<Engine> Engine::open(const std::string& dir, const EngineOptions
     throw Error(dir + ": " + std::to_string(opt.model.threads) +
                 " worker threads requested; between 0 (every core) and " +
                 std::to_string(kMaxThreads) + " are supported");
-  auto model = Model::open(dir, opt.model);
+  ModelOptions model_options = opt.model;
+  model_options.decode_rows = std::max<int64_t>(opt.slots, 1);
+  auto model = Model::open(dir, model_options);
   int64_t ctx = model->config().max_target_length;
   if (opt.max_seq_len > ctx)
     throw Error(dir + ": requested context " + std::to_string(opt.max_seq_len) +

@@ -47,6 +47,7 @@ class LlamaModel final : public Model {
                   F = c_.mlp_dim, V = c_.vocab_size;
     const Artifact& a = *artifact_;
     ops::LinearOptions lo{chunk_, opt.relayout};
+    lo.eager_max_m = opt.decode_rows > 0 ? opt.decode_rows : chunk_;
     lo.context = &matmul_context_;
     for (int64_t l = 0; l < c_.num_decoder_layers; ++l) {
       const BlobView& b = a.layer(l);

@@ -29,6 +29,10 @@ struct ModelOptions {
   // machine's physical memory.
   bool relayout = true;
   int64_t max_chunk = 512;  // prefill processes at most this many tokens per pass
+  // The most rows a decode step runs (the engine's slots; 0: max_chunk). Matrix-product
+  // primitives up to this many rows are created at open, the larger ones by the first prefill
+  // that needs them: decode never creates one, and a short first prompt waits for none.
+  int64_t decode_rows = 0;
 };
 
 // A forward pass produced a NaN or ±inf logit: damaged weights (an artifact opened without

@@ -55,12 +55,24 @@ std::string shape_str(int64_t K, int64_t N) {
 
 // Anonymous memory, 2 MiB-aligned and advised for transparent huge pages: first-touch faults on
 // 4 KiB pages cost ~13 µs each in this VM (≈7 s for a 1B model), 2 MiB pages cut them 512×, and
-// huge pages also stream faster (~63 vs ~55 GB/s on 2 threads).
+// huge pages also stream faster (~63 vs ~55 GB/s on 2 threads). Below 2 MiB, plain pages: a huge
+// page would be zeroed whole for a small matrix (the default model's 30 small matrices spent
+// most of its start-up zeroing 2 MiB pages they used a fraction of).
 class HugeBuffer {
  public:
   HugeBuffer() = default;
   explicit HugeBuffer(size_t bytes) {
     constexpr size_t kHuge = size_t(2) << 20;
+    if (bytes < kHuge) {
+      len_ = (bytes + 4095) / 4096 * 4096;
+      data_ = mmap(nullptr, len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (data_ == MAP_FAILED) {
+        data_ = nullptr;
+        len_ = 0;
+        throw Error("cannot allocate " + std::to_string(bytes) + " bytes for re-laid weights");
+      }
+      return;
+    }
     const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
     // Over-map by one huge page so an aligned start exists, then return the slack to the kernel.
     void* raw =
@@ -701,7 +713,27 @@ struct Linear::Impl {
   dnnl::memory wmem;                   // W as oneDNN sees it; handle set once here, never again
   MatmulContext::Impl* ctx = nullptr;  // the context forward() runs in
   using Bound = MatmulContext::Impl::Bound;
-  std::vector<const Bound*> largest_le;  // [M] → largest bucket with m ≤ M (M ≤ max_m)
+  // The buckets (ascending m) and, for each, its primitive bound in ctx: built at construction up
+  // to eager_max_m, the others by the first forward() that needs them (see LinearOptions).
+  std::vector<int64_t> bucket_m;
+  mutable std::vector<const Bound*> bound;
+  std::vector<int32_t> largest_le;  // [M] → index of the largest bucket with m ≤ M (M ≤ max_m)
+  Kind kind = Kind::kPlain;
+  bool transposed = false;
+  dnnl::memory::desc wmd;
+
+  const Bound& bucket(size_t i) const {
+    if (bound[i] == nullptr) {
+      Runtime& rt = runtime();
+      std::lock_guard<std::mutex> lock(rt.mu);
+      const double t0 = now_seconds();
+      const auto b = get_bucket(rt, K, N, bucket_m[i], kind, transposed, wmd, threads);
+      ctx->reserve_scratch(b->scratch_bytes);
+      bound[i] = &ctx->bind(b);
+      ctx->build.primitive_seconds += now_seconds() - t0;
+    }
+    return *bound[i];
+  }
 
   void run(const Bound& b, const uint16_t* x, float* y) const {
     // dnnl::memory::set_data_handle on plain layouts only stores the pointer; the C execute API
@@ -783,22 +815,27 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
                           sizeof(float));
     }
     impl->wmem = dnnl::memory(wmd, rt.eng, const_cast<uint16_t*>(impl->w));
+    impl->kind = kind;
+    impl->transposed = opt.transposed;
+    impl->wmd = wmd;
 
-    impl->largest_le.assign(size_t(opt.max_m) + 1, nullptr);
-    std::vector<const Impl::Bound*> buckets;  // ascending m
-    const double t0 = now_seconds();
-    for (int64_t m : bucket_sizes(opt.max_m, impl->gemv_max_m)) {
-      const auto b = get_bucket(rt, K, N, m, kind, opt.transposed, wmd, impl->threads);
-      ctx.reserve_scratch(b->scratch_bytes);
-      buckets.push_back(&ctx.bind(b));
-    }
-    ctx.build.primitive_seconds += now_seconds() - t0;
-    const Impl::Bound* best = nullptr;
+    impl->bucket_m = bucket_sizes(opt.max_m, impl->gemv_max_m);
+    impl->bound.assign(impl->bucket_m.size(), nullptr);
+    impl->largest_le.assign(size_t(opt.max_m) + 1, -1);
     size_t next = 0;
     for (int64_t m = 1; m <= opt.max_m; ++m) {
-      while (next < buckets.size() && buckets[next]->bucket->m <= m) best = buckets[next++];
-      impl->largest_le[size_t(m)] = best;
+      while (next < impl->bucket_m.size() && impl->bucket_m[next] <= m) ++next;
+      impl->largest_le[size_t(m)] = int32_t(next) - 1;
     }
+    const double t0 = now_seconds();
+    for (size_t i = 0; i < impl->bucket_m.size(); ++i) {
+      if (impl->bucket_m[i] > opt.eager_max_m) break;
+      const auto b = get_bucket(rt, K, N, impl->bucket_m[i], kind, opt.transposed, wmd,
+                                impl->threads);
+      ctx.reserve_scratch(b->scratch_bytes);
+      impl->bound[i] = &ctx.bind(b);
+    }
+    ctx.build.primitive_seconds += now_seconds() - t0;
   } catch (const dnnl::error& e) {
     throw Error(shape_str(K, N) + ": oneDNN failed while preparing the weights: " + e.what());
   }
@@ -835,7 +872,7 @@ void Linear::forward(const uint16_t* x, int64_t M, float* y) const {
            static_cast<float*>(im.ctx->scratch_buf.data()));
       return;
     }
-    const Impl::Bound& b = *im.largest_le[size_t(M)];
+    const Impl::Bound& b = im.bucket(size_t(im.largest_le[size_t(M)]));
     im.run(b, x, y);
     x += b.bucket->m * im.K;
     y += b.bucket->m * im.N;

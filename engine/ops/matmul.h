@@ -2,7 +2,8 @@
 //
 // W is stored [in, out] row-major, the MaxText kernel layout, as it sits in the artifact. A Linear
 // may re-lay W once at construction into the layout oneDNN's brgemm kernels want (measured in
-// docs/performance.md); after construction forward() creates no primitive and does no I/O.
+// docs/performance.md). forward() does no I/O, and creates a primitive (once) only for a row
+// count above LinearOptions::eager_max_m.
 //
 // How a Linear computes (see matmul.cpp for the measurements behind each choice):
 //  - relayout = true on a CPU with AVX-512 BF16: W is copied once into oneDNN's blocked layout
@@ -65,6 +66,11 @@ struct LinearOptions {
   // Where forward() runs; must outlive the Linear. nullptr: a process-wide default context, for
   // programs that run one Linear at a time (tests, benchmarks).
   MatmulContext* context = nullptr;
+  // The oneDNN primitives for row counts up to eager_max_m are created with the Linear; the
+  // others (prefill chunks) by the first forward() that runs that many rows, so a process that
+  // only decodes never pays for them (each costs ~0.1–0.4 ms). A forward() with M ≤ eager_max_m
+  // never creates one, and so never allocates: set it to the largest batch of the per-token path.
+  int64_t eager_max_m = 512;
 };
 
 class Linear {

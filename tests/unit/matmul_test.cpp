@@ -177,6 +177,29 @@ TEST_CASE("Linear: prefill-sized M split across buckets") {
   }
 }
 
+TEST_CASE("Linear: primitives above eager_max_m are created by the first forward that needs them") {
+  const Threads one(1);
+  const int64_t K = 96, N = 80;
+  const std::vector<uint16_t> w = random_bf16(size_t(K * N), 12);
+  kiln::ops::MatmulContext eager_ctx, lazy_ctx;
+  LinearOptions eager;
+  eager.max_m = 300;
+  eager.context = &eager_ctx;
+  LinearOptions lazy = eager;
+  lazy.eager_max_m = 4;
+  lazy.context = &lazy_ctx;
+  const Linear a(w.data(), K, N, eager), b(w.data(), K, N, lazy);
+  for (int64_t M : {1, 4, 17, 100, 300, 100}) {
+    CAPTURE(M);
+    run_and_check(b, w, M, uint32_t(M));
+    const std::vector<uint16_t> x = random_bf16(size_t(M * K), uint32_t(M) + 7);
+    std::vector<float> ya(size_t(M * N)), yb(size_t(M * N));
+    a.forward(x.data(), M, ya.data());
+    b.forward(x.data(), M, yb.data());
+    CHECK(std::memcmp(ya.data(), yb.data(), ya.size() * sizeof(float)) == 0);  // same kernels
+  }
+}
+
 TEST_CASE("Linear with relayout owns its copy; without it reads W in place, never writing it") {
   const Threads one(1);
   const int64_t K = 96, N = 160;
