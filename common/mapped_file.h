@@ -31,6 +31,8 @@ class MappedFile {
   void release_range(const void* p, size_t n) const;
 
  private:
+  static const uint8_t* map_aligned(int fd, size_t size, const std::string& path);
+
   std::string path_;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;

@@ -190,8 +190,8 @@ class DeepSeekModel final : public Model {
       a.release_tensor_pages(g, c_.logits_via_embedding ? "token_embedding" : "logits_dense");
     query_scale_ = round_to_bf16(float(c_.query_scale));
 
-    auto rows = [&](int64_t n) { return std::vector<float>(size_t(chunk_ * n)); };
-    auto rows_bf16 = [&](int64_t n) { return std::vector<uint16_t>(size_t(chunk_ * n)); };
+    auto rows = [&](int64_t n) { return ZeroedVector<float>(size_t(chunk_ * n)); };
+    auto rows_bf16 = [&](int64_t n) { return ZeroedVector<uint16_t>(size_t(chunk_ * n)); };
     x_ = rows(E);
     o_ = rows(E);
     xb_ = rows_bf16(E);
@@ -226,7 +226,8 @@ class DeepSeekModel final : public Model {
   KvCache new_cache(int64_t capacity) const override {
     KvCache cache;
     cache.capacity = capacity;
-    cache.k.assign(size_t(c_.num_decoder_layers), std::vector<uint16_t>(size_t(capacity * Dl_)));
+    for (int64_t l = 0; l < c_.num_decoder_layers; ++l)
+      cache.k.emplace_back(size_t(capacity * Dl_));
     return cache;  // v unused: the latent row is both key and value
   }
 
@@ -494,11 +495,12 @@ class DeepSeekModel final : public Model {
   std::optional<ops::ExpertBatches> batches_;
   int64_t scratch_stride_ = 0;
   // Activations ([max_chunk, ·]); see attention() and moe() for their roles.
-  std::vector<float> x_, o_, cq_, q_, ckv_, qa_, att_, vo_, gate_, up_, router_logits_, weights_,
+  // Zero pages until used (common/zeroed_vector.h): a short prompt touches a few rows.
+  ZeroedVector<float> x_, o_, cq_, q_, ckv_, qa_, att_, vo_, gate_, up_, router_logits_, weights_,
       routed_, scores_;
   // Scratch of the Wkv_b LoRA (absorbed_lora_*): r and max(Rkv, Dv) floats.
   std::vector<float> lora_z_, lora_d_;
-  std::vector<uint16_t> xb_, cq_b_, vo_b_, act_b_, xg_b_;
+  ZeroedVector<uint16_t> xb_, cq_b_, vo_b_, act_b_, xg_b_;
   std::vector<int32_t> experts_;
 };
 

@@ -82,8 +82,8 @@ class LlamaModel final : public Model {
     if (head_->owns_weights())  // the mapped source is read no more
       a.release_tensor_pages(g, c_.logits_via_embedding ? "token_embedding" : "logits_dense");
 
-    auto rows = [&](int64_t n) { return std::vector<float>(size_t(chunk_ * n)); };
-    auto rows_bf16 = [&](int64_t n) { return std::vector<uint16_t>(size_t(chunk_ * n)); };
+    auto rows = [&](int64_t n) { return ZeroedVector<float>(size_t(chunk_ * n)); };
+    auto rows_bf16 = [&](int64_t n) { return ZeroedVector<uint16_t>(size_t(chunk_ * n)); };
     x_ = rows(E);
     o_ = rows(E);
     q_ = rows(H * D);
@@ -189,8 +189,9 @@ class LlamaModel final : public Model {
   const uint16_t* embedding_ = nullptr;
   const uint16_t* final_norm_ = nullptr;
   std::optional<ops::Linear> head_;
-  std::vector<float> x_, o_, q_, k_, v_, attn_, gate_, up_, scores_;
-  std::vector<uint16_t> xb_, attn_b_, act_b_;
+  // Zero pages until used (common/zeroed_vector.h): a short prompt touches a few rows.
+  ZeroedVector<float> x_, o_, q_, k_, v_, attn_, gate_, up_, scores_;
+  ZeroedVector<uint16_t> xb_, attn_b_, act_b_;
 };
 
 }  // namespace

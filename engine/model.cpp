@@ -62,8 +62,10 @@ KvCache Model::new_cache(int64_t capacity) const {
   cache.capacity = capacity;
   cache.heads = c.num_kv_heads;
   const size_t size = size_t(capacity * c.num_kv_heads * c.head_dim);
-  cache.k.assign(size_t(c.num_decoder_layers), std::vector<uint16_t>(size));
-  cache.v.assign(size_t(c.num_decoder_layers), std::vector<uint16_t>(size));
+  for (int64_t l = 0; l < c.num_decoder_layers; ++l) {  // each its own zero pages, not copies
+    cache.k.emplace_back(size);
+    cache.v.emplace_back(size);
+  }
   return cache;
 }
 
@@ -74,8 +76,8 @@ void copy_cache(const KvCache& src, KvCache& dst) {
                 " positions does not fit this one (" + std::to_string(dst.capacity) +
                 " positions, or another model's layout)");
   const size_t heads = size_t(src.heads);
-  auto copy = [&](const std::vector<std::vector<uint16_t>>& from,
-                  std::vector<std::vector<uint16_t>>& to) {
+  auto copy = [&](const std::vector<ZeroedVector<uint16_t>>& from,
+                  std::vector<ZeroedVector<uint16_t>>& to) {
     for (size_t l = 0; l < from.size(); ++l) {
       const size_t row = src.capacity > 0 ? from[l].size() / size_t(src.capacity) / heads : 0;
       if (dst.capacity > 0 && to[l].size() / size_t(dst.capacity) / heads != row)

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/zeroed_vector.h"
 #include "engine/artifact.h"
 #include "engine/lora.h"
 #include "engine/ops/matmul.h"
@@ -65,7 +66,8 @@ struct KvCache {
   int64_t capacity = 0;
   int64_t heads = 1;
   int64_t length = 0;  // positions filled
-  std::vector<std::vector<uint16_t>> k, v;
+  // Zero pages until written (common/zeroed_vector.h): a cache costs what its positions use.
+  std::vector<ZeroedVector<uint16_t>> k, v;
 };
 
 // Copies the first src.length positions of `src` into `dst` (same model, dst.capacity ≥

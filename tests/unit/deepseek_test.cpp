@@ -488,7 +488,7 @@ TEST_CASE("DeepSeek: bad requests are errors") {
   // A cache in another family's layout is refused, not misread.
   KvCache wrong;
   wrong.capacity = 4;
-  wrong.k.assign(3, std::vector<uint16_t>(4));
+  wrong.k.assign(3, kiln::ZeroedVector<uint16_t>(4));
   float logits[256];
   const int32_t tok = 1;
   CHECK_THROWS_WITH_AS(
