@@ -22,8 +22,8 @@ import make_fixture as mf  # noqa: E402
 import safetensors_io as st  # noqa: E402
 
 __all__ = ["lr", "mf", "st", "REPO", "KILN", "kiln", "KilnResult", "tokens_arg",
-           "parse_json_stdout", "TempDirCase", "require_kiln", "SANITIZED", "kiln_package",
-           "engine_logits"]
+           "parse_json_stdout", "TempDirCase", "require_kiln", "SANITIZED", "PACKAGE_LOADABLE",
+           "child_env", "kiln_package", "engine_logits"]
 
 
 def kiln_path():
@@ -35,9 +35,21 @@ def kiln_path():
 
 KILN = kiln_path()
 TIMEOUT = float(os.environ.get("KILN_TEST_TIMEOUT", "120"))
-# tools/test --sanitize: the Python package is not loaded there (an ASan-instrumented extension
-# needs libasan preloaded into the interpreter, whose leaks LeakSanitizer would then report).
+# tools/test --sanitize: the instrumented Python package loads only into an interpreter with
+# ASan's runtime preloaded, which tools/test does for test_python and test_c_api alone (with
+# LeakSanitizer off in the interpreter, whose own allocations at exit are not kiln's, and on again
+# in every command they run: KILN_CHILD_ASAN_OPTIONS). Elsewhere the package is not used there.
 SANITIZED = os.path.basename(os.path.dirname(KILN)) == "build-sanitize"
+PACKAGE_LOADABLE = not SANITIZED or "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
+def child_env(**extra):
+    """The environment for a program a test runs: os.environ plus `extra`, with the ASan options
+    of KILN_CHILD_ASAN_OPTIONS when tools/test set them (see PACKAGE_LOADABLE)."""
+    env = dict(os.environ, **extra)
+    if "KILN_CHILD_ASAN_OPTIONS" in env:
+        env["ASAN_OPTIONS"] = env["KILN_CHILD_ASAN_OPTIONS"]
+    return env
 
 
 def kiln_package():
@@ -84,7 +96,7 @@ def kiln(*args, timeout=None):
         return KilnResult(argv, 127, "", "kiln binary not found at %s (set KILN=...)" % KILN)
     try:
         p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           timeout=timeout or TIMEOUT, stdin=subprocess.DEVNULL)
+                           timeout=timeout or TIMEOUT, stdin=subprocess.DEVNULL, env=child_env())
         return KilnResult(argv, p.returncode, p.stdout.decode("utf-8", "replace"),
                           p.stderr.decode("utf-8", "replace"))
     except subprocess.TimeoutExpired as e:
@@ -132,7 +144,7 @@ def engine_logits(tc, art, tokens, adapter=None, what="logits"):
     Engine.logits, which equals `kiln golden dump` bit for bit (test_python checks it). Under
     tools/test --sanitize, where the package is not loaded, through `kiln golden dump` itself, so
     the instrumented engine computes them."""
-    if not SANITIZED:
+    if not SANITIZED:  # the CLI there: the instrumented kiln leak-checks every computation
         package = kiln_package()
         try:
             return package.Engine(art).logits(list(tokens), adapter=adapter)

@@ -4,7 +4,7 @@
 The LAST line printed is exactly `N passed, N failed`. Skipped tests and expected failures that
 unexpectedly pass are counted as failed (nothing is allowed to be skipped silently).
 
-    tests/e2e/run_all.py [-k SUBSTRING] [-q] [module ...]
+    tests/e2e/run_all.py [-k SUBSTRING] [-x MODULE]... [-q] [module ...]
 Environment: KILN=/path/to/kiln (default build/kiln relative to the repo root).
 """
 
@@ -53,6 +53,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("modules", nargs="*", help="module names (default: every test_*.py)")
     ap.add_argument("-k", dest="pattern", help="only tests whose id contains this substring")
+    ap.add_argument("-x", dest="exclude", action="append", default=[],
+                    help="leave this module out (repeatable)")
     ap.add_argument("-q", "--quiet", action="store_true")
     a = ap.parse_args(argv)
 
@@ -63,6 +65,8 @@ def main(argv=None):
     import_failures = []
     for name in names:
         name = os.path.splitext(os.path.basename(name))[0]
+        if name in a.exclude:
+            continue
         try:
             mod = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - an import error is a failed test, not a crash

@@ -148,7 +148,7 @@ class CApiChecks:
         return EXAMPLE
 
     def example_env(self):
-        return None
+        return common.child_env()
 
     # -- tests -----------------------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class CApiInstalled(CApiChecks, unittest.TestCase):
                             stderr=subprocess.PIPE, text=True)
         self.assertEqual(cc.returncode, 0, "cc %s:\n%s" % (flags.stdout, cc.stderr))
         lib_dir = os.path.dirname(found["libkiln.so"])
-        run_env = dict(os.environ, LD_LIBRARY_PATH=lib_dir)
+        run_env = common.child_env(LD_LIBRARY_PATH=lib_dir)
         cls._installed = (exe, found, run_env)
         return cls._installed
 

@@ -35,7 +35,6 @@ import make_deepseek_fixture as mdf  # noqa: E402
 
 PY_DIR = os.path.join(os.path.dirname(common.KILN), "python")
 ADAPTER = "ad1"
-SANITIZED = common.SANITIZED
 
 
 def cli_error(res):
@@ -54,7 +53,7 @@ class Shared:
 
 
 def setUpModule():
-    if SANITIZED:
+    if not common.PACKAGE_LOADABLE:
         return
     Shared.tmp = tempfile.mkdtemp(prefix="kiln-python-")
     fx = mf.write_fixture(mf.variant_by_name("linen-scan1-f32"), os.path.join(Shared.tmp, "fx"))
@@ -87,9 +86,9 @@ def tearDownModule():
 
 class PythonPackage(unittest.TestCase):
     def setUp(self):
-        if SANITIZED:
-            self.skipTest("the Python package is not built for sanitizer runs (an instrumented "
-                          "extension needs libasan preloaded into python3)")
+        if not common.PACKAGE_LOADABLE:
+            self.skipTest("the instrumented package needs ASan's runtime preloaded into python3 "
+                          "(tools/test --sanitize does it for this module)")
         common.require_kiln(self)
         self.k = common.kiln_package()
 
