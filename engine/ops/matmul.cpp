@@ -55,27 +55,14 @@ std::string shape_str(int64_t K, int64_t N) {
 
 // Anonymous memory, 2 MiB-aligned and advised for transparent huge pages: first-touch faults on
 // 4 KiB pages cost ~13 µs each in this VM (≈7 s for a 1B model), 2 MiB pages cut them 512×, and
-// huge pages also stream faster (~63 vs ~55 GB/s on 2 threads). Below 2 MiB, plain pages: a huge
-// page would be zeroed whole for a small matrix (the default model's 30 small matrices spent
-// most of its start-up zeroing 2 MiB pages they used a fraction of).
+// huge pages also stream faster (~63 vs ~55 GB/s on 2 threads). Small matrices too: on 4 KiB
+// pages (tried, to spare zeroing a whole 2 MiB page per matrix at start-up) the default model
+// decoded 3x slower, ~1450 against ~4990 tokens/s.
 class HugeBuffer {
  public:
   HugeBuffer() = default;
   explicit HugeBuffer(size_t bytes) {
     constexpr size_t kHuge = size_t(2) << 20;
-    if (bytes < kHuge) {
-      len_ = (bytes + 4095) / 4096 * 4096;
-      // MAP_POPULATE: one call faults every page in rather than a trap per page (the default
-      // model's start-up, 11 MB re-laid: ≈ 8 ms less).
-      data_ = mmap(nullptr, len_, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-      if (data_ == MAP_FAILED) {
-        data_ = nullptr;
-        len_ = 0;
-        throw Error("cannot allocate " + std::to_string(bytes) + " bytes for re-laid weights");
-      }
-      return;
-    }
     const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
     // Over-map by one huge page so an aligned start exists, then return the slack to the kernel.
     void* raw =
