@@ -9,7 +9,6 @@
 #include <thread>
 
 #include "common/bf16.h"
-#include "common/clock.h"
 #include "common/error.h"
 #include "engine/ops/elementwise.h"
 #include "engine/ops/matmul.h"
@@ -19,7 +18,6 @@
 namespace kiln {
 
 std::unique_ptr<Model> Model::open(const std::string& dir, const ModelOptions& opt) {
-  const double t0 = now_seconds();
   int threads = opt.threads > 0 ? opt.threads : int(std::thread::hardware_concurrency());
   threads = std::max(threads, 1);
   // For the artifact's checks and the Linears, which record the count they were built with.
@@ -47,8 +45,7 @@ std::unique_ptr<Model> Model::open(const std::string& dir, const ModelOptions& o
   model->artifact_->verify_remaining();  // a tensor the family did not take is checked all the same
   model->threads_ = threads;
   const ops::MatmulContext::BuildTimes build = model->matmul_context_.build_times();
-  model->startup_ = {.total_seconds = now_seconds() - t0,
-                     .open_seconds = model->artifact_->open_seconds(),
+  model->startup_ = {.open_seconds = model->artifact_->open_seconds(),
                      .verify_seconds = model->artifact_->verify_seconds(),
                      .relayout_seconds = build.relayout_seconds,
                      .primitive_seconds = build.primitive_seconds};

@@ -81,11 +81,10 @@ struct SequenceStep {
   const LoraAdapter* adapter = nullptr;  // nullptr: the base weights alone
 };
 
-// Where Model::open spent its time (kiln bench's start-up phases). The phases are disjoint; what
-// the total has beyond their sum ("other") is the families' own preparation (copies, norms, the
-// KV-free setup) and page faults outside the timed steps.
+// Where Model::open spent its time in its named phases (kiln bench's start-up). They are
+// disjoint; the rest of the open (the families' own preparation, buffers) is what they leave of
+// the caller's measured total.
 struct StartupTimes {
-  double total_seconds = 0;      // Model::open
   double open_seconds = 0;       // manifest, mappings, structure checks (Artifact::open)
   double verify_seconds = 0;     // checksums of every tensor
   double relayout_seconds = 0;   // weights copied into oneDNN's blocked layout
