@@ -44,14 +44,11 @@ BenchmarkResult run_benchmark(const std::string& dir, EngineOptions engine_optio
     throw Error("prompt tokens + generated tokens = " + std::to_string(n_prompt + n_gen) +
                 " must be within the model's context of " + std::to_string(engine->max_seq_len()));
   res.startup = engine->model().startup_times();
-
   SamplingParams greedy;
-  {
-    greedy.max_new_tokens = 1;
-    Runner first(*engine);
-    first.run({{{1, 2, 3, 4}, ""}}, greedy);
-    res.first_token_seconds = now_seconds() - t0;
-  }
+  greedy.max_new_tokens = 1;
+  Runner(*engine).run({{{1, 2, 3, 4}, ""}}, greedy);  // what a fresh `kiln run` waits for
+  res.first_token_seconds = now_seconds() - t0;
+
   if (!options.adapter.empty()) res.adapter = load_adapter_measured(*engine, options.adapter);
 
   Rng rng(42);
