@@ -269,6 +269,18 @@ class BadInputTest(FixtureCase):
             self.assertEqual(len(res.stderr_lines), 1, res.describe())
             self.assertIn(want, res.stderr_lines[0], res.describe())
 
+    def test_bad_contention_spec_is_a_usage_error(self):
+        for spec, want in (("spin:2", "unknown kind 'spin'"),
+                           ("busy:0", "the count must be an integer from 1 to 64"),
+                           ("busy:nice=25", "nice must be an integer from 0 to 19"),
+                           ("busy:threads=2", "threads= applies to omp only"),
+                           ("", "empty")):
+            for cmd in (("bench", "no-such-artifact", "--contend", spec), ("contend", spec)):
+                res = kiln(*cmd)
+                self.assertEqual(res.rc, 2, res.describe())
+                self.assertEqual(len(res.stderr_lines), 1, res.describe())
+                self.assertIn(want, res.stderr_lines[0], res.describe())
+
     # -- calibration prompts ---------------------------------------------------------------------
 
     def calibrate(self, prompts_text):

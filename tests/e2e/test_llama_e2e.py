@@ -14,6 +14,7 @@ the 32-token comparison really exercises kiln's decode path (see llama_ref.choos
 """
 
 import os
+import subprocess
 import unittest
 
 import numpy as np
@@ -218,6 +219,16 @@ class KilnCliTest(common.TempDirCase):
             self.assertEqual(len(r["speedup_runs"]), 2, r)
             self.assertGreater(r["decode_tokens_per_s"], 0, r)
         self.assertEqual(runs[0]["speedup_runs"], [1.0, 1.0], runs)  # one slot against itself
+
+    def test_bench_contend_starts_and_stops_its_load(self):
+        res = kiln("bench", self.art, "--prompt-tokens", 16, "--gen-tokens", 4, "--repeat", 1,
+                   "--contend", "busy:2:nice=19,faults,omp:threads=2:nice=19", "--json")
+        self.assertKilnOk(res)
+        out = common.parse_json_stdout(res)
+        self.assertEqual(out["contend"], "busy:2:nice=19,faults:1,omp:1:nice=19:threads=2", out)
+        self.assertGreater(out["decode_tokens_per_s"], 0, out)
+        left = subprocess.run(["pgrep", "-f", "contend --worker"], capture_output=True, text=True)
+        self.assertEqual(left.stdout.strip(), "", "load processes outlived kiln bench")
 
     def test_token_out_of_vocab_is_an_error(self):
         res = kiln("run", self.art, "--tokens", "1,2,256", "--max-tokens", 2)

@@ -8,6 +8,7 @@
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
 #include "tools/kiln/common.h"
+#include "tools/kiln/contention.h"
 
 namespace kiln::cli {
 
@@ -40,6 +41,10 @@ int cmd_bench(int argc, const char* const* argv) {
       "also measure batched decode with this many active slots, e.g. 1,4,16 (each holds the "
       "prompt; one generate step advances all; the counts take turns within each repeat and the "
       "speed-up is the median of per-repeat ratios to one slot)");
+  p.option("--contend", "SPEC",
+           "run competing processes during the whole measurement and stop them after: "
+           "KIND[:COUNT][:nice=N][:threads=T],... with KIND busy, stream, faults or omp (see "
+           "`kiln contend --help`), e.g. busy:3:nice=19");
   add_engine_options(p);
   p.flag("--json", "print one JSON object");
   Args a = p.parse(argc, argv);
@@ -58,7 +63,12 @@ int cmd_bench(int argc, const char* const* argv) {
   if (a.has("--adapter")) bo.adapter = a.get("--adapter");
   if (!a.has("--json"))
     bo.progress = [](const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); };
-  const BenchmarkResult r = run_benchmark(a.positional(0), engine_options(a), bo);
+  const std::vector<LoadItem> load =
+      a.has("--contend") ? parse_contention(a.get("--contend")) : std::vector<LoadItem>{};
+  const BenchmarkResult r = [&] {
+    const Contention running(load);
+    return run_benchmark(a.positional(0), engine_options(a), bo);
+  }();
   const std::optional<AdapterLoad>& adapter = r.adapter;
 
   if (a.has("--json")) {
@@ -67,6 +77,7 @@ int cmd_bench(int argc, const char* const* argv) {
                                 {"prompt_tokens", bo.prompt_tokens},
                                 {"gen_tokens", bo.gen_tokens},
                                 {"repeat", bo.repeat},
+                                {"contend", describe_contention(load)},
                                 {"load_seconds", r.load_seconds},
                                 {"startup",
                                  {{"first_token_seconds", r.first_token_seconds},
@@ -102,6 +113,7 @@ int cmd_bench(int argc, const char* const* argv) {
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
+  if (!load.empty()) std::printf("contended by  %s\n", describe_contention(load).c_str());
   std::printf("load          %.3f s\n", r.load_seconds);
   std::printf(
       "start-up      first token %.3f s: open %.3f s (mappings %.3f, checksums %.3f, re-layout "

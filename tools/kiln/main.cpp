@@ -12,6 +12,7 @@
 #include "common/interrupt.h"
 #include "tools/kiln/args.h"
 #include "tools/kiln/commands.h"
+#include "tools/kiln/contention.h"
 
 namespace {
 
@@ -27,7 +28,8 @@ constexpr const char* kUsage =
     "  golden    dump / check the logits of one prefill (regression tests)\n"
     "  bench     start-up phases, prefill and decode tokens/s, peak memory\n"
     "  calibrate record per-layer, per-head max attention logits on prompts (for QK-Clip)\n"
-    "  adapter   add / remove / list the run-time LoRA adapters of an artifact\n";
+    "  adapter   add / remove / list the run-time LoRA adapters of an artifact\n"
+    "  contend   run competing load (busy loops, memory streams, page faults, thread teams)\n";
 
 // OpenMP reads OMP_WAIT_POLICY once, when libgomp loads — before main. Parked worker threads
 // take milliseconds to wake on this kind of machine (docs/performance.md), which would dominate
@@ -76,6 +78,7 @@ int main(int argc, char** argv) {
     if (cmd == "calibrate") return cmd_calibrate(sub_argc, sub_argv);
     if (cmd == "eval") return cmd_eval(sub_argc, sub_argv);
     if (cmd == "tokenize") return cmd_tokenize(sub_argc, sub_argv);
+    if (cmd == "contend") return cmd_contend(sub_argc, sub_argv);
     std::fprintf(stderr, "kiln: error: unknown command '%s'\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const HelpRequested& h) {
