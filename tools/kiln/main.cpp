@@ -31,16 +31,6 @@ constexpr const char* kUsage =
     "  adapter   add / remove / list the run-time LoRA adapters of an artifact\n"
     "  contend   run competing load (busy loops, memory streams, page faults, thread teams)\n";
 
-// OpenMP reads OMP_WAIT_POLICY once, when libgomp loads — before main. Parked worker threads
-// take milliseconds to wake on this kind of machine (docs/performance.md), which would dominate
-// a per-token matmul, so kiln restarts itself once with spinning workers unless the user chose a
-// policy.
-void ensure_spinning_openmp_workers(char** argv) {
-  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;
-  ::setenv("OMP_WAIT_POLICY", "active", 1);
-  ::execv("/proc/self/exe", argv);  // returns only on failure; then run with the default policy
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -58,8 +48,6 @@ int main(int argc, char** argv) {
     std::printf("kiln %s\n", KILN_VERSION);
     return 0;
   }
-  if (cmd == "run" || cmd == "bench" || cmd == "golden" || cmd == "calibrate" || cmd == "eval")
-    ensure_spinning_openmp_workers(argv);
   const char* const* sub_argv = argv + 1;
   int sub_argc = argc - 1;
   try {
