@@ -62,9 +62,13 @@ BenchmarkResult run_benchmark(const std::string& dir, EngineOptions engine_optio
     runner.run(request, greedy);
     res.prefill_tokens_per_s.push_back(runner.stats().prefill_tokens_per_s());
     res.decode_tokens_per_s.push_back(runner.stats().decode_tokens_per_s());
-    report(format("run %lld/%lld: prefill %.1f tokens/s, decode %.2f tokens/s",
-                  static_cast<long long>(r + 1), static_cast<long long>(options.repeat),
-                  res.prefill_tokens_per_s.back(), res.decode_tokens_per_s.back()));
+    res.decode_threads.push_back(engine->model().decode_threads());
+    report(
+        format("run %lld/%lld: prefill %.1f tokens/s, decode %.2f tokens/s (on %d threads at "
+               "the end)",
+               static_cast<long long>(r + 1), static_cast<long long>(options.repeat),
+               res.prefill_tokens_per_s.back(), res.decode_tokens_per_s.back(),
+               res.decode_threads.back()));
   }
 
   for (int64_t n : options.slot_counts) res.batched.push_back({n, {}, {}});

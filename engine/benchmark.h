@@ -44,6 +44,7 @@ struct BenchmarkResult {
   std::optional<AdapterLoad> adapter;
   std::vector<double> prefill_tokens_per_s;  // per run
   std::vector<double> decode_tokens_per_s;   // per run
+  std::vector<int> decode_threads;           // per run: the thread governor's count at its end
   std::vector<BatchedDecode> batched;
 };
 

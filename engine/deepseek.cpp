@@ -218,9 +218,9 @@ class DeepSeekModel final : public Model {
       xg_b_ = rows_bf16(E);
       routed_ = rows(E);
     }
-    threads_ = std::max(1, ops::max_threads());
+    const int threads = std::max(1, ops::max_threads());  // the most any pass runs on
     scratch_stride_ = ops::attend_scratch_floats(c_.max_target_length, H);
-    scores_.resize(size_t(threads_ * scratch_stride_));
+    scores_.resize(size_t(threads * scratch_stride_));
   }
 
   KvCache new_cache(int64_t capacity) const override {
@@ -358,7 +358,7 @@ class DeepSeekModel final : public Model {
 
     // Absorbed query [T, H, Rkv + Dr]: q_lat = q_nope · W_ukᵀ, then q_pe as is.
     const int64_t wrow = H * (Dn + Dv);  // stride between Wkv_b rows r
-    ops::run_each(H, T > 1 || H >= 8 ? threads_ : 1, [&](int64_t h) {
+    ops::run_each(H, T > 1 || H >= 8 ? ops::max_threads() : 1, [&](int64_t h) {
       const uint16_t* w_uk = w.wkv_b + h * (Dn + Dv);
       ops::matmul_xwt(q_.data() + h * Dqk, H * Dqk, T, w_uk, wrow, Rkv, Dn, qa_.data() + h * Dl,
                       H * Dl);
@@ -375,7 +375,7 @@ class DeepSeekModel final : public Model {
       const int64_t n_ctx = rows.pos[0] + 1;
       const uint16_t* kv = cache_of(0);
       const int64_t blocks = (H + 3) / 4;
-      ops::run_each(blocks, blocks > 1 ? threads_ : 1, [&](int64_t bi, int thread) {
+      ops::run_each(blocks, blocks > 1 ? ops::max_threads() : 1, [&](int64_t bi, int thread) {
         const int64_t h0 = bi * 4, hc = std::min<int64_t>(4, H - h0);
         float* scratch = scores_.data() + thread * scratch_stride_;
         ops::attend(qa_.data() + h0 * Dl, kv, kv, n_ctx, hc, 1, Dl, Dl, Dl, scratch,
@@ -384,7 +384,7 @@ class DeepSeekModel final : public Model {
     } else {
       // Rows are independent given the caches; the threads take them one at a time, since
       // later positions attend to more keys.
-      ops::run_each_dynamic(T, threads_, [&](int64_t t, int thread) {
+      ops::run_each_dynamic(T, ops::max_threads(), [&](int64_t t, int thread) {
         float* scratch = scores_.data() + thread * scratch_stride_;
         const uint16_t* kv = cache_of(t);
         ops::attend(qa_.data() + t * H * Dl, kv, kv, rows.pos[t] + 1, H, 1, Dl, Dl, Dl, scratch,
@@ -397,7 +397,7 @@ class DeepSeekModel final : public Model {
                         max_logits_ + layer * H);
 
     // Back from the latent: out[h] = out_lat[h] · W_uv (bf16), then the output projection.
-    ops::run_each(H, T > 1 || H >= 8 ? threads_ : 1, [&](int64_t h) {
+    ops::run_each(H, T > 1 || H >= 8 ? ops::max_threads() : 1, [&](int64_t h) {
       const uint16_t* w_uv = w.wkv_b + h * (Dn + Dv) + Dn;
       ops::matmul_xw(att_.data() + h * Dl, H * Dl, T, w_uv, wrow, Rkv, Dv, vo_.data() + h * Dv,
                      H * Dv);
@@ -484,7 +484,6 @@ class DeepSeekModel final : public Model {
 
   const ModelConfig& c_;
   int64_t E_, H_, Rq_, Rkv_, Dn_, Dr_, Dv_, Dqk_, Dl_;
-  int threads_ = 1;
   ops::Rope rope_;
   float query_scale_ = 1.0f;
   std::vector<DeepSeekLayer> layers_;

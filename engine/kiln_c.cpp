@@ -179,6 +179,7 @@ kiln_engine_options default_engine_options() {
   o.max_seq_len = 0;
   o.relayout = 1;
   o.verify_checksums = 1;
+  o.adapt_threads = 1;
   return o;
 }
 
@@ -305,6 +306,7 @@ kiln_status kiln_open(const char* dir, const kiln_engine_options* options, kiln_
     eo.model.threads = o->threads;
     eo.model.relayout = o->relayout != 0;
     eo.model.verify_checksums = o->verify_checksums != 0;
+    eo.model.adapt_threads = o->adapt_threads != 0;
     eo.max_seq_len = o->max_seq_len;
     eo.slots = o->slots;
     auto e = std::make_unique<kiln_engine>();

@@ -95,8 +95,8 @@ class LlamaModel final : public Model {
     xb_ = rows_bf16(E);
     attn_b_ = rows_bf16(H * D);
     act_b_ = rows_bf16(F);
-    threads_ = std::max(1, ops::max_threads());
-    scores_.resize(size_t(threads_ * ops::attend_scratch_floats(c_.max_target_length, H / K)));
+    const int threads = std::max(1, ops::max_threads());  // the most any pass runs on
+    scores_.resize(size_t(threads * ops::attend_scratch_floats(c_.max_target_length, H / K)));
   }
 
  private:
@@ -154,7 +154,7 @@ class LlamaModel final : public Model {
         ops::to_bf16(out, G * D, attn_b_.data() + (t * H + h0) * D);
       };
       // One row inline: an OpenMP region costs more than its K items.
-      ops::run_each_dynamic(T * K, T == 1 ? 1 : threads_, attend_item);
+      ops::run_each_dynamic(T * K, T == 1 ? 1 : ops::max_threads(), attend_item);
       if (max_logits_)
         for (int64_t t = 0; t < T; ++t)
           ops::max_logits(q_.data() + t * H * D, rows.cache[t]->k[l].data(), rows.pos[t] + 1, H, K,
@@ -167,7 +167,7 @@ class LlamaModel final : public Model {
       project(w.wi_0, LoraSlot::wi_0, xb_.data(), gate_.data());
       project(w.wi_1, LoraSlot::wi_1, xb_.data(), up_.data());
       // Split over the threads for a batched step (16 × 8192 values), inline for one row.
-      ops::run_spans(T * F, int64_t(1) << 16, threads_, [&](int64_t b, int64_t e) {
+      ops::run_spans(T * F, int64_t(1) << 16, ops::max_threads(), [&](int64_t b, int64_t e) {
         ops::silu_mul(gate_.data() + b, up_.data() + b, e - b, act_b_.data() + b);
       });
       project(w.wo, LoraSlot::wo, act_b_.data(), o_.data());
@@ -183,7 +183,6 @@ class LlamaModel final : public Model {
   }
 
   const ModelConfig& c_;
-  int threads_ = 1;
   ops::Rope rope_;
   std::vector<LlamaLayer> layers_;
   const uint16_t* embedding_ = nullptr;

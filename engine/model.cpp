@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "common/bf16.h"
+#include "common/clock.h"
 #include "common/error.h"
 #include "engine/ops/elementwise.h"
 #include "engine/ops/matmul.h"
@@ -44,6 +45,8 @@ std::unique_ptr<Model> Model::open(const std::string& dir, const ModelOptions& o
     throw Error(dir + ": decoder_block '" + block + "' has no forward pass in this kiln");
   model->artifact_->verify_remaining();  // a tensor the family did not take is checked all the same
   model->threads_ = threads;
+  model->decode_rows_ = opt.decode_rows > 0 ? opt.decode_rows : model->chunk_;
+  model->governor_ = ThreadGovernor(threads, opt.adapt_threads);
   const ops::MatmulContext::BuildTimes build = model->matmul_context_.build_times();
   model->startup_ = {.open_seconds = model->artifact_->open_seconds(),
                      .verify_seconds = model->artifact_->verify_seconds(),
@@ -155,8 +158,7 @@ void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logi
       rows.logit_row = logit_rows_.data() + (T - 1);
       rows.n_logits = 1;
     }
-    first_nonfinite_ = -1;
-    forward_rows(rows, all_logits ? logits + begin * c.vocab_size : logits);
+    run_pass(rows, all_logits ? logits + begin * c.vocab_size : logits);
     check_finite(rows, /*batch=*/false);
     cache.length += T;
   }
@@ -198,10 +200,21 @@ void Model::forward_batch(std::span<const SequenceStep> steps, float* logits) {
   Rows rows{
       total,       row_token_.data(),  row_pos_.data(),      row_cache_.data(), row_adapter_.data(),
       any_adapter, logit_rows_.data(), int64_t(steps.size())};
-  first_nonfinite_ = -1;
-  forward_rows(rows, logits);
+  run_pass(rows, logits);
   check_finite(rows, /*batch=*/true);
   for (const SequenceStep& s : steps) s.cache->length += int64_t(s.tokens.size());
+}
+
+void Model::run_pass(const Rows& rows, float* logits) {
+  first_nonfinite_ = -1;
+  if (rows.n > decode_rows_) {
+    forward_rows(rows, logits);
+    return;
+  }
+  const ops::ScopedThreadCount thread_count(governor_.threads_for(rows.n));
+  const double t0 = now_seconds();
+  forward_rows(rows, logits);
+  governor_.record(rows.n, now_seconds() - t0);
 }
 
 void Model::check_finite(const Rows& rows, bool batch) const {

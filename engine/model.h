@@ -16,6 +16,7 @@
 #include "engine/artifact.h"
 #include "engine/lora.h"
 #include "engine/ops/matmul.h"
+#include "engine/thread_governor.h"
 
 namespace kiln {
 
@@ -34,6 +35,10 @@ struct ModelOptions {
   // primitives up to this many rows are created at open, the larger ones by the first prefill
   // that needs them: decode never creates one, and a short first prompt waits for none.
   int64_t decode_rows = 0;
+  // Let each decode step (a pass of at most decode_rows rows) run on fewer than `threads` threads
+  // when measured steps show fewer are faster: cores shared with other work, or a model too small
+  // for a second thread to pay (engine/thread_governor.h). false: always `threads`.
+  bool adapt_threads = true;
 };
 
 // A forward pass produced a NaN or ±inf logit: damaged weights (an artifact opened without
@@ -99,6 +104,8 @@ class Model {
   const Artifact& artifact() const { return *artifact_; }
   const ModelConfig& config() const { return artifact_->config(); }
   const StartupTimes& startup_times() const { return startup_; }
+  // The threads decode steps run on now (≤ the engine's threads; see ModelOptions::adapt_threads).
+  int decode_threads() const { return governor_.current(); }
 
   // An empty cache for `capacity` positions in this model's layout (see KvCache).
   virtual KvCache new_cache(int64_t capacity) const;
@@ -172,6 +179,8 @@ class Model {
   // The worker threads of every pass, set on the calling thread at the start of each forward
   // (OpenMP's thread count is per calling thread, so engines on different threads keep theirs).
   int threads_ = 1;
+  int64_t decode_rows_ = 0;  // passes of at most this many rows are decode steps
+  ThreadGovernor governor_{1, false};
   // Where this model's matrix products run (its oneDNN stream and scratchpad): the families build
   // their Linears with it, so two models run their passes at the same time on two threads.
   ops::MatmulContext matmul_context_;
@@ -181,6 +190,8 @@ class Model {
   void validate(std::span<const int32_t> tokens, const KvCache& cache) const;
   // Throws NonFiniteError if the last forward_rows recorded a non-finite logit.
   void check_finite(const Rows& rows, bool batch) const;
+  // forward_rows on the threads the governor picks for a decode step, on threads_ otherwise.
+  void run_pass(const Rows& rows, float* logits);
   int64_t lora_dim() const;  // the widest input or output of any adaptable projection
 
   // Per-row descriptors of one pass, sized chunk_ at construction.

@@ -76,13 +76,14 @@ struct PyPrefix {
 class PyEngine {
  public:
   PyEngine(const std::string& path, int64_t slots, std::optional<int> threads, int64_t max_seq_len,
-           bool relayout, bool verify) {
+           bool relayout, bool verify, bool adapt_threads) {
     EngineOptions eo;
     eo.slots = slots;
     eo.max_seq_len = max_seq_len;
     eo.model.threads = threads.value_or(0);
     eo.model.relayout = relayout;
     eo.model.verify_checksums = verify;
+    eo.model.adapt_threads = adapt_threads;
     py::gil_scoped_release nogil;
     engine_ = Engine::open(path, eo);
     path_ = path;
@@ -372,13 +373,16 @@ PYBIND11_MODULE(kiln, m) {
       .def("__next__", &TextGeneration::next);
 
   py::class_<PyEngine>(m, "Engine")
-      .def(py::init<const std::string&, int64_t, std::optional<int>, int64_t, bool, bool>(),
+      .def(py::init<const std::string&, int64_t, std::optional<int>, int64_t, bool, bool, bool>(),
            py::arg("path"), py::arg("slots") = 1, py::arg("threads") = py::none(),
-           py::arg("max_seq_len") = 0, py::arg("relayout") = true, py::arg("verify") = true)
+           py::arg("max_seq_len") = 0, py::arg("relayout") = true, py::arg("verify") = true,
+           py::arg("adapt_threads") = true)
       .def_property_readonly("vocab_size",
                              [](PyEngine& e) { return e.engine().config().vocab_size; })
       .def_property_readonly("max_seq_len", [](PyEngine& e) { return e.engine().max_seq_len(); })
       .def_property_readonly("slots", [](PyEngine& e) { return e.engine().slots(); })
+      .def_property_readonly("decode_threads",
+                             [](PyEngine& e) { return e.engine().model().decode_threads(); })
       .def_property_readonly(
           "tokenizer", [](PyEngine& e) { return e.engine().tokenizer(); },
           py::return_value_policy::reference_internal)

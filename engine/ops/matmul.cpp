@@ -629,9 +629,10 @@ int64_t plain_gemv_scratch(int threads, int64_t max_rows, int64_t N) {
   return int64_t(std::max(threads - 1, 0)) * max_rows * N;
 }
 
-// `partial`: plain_gemv_scratch(threads, M, N) floats (plain W only).
+// `bands`: the threads the Linear was built for; `threads` (≤ bands) the ones this call runs on.
+// `partial`: plain_gemv_scratch(bands, M, N) floats (plain W only).
 void gemv(Gemv kind, const uint16_t* x, int64_t M, int64_t K, int64_t N, int64_t Kp,
-          const uint16_t* w, float* y, int threads, float* partial) {
+          const uint16_t* w, float* y, int bands, int threads, float* partial) {
   const int64_t macs = M * K * N;
   switch (kind) {
     case Gemv::kBlocked:
@@ -640,19 +641,29 @@ void gemv(Gemv kind, const uint16_t* x, int64_t M, int64_t K, int64_t N, int64_t
       });
       break;
     case Gemv::kPlain: {
-      // Row-major W splits by rows: each thread streams one contiguous band of W (split by
-      // columns, each thread reads part of every row: ~10% slower on the 1B shapes) into y
-      // (thread 0) or its partial buffer, and the partial sums are added once at the end.
+      // Row-major W splits by rows: each band of rows is one contiguous part of W, summed into y
+      // (band 0) or a partial buffer, and the partial sums are added once at the end (split by
+      // columns, each thread reads part of every row: ~10% slower on the 1B shapes). The bands
+      // are the Linear's thread count whatever this call runs on, so the sums, and the results,
+      // do not depend on how many threads a step gets (engine/thread_governor.h).
       const int64_t pairs = (K + 1) / 2;
-      if (threads <= 1 || pairs == 1 || macs < kMinParallelMacs) {
+      if (bands <= 1 || pairs == 1 || macs < kMinParallelMacs) {
         gemv_plain_range(x, M, K, N, w, y, 0, pairs);
         break;
       }
+      const auto band = [&](int64_t b) {
+        float* out = b == 0 ? y : partial + (b - 1) * M * N;
+        gemv_plain_range(x, M, K, N, w, out, pairs * b / bands, pairs * (b + 1) / bands);
+      };
+      if (threads <= 1) {
+        for (int64_t b = 0; b < bands; ++b) band(b);
+        add_partials(y, partial, bands - 1, M * N, 0, M * N);
+        break;
+      }
       run_team(threads, [&](int64_t t, int64_t nt) {
-        float* out = t == 0 ? y : partial + (t - 1) * M * N;
-        gemv_plain_range(x, M, K, N, w, out, pairs * t / nt, pairs * (t + 1) / nt);
+        for (int64_t b = t; b < bands; b += nt) band(b);
         team_barrier();
-        add_partials(y, partial, nt - 1, M * N, M * N * t / nt, M * N * (t + 1) / nt);
+        add_partials(y, partial, bands - 1, M * N, M * N * t / nt, M * N * (t + 1) / nt);
       });
       break;
     }
@@ -905,7 +916,7 @@ void Linear::forward(const uint16_t* x, int64_t M, float* y) const {
   while (M > 0) {
     if (M <= im.gemv_max_m) {
       gemv(im.gemv_kind, x, M, im.K, im.N, im.Kp, im.w, y, im.threads,
-           static_cast<float*>(im.ctx->scratch_buf.data()));
+           std::min(im.threads, max_threads()), static_cast<float*>(im.ctx->scratch_buf.data()));
       return;
     }
     const Impl::Bound& b = im.bucket(size_t(im.largest_le[size_t(M)]));

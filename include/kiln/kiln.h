@@ -47,7 +47,7 @@ extern "C" {
 /* ---- versions -------------------------------------------------------------------------------- */
 
 #define KILN_API_VERSION_MAJOR 1
-#define KILN_API_VERSION_MINOR 0
+#define KILN_API_VERSION_MINOR 1
 
 /* The release of the library, e.g. "0.2.0". */
 const char* kiln_version(void);
@@ -144,6 +144,10 @@ typedef struct kiln_engine_options {
    * run-time adapters) before computing with it; the check shares the loading pass, so it costs
    * little. 0 opts out: damaged weights then go unnoticed (a NaN logit is still an error). */
   int verify_checksums;
+  /* Non-zero (the default; since API 1.1): a decode step may run on fewer than `threads` threads
+   * when measured steps show fewer are faster — cores shared with other busy work, or a model too
+   * small for a second thread to pay. Results are the same bits either way. 0: always `threads`. */
+  int adapt_threads;
 } kiln_engine_options;
 
 /* Fills the struct_size bytes at o with the defaults: threads 0, slots 1, max_seq_len 0,

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -258,6 +259,43 @@ TEST_CASE("Linear with two threads: the GEMV and brgemm split the work correctly
           CAPTURE(M);
           run_and_check(lin, w, M, uint32_t(M + 100));
         }
+      }
+    }
+  }
+}
+
+TEST_CASE("Linear built for two threads gives the same bits when a call runs on one") {
+  // The decode thread governor (engine/thread_governor.h) may run a step on fewer threads than
+  // its Linears were built for; the GEMVs must not change a bit (plain W sums fixed bands).
+  const int64_t K = 1030, N = 570;
+  const std::vector<uint16_t> w = random_bf16(size_t(K * N), 17);
+  for (bool relayout : {true, false}) {
+    for (bool transposed : {false, true}) {
+      CAPTURE(relayout);
+      CAPTURE(transposed);
+      std::optional<Linear> lin;
+      {
+        const Threads two(2);
+        LinearOptions opt;
+        opt.max_m = 16;
+        opt.relayout = relayout;
+        opt.transposed = transposed;
+        opt.gemv_max_m = 16;
+        lin.emplace(w.data(), transposed ? N : K, transposed ? K : N, opt);
+      }
+      for (int64_t M : {1, 4, 16}) {
+        CAPTURE(M);
+        const std::vector<uint16_t> x = random_bf16(size_t(M * lin->K()), uint32_t(M));
+        std::vector<float> y2(size_t(M * lin->N())), y1(y2.size());
+        {
+          const Threads two(2);
+          lin->forward(x.data(), M, y2.data());
+        }
+        {
+          const Threads one(1);
+          lin->forward(x.data(), M, y1.data());
+        }
+        CHECK(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)) == 0);
       }
     }
   }

@@ -91,6 +91,7 @@ int cmd_bench(int argc, const char* const* argv) {
                                 {"decode_tokens_per_s", median(r.decode_tokens_per_s)},
                                 {"prefill_runs", r.prefill_tokens_per_s},
                                 {"decode_runs", r.decode_tokens_per_s},
+                                {"decode_threads_runs", r.decode_threads},
                                 {"peak_rss_mib", peak_rss_mib()}};
     if (!r.batched.empty()) {
       nlohmann::ordered_json list = nlohmann::ordered_json::array();

@@ -11,6 +11,9 @@ namespace kiln::cli {
 
 void add_engine_options(ArgParser& p) {
   p.option("--threads", "N", "worker threads (default: every core)", "0");
+  p.flag("--fixed-threads",
+         "run every decode step on --threads threads (default: fewer when measured steps show "
+         "fewer are faster, e.g. cores shared with other work; the results are the same)");
   p.flag("--no-relayout", "use the mapped weights in place instead of re-laying them for speed");
   add_no_verify(p);
 }
@@ -25,6 +28,7 @@ EngineOptions engine_options(const Args& a) {
   EngineOptions o;
   o.model.threads = int(a.get_int("--threads", 0, kMaxThreads));
   o.model.relayout = !a.has("--no-relayout");
+  o.model.adapt_threads = !a.has("--fixed-threads");
   o.model.verify_checksums = !a.has("--no-verify");
   return o;
 }

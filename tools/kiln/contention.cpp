@@ -47,8 +47,8 @@ int parse_int(std::string_view s, int lo, int hi, const std::string& item, const
   const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
   if (ec != std::errc() || end != s.data() + s.size() || v < lo || v > hi)
     throw UsageError("load spec '" + item + "': " + what + " must be an integer from " +
-                     std::to_string(lo) + " to " + std::to_string(hi) + ", got '" +
-                     std::string(s) + "'");
+                     std::to_string(lo) + " to " + std::to_string(hi) + ", got '" + std::string(s) +
+                     "'");
   return v;
 }
 
@@ -137,8 +137,9 @@ std::vector<std::string_view> split(std::string_view s, char sep) {
 std::vector<LoadItem> parse_contention(const std::string& spec) {
   std::vector<LoadItem> items;
   if (spec.empty())
-    throw UsageError("load spec: empty; expected e.g. busy:3:nice=19 (kinds: busy, stream, "
-                     "faults, omp)");
+    throw UsageError(
+        "load spec: empty; expected e.g. busy:3:nice=19 (kinds: busy, stream, "
+        "faults, omp)");
   for (std::string_view item : split(spec, ',')) {
     const std::string whole(item);
     const std::vector<std::string_view> parts = split(item, ':');
@@ -186,14 +187,13 @@ Contention::Contention(const std::vector<LoadItem>& items) {
   try {
     for (const LoadItem& li : items) {
       const std::string nice = std::to_string(li.nice), threads = std::to_string(li.threads);
-      const char* argv[] = {"kiln",        "contend",      "--worker", kind_name(li.kind),
-                            nice.c_str(),  threads.c_str(), parent.c_str(), nullptr};
+      const char* argv[] = {"kiln",       "contend",       "--worker",     kind_name(li.kind),
+                            nice.c_str(), threads.c_str(), parent.c_str(), nullptr};
       for (int i = 0; i < li.count; ++i) {
         pid_t pid = 0;
         const int rc = ::posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr,
                                      const_cast<char* const*>(argv), environ);
-        if (rc != 0)
-          throw Error(std::string("cannot start a load process: ") + std::strerror(rc));
+        if (rc != 0) throw Error(std::string("cannot start a load process: ") + std::strerror(rc));
         pids_.push_back(pid);
       }
     }
@@ -237,8 +237,7 @@ int cmd_contend(int argc, const char* const* argv) {
   install_interrupt_handler();
   Contention load(items);
   std::fprintf(stderr, "kiln contend: %d processes (%s)%s\n", load.processes(),
-               describe_contention(items).c_str(),
-               seconds ? "" : "; Ctrl-C or SIGTERM stops them");
+               describe_contention(items).c_str(), seconds ? "" : "; Ctrl-C or SIGTERM stops them");
   const double until = now_seconds() + seconds;
   while (!interrupted() && (seconds == 0 || now_seconds() < until)) ::usleep(20000);
   return 0;
