@@ -148,4 +148,25 @@ const uint16_t* Artifact::bf16(const BlobView& blob, const std::string& name,
   return reinterpret_cast<const uint16_t*>(blob.bytes(t).data());
 }
 
+const uint16_t* Artifact::bf16_deferred(const BlobView& blob, const std::string& name,
+                                        const std::vector<int64_t>& shape, bool* pending) const {
+  const BlobTensorInfo& t = blob.expect(name, DType::BF16, shape);
+  *pending = !verified_[index_of(blob)][size_t(&t - blob.tensors().data())];
+  return reinterpret_cast<const uint16_t*>(blob.bytes(t).data());
+}
+
+void Artifact::settle_checksum(const BlobView& blob, const std::string& name,
+                               std::optional<uint32_t> crc) const {
+  const BlobTensorInfo* t = blob.find(name);
+  if (!t) throw Error(blob.path() + ": tensor '" + name + "' is missing");
+  const size_t b = index_of(blob), i = size_t(t - blob.tensors().data());
+  if (verified_[b][i]) return;
+  if (!crc) {
+    verify(b, i);
+    return;
+  }
+  blob.check_crc(*t, *crc);
+  verified_[b][i] = true;
+}
+
 }  // namespace kiln

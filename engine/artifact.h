@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -56,6 +57,15 @@ class Artifact {
   // verify_on_first_use, against its checksum). Not thread-safe.
   const uint16_t* bf16(const BlobView& blob, const std::string& name,
                        const std::vector<int64_t>& shape) const;
+  // The same pointer without checking the checksum yet, for a caller whose own first pass over
+  // the bytes computes their CRC-32C (a re-layout): it then hands that to settle_checksum(), or
+  // nullopt to have the tensor checked there. `*pending` tells whether a check is still owed.
+  const uint16_t* bf16_deferred(const BlobView& blob, const std::string& name,
+                                const std::vector<int64_t>& shape, bool* pending) const;
+  // Checks a tensor handed out by bf16_deferred against `crc` (computed by the caller over its
+  // bytes), or reads and checks it when `crc` is empty; throws like verification at open.
+  void settle_checksum(const BlobView& blob, const std::string& name,
+                       std::optional<uint32_t> crc) const;
   // Checks every tensor not yet checked (verify_on_first_use); nothing without verification.
   void verify_remaining() const;
   bool verifies_checksums() const { return verify_; }

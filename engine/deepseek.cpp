@@ -62,6 +62,7 @@
 #include <optional>
 
 #include "common/bf16.h"
+#include "common/crc32c.h"
 #include "common/error.h"
 #include "engine/model.h"
 #include "engine/ops/attention.h"
@@ -135,36 +136,53 @@ class DeepSeekModel final : public Model {
       w.pre_attn_norm = a.bf16(b, "pre_attn_norm", {E});
       w.post_attn_norm = a.bf16(b, "post_attn_norm", {E});
       if (Rq_ > 0) {
-        w.wq_a.emplace(a.bf16(b, "attn.wq_a", {E, Rq_}), E, Rq_, lo);
+        w.wq_a.emplace(checked_linear(b, "attn.wq_a", {E, Rq_}, E, Rq_, lo));
         w.q_a_norm = a.bf16(b, "attn.q_a_norm", {Rq_});
-        w.wq_b.emplace(a.bf16(b, "attn.wq_b", {Rq_, H, Dqk_}), Rq_, H * Dqk_, lo);
+        w.wq_b.emplace(checked_linear(b, "attn.wq_b", {Rq_, H, Dqk_}, Rq_, H * Dqk_, lo));
       } else {
-        w.query.emplace(a.bf16(b, "attn.query", {E, H, Dqk_}), E, H * Dqk_, lo);
+        w.query.emplace(checked_linear(b, "attn.query", {E, H, Dqk_}, E, H * Dqk_, lo));
       }
-      w.wkv_a.emplace(a.bf16(b, "attn.wkv_a", {E, Dl_}), E, Dl_, lo);
+      w.wkv_a.emplace(checked_linear(b, "attn.wkv_a", {E, Dl_}, E, Dl_, lo));
       w.kv_a_norm = a.bf16(b, "attn.kv_a_norm", {Rkv_});
       w.wkv_b = a.bf16(b, "attn.wkv_b", {Rkv_, H, Dn_ + Dv_});
-      w.o.emplace(a.bf16(b, "attn.o", {H, Dv_, E}), H * Dv_, E, lo);
+      w.o.emplace(checked_linear(b, "attn.o", {H, Dv_, E}, H * Dv_, E, lo));
       if (!c_.is_moe_layer(l)) {
         const int64_t F = c_.mlp_dim;
-        w.mlp.emplace(mlp(a, b, "mlp.", E, F, lo));
+        w.mlp.emplace(mlp(b, "mlp.", E, F, lo));
         widest = std::max(widest, F);
       } else {
         const int64_t X = c_.num_experts, Fm = c_.moe_mlp_dim, S = c_.shared_experts * Fm;
-        w.gate.emplace(a.bf16(b, "moe.gate", {E, X}), E, X, lo);
+        w.gate.emplace(checked_linear(b, "moe.gate", {E, X}, E, X, lo));
         if (c_.routed_bias) w.gate_bias = a.bf16(b, "moe.gate_bias", {X});
-        const uint16_t* wi_0 = a.bf16(b, "moe.experts.wi_0", {X, E, Fm});
-        const uint16_t* wi_1 = a.bf16(b, "moe.experts.wi_1", {X, E, Fm});
-        const uint16_t* wo = a.bf16(b, "moe.experts.wo", {X, Fm, E});
+        // The stacked experts: each expert's slice is re-laid on its own, and a tensor's CRC is
+        // its slices' CRCs joined in order (or the tensor is checked on its own when a slice was
+        // not re-laid by the hand-written pass).
+        bool pending[3];
+        const char* names[3] = {"moe.experts.wi_0", "moe.experts.wi_1", "moe.experts.wo"};
+        const uint16_t* wi_0 = a.bf16_deferred(b, names[0], {X, E, Fm}, &pending[0]);
+        const uint16_t* wi_1 = a.bf16_deferred(b, names[1], {X, E, Fm}, &pending[1]);
+        const uint16_t* wo = a.bf16_deferred(b, names[2], {X, Fm, E}, &pending[2]);
         ops::LinearOptions elo = lo;
         elo.relayout = opt.relayout && E * Fm * 2 >= kMinRelayoutBytes;
+        elo.checksum_weights = pending[0] || pending[1] || pending[2];
+        std::optional<uint32_t> crc[3] = {0u, 0u, 0u};
+        const auto join = [](std::optional<uint32_t>& total, const ops::Linear& part) {
+          const std::optional<uint32_t> c = part.weights_crc32c();
+          const uint64_t bytes = uint64_t(part.K() * part.N()) * sizeof(uint16_t);
+          total = total && c ? std::optional(crc32c_combine(*total, *c, bytes)) : std::nullopt;
+        };
         w.experts.reserve(size_t(X));
         for (int64_t x = 0; x < X; ++x) {
           w.experts.push_back(Mlp{ops::Linear(wi_0 + x * E * Fm, E, Fm, elo),
                                   ops::Linear(wi_1 + x * E * Fm, E, Fm, elo),
                                   ops::Linear(wo + x * Fm * E, Fm, E, elo)});
+          join(crc[0], w.experts.back().wi_0);
+          join(crc[1], w.experts.back().wi_1);
+          join(crc[2], w.experts.back().wo);
         }
-        if (S > 0) w.shared.emplace(mlp(a, b, "moe.shared.", E, S, lo));
+        for (int i = 0; i < 3; ++i)
+          if (pending[i]) a.settle_checksum(b, names[i], crc[i]);
+        if (S > 0) w.shared.emplace(mlp(b, "moe.shared.", E, S, lo));
         widest = std::max({widest, Fm, S});
       }
       // Re-laid weights live in the Linears now; what is still read in place (norms, wkv_b, the
@@ -184,7 +202,7 @@ class DeepSeekModel final : public Model {
     } else {
       // Read a row per token: the table need not stay resident after its checksum pass.
       a.release_tensor_pages(g, "token_embedding");
-      head_.emplace(a.bf16(g, "logits_dense", {E, V}), E, V, lo);
+      head_.emplace(checked_linear(g, "logits_dense", {E, V}, E, V, lo));
     }
     if (head_->owns_weights())  // the mapped source is read no more
       a.release_tensor_pages(g, c_.logits_via_embedding ? "token_embedding" : "logits_dense");
@@ -267,11 +285,11 @@ class DeepSeekModel final : public Model {
                                          : c.max_target_length;
   }
 
-  static Mlp mlp(const Artifact& a, const BlobView& b, const std::string& prefix, int64_t E,
-                 int64_t F, const ops::LinearOptions& lo) {
-    return Mlp{ops::Linear(a.bf16(b, prefix + "wi_0", {E, F}), E, F, lo),
-               ops::Linear(a.bf16(b, prefix + "wi_1", {E, F}), E, F, lo),
-               ops::Linear(a.bf16(b, prefix + "wo", {F, E}), F, E, lo)};
+  Mlp mlp(const BlobView& b, const std::string& prefix, int64_t E, int64_t F,
+          const ops::LinearOptions& lo) const {
+    return Mlp{checked_linear(b, prefix + "wi_0", {E, F}, E, F, lo),
+               checked_linear(b, prefix + "wi_1", {E, F}, E, F, lo),
+               checked_linear(b, prefix + "wo", {F, E}, F, E, lo)};
   }
 
   // out[T, E] (f32, unrounded projection output) = (silu(x·Wi0) * (x·Wi1))·Wo, docs/maxtext.md

@@ -56,13 +56,13 @@ class LlamaModel final : public Model {
           a.bf16(b, "post_attn_norm", {E}),
           c_.use_qk_norm ? a.bf16(b, "attn.q_norm", {D}) : nullptr,
           c_.use_qk_norm ? a.bf16(b, "attn.k_norm", {D}) : nullptr,
-          ops::Linear(a.bf16(b, "attn.q", {E, H, D}), E, H * D, lo),
-          ops::Linear(a.bf16(b, "attn.k", {E, K, D}), E, K * D, lo),
-          ops::Linear(a.bf16(b, "attn.v", {E, K, D}), E, K * D, lo),
-          ops::Linear(a.bf16(b, "attn.o", {H, D, E}), H * D, E, lo),
-          ops::Linear(a.bf16(b, "mlp.wi_0", {E, F}), E, F, lo),
-          ops::Linear(a.bf16(b, "mlp.wi_1", {E, F}), E, F, lo),
-          ops::Linear(a.bf16(b, "mlp.wo", {F, E}), F, E, lo),
+          checked_linear(b, "attn.q", {E, H, D}, E, H * D, lo),
+          checked_linear(b, "attn.k", {E, K, D}, E, K * D, lo),
+          checked_linear(b, "attn.v", {E, K, D}, E, K * D, lo),
+          checked_linear(b, "attn.o", {H, D, E}, H * D, E, lo),
+          checked_linear(b, "mlp.wi_0", {E, F}, E, F, lo),
+          checked_linear(b, "mlp.wi_1", {E, F}, E, F, lo),
+          checked_linear(b, "mlp.wo", {F, E}, F, E, lo),
       });
       // Re-laid weights live in the Linears now; the mapped copy would only double the RSS.
       if (layers_.back().q.owns_weights()) a.release_layer_pages(l);
@@ -77,7 +77,7 @@ class LlamaModel final : public Model {
     } else {
       // Read a row per token: the table need not stay resident after its checksum pass.
       a.release_tensor_pages(g, "token_embedding");
-      head_.emplace(a.bf16(g, "logits_dense", {E, V}), E, V, lo);
+      head_.emplace(checked_linear(g, "logits_dense", {E, V}, E, V, lo));
     }
     if (head_->owns_weights())  // the mapped source is read no more
       a.release_tensor_pages(g, c_.logits_via_embedding ? "token_embedding" : "logits_dense");

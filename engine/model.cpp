@@ -205,6 +205,18 @@ void Model::forward_batch(std::span<const SequenceStep> steps, float* logits) {
   for (const SequenceStep& s : steps) s.cache->length += int64_t(s.tokens.size());
 }
 
+ops::Linear Model::checked_linear(const BlobView& blob, const std::string& name,
+                                  const std::vector<int64_t>& shape, int64_t K, int64_t N,
+                                  ops::LinearOptions lo) const {
+  bool pending = false;
+  const uint16_t* w = artifact_->bf16_deferred(blob, name, shape, &pending);
+  lo.checksum_weights = pending;
+  ops::Linear linear(w, K, N, lo);
+  // A separate check's time is counted as checksums, a folded one as part of the re-layout.
+  if (pending) artifact_->settle_checksum(blob, name, linear.weights_crc32c());
+  return linear;
+}
+
 void Model::run_pass(const Rows& rows, float* logits) {
   first_nonfinite_ = -1;
   if (rows.n > decode_rows_) {

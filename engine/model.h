@@ -167,6 +167,13 @@ class Model {
   // Throws if `cache` was not made by this model's new_cache().
   virtual void check_cache(const KvCache& cache) const;
 
+  // A Linear over tensor `name` of `blob` (of `shape`, viewed as [K, N]), the tensor's checksum
+  // computed by the Linear's re-layout pass when it has one, else checked here: either way before
+  // anything is computed with it, and its bytes read from memory once.
+  ops::Linear checked_linear(const BlobView& blob, const std::string& name,
+                             const std::vector<int64_t>& shape, int64_t K, int64_t N,
+                             ops::LinearOptions lo) const;
+
   // MaxText's output head: bf16 logits, divided by sqrt(emb_dim) for a normalised tied head, then
   // the optional soft cap, then f32 (docs/maxtext.md §2.1). `n` logits, whole rows of the
   // vocabulary; the first one that is not finite is recorded for forward()/forward_batch() to

@@ -32,12 +32,14 @@
 #include <map>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "common/clock.h"
+#include "common/crc32c.h"
 #include "common/error.h"
 #include "engine/ops/parallel.h"
 
@@ -269,9 +271,52 @@ KILN_AVX512BF16 void relayout_pairs(const uint16_t* w, int64_t K, int64_t N, int
 // What oneDNN's reorder does for this pair of layouts, without its JIT compilation per shape
 // (most of the default model's start-up) and with the rows split over the threads.
 void relayout_to_ba16a64b2a(const uint16_t* w, int64_t K, int64_t N, int64_t Kp, uint16_t* out,
-                            int threads) {
-  run_spans(Kp / 2, 64, threads,
-            [&](int64_t p0, int64_t p1) { relayout_pairs(w, K, N, Kp, out, p0, p1); });
+                            int threads, std::optional<uint32_t>* crc) {
+  if (!crc) {
+    run_spans(Kp / 2, 64, threads,
+              [&](int64_t p0, int64_t p1) { relayout_pairs(w, K, N, Kp, out, p0, p1); });
+    return;
+  }
+  // With the CRC-32C of W's bytes (the artifact's checksum, folded into this pass): each thread
+  // checksums its contiguous band of rows a few row pairs at a time, right after re-laying them,
+  // while they are still in its cache, so W is read from memory once; the bands' CRCs are then
+  // joined in order.
+  constexpr int kMaxBands = 64;
+  constexpr int64_t kPairsPerStep = 8;  // 16 rows: ≤ 256 KiB of W at N = 8192, within L2
+  const int bands = std::clamp(threads, 1, kMaxBands);
+  const int64_t pairs = (K + 1) / 2;  // the pairs with rows of W (the rest is zero padding)
+  uint32_t band_crc[kMaxBands];
+  int64_t band_bytes[kMaxBands];
+  const auto run_band = [&](int64_t t, int64_t nt) {
+    const int64_t p0 = Kp / 2 * t / nt, p1 = Kp / 2 * (t + 1) / nt;
+    uint32_t c = 0;
+    int64_t bytes = 0;
+    for (int64_t p = p0; p < p1; p += kPairsPerStep) {
+      const int64_t e = std::min(p + kPairsPerStep, p1);
+      relayout_pairs(w, K, N, Kp, out, p, e);
+      const int64_t r0 = std::min(2 * p, K), r1 = std::min(2 * std::min(e, pairs), K);
+      if (r1 > r0) {
+        const size_t n = size_t((r1 - r0) * N) * sizeof(uint16_t);
+        c = crc32c(w + r0 * N, n, c);
+        bytes += int64_t(n);
+      }
+    }
+    band_crc[t] = c;
+    band_bytes[t] = bytes;
+  };
+  int used = 1;
+  if (bands <= 1 || Kp / 2 < 64) {
+    run_band(0, 1);
+  } else {
+    run_team(bands, [&](int64_t t, int64_t nt) {
+      run_band(t, nt);
+      if (t == 0) used = int(nt);
+    });
+  }
+  uint32_t total = band_crc[0];
+  for (int t = 1; t < used; ++t)
+    total = crc32c_combine(total, band_crc[t], uint64_t(band_bytes[t]));
+  *crc = total;
 }
 
 // R rows of x times the rows [k0, k1) of one 64-column block (a panel; k0 even), stored to y —
@@ -747,13 +792,14 @@ constexpr int64_t kMaxGemvM = 16;  // bucket_sizes() relies on it
 struct Linear::Impl {
   int64_t K = 0, N = 0, max_m = 0;
   int threads = 1;
-  HugeBuffer owned;                    // re-laid W (empty when W is used in place)
-  const uint16_t* w = nullptr;         // the W forward() reads: owned.data() or the caller's
-  int64_t Kp = 0;                      // K padded to the blocked layout's 32 (blocked W only)
-  Gemv gemv_kind = Gemv::kNone;        // which hand GEMV reads w
-  int64_t gemv_max_m = 0;              // rows the hand GEMV serves (0: none)
-  dnnl::memory wmem;                   // W as oneDNN sees it; handle set once here, never again
-  MatmulContext::Impl* ctx = nullptr;  // the context forward() runs in
+  HugeBuffer owned;                     // re-laid W (empty when W is used in place)
+  std::optional<uint32_t> weights_crc;  // CRC-32C of the caller's W, if the re-layout computed it
+  const uint16_t* w = nullptr;          // the W forward() reads: owned.data() or the caller's
+  int64_t Kp = 0;                       // K padded to the blocked layout's 32 (blocked W only)
+  Gemv gemv_kind = Gemv::kNone;         // which hand GEMV reads w
+  int64_t gemv_max_m = 0;               // rows the hand GEMV serves (0: none)
+  dnnl::memory wmem;                    // W as oneDNN sees it; handle set once here, never again
+  MatmulContext::Impl* ctx = nullptr;   // the context forward() runs in
   using Bound = MatmulContext::Impl::Bound;
   // The buckets (ascending m) and, for each, its primitive bound in ctx: built at construction up
   // to eager_max_m, the others by the first forward() that needs them (see LinearOptions).
@@ -834,7 +880,8 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
         // transposes and blocks in the same pass.
         if (!opt.transposed && is_ba16a64b2a(wmd, K, N) && cpu_has_avx512_bf16()) {
           relayout_to_ba16a64b2a(weights, K, N, wmd.data.padded_dims[0],
-                                 static_cast<uint16_t*>(impl->owned.data()), impl->threads);
+                                 static_cast<uint16_t*>(impl->owned.data()), impl->threads,
+                                 opt.checksum_weights ? &impl->weights_crc : nullptr);
         } else {
           dnnl::memory src(plain, rt.eng, const_cast<uint16_t*>(weights));
           dnnl::memory dst(wmd, rt.eng, impl->owned.data());
@@ -899,6 +946,10 @@ int64_t Linear::K() const {
 int64_t Linear::N() const {
   return impl_ ? impl_->N : 0;
 }
+std::optional<uint32_t> Linear::weights_crc32c() const {
+  return impl_ ? impl_->weights_crc : std::nullopt;
+}
+
 int64_t Linear::max_m() const {
   return impl_ ? impl_->max_m : 0;
 }

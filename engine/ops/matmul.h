@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 
 namespace kiln::ops {
 
@@ -71,6 +72,10 @@ struct LinearOptions {
   // only decodes never pays for them (each costs ~0.1–0.4 ms). A forward() with M ≤ eager_max_m
   // never creates one, and so never allocates: set it to the largest batch of the per-token path.
   int64_t eager_max_m = 512;
+  // Compute the CRC-32C of W's bytes (as given, K·N bf16 values) in the re-layout pass, which
+  // reads them anyway (an artifact's checksum at no extra read: engine/model.cpp). Only the
+  // hand-written re-layout does; weights_crc32c() then returns it.
+  bool checksum_weights = false;
 };
 
 class Linear {
@@ -93,6 +98,9 @@ class Linear {
   int64_t max_m() const;
   // True when W was re-laid into memory the Linear owns (the caller's weights are then unused).
   bool owns_weights() const;
+  // With LinearOptions::checksum_weights: the CRC-32C of the caller's W when the re-layout
+  // computed it; empty when W was used in place or re-laid by oneDNN (the caller checks it).
+  std::optional<uint32_t> weights_crc32c() const;
 
   // x: [M, K] bf16 row-major (lda = K); y: [M, N] f32 row-major (ldy = N). 1 ≤ M ≤ max_m, else
   // kiln::Error. Reads exactly M rows of x and writes exactly M rows of y (y must not overlap x);

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common/bf16.h"
+#include "common/crc32c.h"
 #include "common/error.h"
 #include "engine/ops/parallel.h"
 
@@ -298,6 +299,41 @@ TEST_CASE("Linear built for two threads gives the same bits when a call runs on 
         CHECK(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(float)) == 0);
       }
     }
+  }
+}
+
+TEST_CASE("Linear computes W's CRC-32C in its re-layout pass, on any number of threads") {
+  for (int threads : {1, 2}) {
+    for (const auto& [K, N] : {std::pair<int64_t, int64_t>{515, 570}, {2048, 512}, {3, 64}}) {
+      CAPTURE(threads);
+      CAPTURE(K);
+      CAPTURE(N);
+      const Threads t(threads);
+      const std::vector<uint16_t> w = random_bf16(size_t(K * N), uint32_t(K));
+      LinearOptions opt;
+      opt.max_m = 4;
+      opt.checksum_weights = true;
+      const Linear lin(w.data(), K, N, opt);
+      const uint32_t want = kiln::crc32c(w.data(), w.size() * sizeof(uint16_t));
+      if (lin.owns_weights() && lin.weights_crc32c()) CHECK(*lin.weights_crc32c() == want);
+      // Without the option, or used in place, nothing is claimed.
+      opt.checksum_weights = false;
+      CHECK_FALSE(Linear(w.data(), K, N, opt).weights_crc32c());
+      opt.checksum_weights = true;
+      opt.relayout = false;
+      CHECK_FALSE(Linear(w.data(), K, N, opt).weights_crc32c());
+      run_and_check(lin, w, 3, 5);
+    }
+  }
+  // The 1B shapes are re-laid by the hand-written pass: the CRC must be there.
+  const Threads two(2);
+  const std::vector<uint16_t> w = random_bf16(size_t(2048 * 512), 3);
+  LinearOptions opt;
+  opt.checksum_weights = true;
+  const Linear lin(w.data(), 2048, 512, opt);
+  if (lin.owns_weights()) {
+    REQUIRE(lin.weights_crc32c());
+    CHECK(*lin.weights_crc32c() == kiln::crc32c(w.data(), w.size() * sizeof(uint16_t)));
   }
 }
 
