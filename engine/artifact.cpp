@@ -15,8 +15,16 @@ namespace fs = std::filesystem;
 
 namespace {
 
-void check_tensor_set(const BlobView& view, const std::vector<TensorSpec>& specs) {
-  for (const auto& s : specs) view.expect(s.name, DType::BF16, s.shape);
+// Every tensor the config implies, in bf16 with its shape; the matrices (matrix_view) may be
+// stored blocked, everything else must be row-major.
+void check_tensor_set(const BlobView& view, const std::vector<TensorSpec>& specs,
+                      const ModelConfig& config) {
+  for (const auto& s : specs) {
+    if (const std::optional<MatrixView> m = matrix_view(config, s))
+      view.expect_matrix(s.name, s.shape, m->K, m->batch);
+    else
+      view.expect(s.name, DType::BF16, s.shape);
+  }
   if (view.tensors().size() != specs.size()) {
     for (const auto& t : view.tensors()) {
       bool known = false;
@@ -55,8 +63,8 @@ std::unique_ptr<Artifact> Artifact::open(const std::string& dir, const ArtifactO
     std::string path = (fs::path(dir) / e.file).string();
     auto file = std::make_unique<MappedFile>(path);
     BlobView view = check_listed_blob(*file, e, path);
-    check_tensor_set(view,
-                     want_layer < 0 ? global_tensor_specs(c) : layer_tensor_specs(c, want_layer));
+    check_tensor_set(
+        view, want_layer < 0 ? global_tensor_specs(c) : layer_tensor_specs(c, want_layer), c);
     a->verified_.emplace_back(view.tensors().size(), !opt.verify_checksums);
     a->files_.push_back(std::move(file));
     a->views_.push_back(std::move(view));
@@ -148,11 +156,16 @@ const uint16_t* Artifact::bf16(const BlobView& blob, const std::string& name,
   return reinterpret_cast<const uint16_t*>(blob.bytes(t).data());
 }
 
-const uint16_t* Artifact::bf16_deferred(const BlobView& blob, const std::string& name,
-                                        const std::vector<int64_t>& shape, bool* pending) const {
-  const BlobTensorInfo& t = blob.expect(name, DType::BF16, shape);
-  *pending = !verified_[index_of(blob)][size_t(&t - blob.tensors().data())];
-  return reinterpret_cast<const uint16_t*>(blob.bytes(t).data());
+Artifact::Matrix Artifact::matrix_deferred(const BlobView& blob, const std::string& name,
+                                           const std::vector<int64_t>& shape, int64_t K,
+                                           int64_t batch) const {
+  const BlobTensorInfo& t = blob.expect_matrix(name, shape, K, batch);
+  Matrix m;
+  m.data = reinterpret_cast<const uint16_t*>(blob.bytes(t).data());
+  m.blocked = t.layout == TensorLayout::BA16a64b2a;
+  if (m.blocked) m.layout = t.blocked();
+  m.pending = !verified_[index_of(blob)][size_t(&t - blob.tensors().data())];
+  return m;
 }
 
 void Artifact::settle_checksum(const BlobView& blob, const std::string& name,

@@ -57,12 +57,20 @@ class Artifact {
   // verify_on_first_use, against its checksum). Not thread-safe.
   const uint16_t* bf16(const BlobView& blob, const std::string& name,
                        const std::vector<int64_t>& shape) const;
-  // The same pointer without checking the checksum yet, for a caller whose own first pass over
-  // the bytes computes their CRC-32C (a re-layout): it then hands that to settle_checksum(), or
-  // nullopt to have the tensor checked there. `*pending` tells whether a check is still owed.
-  const uint16_t* bf16_deferred(const BlobView& blob, const std::string& name,
-                                const std::vector<int64_t>& shape, bool* pending) const;
-  // Checks a tensor handed out by bf16_deferred against `crc` (computed by the caller over its
+  // A matrix (or `batch` stacked matrices) of K rows, stored row-major or in BA16a64b2a
+  // (schema/tensor_layout.h), handed out without checking its checksum yet: for a caller whose
+  // own first pass over the bytes computes their CRC-32C (a re-layout) and hands it to
+  // settle_checksum(), or nullopt to have the tensor checked there. `pending` tells whether a
+  // check is still owed.
+  struct Matrix {
+    const uint16_t* data = nullptr;
+    bool blocked = false;  // BA16a64b2a; then `layout` gives the padded sizes
+    BlockedMatrices layout;
+    bool pending = false;
+  };
+  Matrix matrix_deferred(const BlobView& blob, const std::string& name,
+                         const std::vector<int64_t>& shape, int64_t K, int64_t batch = 1) const;
+  // Checks a tensor handed out by matrix_deferred against `crc` (computed by the caller over its
   // bytes), or reads and checks it when `crc` is empty; throws like verification at open.
   void settle_checksum(const BlobView& blob, const std::string& name,
                        std::optional<uint32_t> crc) const;

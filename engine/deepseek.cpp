@@ -157,14 +157,21 @@ class DeepSeekModel final : public Model {
         // The stacked experts: each expert's slice is re-laid on its own, and a tensor's CRC is
         // its slices' CRCs joined in order (or the tensor is checked on its own when a slice was
         // not re-laid by the hand-written pass).
-        bool pending[3];
         const char* names[3] = {"moe.experts.wi_0", "moe.experts.wi_1", "moe.experts.wo"};
-        const uint16_t* wi_0 = a.bf16_deferred(b, names[0], {X, E, Fm}, &pending[0]);
-        const uint16_t* wi_1 = a.bf16_deferred(b, names[1], {X, E, Fm}, &pending[1]);
-        const uint16_t* wo = a.bf16_deferred(b, names[2], {X, Fm, E}, &pending[2]);
-        ops::LinearOptions elo = lo;
-        elo.relayout = opt.relayout && E * Fm * 2 >= kMinRelayoutBytes;
-        elo.checksum_weights = pending[0] || pending[1] || pending[2];
+        const Artifact::Matrix m[3] = {a.matrix_deferred(b, names[0], {X, E, Fm}, E, X),
+                                       a.matrix_deferred(b, names[1], {X, E, Fm}, E, X),
+                                       a.matrix_deferred(b, names[2], {X, Fm, E}, Fm, X)};
+        ops::LinearOptions elo[3];
+        for (int i = 0; i < 3; ++i) {
+          elo[i] = lo;
+          elo[i].relayout = opt.relayout && E * Fm * 2 >= kMinRelayoutBytes;
+          elo[i].checksum_weights = m[i].pending;
+          elo[i].weights_blocked = m[i].blocked;
+        }
+        // Expert x's matrix: K·N values further on in row-major order, a padded block blocked.
+        const auto expert = [&](int i, int64_t x) {
+          return m[i].data + x * (m[i].blocked ? m[i].layout.matrix_values() : E * Fm);
+        };
         std::optional<uint32_t> crc[3] = {0u, 0u, 0u};
         const auto join = [](std::optional<uint32_t>& total, const ops::Linear& part) {
           const std::optional<uint32_t> c = part.weights_crc32c();
@@ -173,15 +180,15 @@ class DeepSeekModel final : public Model {
         };
         w.experts.reserve(size_t(X));
         for (int64_t x = 0; x < X; ++x) {
-          w.experts.push_back(Mlp{ops::Linear(wi_0 + x * E * Fm, E, Fm, elo),
-                                  ops::Linear(wi_1 + x * E * Fm, E, Fm, elo),
-                                  ops::Linear(wo + x * Fm * E, Fm, E, elo)});
+          w.experts.push_back(Mlp{ops::Linear(expert(0, x), E, Fm, elo[0]),
+                                  ops::Linear(expert(1, x), E, Fm, elo[1]),
+                                  ops::Linear(expert(2, x), Fm, E, elo[2])});
           join(crc[0], w.experts.back().wi_0);
           join(crc[1], w.experts.back().wi_1);
           join(crc[2], w.experts.back().wo);
         }
         for (int i = 0; i < 3; ++i)
-          if (pending[i]) a.settle_checksum(b, names[i], crc[i]);
+          if (m[i].pending) a.settle_checksum(b, names[i], crc[i]);
         if (S > 0) w.shared.emplace(mlp(b, "moe.shared.", E, S, lo));
         widest = std::max({widest, Fm, S});
       }

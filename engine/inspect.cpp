@@ -123,19 +123,26 @@ ordered_json inspect_artifact(const Artifact& art) {
   uint64_t adapter_bytes = 0;
   ordered_json adapters = adapters_json(art, adapter_bytes);
 
-  uint64_t n_tensors = 0, n_params = 0;
+  uint64_t n_tensors = 0, n_params = 0, n_blocked = 0;
   ordered_json blobs = ordered_json::array();
   for (size_t i = 0; i < m.blobs.size(); ++i) {
     const BlobView& v = i == 0 ? art.globals() : art.layer(int64_t(i) - 1);
     ordered_json tensors = ordered_json::array();
     for (const auto& t : v.tensors()) {
       ++n_tensors;
-      n_params += t.length / dtype_size(t.dtype);
-      tensors.push_back({{"name", t.name},
-                         {"dtype", std::string(dtype_name(t.dtype))},
-                         {"shape", t.shape},
-                         {"bytes", t.length},
-                         {"crc32c", t.crc32c}});
+      uint64_t numel = 1;
+      for (int64_t d : t.shape) numel *= uint64_t(d);
+      n_params += numel;  // not the padding of a blocked layout
+      ordered_json tj = {{"name", t.name},     {"dtype", std::string(dtype_name(t.dtype))},
+                         {"shape", t.shape},   {"layout", layout_name(t.layout)},
+                         {"offset", t.offset}, {"bytes", t.length},
+                         {"crc32c", t.crc32c}};
+      if (t.layout != TensorLayout::RowMajor) {
+        ++n_blocked;
+        tj["matrix_k"] = t.matrix_k;
+        tj["matrix_batch"] = t.matrix_batch;
+      }
+      tensors.push_back(std::move(tj));
     }
     blobs.push_back({{"file", m.blobs[i].file},
                      {"layer", m.blobs[i].layer},
@@ -153,6 +160,7 @@ ordered_json inspect_artifact(const Artifact& art) {
           {"config", config_json(m.config)},
           {"parameters", n_params},
           {"tensors", n_tensors},
+          {"blocked_tensors", n_blocked},
           {"bytes", art.total_bytes()},
           {"checksums_verified", art.verifies_checksums()},
           {"blobs", blobs},

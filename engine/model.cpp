@@ -45,7 +45,10 @@ std::unique_ptr<Model> Model::open(const std::string& dir, const ModelOptions& o
     throw Error(dir + ": decoder_block '" + block + "' has no forward pass in this kiln");
   model->artifact_->verify_remaining();  // a tensor the family did not take is checked all the same
   model->threads_ = threads;
-  model->decode_rows_ = opt.decode_rows > 0 ? opt.decode_rows : model->chunk_;
+  // Without an engine's slots to go by, only single-row passes count as decode steps; and only
+  // passes the hand-written GEMVs serve whole give the same bits on any number of threads.
+  model->decode_rows_ =
+      std::min(opt.decode_rows > 0 ? opt.decode_rows : 1, model->matmul_context_.gemv_rows());
   model->governor_ = ThreadGovernor(threads, opt.adapt_threads);
   const ops::MatmulContext::BuildTimes build = model->matmul_context_.build_times();
   model->startup_ = {.open_seconds = model->artifact_->open_seconds(),
@@ -208,12 +211,12 @@ void Model::forward_batch(std::span<const SequenceStep> steps, float* logits) {
 ops::Linear Model::checked_linear(const BlobView& blob, const std::string& name,
                                   const std::vector<int64_t>& shape, int64_t K, int64_t N,
                                   ops::LinearOptions lo) const {
-  bool pending = false;
-  const uint16_t* w = artifact_->bf16_deferred(blob, name, shape, &pending);
-  lo.checksum_weights = pending;
-  ops::Linear linear(w, K, N, lo);
+  const Artifact::Matrix w = artifact_->matrix_deferred(blob, name, shape, K);
+  lo.checksum_weights = w.pending;
+  lo.weights_blocked = w.blocked;
+  ops::Linear linear(w.data, K, N, lo);
   // A separate check's time is counted as checksums, a folded one as part of the re-layout.
-  if (pending) artifact_->settle_checksum(blob, name, linear.weights_crc32c());
+  if (w.pending) artifact_->settle_checksum(blob, name, linear.weights_crc32c());
   return linear;
 }
 

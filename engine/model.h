@@ -186,7 +186,7 @@ class Model {
   // The worker threads of every pass, set on the calling thread at the start of each forward
   // (OpenMP's thread count is per calling thread, so engines on different threads keep theirs).
   int threads_ = 1;
-  int64_t decode_rows_ = 0;  // passes of at most this many rows are decode steps
+  int64_t decode_rows_ = 0;  // passes of at most this many rows are governed decode steps
   ThreadGovernor governor_{1, false};
   // Where this model's matrix products run (its oneDNN stream and scratchpad): the families build
   // their Linears with it, so two models run their passes at the same time on two threads.

@@ -15,7 +15,6 @@
 #include "common/error.h"
 #include "common/file_io.h"
 #include "common/interrupt.h"
-#include "tokenizer/tokenizer.h"
 #include "export/adapter.h"
 #include "export/config_reader.h"
 #include "export/key_layout.h"
@@ -24,6 +23,7 @@
 #include "export/unroll.h"
 #include "schema/format.h"
 #include "schema/manifest.h"
+#include "tokenizer/tokenizer.h"
 
 namespace kiln {
 
@@ -311,15 +311,54 @@ ExportSummary export_once(const ExportOptions& opt, const ProgressFn& progress, 
       if (b.layer >= 0) max_layer_numel = std::max(max_layer_numel, numel(t.spec.shape));
   std::vector<float> f32(max_layer_numel);
   std::vector<uint16_t> bf16(max_layer_numel);
+  std::vector<uint16_t> whole, blocked;  // a matrix stored blocked: bf16, then its blocked form
 
   for (const auto& blob : plan.blobs) {
     std::vector<TensorSpec> specs;
-    for (const auto& t : blob.tensors) specs.push_back(t.spec);
-    BlobWriter writer((tmp / blob.file).string(), blob.layer, blob.kind, specs);
     for (const auto& t : blob.tensors) {
+      specs.push_back(t.spec);
+      if (opt.weights_layout == TensorLayout::RowMajor) continue;
+      if (const std::optional<MatrixView> m = matrix_view(cfg.model, t.spec)) {
+        specs.back().layout = opt.weights_layout;
+        specs.back().matrix_k = m->K;
+        specs.back().matrix_batch = m->batch;
+      }
+    }
+    BlobWriter writer((tmp / blob.file).string(), blob.layer, blob.kind, specs);
+    for (size_t ti = 0; ti < blob.tensors.size(); ++ti) {
+      const PlannedTensor& t = blob.tensors[ti];
+      const TensorSpec& stored = specs[ti];
       throw_if_interrupted("export");
       uint64_t n = numel(t.spec.shape);
       NonFiniteScan nonfinite;
+      if (stored.layout != TensorLayout::RowMajor) {
+        // A matrix the engine maps in place: the whole tensor in bf16, then blocked.
+        whole.resize(n);
+        if (blob.layer < 0) {
+          for (uint64_t b = 0; b < n; b += kChunk) {
+            const uint64_t m = std::min(kChunk, n - b);
+            source_range_to_f32(*t.src.tensor, b, m, f32.data());
+            convert_f32_to_bf16(f32.data(), whole.data() + b, m);
+          }
+        } else {
+          unroll_scanned_layer(t.src, f32.data());
+          if (opt.merge_lora)
+            for (const AdapterSource& lora : loras)
+              if (lora.find(blob.layer, t.spec.name))
+                merge_lora(lora.read(blob.layer, t.spec.name), f32.data());
+          apply_qk_clip(qk_clip, cfg.model, blob.layer, t.spec.name, f32.data());
+          convert_f32_to_bf16(f32.data(), whole.data(), n);
+        }
+        nonfinite.add(whole.data(), n, 0);
+        refuse_nonfinite(nonfinite, blob, t);
+        const BlockedMatrices m = *blocked_view(n, stored.matrix_k, stored.matrix_batch);
+        blocked.resize(size_t(m.values()));
+        for (int64_t x = 0; x < m.batch; ++x)
+          to_ba16a64b2a(whole.data() + x * m.K * m.N, m, blocked.data() + x * m.matrix_values());
+        writer.write_tensor(t.spec.name, blocked.data(), blocked.size() * 2);
+        t.src.tensor->file->release_range(t.src.tensor->data, t.src.tensor->nbytes);
+        continue;
+      }
       if (blob.layer < 0) {
         for (uint64_t b = 0; b < n; b += kChunk) {
           uint64_t m = std::min(kChunk, n - b);

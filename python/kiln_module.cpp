@@ -254,7 +254,8 @@ py::dict export_artifact_py(
     bool qk_clip_per_group, const std::optional<std::string>& qk_clip_mode,
     const std::optional<std::string>& qk_clip_calibrate, const std::vector<std::string>& lora,
     const std::vector<std::string>& lora_name, std::optional<double> lora_scale, bool merge_lora,
-    const std::optional<std::string>& tokenizer, bool force) {
+    const std::optional<std::string>& tokenizer, bool force,
+    const std::optional<std::string>& weights_layout) {
   cli::ExportRequest r;
   r.checkpoints = checkpoint;
   r.config = config;
@@ -272,6 +273,7 @@ py::dict export_artifact_py(
   r.merge_lora = merge_lora;
   r.tokenizer = tokenizer;
   r.force = force;
+  r.weights_layout = weights_layout;
   const cli::PreparedExport prepared = cli::prepare_export(
       r, cli::OptionSpelling::Python, [](const std::string& m) { return UsageError(m); });
   const ExportOptions& opt = prepared.options;
@@ -326,6 +328,7 @@ PYBIND11_MODULE(kiln, m) {
         py::arg("lora") = std::vector<std::string>{},
         py::arg("lora_name") = std::vector<std::string>{}, py::arg("lora_scale") = py::none(),
         py::arg("merge_lora") = false, py::arg("tokenizer") = py::none(), py::arg("force") = false,
+        py::arg("weights_layout") = py::none(),
         "Exports a MaxText checkpoint (kiln export); returns the summary as a dict.");
 
   m.def(

@@ -56,8 +56,22 @@ std::string shape_to_string(const std::vector<int64_t>& shape) {
 BlobWriter::BlobWriter(const std::string& path, int layer, LayerKind kind,
                        const std::vector<TensorSpec>& tensors, DType dtype)
     : path_(path), layer_(layer), kind_(kind) {
-  for (const auto& t : tensors)
-    tensors_.push_back({t.name, dtype, t.shape, 0, numel(t.shape) * dtype_size(dtype), 0});
+  for (const auto& t : tensors) {
+    BlobTensorInfo info{
+        t.name,   dtype,      t.shape,       0, numel(t.shape) * dtype_size(dtype), 0,
+        t.layout, t.matrix_k, t.matrix_batch};
+    if (t.layout != TensorLayout::RowMajor) {
+      const std::optional<BlockedMatrices> m =
+          blocked_view(numel(t.shape), t.matrix_k, t.matrix_batch);
+      if (!m || dtype != DType::BF16)
+        throw Error(path + ": tensor '" + t.name + "' cannot be stored in " +
+                    layout_name(t.layout) + " as " + std::to_string(t.matrix_batch) +
+                    " bf16 matrices of " + std::to_string(t.matrix_k) + " rows");
+      info.length = uint64_t(m->values()) * dtype_size(dtype);
+      major_ = kFormatMajorBlocked;
+    }
+    tensors_.push_back(std::move(info));
+  }
   // The header size does not depend on offsets or checksums (force_defaults keeps every scalar
   // present), so a first build fixes where the data starts.
   uint64_t pos = align_up(kBlobPreambleSize + build_header().size(), kTensorAlignment);
@@ -84,10 +98,11 @@ std::vector<uint8_t> BlobWriter::build_header() const {
   b.ForceDefaults(true);
   std::vector<flatbuffers::Offset<fb::Tensor>> offs;
   for (const auto& t : tensors_) {
-    offs.push_back(fb::CreateTensorDirect(b, t.name.c_str(), static_cast<fb::DType>(t.dtype),
-                                          &t.shape, t.offset, t.length, t.crc32c));
+    offs.push_back(fb::CreateTensorDirect(
+        b, t.name.c_str(), static_cast<fb::DType>(t.dtype), &t.shape, t.offset, t.length, t.crc32c,
+        static_cast<fb::TensorLayout>(t.layout), t.matrix_k, t.matrix_batch));
   }
-  auto h = fb::CreateBlobHeaderDirect(b, kFormatMajor, kFormatMinor, layer_,
+  auto h = fb::CreateBlobHeaderDirect(b, major_, kFormatMinor, layer_,
                                       static_cast<fb::LayerKind>(kind_), &offs);
   b.Finish(h);
   return {b.GetBufferPointer(), b.GetBufferPointer() + b.GetSize()};
@@ -148,7 +163,7 @@ BlobWriter::Result BlobWriter::finish() {
   std::vector<uint8_t> header = build_header();
   uint8_t pre[kBlobPreambleSize] = {};
   std::memcpy(pre, kBlobMagic, 8);
-  put_le<uint16_t>(pre + 8, kFormatMajor);
+  put_le<uint16_t>(pre + 8, major_);
   put_le<uint16_t>(pre + 10, kFormatMinor);
   put_le<uint64_t>(pre + 16, header.size());
   uint32_t hcrc = crc32c(header.data(), header.size());
@@ -171,9 +186,10 @@ BlobView::BlobView(const uint8_t* data, size_t size, const std::string& path)
   if (std::memcmp(data, kBlobMagic, 8) != 0)
     throw Error(path + ": not a kiln blob (magic 'KILNBLOB' missing)");
   uint16_t major = get_le<uint16_t>(data + 8);
-  if (major != kFormatMajor)
+  if (major != kFormatMajor && major != kFormatMajorBlocked)
     throw Error(path + ": blob format version " + std::to_string(major) +
-                " is not supported (this kiln reads version " + std::to_string(kFormatMajor) + ")");
+                " is not supported (this kiln reads versions " + std::to_string(kFormatMajor) +
+                " and " + std::to_string(kFormatMajorBlocked) + ")");
   if (get_le<uint32_t>(data + 12) != 0 || get_le<uint32_t>(data + 28) != 0)
     throw Error(path + ": reserved preamble bytes are not zero (corrupt)");
   uint64_t hlen = get_le<uint64_t>(data + 16);
@@ -202,10 +218,25 @@ BlobView::BlobView(const uint8_t* data, size_t size, const std::string& path)
     info.offset = t->offset();
     info.length = t->length();
     info.crc32c = t->crc32c();
-    const std::optional<uint64_t> bytes = checked_bytes(info.shape, dtype_size(info.dtype));
+    std::optional<uint64_t> bytes = checked_bytes(info.shape, dtype_size(info.dtype));
     if (!bytes)
       throw Error(path + ": tensor '" + info.name + "' has shape " + shape_to_string(info.shape) +
                   ", too large to address");
+    if (t->layout() > fb::TensorLayout::MAX)
+      throw Error(path + ": tensor '" + info.name + "' has an unknown layout");
+    info.layout = static_cast<TensorLayout>(t->layout());
+    info.matrix_k = t->matrix_k();
+    info.matrix_batch = t->matrix_batch();
+    if (info.layout != TensorLayout::RowMajor) {
+      const std::optional<BlockedMatrices> m =
+          blocked_view(*bytes / dtype_size(info.dtype), info.matrix_k, info.matrix_batch);
+      if (major != kFormatMajorBlocked || info.dtype != DType::BF16 || !m)
+        throw Error(path + ": tensor '" + info.name + "' has layout " + layout_name(info.layout) +
+                    " with " + std::to_string(info.matrix_batch) + " matrices of " +
+                    std::to_string(info.matrix_k) + " rows, which does not fit " + "its shape " +
+                    shape_to_string(info.shape) + ", dtype or format version");
+      bytes = uint64_t(m->values()) * dtype_size(info.dtype);
+    }
     if (info.length != *bytes)
       throw Error(path + ": tensor '" + info.name + "' length " + std::to_string(info.length) +
                   " does not match shape " + shape_to_string(info.shape));
@@ -236,7 +267,32 @@ const BlobTensorInfo& BlobView::expect(const std::string& name, DType dtype,
   if (t->shape != shape)
     throw Error(path_ + ": tensor '" + name + "' has shape " + shape_to_string(t->shape) +
                 ", expected " + shape_to_string(shape) + " from the model config");
+  if (t->layout != TensorLayout::RowMajor)
+    throw Error(path_ + ": tensor '" + name + "' is stored in layout " + layout_name(t->layout) +
+                ", expected row-major here");
   return *t;
+}
+
+const BlobTensorInfo& BlobView::expect_matrix(const std::string& name,
+                                              const std::vector<int64_t>& shape, int64_t K,
+                                              int64_t batch) const {
+  const BlobTensorInfo* t = find(name);
+  if (t && t->layout == TensorLayout::BA16a64b2a) {
+    if (t->dtype != DType::BF16 || t->shape != shape || t->matrix_k != K ||
+        t->matrix_batch != batch)
+      throw Error(path_ + ": tensor '" + name + "' is " + std::to_string(t->matrix_batch) +
+                  " blocked matrices of " + std::to_string(t->matrix_k) + " rows, shape " +
+                  shape_to_string(t->shape) + "; expected " + std::to_string(batch) + " of " +
+                  std::to_string(K) + " rows, shape " + shape_to_string(shape));
+    return *t;
+  }
+  return expect(name, DType::BF16, shape);
+}
+
+BlockedMatrices BlobTensorInfo::blocked() const {
+  uint64_t n = 1;
+  for (int64_t d : shape) n *= uint64_t(d);
+  return *blocked_view(n, matrix_k, matrix_batch);
 }
 
 void BlobView::check_crc(const BlobTensorInfo& t, uint32_t crc) const {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "schema/format.h"
 #include "schema/model_config.h"
 
 namespace kiln {
@@ -36,6 +37,10 @@ struct BlobTensorInfo {
   uint64_t offset = 0;  // from the start of the file
   uint64_t length = 0;  // bytes
   uint32_t crc32c = 0;
+  TensorLayout layout = TensorLayout::RowMajor;
+  int64_t matrix_k = 0, matrix_batch = 1;  // BA16a64b2a: matrix_batch matrices of matrix_k rows
+  // The blocked view of a BA16a64b2a tensor (checked by BlobView at construction).
+  BlockedMatrices blocked() const;
 };
 
 // Writes one blob, streaming tensor data in the order the tensors were declared. The header is
@@ -78,6 +83,7 @@ class BlobWriter {
   uint64_t written_ = 0;   // bytes of the current tensor written so far
   uint64_t file_pos_ = 0;  // current write position
   uint64_t total_size_ = 0;
+  uint16_t major_ = kFormatMajor;  // kFormatMajorBlocked once a tensor is not row-major
 };
 
 // A verified view of a blob held in memory (typically an mmapped file). Construction checks the
@@ -94,9 +100,14 @@ class BlobView {
   const std::vector<BlobTensorInfo>& tensors() const { return tensors_; }
   // nullptr if absent.
   const BlobTensorInfo* find(const std::string& name) const;
-  // Throws naming the tensor if absent or if its dtype/shape differ from the expectation.
+  // Throws naming the tensor if absent, if its dtype/shape differ from the expectation, or if it
+  // is not stored row-major.
   const BlobTensorInfo& expect(const std::string& name, DType dtype,
                                const std::vector<int64_t>& shape) const;
+  // The same for a bf16 matrix (or `batch` stacked matrices) of K rows, which may also be stored
+  // in BA16a64b2a; then with those K and batch.
+  const BlobTensorInfo& expect_matrix(const std::string& name, const std::vector<int64_t>& shape,
+                                      int64_t K, int64_t batch = 1) const;
   std::span<const uint8_t> bytes(const BlobTensorInfo& t) const {
     return {data_ + t.offset, t.length};
   }

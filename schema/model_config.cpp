@@ -215,6 +215,22 @@ std::vector<TensorSpec> deepseek_layer_tensor_specs(const ModelConfig& c, int la
   return specs;
 }
 
+std::optional<MatrixView> matrix_view(const ModelConfig& c, const TensorSpec& t) {
+  const auto& s = t.shape;
+  // K is the leading dim, or the leading two of an output projection [heads, head_dim, emb].
+  static const char* const kLeadingK[] = {
+      "attn.q",     "attn.k",          "attn.v",          "attn.wq_a",     "attn.wq_b",
+      "attn.query", "attn.wkv_a",      "mlp.wi_0",        "mlp.wi_1",      "mlp.wo",
+      "moe.gate",   "moe.shared.wi_0", "moe.shared.wi_1", "moe.shared.wo", "logits_dense"};
+  for (const char* name : kLeadingK)
+    if (t.name == name && s.size() >= 2) return MatrixView{s[0], 1};
+  if (t.name == "attn.o" && s.size() == 3) return MatrixView{s[0] * s[1], 1};
+  // The stacked experts [experts, K, N]: one matrix per expert.
+  if (c.is_deepseek() && t.name.starts_with("moe.experts.") && s.size() == 3)
+    return MatrixView{s[1], s[0]};
+  return std::nullopt;  // norms, the embedding, MLA's wkv_b (read per head), biases
+}
+
 std::vector<TensorSpec> global_tensor_specs(const ModelConfig& c) {
   std::vector<TensorSpec> specs = {{"token_embedding", {c.vocab_size, c.emb_dim}},
                                    {"final_norm", {c.emb_dim}}};

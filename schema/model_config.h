@@ -6,9 +6,12 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include "schema/tensor_layout.h"
 
 namespace kiln {
 
@@ -172,9 +175,19 @@ void visit_fields(Config& c, Visitor&& v) {
 struct TensorSpec {
   std::string name;
   std::vector<int64_t> shape;
+  // How the writer stores it (schema/tensor_layout.h); matrix_k / matrix_batch for BA16a64b2a.
+  TensorLayout layout = TensorLayout::RowMajor;
+  int64_t matrix_k = 0, matrix_batch = 1;
 };
 std::vector<TensorSpec> layer_tensor_specs(const ModelConfig& c, int layer);
 std::vector<TensorSpec> deepseek_layer_tensor_specs(const ModelConfig& c, int layer);
 std::vector<TensorSpec> global_tensor_specs(const ModelConfig& c);
+// The tensors the engine multiplies by through its matrix kernels, as `batch` stacked matrices of
+// K rows: the ones `kiln export --weights-layout blocked` stores in BA16a64b2a (the engine's
+// families view them the same way). nullopt for the others.
+struct MatrixView {
+  int64_t K = 0, batch = 1;
+};
+std::optional<MatrixView> matrix_view(const ModelConfig& c, const TensorSpec& t);
 
 }  // namespace kiln

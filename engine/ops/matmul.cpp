@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
@@ -42,6 +43,7 @@
 #include "common/crc32c.h"
 #include "common/error.h"
 #include "engine/ops/parallel.h"
+#include "schema/tensor_layout.h"
 
 namespace kiln::ops {
 namespace {
@@ -147,6 +149,7 @@ Runtime& runtime() {
 // What executing primitives needs that two threads must not share. Grown by the constructors of
 // the Linears built with it, never by forward().
 struct MatmulContext::Impl {
+  int64_t gemv_rows = std::numeric_limits<int64_t>::max();  // min over its Linears' gemv_max_m
   dnnl::stream strm{runtime().eng};
   BuildTimes build;
   // One user-mode scratchpad for every primitive of the context (its forward() calls never
@@ -189,6 +192,10 @@ MatmulContext::MatmulContext() : impl_(std::make_unique<Impl>()) {}
 MatmulContext::~MatmulContext() = default;
 MatmulContext::BuildTimes MatmulContext::build_times() const {
   return impl_->build;
+}
+
+int64_t MatmulContext::gemv_rows() const {
+  return impl_->gemv_rows == std::numeric_limits<int64_t>::max() ? 0 : impl_->gemv_rows;
 }
 
 namespace {
@@ -861,17 +868,45 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
     const dnnl::memory::desc plain = plain_weights_md(K, N, opt.transposed);
     dnnl::memory::desc wmd = plain;
     Kind kind = Kind::kPlain;
-    if (opt.relayout) {
-      // Ask brgemm which layout it wants at the largest M (the compute-bound case); every bucket is
-      // then built with that same layout, so one copy of W serves them all.
+    // Ask brgemm which layout it wants at the largest M (the compute-bound case); every bucket is
+    // then built with that same layout, so one copy of W serves them all.
+    const auto preferred_layout = [&] {
       const int64_t probe_m = std::min<int64_t>(opt.max_m, 512);
       const dnnl::memory::desc src_md({probe_m, K}, dt::bf16, tag::ab);
       const dnnl::memory::desc dst_md({probe_m, N}, dt::f32, tag::ab);
       const dnnl::memory::desc any({K, N}, dt::bf16, tag::any);
-      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, any, dst_md),
-                                            user_scratchpad_attr(), rt.eng);
-      if (pd.weights_desc() != plain) {
-        wmd = pd.weights_desc();
+      return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_md, any, dst_md),
+                                          user_scratchpad_attr(), rt.eng)
+          .weights_desc();
+    };
+    bool in_place_blocked = false;
+    HugeBuffer unblocked;  // blocked weights this CPU wants otherwise, back in row-major order
+    if (opt.weights_blocked) {
+      // Stored by the exporter in BA16a64b2a: used in place when that is the layout this CPU's
+      // kernels want (no re-layout, no copy: the mapping is the weights), else turned back into
+      // row-major memory the Linear owns and taken from there like any row-major W.
+      if (opt.transposed) throw Error(shape_str(K, N) + ": blocked weights cannot be transposed");
+      const BlockedMatrices m{1, K, N};
+      const dnnl::memory::desc want = preferred_layout();
+      if (cpu_has_avx512_bf16() && is_ba16a64b2a(want, K, N) &&
+          want.data.padded_dims[0] == m.Kp() && want.data.padded_dims[1] == m.Np()) {
+        in_place_blocked = true;
+        wmd = want;
+        kind = Kind::kBlocked;
+        impl->Kp = m.Kp();
+        impl->gemv_kind = Gemv::kBlocked;
+      } else {
+        const double t0 = now_seconds();
+        unblocked = HugeBuffer(size_t(K * N) * sizeof(uint16_t));
+        from_ba16a64b2a(weights, m, static_cast<uint16_t*>(unblocked.data()));
+        weights = impl->w = static_cast<const uint16_t*>(unblocked.data());
+        ctx.build.relayout_seconds += now_seconds() - t0;
+      }
+    }
+    if (opt.relayout && !in_place_blocked) {
+      const dnnl::memory::desc want = preferred_layout();
+      if (want != plain) {
+        wmd = want;
         kind = Kind::kBlocked;
         const double t0 = now_seconds();  // the memory's first touch is part of the re-layout
         impl->owned = HugeBuffer(wmd.get_size());
@@ -879,9 +914,10 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
         // brgemm rely on; the fresh anonymous pages are zero anyway. From a transposed W it
         // transposes and blocks in the same pass.
         if (!opt.transposed && is_ba16a64b2a(wmd, K, N) && cpu_has_avx512_bf16()) {
-          relayout_to_ba16a64b2a(weights, K, N, wmd.data.padded_dims[0],
-                                 static_cast<uint16_t*>(impl->owned.data()), impl->threads,
-                                 opt.checksum_weights ? &impl->weights_crc : nullptr);
+          relayout_to_ba16a64b2a(
+              weights, K, N, wmd.data.padded_dims[0], static_cast<uint16_t*>(impl->owned.data()),
+              impl->threads,
+              opt.checksum_weights && !opt.weights_blocked ? &impl->weights_crc : nullptr);
         } else {
           dnnl::memory src(plain, rt.eng, const_cast<uint16_t*>(weights));
           dnnl::memory dst(wmd, rt.eng, impl->owned.data());
@@ -896,6 +932,7 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
         }
       }
     }
+    if (kind == Kind::kPlain && !unblocked.empty()) impl->owned = std::move(unblocked);
     if (kind == Kind::kPlain) impl->gemv_kind = opt.transposed ? Gemv::kTransposed : Gemv::kPlain;
     if (!cpu_has_avx512_bf16()) impl->gemv_kind = Gemv::kNone;
     if (impl->gemv_kind != Gemv::kNone) {
@@ -904,6 +941,7 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
       impl->gemv_max_m =
           std::min({opt.max_m, kMaxGemvM, opt.gemv_max_m < 0 ? def : opt.gemv_max_m});
     }
+    ctx.gemv_rows = std::min(ctx.gemv_rows, impl->gemv_max_m);
     if (impl->gemv_kind == Gemv::kPlain) {
       ctx.reserve_scratch(size_t(plain_gemv_scratch(impl->threads, impl->gemv_max_m, N)) *
                           sizeof(float));

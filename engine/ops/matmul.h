@@ -47,6 +47,10 @@ class MatmulContext {
     double primitive_seconds = 0;
   };
   BuildTimes build_times() const;
+  // The most rows every Linear of this context serves with its hand-written GEMV (0: some
+  // Linear has none): passes up to that many rows split their work the same way on any number
+  // of threads (the thread governor, engine/thread_governor.h, changes only those).
+  int64_t gemv_rows() const;
 
  private:
   friend class Linear;
@@ -76,6 +80,10 @@ struct LinearOptions {
   // reads them anyway (an artifact's checksum at no extra read: engine/model.cpp). Only the
   // hand-written re-layout does; weights_crc32c() then returns it.
   bool checksum_weights = false;
+  // `weights` are stored in BA16a64b2a (schema/tensor_layout.h: K padded to a multiple of 32, N
+  // to 64), as `kiln export --weights-layout blocked` writes them: used in place when this CPU's
+  // kernels want that layout, else converted back to row-major once. Not with `transposed`.
+  bool weights_blocked = false;
 };
 
 class Linear {

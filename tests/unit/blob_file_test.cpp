@@ -232,3 +232,67 @@ TEST_CASE("shapes are read without 8-byte loads at 4-byte-aligned addresses") {
   CHECK(v.expect("a", DType::BF16, {3, 5}).length == 30);
   CHECK(v.expect("b.long.name", DType::BF16, {7}).length == 14);
 }
+
+TEST_CASE("BA16a64b2a: the layout's index formula, padding and round trip") {
+  // 3 matrices of K = 37 rows by N = 70 columns: K pads to 64, N to 128.
+  const std::optional<BlockedMatrices> m = blocked_view(3 * 37 * 70, 37, 3);
+  REQUIRE(m);
+  CHECK(m->N == 70);
+  CHECK(m->Kp() == 64);
+  CHECK(m->Np() == 128);
+  CHECK(m->values() == 3 * 64 * 128);
+  CHECK_FALSE(blocked_view(3 * 37 * 70, 38, 3));  // K · batch must divide the values
+  CHECK_FALSE(blocked_view(100, 0, 1));
+  CHECK_FALSE(blocked_view(100, 10, -1));
+  std::vector<uint16_t> w(37 * 70), blocked(size_t(m->matrix_values()), 0xffff), back(w.size());
+  std::iota(w.begin(), w.end(), uint16_t(1));
+  to_ba16a64b2a(w.data(), *m, blocked.data());
+  // (k, n) = (5, 66): block 1, pair 2, column 2 of the block, odd row.
+  CHECK(blocked[size_t(1 * 64 * 64 + 2 * 128 + 2 * 2 + 1)] == w[5 * 70 + 66]);
+  size_t nonzero = 0;
+  for (uint16_t v : blocked) nonzero += v != 0;
+  CHECK(nonzero == w.size());  // everything else is zero padding
+  from_ba16a64b2a(blocked.data(), *m, back.data());
+  CHECK(back == w);
+}
+
+TEST_CASE("a blob with a blocked tensor: format major 2, padded length, row-major readers refuse") {
+  fs::path p = temp_path("blocked.kblob");
+  TensorSpec blocked_spec{"w", {2, 40, 3}};  // one matrix of K = 2 · 40 rows, N = 3
+  blocked_spec.layout = TensorLayout::BA16a64b2a;
+  blocked_spec.matrix_k = 80;
+  std::vector<TensorSpec> specs = {{"norm", {5}}, blocked_spec};
+  const BlockedMatrices m = *blocked_view(240, 80, 1);
+  {
+    BlobWriter w(p.string(), 0, LayerKind::Dense, specs);
+    std::vector<uint16_t> norm(5, 7), rows(240), data(size_t(m.values()));
+    std::iota(rows.begin(), rows.end(), uint16_t(1));
+    to_ba16a64b2a(rows.data(), m, data.data());
+    w.write_tensor("norm", norm.data(), norm.size() * 2);
+    w.write_tensor("w", data.data(), data.size() * 2);
+    w.finish();
+  }
+  MappedFile f(p.string());
+  uint16_t major = 0;
+  std::memcpy(&major, f.data() + 8, 2);
+  CHECK(major == kFormatMajorBlocked);
+  BlobView v(f.data(), f.size(), p.string());
+  const BlobTensorInfo* t = v.find("w");
+  REQUIRE(t);
+  CHECK(t->layout == TensorLayout::BA16a64b2a);
+  CHECK(t->length == uint64_t(m.values()) * 2);  // 96 × 64 values: K 80 → 96, N 3 → 64
+  CHECK(t->blocked().K == 80);
+  CHECK_THROWS_WITH_AS(v.expect("w", DType::BF16, {2, 40, 3}),
+                       doctest::Contains("stored in layout BA16a64b2a"), Error);
+  CHECK(&v.expect_matrix("w", {2, 40, 3}, 80) == t);
+  CHECK_THROWS_WITH_AS(v.expect_matrix("w", {2, 40, 3}, 2), doctest::Contains("expected 1 of 2"),
+                       Error);
+  CHECK(&v.expect_matrix("norm", {5}, 5) == v.find("norm"));  // row-major passes through
+  v.verify_checksums();
+  // A row-major-only blob (major 1) may not hold it: patch the preamble's major back to 1.
+  std::vector<uint8_t> bytes = read_all(p);
+  const uint16_t one = 1;
+  std::memcpy(bytes.data() + 8, &one, 2);
+  CHECK_THROWS_WITH_AS(BlobView(bytes.data(), bytes.size(), "patched"),
+                       doctest::Contains("does not fit"), Error);
+}

@@ -24,6 +24,7 @@
 #include "common/crc32c.h"
 #include "common/error.h"
 #include "engine/ops/parallel.h"
+#include "schema/tensor_layout.h"
 
 namespace {
 
@@ -334,6 +335,43 @@ TEST_CASE("Linear computes W's CRC-32C in its re-layout pass, on any number of t
   if (lin.owns_weights()) {
     REQUIRE(lin.weights_crc32c());
     CHECK(*lin.weights_crc32c() == kiln::crc32c(w.data(), w.size() * sizeof(uint16_t)));
+  }
+}
+
+TEST_CASE("Linear on weights stored blocked gives the bits of the same weights row-major") {
+  // In place where this CPU's kernels want BA16a64b2a (the 1B-sized shape), converted back to
+  // row-major where they want something else (tiny shapes), re-laid or not.
+  for (const auto& [K, N] : {std::pair<int64_t, int64_t>{2048, 512}, {515, 570}, {3, 5}}) {
+    for (bool relayout : {true, false}) {
+      CAPTURE(K);
+      CAPTURE(N);
+      CAPTURE(relayout);
+      const Threads two(2);
+      const std::vector<uint16_t> w = random_bf16(size_t(K * N), uint32_t(K + N));
+      const kiln::BlockedMatrices m{1, K, N};
+      std::vector<uint16_t> blocked(size_t(m.values()));
+      kiln::to_ba16a64b2a(w.data(), m, blocked.data());
+      LinearOptions opt;
+      opt.max_m = 24;
+      opt.relayout = relayout;
+      LinearOptions blocked_opt = opt;
+      blocked_opt.weights_blocked = true;
+      const Linear lin(blocked.data(), K, N, blocked_opt);
+      // Used in place, it is the re-laid W of a row-major Linear (same layout, same kernels);
+      // converted back, the row-major W of one with the same options.
+      const bool in_place = !lin.owns_weights();
+      opt.relayout = relayout || in_place;
+      const Linear plain(w.data(), K, N, opt);
+      for (int64_t M : {1, 5, 24}) {
+        CAPTURE(M);
+        const std::vector<uint16_t> x = random_bf16(size_t(M * K), uint32_t(M));
+        std::vector<float> y0(size_t(M * N)), y1(y0.size());
+        plain.forward(x.data(), M, y0.data());
+        lin.forward(x.data(), M, y1.data());
+        CHECK(std::memcmp(y0.data(), y1.data(), y0.size() * sizeof(float)) == 0);
+      }
+      if (K == 2048 && relayout && plain.owns_weights()) CHECK(in_place);
+    }
   }
 }
 

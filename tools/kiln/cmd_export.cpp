@@ -87,6 +87,10 @@ int cmd_export(int argc, const char* const* argv) {
   p.option("--tokenizer", "FILE",
            "a SentencePiece model to embed, so that `kiln run --prompt` and `kiln eval` take "
            "text");
+  p.option("--weights-layout", "LAYOUT",
+           "row-major (default), or blocked: the matrices in the layout the engine's kernels "
+           "read (BA16a64b2a), so that it maps them in place at start-up instead of re-laying "
+           "them (docs/architecture.md, \"Tensor layouts\")");
   p.flag("--force", "replace an existing artifact at --out");
   Args a = p.parse(argc, argv);
 
@@ -107,6 +111,7 @@ int cmd_export(int argc, const char* const* argv) {
   if (a.given("--lora-scale")) r.lora_scale = a.get_double("--lora-scale", -1e6, 1e6);
   r.merge_lora = a.has("--merge-lora");
   if (a.has("--tokenizer")) r.tokenizer = a.get("--tokenizer");
+  if (a.given("--weights-layout")) r.weights_layout = a.get("--weights-layout");
   r.force = a.has("--force");
   const PreparedExport prepared =
       prepare_export(r, OptionSpelling::Cli, [&](const std::string& m) { return a.error(m); });

@@ -37,6 +37,11 @@ int cmd_inspect(int argc, const char* const* argv) {
               art->dir().c_str(), m.format_major, m.format_minor,
               double(art->total_bytes()) / (1 << 20), j["tensors"].get<unsigned long long>(),
               double(j["parameters"].get<uint64_t>()) / 1e6);
+  if (const uint64_t blocked = j["blocked_tensors"].get<uint64_t>())
+    std::printf(
+        "weights    %llu matrices stored in the engine's blocked layout (BA16a64b2a, "
+        "mapped in place; exported with --weights-layout blocked)\n",
+        static_cast<unsigned long long>(blocked));
   std::printf("\nconfig\n");
   for (const auto& [k, val] : j["config"].items())
     std::printf("  %-28s %s\n", k.c_str(),
@@ -48,8 +53,9 @@ int cmd_inspect(int argc, const char* const* argv) {
                 b["tensors"].size());
     if (a.has("--tensors"))
       for (const auto& t : b["tensors"])
-        std::printf("      %-16s %-5s %-22s crc32c %08x\n", t["name"].get<std::string>().c_str(),
-                    t["dtype"].get<std::string>().c_str(), t["shape"].dump().c_str(),
+        std::printf("      %-16s %-5s %-22s %-10s crc32c %08x\n",
+                    t["name"].get<std::string>().c_str(), t["dtype"].get<std::string>().c_str(),
+                    t["shape"].dump().c_str(), t["layout"].get<std::string>().c_str(),
                     t["crc32c"].get<uint32_t>());
   }
   const nlohmann::ordered_json& tokenizer = j["tokenizer"];

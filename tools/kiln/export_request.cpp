@@ -44,6 +44,13 @@ PreparedExport prepare_export(const ExportRequest& r, OptionSpelling spelling,
   o.qk_clip.per_group = r.qk_clip_per_group;
   if (r.qk_clip_mode) o.qk_clip.mode = *r.qk_clip_mode;
   if (r.tokenizer) o.tokenizer_path = *r.tokenizer;
+  if (r.weights_layout) {
+    if (*r.weights_layout == "blocked")
+      o.weights_layout = TensorLayout::BA16a64b2a;
+    else if (*r.weights_layout != "row-major")
+      throw refuse(n("weights_layout") + " is row-major or blocked, got '" + *r.weights_layout +
+                   "'");
+  }
 
   o.merge_lora = r.merge_lora;
   if (r.merge_lora && !r.lora_name.empty())
@@ -92,6 +99,7 @@ PreparedExport prepare_export(const ExportRequest& r, OptionSpelling spelling,
   if (r.lora_scale) record("--lora-scale", shortest(*r.lora_scale));
   if (r.merge_lora) record("--merge-lora", "");
   if (r.qk_clip_calibrate) record("--qk-clip-calibrate", *r.qk_clip_calibrate);
+  if (r.weights_layout) record("--weights-layout", *r.weights_layout);
   return p;
 }
 
