@@ -331,35 +331,8 @@ ExportSummary export_once(const ExportOptions& opt, const ProgressFn& progress, 
       throw_if_interrupted("export");
       uint64_t n = numel(t.spec.shape);
       NonFiniteScan nonfinite;
-      if (stored.layout != TensorLayout::RowMajor) {
-        // A matrix the engine maps in place: the whole tensor in bf16, then blocked.
-        whole.resize(n);
-        if (blob.layer < 0) {
-          for (uint64_t b = 0; b < n; b += kChunk) {
-            const uint64_t m = std::min(kChunk, n - b);
-            source_range_to_f32(*t.src.tensor, b, m, f32.data());
-            convert_f32_to_bf16(f32.data(), whole.data() + b, m);
-          }
-        } else {
-          unroll_scanned_layer(t.src, f32.data());
-          if (opt.merge_lora)
-            for (const AdapterSource& lora : loras)
-              if (lora.find(blob.layer, t.spec.name))
-                merge_lora(lora.read(blob.layer, t.spec.name), f32.data());
-          apply_qk_clip(qk_clip, cfg.model, blob.layer, t.spec.name, f32.data());
-          convert_f32_to_bf16(f32.data(), whole.data(), n);
-        }
-        nonfinite.add(whole.data(), n, 0);
-        refuse_nonfinite(nonfinite, blob, t);
-        const BlockedMatrices m = *blocked_view(n, stored.matrix_k, stored.matrix_batch);
-        blocked.resize(size_t(m.values()));
-        for (int64_t x = 0; x < m.batch; ++x)
-          to_ba16a64b2a(whole.data() + x * m.K * m.N, m, blocked.data() + x * m.matrix_values());
-        writer.write_tensor(t.spec.name, blocked.data(), blocked.size() * 2);
-        t.src.tensor->file->release_range(t.src.tensor->data, t.src.tensor->nbytes);
-        continue;
-      }
-      if (blob.layer < 0) {
+      const bool blocked_layout = stored.layout != TensorLayout::RowMajor;
+      if (blob.layer < 0 && !blocked_layout) {
         for (uint64_t b = 0; b < n; b += kChunk) {
           uint64_t m = std::min(kChunk, n - b);
           source_range_to_f32(*t.src.tensor, b, m, f32.data());
@@ -372,6 +345,19 @@ ExportSummary export_once(const ExportOptions& opt, const ProgressFn& progress, 
           t.src.tensor->file->release_range(t.src.tensor->data + b * esize, m * esize);
         }
         refuse_nonfinite(nonfinite, blob, t);
+        continue;
+      }
+      // The whole tensor in bf16: a layer's after unrolling, merging and clipping; a global
+      // matrix stored blocked (the output head) converted in chunks into one buffer.
+      uint16_t* values = bf16.data();
+      if (blocked_layout && blob.layer < 0) {
+        whole.resize(n);
+        values = whole.data();
+        for (uint64_t b = 0; b < n; b += kChunk) {
+          const uint64_t m = std::min(kChunk, n - b);
+          source_range_to_f32(*t.src.tensor, b, m, f32.data());
+          convert_f32_to_bf16(f32.data(), values + b, m);
+        }
       } else {
         unroll_scanned_layer(t.src, f32.data());
         if (opt.merge_lora)
@@ -379,12 +365,20 @@ ExportSummary export_once(const ExportOptions& opt, const ProgressFn& progress, 
             if (lora.find(blob.layer, t.spec.name))
               merge_lora(lora.read(blob.layer, t.spec.name), f32.data());
         apply_qk_clip(qk_clip, cfg.model, blob.layer, t.spec.name, f32.data());
-        convert_f32_to_bf16(f32.data(), bf16.data(), n);
-        nonfinite.add(bf16.data(), n, 0);
-        refuse_nonfinite(nonfinite, blob, t);
-        writer.write_tensor(t.spec.name, bf16.data(), n * 2);
-        t.src.tensor->file->release_range(t.src.tensor->data, t.src.tensor->nbytes);
+        convert_f32_to_bf16(f32.data(), values, n);
       }
+      nonfinite.add(values, n, 0);
+      refuse_nonfinite(nonfinite, blob, t);
+      if (blocked_layout) {
+        const BlockedMatrices m = *blocked_view(n, stored.matrix_k, stored.matrix_batch);
+        blocked.resize(size_t(m.values()));
+        for (int64_t x = 0; x < m.batch; ++x)
+          to_ba16a64b2a(values + x * m.K * m.N, m, blocked.data() + x * m.matrix_values());
+        writer.write_tensor(t.spec.name, blocked.data(), blocked.size() * 2);
+      } else {
+        writer.write_tensor(t.spec.name, values, n * 2);
+      }
+      t.src.tensor->file->release_range(t.src.tensor->data, t.src.tensor->nbytes);
     }
     auto res = writer.finish();
     manifest.blobs.push_back({blob.file, blob.layer, blob.kind, res.size, res.header_crc32c});
