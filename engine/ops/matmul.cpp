@@ -137,6 +137,9 @@ struct Runtime {
   std::mutex mu;  // guards the cache and the default context; taken by constructors only
   // weak_ptr: primitives die with the last Linear (and context) of their shape.
   std::map<BucketKey, std::weak_ptr<const Bucket>> cache;
+  // The weights layout brgemm wants per (K, N, M probed, threads): asking builds a primitive
+  // descriptor (~0.1–0.3 ms), and a model has many Linears of few shapes (MoE experts).
+  std::map<std::tuple<int64_t, int64_t, int64_t, int>, dnnl::memory::desc> preferred;
 };
 
 Runtime& runtime() {
@@ -872,12 +875,17 @@ Linear::Linear(const uint16_t* weights, int64_t K, int64_t N, const LinearOption
     // then built with that same layout, so one copy of W serves them all.
     const auto preferred_layout = [&] {
       const int64_t probe_m = std::min<int64_t>(opt.max_m, 512);
+      const auto key = std::make_tuple(K, N, probe_m, impl->threads);
+      if (auto it = rt.preferred.find(key); it != rt.preferred.end()) return it->second;
       const dnnl::memory::desc src_md({probe_m, K}, dt::bf16, tag::ab);
       const dnnl::memory::desc dst_md({probe_m, N}, dt::f32, tag::ab);
       const dnnl::memory::desc any({K, N}, dt::bf16, tag::any);
-      return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_md, any, dst_md),
-                                          user_scratchpad_attr(), rt.eng)
-          .weights_desc();
+      const dnnl::memory::desc want =
+          dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_md, any, dst_md),
+                                       user_scratchpad_attr(), rt.eng)
+              .weights_desc();
+      rt.preferred.emplace(key, want);
+      return want;
     };
     bool in_place_blocked = false;
     HugeBuffer unblocked;  // blocked weights this CPU wants otherwise, back in row-major order
