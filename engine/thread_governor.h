@@ -7,8 +7,8 @@
 // below one thread (docs/performance.md). And a model small enough that a step takes ~0.2 ms is
 // faster on one thread even when the machine is quiet. So the governor keeps timing the steps it
 // runs at its current count and, now and then, runs a few at a neighbouring count (half or
-// double); it moves when the neighbour is clearly faster. Probes that do not pay are spaced
-// further apart (16 → 512 steps), so on a steady machine they cost ~1 % or less.
+// double); it moves when the neighbour is clearly faster twice in a row. Probes that do not pay are
+// spaced further apart (16 → 512 steps), so on a steady machine they cost ~1 % or less.
 //
 // Steps are compared only with steps of the same number of rows (slots): a 16-slot step is not a
 // 1-slot step. Results do not depend on the count chosen: every per-token product splits its work
@@ -62,7 +62,7 @@ class ThreadGovernor {
 
   void restart(int64_t rows) {
     rows_ = rows;
-    probing_ = false;
+    probing_ = confirming_ = false;
     window_n_ = window_pos_ = since_probe_ = 0;
     period_ = kFirstPeriod;
   }
@@ -84,10 +84,20 @@ class ThreadGovernor {
     return n % 2 ? v[size_t(n / 2)] : 0.5 * (v[size_t(n / 2 - 1)] + v[size_t(n / 2)]);
   }
 
+  // A probe that wins is repeated at once, and the count moves only when the repeat wins too: on
+  // a shared core one lucky probe is common, and each wrong move costs a window and a period.
   void finish_probe() {
     probing_ = false;
     since_probe_ = 0;
-    if (median(probe_, kProbeSteps) < kMustBeFaster * median(window_, window_n_)) {
+    const bool wins = median(probe_, kProbeSteps) < kMustBeFaster * median(window_, window_n_);
+    if (wins && !confirming_) {
+      confirming_ = true;
+      probing_ = true;
+      probe_n_ = 0;
+      return;
+    }
+    confirming_ = false;
+    if (wins) {
       current_ = probe_threads_;
       window_n_ = window_pos_ = 0;
       period_ = kFirstPeriod;
@@ -103,7 +113,7 @@ class ThreadGovernor {
   int window_n_ = 0, window_pos_ = 0;
   std::array<double, kProbeSteps> probe_{};
   int probe_n_ = 0, probe_threads_ = 1;
-  bool probing_ = false, probe_down_next_ = true;
+  bool probing_ = false, confirming_ = false, probe_down_next_ = true;
   int since_probe_ = 0, period_ = kFirstPeriod;
 };
 
