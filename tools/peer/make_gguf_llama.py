@@ -1,0 +1,142 @@
+#!/usr/bin/python3
+"""Convert kiln's synthetic Llama-3.2-1B-shaped MaxText checkpoint (tools/make_synthetic_1b) to a
+bf16 GGUF (llama architecture) with the same weights, for llama.cpp side-by-side timings.
+
+    PYTHONPATH=$KILN_PEER/llama.cpp/gguf-py /usr/bin/python3 tools/peer/make_gguf_llama.py \
+        --checkpoint out/synthetic-1b/model.safetensors --config out/synthetic-1b/config.json \
+        --out s1b.gguf
+
+Weights are copied bit-exactly (bf16 -> bf16); MaxText kernels are [in, (L), out...] with the
+scanned layer axis at index 1, GGUF numpy arrays are [out, in]. Norm scales are written as f32.
+The tokenizer is a dummy SPM ("llama") vocabulary of vocab_size tokens (<unk>, <s>, </s>, 256 byte
+tokens, then filler tokens): llama-bench uses random ids, so only its size matters.
+Not reproduced: MaxText's folding of 1/sqrt(head_dim) into the query (llama.cpp scales again) and
+Llama-3.1 RoPE frequency scaling (no rope_freqs tensor); neither changes shapes or work per token.
+"""
+import argparse
+import json
+import struct
+import sys
+import time
+
+import numpy as np
+import gguf
+
+BF16 = gguf.GGMLQuantizationType.BF16
+F32 = gguf.GGMLQuantizationType.F32
+
+
+def bf16_to_f32(u16):
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+
+    cfg = json.load(open(a.config))
+    E, H, K, D = cfg["emb_dim"], cfg["num_query_heads"], cfg["num_kv_heads"], cfg["head_dim"]
+    F, L, V = cfg["mlp_dim"], cfg["num_decoder_layers"], cfg["vocab_size"]
+    eps = cfg.get("normalization_layer_epsilon", 1e-5)
+    theta = cfg.get("rope_max_timescale", 500000)
+
+    with open(a.checkpoint, "rb") as f:
+        hlen = struct.unpack("<Q", f.read(8))[0]
+        hdr = json.loads(f.read(hlen))
+    base = 8 + hlen
+    mm = np.memmap(a.checkpoint, dtype=np.uint8, mode="r")
+
+    def T(key):
+        h = hdr["params.params." + key]
+        assert h["dtype"] == "BF16", (key, h["dtype"])
+        o0, o1 = h["data_offsets"]
+        return mm[base + o0: base + o1].view(np.uint16).reshape(h["shape"])
+
+    lay = "decoder.layers."
+    # (gguf name, producer returning an array in GGUF numpy order [out, in], dtype)
+    plan = [
+        ("token_embd.weight", (V, E), BF16, lambda: np.ascontiguousarray(T("token_embedder.embedding"))),
+        ("output_norm.weight", (E,), F32, lambda: bf16_to_f32(np.asarray(T("decoder.decoder_norm.scale")))),
+        ("output.weight", (V, E), BF16, lambda: np.ascontiguousarray(T("decoder.logits_dense.kernel").T)),
+    ]
+    for i in range(L):
+        p = "blk.%d." % i
+        plan += [
+            (p + "attn_norm.weight", (E,), F32,
+             lambda i=i: bf16_to_f32(np.ascontiguousarray(T(lay + "pre_self_attention_layer_norm.scale")[:, i]))),
+            (p + "attn_q.weight", (H * D, E), BF16,
+             lambda i=i: np.ascontiguousarray(T(lay + "self_attention.query.kernel")[:, i].reshape(E, H * D).T)),
+            (p + "attn_k.weight", (K * D, E), BF16,
+             lambda i=i: np.ascontiguousarray(T(lay + "self_attention.key.kernel")[:, i].reshape(E, K * D).T)),
+            (p + "attn_v.weight", (K * D, E), BF16,
+             lambda i=i: np.ascontiguousarray(T(lay + "self_attention.value.kernel")[:, i].reshape(E, K * D).T)),
+            (p + "attn_output.weight", (E, H * D), BF16,
+             lambda i=i: np.ascontiguousarray(T(lay + "self_attention.out.kernel")[:, i].reshape(H * D, E).T)),
+            (p + "ffn_norm.weight", (E,), F32,
+             lambda i=i: bf16_to_f32(np.ascontiguousarray(T(lay + "post_self_attention_layer_norm.scale")[:, i]))),
+            (p + "ffn_gate.weight", (F, E), BF16,
+             lambda i=i: np.ascontiguousarray(T(lay + "mlp.wi_0.kernel")[:, i].T)),
+            (p + "ffn_up.weight", (F, E), BF16,
+             lambda i=i: np.ascontiguousarray(T(lay + "mlp.wi_1.kernel")[:, i].T)),
+            (p + "ffn_down.weight", (E, F), BF16,
+             lambda i=i: np.ascontiguousarray(T(lay + "mlp.wo.kernel")[:, i].T)),
+        ]
+
+    w = gguf.GGUFWriter(a.out, "llama")
+    w.add_name("kiln synthetic Llama-3.2-1B shape")
+    w.add_context_length(131072)
+    w.add_embedding_length(E)
+    w.add_block_count(L)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(K)
+    w.add_key_length(D)
+    w.add_value_length(D)
+    w.add_rope_dimension_count(D)
+    w.add_rope_freq_base(float(theta))
+    w.add_layer_norm_rms_eps(float(eps))
+    w.add_vocab_size(V)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+
+    toks, scores, types = [], [], []
+    toks += [b"<unk>", b"<s>", b"</s>"]
+    types += [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    for b in range(256):
+        toks.append(("<0x%02X>" % b).encode())
+        types.append(gguf.TokenType.BYTE)
+    while len(toks) < V:
+        toks.append(("\u2581tok%d" % len(toks)).encode())
+        types.append(gguf.TokenType.NORMAL)
+    scores = [0.0] * 3 + [0.0] * 256 + [-float(j) for j in range(V - 259)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+
+    for name, shape, dt, _ in plan:
+        nbytes = int(np.prod(shape)) * (2 if dt == BF16 else 4)
+        w.add_tensor_info(name, shape, np.dtype(np.uint16 if dt == BF16 else np.float32), nbytes,
+                          raw_dtype=dt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    t0 = time.time()
+    for n, (name, shape, dt, fn) in enumerate(plan):
+        arr = fn()
+        assert tuple(arr.shape) == tuple(shape), (name, arr.shape, shape)
+        w.write_tensor_data(arr)
+        if n % 9 == 2:
+            print("  %3d/%d %s  %.1f s" % (n + 1, len(plan), name, time.time() - t0), flush=True)
+    w.close()
+    print("wrote %s in %.1f s" % (a.out, time.time() - t0))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
