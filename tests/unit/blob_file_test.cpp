@@ -296,3 +296,16 @@ TEST_CASE("a blob with a blocked tensor: format major 2, padded length, row-majo
   CHECK_THROWS_WITH_AS(BlobView(bytes.data(), bytes.size(), "patched"),
                        doctest::Contains("does not fit"), Error);
 }
+
+TEST_CASE("BlobWriter refuses a blocked layout that does not fit the tensor, naming it") {
+  TensorSpec bad{"w", {6, 5}};
+  bad.layout = TensorLayout::BA16a64b2a;
+  bad.matrix_k = 4;  // 4 rows do not divide 30 values
+  CHECK_THROWS_WITH_AS(
+      BlobWriter(temp_path("bad-layout.kblob").string(), 0, LayerKind::Dense, {bad}),
+      doctest::Contains("tensor 'w' cannot be stored in BA16a64b2a"), Error);
+  bad.matrix_k = 6;
+  CHECK_THROWS_WITH_AS(
+      BlobWriter(temp_path("bad-layout.kblob").string(), 0, LayerKind::Dense, {bad}, DType::F32),
+      doctest::Contains("bf16 matrices of 6 rows"), Error);
+}

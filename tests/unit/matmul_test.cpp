@@ -423,6 +423,15 @@ TEST_CASE("run_ranges_stealing: every unit once, and a stalled thread's work is 
   }
 }
 
+TEST_CASE("Linear refuses blocked weights it is asked to read transposed") {
+  const std::vector<uint16_t> w(size_t(32 * 64), 0);
+  LinearOptions opt;
+  opt.weights_blocked = true;
+  opt.transposed = true;
+  CHECK_THROWS_WITH_AS(Linear(w.data(), 32, 64, opt),
+                       doctest::Contains("blocked weights cannot be transposed"), kiln::Error);
+}
+
 TEST_CASE("Linear rejects bad shapes and M outside 1..max_m") {
   const std::vector<uint16_t> w = random_bf16(64 * 32, 1);
   LinearOptions opt;
