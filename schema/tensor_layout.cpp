@@ -16,6 +16,8 @@ const char* layout_name(TensorLayout layout) {
 
 std::optional<BlockedMatrices> blocked_view(uint64_t numel, int64_t K, int64_t batch) {
   if (K <= 0 || batch <= 0 || numel == 0) return std::nullopt;
+  // K · batch ≤ numel, checked without forming a product that could wrap (a corrupt header).
+  if (uint64_t(batch) > numel || uint64_t(K) > numel / uint64_t(batch)) return std::nullopt;
   const uint64_t per = uint64_t(K) * uint64_t(batch);
   if (numel % per != 0) return std::nullopt;
   BlockedMatrices m{batch, K, int64_t(numel / per)};

@@ -244,6 +244,8 @@ TEST_CASE("BA16a64b2a: the layout's index formula, padding and round trip") {
   CHECK_FALSE(blocked_view(3 * 37 * 70, 38, 3));  // K · batch must divide the values
   CHECK_FALSE(blocked_view(100, 0, 1));
   CHECK_FALSE(blocked_view(100, 10, -1));
+  // K · batch wrapping to 0 in 64 bits (found by fuzz_blob): refused, not a division by zero.
+  CHECK_FALSE(blocked_view(100, int64_t(1) << 32, int64_t(1) << 32));
   std::vector<uint16_t> w(37 * 70), blocked(size_t(m->matrix_values()), 0xffff), back(w.size());
   std::iota(w.begin(), w.end(), uint16_t(1));
   to_ba16a64b2a(w.data(), *m, blocked.data());
