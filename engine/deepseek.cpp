@@ -242,6 +242,11 @@ class DeepSeekModel final : public Model {
       weights_.resize(size_t(chunk_ * k));
       xg_b_ = rows_bf16(E);
       routed_ = rows(E);
+      if (c_.shared_experts > 0) shared_out_ = rows(E);
+      // A group holds at most every expert and the shared one (moe()).
+      group_up_.reserve(size_t(2 * (X + 1)));
+      group_down_.reserve(size_t(X + 1));
+      group_experts_.reserve(size_t(X));
     }
     const int threads = std::max(1, ops::max_threads());  // the most any pass runs on
     scratch_stride_ = ops::attend_scratch_floats(c_.max_target_length, H);
@@ -304,8 +309,8 @@ class DeepSeekModel final : public Model {
   void run_mlp(const Mlp& m, const uint16_t* x, int64_t T, float* out, const Rows* rows = nullptr,
                int64_t layer = 0) {
     const int64_t F = m.wi_0.N();
-    m.wi_0.forward(x, T, gate_.data());
-    m.wi_1.forward(x, T, up_.data());
+    const ops::LinearCall gate_up[] = {{&m.wi_0, x, T, gate_.data()}, {&m.wi_1, x, T, up_.data()}};
+    ops::forward_together(gate_up);
     if (rows) {
       apply_lora(*rows, layer, LoraSlot::wi_0, x, gate_.data());
       apply_lora(*rows, layer, LoraSlot::wi_1, x, up_.data());
@@ -353,16 +358,20 @@ class DeepSeekModel final : public Model {
     const float eps = float(c_.normalization_layer_epsilon);
     auto cache_of = [&](int64_t t) { return rows.cache[t]->k[size_t(layer)].data(); };
 
+    // The two projections of xb_ (the query's first and the cache row's) in one product.
+    const ops::LinearCall from_x[] = {
+        {&*w.wkv_a, xb_.data(), T, ckv_.data()},
+        {w.wq_a ? &*w.wq_a : &*w.query, xb_.data(), T, w.wq_a ? cq_.data() : q_.data()}};
+    ops::forward_together(from_x);
+
     // Query [T, H, Dn + Dr]: projection (bf16), YaRN on the rope part, × the softmax scale.
     if (w.wq_a) {
-      w.wq_a->forward(xb_.data(), T, cq_.data());
       apply_lora(rows, layer, LoraSlot::wq_a, xb_.data(), cq_.data());
       ops::round_to_bf16(cq_.data(), T * Rq_);
       ops::rms_norm(cq_.data(), w.q_a_norm, T, Rq_, eps, cq_b_.data());
       w.wq_b->forward(cq_b_.data(), T, q_.data());
       apply_lora(rows, layer, LoraSlot::wq_b, cq_b_.data(), q_.data());
     } else {
-      w.query->forward(xb_.data(), T, q_.data());
       apply_lora(rows, layer, LoraSlot::query, xb_.data(), q_.data());
     }
     ops::round_to_bf16(q_.data(), T * H * Dqk);
@@ -370,7 +379,6 @@ class DeepSeekModel final : public Model {
     ops::scale_round(q_.data(), T * H * Dqk, query_scale_);
 
     // Cache rows: [rms(c) | YaRN(k_pe)], bf16.
-    w.wkv_a->forward(xb_.data(), T, ckv_.data());
     apply_lora(rows, layer, LoraSlot::wkv_a, xb_.data(), ckv_.data());
     ops::round_to_bf16(ckv_.data(), T * Dl);
     for (int64_t t = 0; t < T; ++t) {
@@ -478,6 +486,12 @@ class DeepSeekModel final : public Model {
   }
 
   // Routed + shared experts of xb_ into o_ (bf16 values; add_round rounds again, a no-op).
+  //
+  // The experts run in groups whose rows fit the chunk's buffers, each group as one product of
+  // all its gate/up projections, then one of its down projections (ops::forward_together): a
+  // decode step's k experts and the shared one are two passes over the threads instead of
+  // 3·(k + 1). A token's weighted sum still adds its experts in increasing order, as one expert at
+  // a time did, so the results are the same bits.
   void moe(const DeepSeekLayer& w, int64_t T) {
     const int64_t E = E_, X = c_.num_experts, k = c_.num_experts_per_tok;
     w.gate->forward(xb_.data(), T, router_logits_.data());
@@ -486,24 +500,49 @@ class DeepSeekModel final : public Model {
     batches_->build(experts_.data(), T);
 
     std::fill(routed_.begin(), routed_.begin() + T * E, 0.0f);
+    int64_t rows_used = 0, expert_rows = 0, values_used = 0;  // the group's share of the buffers
+    group_up_.clear();
+    group_down_.clear();
+    group_experts_.clear();
+    const auto add = [&](const Mlp& m, const uint16_t* x, int64_t M, float* out) {
+      const int64_t F = m.wi_0.N();
+      group_up_.push_back({&m.wi_0, x, M, gate_.data() + values_used});
+      group_up_.push_back({&m.wi_1, x, M, up_.data() + values_used});
+      group_down_.push_back({&m.wo, act_b_.data() + values_used, M, out});
+      rows_used += M;
+      values_used += M * F;
+    };
+    const auto run_group = [&] {
+      ops::forward_together(group_up_);
+      ops::silu_mul(gate_.data(), up_.data(), values_used, act_b_.data());
+      ops::forward_together(group_down_);
+      int64_t row = 0;
+      for (int32_t e : group_experts_) {
+        for (int32_t p : batches_->pairs(e))
+          ops::add_weighted_bf16(routed_.data() + (p / k) * E, o_.data() + row++ * E,
+                                 weights_[size_t(p)], E);
+      }
+      rows_used = expert_rows = values_used = 0;
+      group_up_.clear();
+      group_down_.clear();
+      group_experts_.clear();
+    };
+    if (w.shared) add(*w.shared, xb_.data(), T, shared_out_.data());
     for (int32_t e : batches_->active()) {
       const std::span<const int32_t> pairs = batches_->pairs(e);
-      const int64_t M = int64_t(pairs.size());
+      const int64_t M = int64_t(pairs.size());  // ≤ T ≤ chunk_: one expert always fits a group
+      if (rows_used + M > chunk_) run_group();
+      uint16_t* xg = xg_b_.data() + expert_rows * E;
       for (int64_t i = 0; i < M; ++i)
-        std::memcpy(xg_b_.data() + i * E, xb_.data() + (pairs[size_t(i)] / k) * E,
+        std::memcpy(xg + i * E, xb_.data() + (pairs[size_t(i)] / k) * E,
                     size_t(E) * sizeof(uint16_t));
-      run_mlp(w.experts[size_t(e)], xg_b_.data(), M, o_.data());
-      for (int64_t i = 0; i < M; ++i) {
-        const int32_t p = pairs[size_t(i)];
-        ops::add_weighted_bf16(routed_.data() + (p / k) * E, o_.data() + i * E, weights_[size_t(p)],
-                               E);
-      }
+      add(w.experts[size_t(e)], xg, M, o_.data() + expert_rows * E);
+      group_experts_.push_back(e);
+      expert_rows += M;
     }
+    if (rows_used > 0) run_group();
     ops::round_to_bf16(routed_.data(), T * E);  // the f32 weighted sum, cast to bf16
-    if (w.shared) {
-      run_mlp(*w.shared, xb_.data(), T, o_.data());
-      ops::add_round(routed_.data(), o_.data(), T * E);  // bf16(routed + bf16(shared))
-    }
+    if (w.shared) ops::add_round(routed_.data(), shared_out_.data(), T * E);  // bf16(r + bf16(s))
     std::copy(routed_.begin(), routed_.begin() + T * E, o_.begin());
   }
 
@@ -521,7 +560,10 @@ class DeepSeekModel final : public Model {
   // Activations ([max_chunk, ·]); see attention() and moe() for their roles.
   // Zero pages until used (common/zeroed_vector.h): a short prompt touches a few rows.
   ZeroedVector<float> x_, o_, cq_, q_, ckv_, qa_, att_, vo_, gate_, up_, router_logits_, weights_,
-      routed_, scores_;
+      routed_, shared_out_, scores_;
+  // One group of moe(): its projections and its experts, in increasing order.
+  std::vector<ops::LinearCall> group_up_, group_down_;
+  std::vector<int32_t> group_experts_;
   // Scratch of the Wkv_b LoRA (absorbed_lora_*): r and max(Rkv, Dv) floats.
   std::vector<float> lora_z_, lora_d_;
   ZeroedVector<uint16_t> xb_, cq_b_, vo_b_, act_b_, xg_b_;

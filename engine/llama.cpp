@@ -123,9 +123,13 @@ class LlamaModel final : public Model {
 
       // Attention block.
       ops::rms_norm(x_.data(), w.pre_attn_norm, T, E, eps, xb_.data());
-      project(w.q, LoraSlot::q, xb_.data(), q_.data());
-      project(w.k, LoraSlot::k, xb_.data(), k_.data());
-      project(w.v, LoraSlot::v, xb_.data(), v_.data());
+      const ops::LinearCall qkv[] = {{&w.q, xb_.data(), T, q_.data()},
+                                     {&w.k, xb_.data(), T, k_.data()},
+                                     {&w.v, xb_.data(), T, v_.data()}};
+      ops::forward_together(qkv);  // one pass over the threads for the three (decode)
+      apply_lora(rows, int64_t(l), LoraSlot::q, xb_.data(), q_.data());
+      apply_lora(rows, int64_t(l), LoraSlot::k, xb_.data(), k_.data());
+      apply_lora(rows, int64_t(l), LoraSlot::v, xb_.data(), v_.data());
       ops::round_to_bf16(q_.data(), T * H * D);  // projection outputs are bf16 in MaxText
       ops::round_to_bf16(k_.data(), T * K * D);
       if (w.q_norm) {
@@ -171,8 +175,11 @@ class LlamaModel final : public Model {
 
       // MLP block.
       ops::rms_norm(x_.data(), w.post_attn_norm, T, E, eps, xb_.data());
-      project(w.wi_0, LoraSlot::wi_0, xb_.data(), gate_.data());
-      project(w.wi_1, LoraSlot::wi_1, xb_.data(), up_.data());
+      const ops::LinearCall gate_up[] = {{&w.wi_0, xb_.data(), T, gate_.data()},
+                                         {&w.wi_1, xb_.data(), T, up_.data()}};
+      ops::forward_together(gate_up);
+      apply_lora(rows, int64_t(l), LoraSlot::wi_0, xb_.data(), gate_.data());
+      apply_lora(rows, int64_t(l), LoraSlot::wi_1, xb_.data(), up_.data());
       // Split over the threads for a batched step (16 × 8192 values), inline for one row.
       ops::run_spans(T * F, int64_t(1) << 16, ops::max_threads(), [&](int64_t b, int64_t e) {
         ops::silu_mul(gate_.data() + b, up_.data() + b, e - b, act_b_.data() + b);

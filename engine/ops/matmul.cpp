@@ -1003,13 +1003,18 @@ bool Linear::owns_weights() const {
   return impl_ && !impl_->owned.empty();
 }
 
-void Linear::forward(const uint16_t* x, int64_t M, float* y) const {
+void Linear::check_call(const uint16_t* x, int64_t M, const float* y) const {
   if (!impl_) throw Error("Linear::forward on a moved-from Linear");
   const Impl& im = *impl_;
   if (M < 1 || M > im.max_m)
     throw Error(shape_str(im.K, im.N) + ": forward with M=" + std::to_string(M) +
                 ", expected 1 ≤ M ≤ max_m=" + std::to_string(im.max_m));
   if (x == nullptr || y == nullptr) throw Error(shape_str(im.K, im.N) + ": null x or y");
+}
+
+void Linear::forward(const uint16_t* x, int64_t M, float* y) const {
+  check_call(x, M, y);
+  const Impl& im = *impl_;
   while (M > 0) {
     if (M <= im.gemv_max_m) {
       gemv(im.gemv_kind, x, M, im.K, im.N, im.Kp, im.w, y, im.threads,
@@ -1022,6 +1027,49 @@ void Linear::forward(const uint16_t* x, int64_t M, float* y) const {
     y += b.bucket->m * im.N;
     M -= b.bucket->m;
   }
+}
+
+// The calls' column blocks are numbered one after the other, so one work-stealing pass covers
+// them all; each block is computed exactly as Linear::forward would (the same kernel over the
+// same rows), so the results do not depend on the grouping or on which thread takes a block.
+void forward_together(std::span<const LinearCall> calls) {
+  constexpr size_t kMaxCalls = 64;  // per pass: the unit table lives on the stack
+  if (calls.size() > kMaxCalls) {
+    for (size_t at = 0; at < calls.size(); at += kMaxCalls)
+      forward_together(calls.subspan(at, std::min(kMaxCalls, calls.size() - at)));
+    return;
+  }
+  bool shared_pass = true;
+  for (const LinearCall& c : calls) {
+    if (c.linear == nullptr) throw Error("forward_together: a call has no Linear");
+    c.linear->check_call(c.x, c.M, c.y);
+    const Linear::Impl& im = *c.linear->impl_;
+    shared_pass = shared_pass && im.gemv_kind == Gemv::kBlocked && c.M <= im.gemv_max_m;
+  }
+  if (!shared_pass || calls.size() == 1) {
+    for (const LinearCall& c : calls) c.linear->forward(c.x, c.M, c.y);
+    return;
+  }
+  int64_t first_unit[kMaxCalls + 1];
+  first_unit[0] = 0;
+  int64_t macs = 0;
+  int threads = max_threads();
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const Linear::Impl& im = *calls[i].linear->impl_;
+    first_unit[i + 1] = first_unit[i] + (im.N + kBlockN - 1) / kBlockN;
+    macs += calls[i].M * im.K * im.N;
+    threads = std::min(threads, im.threads);
+  }
+  parallel_ranges(first_unit[calls.size()], macs, threads, [&](int64_t b, int64_t e) {
+    size_t i = size_t(std::upper_bound(first_unit, first_unit + calls.size(), b) - first_unit) - 1;
+    for (; i < calls.size() && first_unit[i] < e; ++i) {
+      const LinearCall& c = calls[i];
+      const Linear::Impl& im = *c.linear->impl_;
+      gemv_blocked_range(c.x, c.M, im.K, im.N, im.Kp, im.w, c.y,
+                         std::max(b, first_unit[i]) - first_unit[i],
+                         std::min(e, first_unit[i + 1]) - first_unit[i]);
+    }
+  });
 }
 
 }  // namespace kiln::ops

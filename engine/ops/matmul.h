@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 
 namespace kiln::ops {
 
@@ -86,6 +87,24 @@ struct LinearOptions {
   bool weights_blocked = false;
 };
 
+class Linear;
+
+// One product of forward_together(): y[M, N] = x[M, K] · W, as linear->forward(x, M, y).
+struct LinearCall {
+  const Linear* linear;
+  const uint16_t* x;
+  int64_t M;
+  float* y;
+};
+
+// Runs every call, with the same results (bits) as calling forward() on each in turn. When every
+// call is served by the hand GEMV on blocked W (decode rows), they share one pass over the
+// threads: one wake-up, one barrier and one tail instead of one each. That is what the q/k/v and
+// gate/up projections of a decode step, or a MoE layer's experts, need: in a 1B decode step the
+// separate products cost 7 regions per layer. The calls' Linears must share one MatmulContext;
+// the y's must not overlap each other or any x. Allocates nothing.
+void forward_together(std::span<const LinearCall> calls);
+
 class Linear {
  public:
   // `weights` ([K, N] row-major, or [N, K] with opt.transposed) must stay valid for the Linear's
@@ -117,6 +136,8 @@ class Linear {
   void forward(const uint16_t* x, int64_t M, float* y) const;
 
  private:
+  friend void forward_together(std::span<const LinearCall> calls);
+  void check_call(const uint16_t* x, int64_t M, const float* y) const;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

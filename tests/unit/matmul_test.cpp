@@ -24,6 +24,7 @@
 #include "common/crc32c.h"
 #include "common/error.h"
 #include "engine/ops/parallel.h"
+#include "ops_test_support.h"
 #include "schema/tensor_layout.h"
 
 namespace {
@@ -421,6 +422,68 @@ TEST_CASE("run_ranges_stealing: every unit once, and a stalled thread's work is 
     // Thread 1 ran only the chunk it took before stalling; thread 0 stole the rest of its range.
     CHECK(by_thread1.load() <= std::max<int64_t>(1, units / 16));
   }
+}
+
+TEST_CASE("forward_together gives each call's forward() bits, in one pass or in turn") {
+  // q/k/v-like Linears sharing K (N not a multiple of the 64-column block), built for two
+  // threads; a plain (in place) one makes the group fall back to one forward() each.
+  const int64_t K = 1030;
+  const int64_t Ns[] = {570, 130, 130};
+  std::vector<std::vector<uint16_t>> ws;
+  for (int i = 0; i < 3; ++i) ws.push_back(random_bf16(size_t(K * Ns[i]), uint32_t(40 + i)));
+  for (bool all_blocked : {true, false}) {
+    CAPTURE(all_blocked);
+    std::vector<Linear> lins;
+    {
+      const Threads two(2);
+      for (int i = 0; i < 3; ++i) {
+        LinearOptions opt;
+        opt.max_m = 64;
+        opt.relayout = all_blocked || i != 1;
+        lins.emplace_back(ws[size_t(i)].data(), K, Ns[i], opt);
+      }
+    }
+    for (int64_t M : {1, 3, 16, 40}) {  // 40: oneDNN, not the GEMV, so one forward() each
+      for (int threads : {1, 2}) {
+        CAPTURE(M);
+        CAPTURE(threads);
+        const Threads scope(threads);
+        std::vector<std::vector<uint16_t>> xs;
+        std::vector<std::vector<float>> alone, together;
+        std::vector<kiln::ops::LinearCall> calls;
+        for (int i = 0; i < 3; ++i) {  // the first two share x, the third has its own
+          xs.push_back(random_bf16(size_t(M * K), uint32_t(M * 10 + i)));
+          alone.emplace_back(size_t(M * Ns[i]));
+          together.emplace_back(size_t(M * Ns[i]), -1.0f);
+        }
+        for (int i = 0; i < 3; ++i) {
+          const uint16_t* x = xs[i == 1 ? 0 : size_t(i)].data();
+          lins[size_t(i)].forward(x, M, alone[size_t(i)].data());
+          calls.push_back({&lins[size_t(i)], x, M, together[size_t(i)].data()});
+        }
+        kiln::ops::forward_together(calls);
+        for (int i = 0; i < 3; ++i)
+          CHECK(std::memcmp(alone[size_t(i)].data(), together[size_t(i)].data(),
+                            alone[size_t(i)].size() * sizeof(float)) == 0);
+        if (M <= 16 && all_blocked) {  // the shared pass allocates nothing
+          CHECK(kiln::ops::test::allocations_of([&] { kiln::ops::forward_together(calls); }) == 0);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("forward_together checks every call as forward() does") {
+  const std::vector<uint16_t> w = random_bf16(64 * 64, 5), x = random_bf16(64 * 4, 6);
+  LinearOptions opt;
+  opt.max_m = 4;
+  const Linear a(w.data(), 64, 64, opt), b(w.data(), 64, 64, opt);
+  std::vector<float> y(64 * 5), z(64 * 5);
+  const kiln::ops::LinearCall too_many[] = {{&a, x.data(), 1, y.data()},
+                                            {&b, x.data(), 5, z.data()}};
+  CHECK_THROWS_AS(kiln::ops::forward_together(too_many), kiln::Error);
+  const kiln::ops::LinearCall no_linear[] = {{nullptr, x.data(), 1, y.data()}};
+  CHECK_THROWS_AS(kiln::ops::forward_together(no_linear), kiln::Error);
 }
 
 TEST_CASE("Linear refuses blocked weights it is asked to read transposed") {
