@@ -42,10 +42,11 @@ struct ExportOptions {
   bool merge_lora = false;
   // A SentencePiece model to embed in the manifest (`--tokenizer`); empty: none.
   std::string tokenizer_path;
-  // How the matrices the engine multiplies by are stored: row-major, or BA16a64b2a, the layout
-  // its kernels read, so that the engine maps them in place instead of re-laying them at every
-  // start (schema/tensor_layout.h; `--weights-layout blocked`).
-  TensorLayout weights_layout = TensorLayout::RowMajor;
+  // How the matrices the engine multiplies by are stored: BA16a64b2a, the layout its kernels
+  // read, so that the engine maps them in place instead of re-laying them at every start
+  // (schema/tensor_layout.h; the default), or row-major, MaxText's order (`--weights-layout
+  // row-major`: for tools that read the blobs' bytes themselves).
+  TensorLayout weights_layout = TensorLayout::BA16a64b2a;
   // The command line as given, recorded in the manifest's provenance.
   std::vector<std::pair<std::string, std::string>> recorded_options;
 };

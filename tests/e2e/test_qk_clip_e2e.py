@@ -52,6 +52,7 @@ Measured tolerances are printed.
 """
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -96,8 +97,13 @@ def bf16_step(v):
 # reading artifacts: a minimal FlatBuffers reader for .kblob headers (schema/blob_file.h: 32-byte
 # preamble "KILNBLOB", u16 major, u16 minor, u32 0, u64 header length, u32 crc, u32 0; then the
 # BlobHeader table {format_major, format_minor, layer, kind, tensors: [Tensor{name, dtype, shape,
-# offset, length, crc32c}]}). Shapes and dtypes come from `kiln inspect --json --tensors`; names
-# and byte lengths are cross-checked between the two.
+# offset, length, crc32c, layout, matrix_k, matrix_batch}]}). Shapes and dtypes come from
+# `kiln inspect --json --tensors`; names and byte lengths are cross-checked between the two.
+#
+# A tensor with layout 1 (BA16a64b2a, the exporter's default, docs/architecture.md "Tensor
+# layouts") holds matrix_batch matrices [K = matrix_k, N], each with K padded to Kp (a multiple of
+# 32) and N to Np (of 64), value (k, n) at n//64 · Kp·64 + (k//2) · 128 + (n%64) · 2 + k%2. The
+# reader turns them back into row-major bytes, so the tests see MaxText's order either way.
 
 def _u16(b, o):
     return struct.unpack_from("<H", b, o)[0]
@@ -140,8 +146,29 @@ def read_blob(path):
         if off % 64 or off + length > len(b):
             raise AssertionError("%s: tensor %s has extent [%d, +%d) outside the file"
                                  % (path, name, off, length))
-        out[name] = b[off:off + length]
+        raw = b[off:off + length]
+        lpos = _field(b, t, 6)
+        if lpos and b[lpos] == 1:
+            kpos, bpos = _field(b, t, 7), _field(b, t, 8)
+            k = struct.unpack_from("<q", b, kpos)[0] if kpos else 0
+            batch = struct.unpack_from("<q", b, bpos)[0] if bpos else 1
+            spos = _field(b, t, 2)
+            sv = spos + _u32(b, spos)
+            numel = 1
+            for j in range(_u32(b, sv)):
+                numel *= struct.unpack_from("<q", b, sv + 4 + 8 * j)[0]
+            raw = unblock(raw, k, numel // (k * batch), batch)
+        out[name] = raw
     return out
+
+
+def unblock(raw, k, n, batch):
+    """Row-major bytes of `batch` BA16a64b2a matrices [k, n] (see the comment above)."""
+    kp, np_ = (k + 31) // 32 * 32, (n + 63) // 64 * 64
+    v = np.frombuffer(raw, dtype="<u2")
+    assert v.size == batch * kp * np_, (v.size, batch, kp, np_)
+    v = v.reshape(batch, np_ // 64, kp // 2, 64, 2).transpose(0, 2, 4, 1, 3)
+    return np.ascontiguousarray(v.reshape(batch, kp, np_)[:, :k, :n]).tobytes()
 
 
 class Artifact:
@@ -162,7 +189,8 @@ class Artifact:
                            "kiln inspect" % blob["file"])
             d = {}
             for t in blob["tensors"]:
-                tc.assertEqual(len(raw[t["name"]]), t["bytes"], "%s %s: length" %
+                want = t["bytes"] if t["layout"] == "row-major" else 2 * math.prod(t["shape"])
+                tc.assertEqual(len(raw[t["name"]]), want, "%s %s: length" %
                                (blob["file"], t["name"]))
                 d[t["name"]] = (t["dtype"], tuple(t["shape"]), raw[t["name"]])
             self.files[blob["layer"]] = blob["file"]

@@ -21,11 +21,19 @@ class WeightsLayoutTest(common.TempDirCase):
 
     def export_both(self, fx):
         arts = {}
-        for layout in ("row-major", "blocked"):
-            art = os.path.join(self.tmp, layout + ".kiln")
-            self.assertKilnOk(kiln("export", *fx.export_args(), "--out", art,
-                                   "--weights-layout", layout), "export " + layout)
-            arts[layout] = art
+        for layout in ("row-major", "blocked", None):
+            name = layout or "default"
+            art = os.path.join(self.tmp, name + ".kiln")
+            extra = ("--weights-layout", layout) if layout else ()
+            self.assertKilnOk(kiln("export", *fx.export_args(), "--out", art, *extra),
+                              "export " + name)
+            arts[name] = art
+        # The default is the blocked layout: the same blobs as asking for it.
+        for f in sorted(os.listdir(arts["blocked"])):
+            if f.endswith(".kblob"):
+                with open(os.path.join(arts["blocked"], f), "rb") as a, \
+                        open(os.path.join(arts["default"], f), "rb") as b:
+                    self.assertEqual(a.read(), b.read(), "default export differs from blocked: " + f)
         return arts
 
     def check_same_model(self, arts, vocab, blocked_names, row_major_names=()):

@@ -573,7 +573,7 @@ TEST_CASE("verify_on_first_use: bf16() checks what it hands out, verify_remainin
   put_bf16(blob, at, uint16_t(get_bf16(blob, at) ^ 0x0001));
   auto a = Artifact::open(art.string(), {.verify_checksums = true, .verify_on_first_use = true});
   const ModelConfig& c = a->config();
-  CHECK(a->bf16(a->layer(0), "mlp.wi_0", {c.emb_dim, c.mlp_dim}) != nullptr);
+  CHECK(a->bf16(a->layer(0), "pre_attn_norm", {c.emb_dim}) != nullptr);
   CHECK_THROWS_WITH_AS(a->verify_remaining(),
                        doctest::Contains("layer-000.kblob: tensor 'attn.q' fails"), Error);
   CHECK_THROWS_WITH_AS(a->bf16(a->layer(0), "attn.q", {c.emb_dim, c.num_query_heads, c.head_dim}),

@@ -114,6 +114,7 @@ ExportOptions options(const Fixture& fx, const std::string& out) {
   o.config_path = (fx.dir / "config.json").string();
   o.out_dir = (fx.dir / out).string();
   o.force = true;
+  o.weights_layout = TensorLayout::RowMajor;  // the checks read the weights in MaxText's order
   return o;
 }
 
@@ -318,6 +319,7 @@ TEST_CASE("QK-Clip: a Llama model needs --qk-clip-mode=query, which scales each 
   o.checkpoints = {(dir / "model.safetensors").string()};
   o.config_path = (dir / "config.json").string();
   o.out_dir = (dir / "out.kiln").string();
+  o.weights_layout = TensorLayout::RowMajor;  // the check reads attn.q in MaxText's order
   o.qk_clip = {10.0, {(dir / "stats.safetensors").string()}};
   CHECK_THROWS_WITH_AS(export_artifact(o), doctest::Contains("only supported for MLA"), Error);
   o.qk_clip.mode = "query";

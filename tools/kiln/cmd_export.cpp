@@ -88,9 +88,10 @@ int cmd_export(int argc, const char* const* argv) {
            "a SentencePiece model to embed, so that `kiln run --prompt` and `kiln eval` take "
            "text");
   p.option("--weights-layout", "LAYOUT",
-           "row-major (default), or blocked: the matrices in the layout the engine's kernels "
-           "read (BA16a64b2a), so that it maps them in place at start-up instead of re-laying "
-           "them (docs/architecture.md, \"Tensor layouts\")");
+           "blocked (default): the matrices in the layout the engine's kernels read "
+           "(BA16a64b2a), so that it maps them in place at start-up instead of re-laying them; "
+           "or row-major, MaxText's [in, out] order, for tools that read the blobs themselves "
+           "(docs/architecture.md, \"Tensor layouts\")");
   p.flag("--force", "replace an existing artifact at --out");
   Args a = p.parse(argc, argv);
 

@@ -40,7 +40,7 @@ int cmd_inspect(int argc, const char* const* argv) {
   if (const uint64_t blocked = j["blocked_tensors"].get<uint64_t>())
     std::printf(
         "weights    %llu matrices stored in the engine's blocked layout (BA16a64b2a, "
-        "mapped in place; exported with --weights-layout blocked)\n",
+        "mapped in place)\n",
         static_cast<unsigned long long>(blocked));
   std::printf("\nconfig\n");
   for (const auto& [k, val] : j["config"].items())

@@ -47,7 +47,9 @@ PreparedExport prepare_export(const ExportRequest& r, OptionSpelling spelling,
   if (r.weights_layout) {
     if (*r.weights_layout == "blocked")
       o.weights_layout = TensorLayout::BA16a64b2a;
-    else if (*r.weights_layout != "row-major")
+    else if (*r.weights_layout == "row-major")
+      o.weights_layout = TensorLayout::RowMajor;
+    else
       throw refuse(n("weights_layout") + " is row-major or blocked, got '" + *r.weights_layout +
                    "'");
   }

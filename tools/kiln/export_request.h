@@ -32,7 +32,7 @@ struct ExportRequest {
   std::optional<double> lora_scale;  // unset: 1
   bool merge_lora = false;
   std::optional<std::string> tokenizer;
-  std::optional<std::string> weights_layout;  // "row-major" (default) or "blocked"
+  std::optional<std::string> weights_layout;  // "blocked" (default) or "row-major"
   bool force = false;
 };
 
