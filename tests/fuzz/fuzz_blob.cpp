@@ -11,7 +11,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const kiln::BlobView view(copy.data(), copy.size(), "layer_0.kblob");
     volatile uint8_t sink = 0;  // a tensor's first and last byte must be inside the input
     for (const kiln::BlobTensorInfo& t : view.tensors()) {
-      view.expect(t.name, t.dtype, t.shape);
+      if (t.layout == kiln::TensorLayout::RowMajor)
+        view.expect(t.name, t.dtype, t.shape);
+      else  // what the engine asks of a blocked matrix, with the K and batch it records
+        view.expect_matrix(t.name, t.shape, t.matrix_k, t.matrix_batch);
       const auto bytes = view.bytes(t);
       if (!bytes.empty()) sink = sink ^ bytes.front() ^ bytes.back();
     }

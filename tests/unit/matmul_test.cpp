@@ -24,7 +24,7 @@
 #include "common/crc32c.h"
 #include "common/error.h"
 #include "engine/ops/parallel.h"
-#include "ops_test_support.h"
+#include "tests/unit/ops_test_support.h"
 #include "schema/tensor_layout.h"
 
 namespace {
