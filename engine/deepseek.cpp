@@ -62,7 +62,6 @@
 #include <optional>
 
 #include "common/bf16.h"
-#include "common/crc32c.h"
 #include "common/error.h"
 #include "engine/model.h"
 #include "engine/ops/attention.h"
@@ -154,41 +153,18 @@ class DeepSeekModel final : public Model {
         const int64_t X = c_.num_experts, Fm = c_.moe_mlp_dim, S = c_.shared_experts * Fm;
         w.gate.emplace(checked_linear(b, "moe.gate", {E, X}, E, X, lo));
         if (c_.routed_bias) w.gate_bias = a.bf16(b, "moe.gate_bias", {X});
-        // The stacked experts: each expert's slice is re-laid on its own, and a tensor's CRC is
-        // its slices' CRCs joined in order (or the tensor is checked on its own when a slice was
-        // not re-laid by the hand-written pass).
-        const char* names[3] = {"moe.experts.wi_0", "moe.experts.wi_1", "moe.experts.wo"};
-        const Artifact::Matrix m[3] = {a.matrix_deferred(b, names[0], {X, E, Fm}, E, X),
-                                       a.matrix_deferred(b, names[1], {X, E, Fm}, E, X),
-                                       a.matrix_deferred(b, names[2], {X, Fm, E}, Fm, X)};
-        ops::LinearOptions elo[3];
-        for (int i = 0; i < 3; ++i) {
-          elo[i] = lo;
-          elo[i].relayout = opt.relayout && E * Fm * 2 >= kMinRelayoutBytes;
-          elo[i].checksum_weights = m[i].pending;
-          elo[i].weights_blocked = m[i].blocked;
-        }
-        // Expert x's matrix: K·N values further on in row-major order, a padded block blocked.
-        const auto expert = [&](int i, int64_t x) {
-          return m[i].data + x * (m[i].blocked ? m[i].layout.matrix_values() : E * Fm);
-        };
-        std::optional<uint32_t> crc[3] = {0u, 0u, 0u};
-        const auto join = [](std::optional<uint32_t>& total, const ops::Linear& part) {
-          const std::optional<uint32_t> c = part.weights_crc32c();
-          const uint64_t bytes = uint64_t(part.K() * part.N()) * sizeof(uint16_t);
-          total = total && c ? std::optional(crc32c_combine(*total, *c, bytes)) : std::nullopt;
-        };
+        // The stacked experts, one Linear each (re-laid when large enough to pay).
+        ops::LinearOptions elo = lo;
+        elo.relayout = opt.relayout && E * Fm * 2 >= kMinRelayoutBytes;
+        std::vector<ops::Linear> wi_0 =
+            checked_stacked_linears(b, "moe.experts.wi_0", {X, E, Fm}, E, Fm, X, elo);
+        std::vector<ops::Linear> wi_1 =
+            checked_stacked_linears(b, "moe.experts.wi_1", {X, E, Fm}, E, Fm, X, elo);
+        std::vector<ops::Linear> wo =
+            checked_stacked_linears(b, "moe.experts.wo", {X, Fm, E}, Fm, E, X, elo);
         w.experts.reserve(size_t(X));
-        for (int64_t x = 0; x < X; ++x) {
-          w.experts.push_back(Mlp{ops::Linear(expert(0, x), E, Fm, elo[0]),
-                                  ops::Linear(expert(1, x), E, Fm, elo[1]),
-                                  ops::Linear(expert(2, x), Fm, E, elo[2])});
-          join(crc[0], w.experts.back().wi_0);
-          join(crc[1], w.experts.back().wi_1);
-          join(crc[2], w.experts.back().wo);
-        }
-        for (int i = 0; i < 3; ++i)
-          if (m[i].pending) a.settle_checksum(b, names[i], crc[i]);
+        for (size_t x = 0; x < size_t(X); ++x)
+          w.experts.push_back(Mlp{std::move(wi_0[x]), std::move(wi_1[x]), std::move(wo[x])});
         if (S > 0) w.shared.emplace(mlp(b, "moe.shared.", E, S, lo));
         widest = std::max({widest, Fm, S});
       }

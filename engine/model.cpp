@@ -10,6 +10,7 @@
 
 #include "common/bf16.h"
 #include "common/clock.h"
+#include "common/crc32c.h"
 #include "common/error.h"
 #include "engine/ops/elementwise.h"
 #include "engine/ops/matmul.h"
@@ -218,6 +219,29 @@ ops::Linear Model::checked_linear(const BlobView& blob, const std::string& name,
   // A separate check's time is counted as checksums, a folded one as part of the re-layout.
   if (w.pending) artifact_->settle_checksum(blob, name, linear.weights_crc32c());
   return linear;
+}
+
+std::vector<ops::Linear> Model::checked_stacked_linears(const BlobView& blob,
+                                                        const std::string& name,
+                                                        const std::vector<int64_t>& shape,
+                                                        int64_t K, int64_t N, int64_t batch,
+                                                        ops::LinearOptions lo) const {
+  const Artifact::Matrix w = artifact_->matrix_deferred(blob, name, shape, K, batch);
+  lo.checksum_weights = w.pending;
+  lo.weights_blocked = w.blocked;
+  // Matrix i starts K·N values further on in row-major order, a padded matrix further blocked.
+  const int64_t stride = w.blocked ? w.layout.matrix_values() : K * N;
+  std::vector<ops::Linear> out;
+  out.reserve(size_t(batch));
+  std::optional<uint32_t> crc = 0u;
+  for (int64_t i = 0; i < batch; ++i) {
+    out.emplace_back(w.data + i * stride, K, N, lo);
+    const std::optional<uint32_t> part = out.back().weights_crc32c();
+    const uint64_t bytes = uint64_t(K * N) * sizeof(uint16_t);  // what a re-layout's CRC covers
+    crc = crc && part ? std::optional(crc32c_combine(*crc, *part, bytes)) : std::nullopt;
+  }
+  if (w.pending) artifact_->settle_checksum(blob, name, crc);
+  return out;
 }
 
 void Model::run_pass(const Rows& rows, float* logits) {

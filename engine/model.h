@@ -173,6 +173,13 @@ class Model {
   ops::Linear checked_linear(const BlobView& blob, const std::string& name,
                              const std::vector<int64_t>& shape, int64_t K, int64_t N,
                              ops::LinearOptions lo) const;
+  // The same for `batch` matrices [K, N] stacked in one tensor (a MoE layer's experts), one
+  // Linear each: the tensor's checksum is its slices' CRCs joined in order when every re-layout
+  // computed one, else the tensor is checked on its own.
+  std::vector<ops::Linear> checked_stacked_linears(const BlobView& blob, const std::string& name,
+                                                   const std::vector<int64_t>& shape, int64_t K,
+                                                   int64_t N, int64_t batch,
+                                                   ops::LinearOptions lo) const;
 
   // MaxText's output head: bf16 logits, divided by sqrt(emb_dim) for a normalised tied head, then
   // the optional soft cap, then f32 (docs/maxtext.md §2.1). `n` logits, whole rows of the

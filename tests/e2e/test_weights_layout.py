@@ -111,6 +111,32 @@ class WeightsLayoutTest(common.TempDirCase):
             self.assertEqual(res.rc, 1, res.describe())
             self.assertIn("CRC-32C", res.stderr_lines[0], res.describe())
 
+    def test_damaged_expert_is_refused_in_either_layout(self):
+        # The stacked experts are one tensor read as X Linears (Model::checked_stacked_linears):
+        # a byte of the last expert's slice must still fail the tensor's check.
+        common.require_kiln(self)
+        fx = mdf.write_fixture(mdf.variant_by_name("ds3-linen-scan1-f32"),
+                               os.path.join(self.tmp, "fx"))
+        for layout in ("row-major", "blocked"):
+            art = os.path.join(self.tmp, layout + ".kiln")
+            self.assertKilnOk(kiln("export", *fx.export_args(), "--out", art,
+                                   "--weights-layout", layout))
+            info = common.parse_json_stdout(kiln("inspect", art, "--json"))
+            blob = next(b for b in info["blobs"]
+                        if any(t["name"] == "moe.experts.wo" for t in b["tensors"]))
+            t = next(t for t in blob["tensors"] if t["name"] == "moe.experts.wo")
+            at = t["offset"] + t["bytes"] - 2 * 64 * 32  # near the end: the last experts
+            with open(os.path.join(art, blob["file"]), "r+b") as f:
+                f.seek(at)
+                b = f.read(1)
+                f.seek(at)
+                f.write(bytes([b[0] ^ 0x10]))
+            for extra in ((), ("--no-relayout",)):
+                res = kiln("run", art, "--tokens", "1,2,3", "--max-tokens", 1, *extra)
+                self.assertEqual(res.rc, 1, layout + "\n" + res.describe())
+                self.assertIn("moe.experts.wo", res.stderr_lines[0], res.describe())
+                self.assertIn("CRC-32C", res.stderr_lines[0], res.describe())
+
 
 if __name__ == "__main__":
     unittest.main()
