@@ -1039,6 +1039,7 @@ void forward_together(std::span<const LinearCall> calls) {
       forward_together(calls.subspan(at, std::min(kMaxCalls, calls.size() - at)));
     return;
   }
+  if (calls.empty()) return;
   bool shared_pass = true;
   for (const LinearCall& c : calls) {
     if (c.linear == nullptr) throw Error("forward_together: a call has no Linear");

@@ -24,8 +24,8 @@
 #include "common/crc32c.h"
 #include "common/error.h"
 #include "engine/ops/parallel.h"
-#include "tests/unit/ops_test_support.h"
 #include "schema/tensor_layout.h"
+#include "tests/unit/ops_test_support.h"
 
 namespace {
 
@@ -484,6 +484,7 @@ TEST_CASE("forward_together checks every call as forward() does") {
   CHECK_THROWS_AS(kiln::ops::forward_together(too_many), kiln::Error);
   const kiln::ops::LinearCall no_linear[] = {{nullptr, x.data(), 1, y.data()}};
   CHECK_THROWS_AS(kiln::ops::forward_together(no_linear), kiln::Error);
+  CHECK_NOTHROW(kiln::ops::forward_together({}));  // nothing to run
 }
 
 TEST_CASE("Linear refuses blocked weights it is asked to read transposed") {
