@@ -11,19 +11,13 @@ YaRN parameters are written as in convert_hf_to_gguf (factor, original context, 
 """
 import argparse
 import json
-import struct
 import sys
-import time
 
 import numpy as np
 import gguf
 
-BF16 = gguf.GGMLQuantizationType.BF16
-F32 = gguf.GGMLQuantizationType.F32
-
-
-def f32(u16):
-    return (np.ascontiguousarray(u16).astype(np.uint32) << 16).view(np.float32)
+from gguf_common import BF16, F32, add_dummy_vocab, open_checkpoint, write_plan
+from gguf_common import bf16_to_f32 as f32
 
 
 def main():
@@ -39,18 +33,7 @@ def main():
     L, Ld, V = c["num_decoder_layers"], c["first_num_dense_layers"], c["vocab_size"]
     Lm = L - Ld
 
-    with open(a.checkpoint, "rb") as f:
-        hlen = struct.unpack("<Q", f.read(8))[0]
-        hdr = json.loads(f.read(hlen))
-    base = 8 + hlen
-    mm = np.memmap(a.checkpoint, dtype=np.uint8, mode="r")
-
-    def T(key):
-        h = hdr["params.params." + key]
-        assert h["dtype"] == "BF16", (key, h["dtype"])
-        o0, o1 = h["data_offsets"]
-        return mm[base + o0: base + o1].view(np.uint16).reshape(h["shape"])
-
+    T = open_checkpoint(a.checkpoint)
     C = np.ascontiguousarray
     plan = [
         ("token_embd.weight", (V, E), BF16, lambda: C(T("token_embedder.embedding"))),
@@ -127,33 +110,9 @@ def main():
     w.add_rope_scaling_yarn_log_mul(0.1 * c.get("mscale", 0.707))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
 
-    toks = [b"<unk>", b"<s>", b"</s>"] + [("<0x%02X>" % b).encode() for b in range(256)]
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
-    while len(toks) < V:
-        toks.append(("\u2581tok%d" % len(toks)).encode())
-        types.append(gguf.TokenType.NORMAL)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(toks)
-    w.add_token_scores([0.0] * 259 + [-float(k) for k in range(V - 259)])
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
+    add_dummy_vocab(w, V)
 
-    for name, shape, dt, _ in plan:
-        nbytes = int(np.prod(shape)) * (2 if dt == BF16 else 4)
-        w.add_tensor_info(name, shape, np.dtype(np.uint16 if dt == BF16 else np.float32), nbytes, raw_dtype=dt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    t0 = time.time()
-    for n, (name, shape, dt, fn) in enumerate(plan):
-        arr = fn()
-        assert tuple(arr.shape) == tuple(shape), (name, arr.shape, shape)
-        w.write_tensor_data(arr)
-    w.close()
-    print("wrote %s in %.1f s" % (a.out, time.time() - t0))
-
+    write_plan(w, plan, a.out)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,19 +15,12 @@ Llama-3.1 RoPE frequency scaling (no rope_freqs tensor); neither changes shapes 
 """
 import argparse
 import json
-import struct
 import sys
-import time
 
 import numpy as np
 import gguf
 
-BF16 = gguf.GGMLQuantizationType.BF16
-F32 = gguf.GGMLQuantizationType.F32
-
-
-def bf16_to_f32(u16):
-    return (u16.astype(np.uint32) << 16).view(np.float32)
+from gguf_common import BF16, F32, add_dummy_vocab, bf16_to_f32, open_checkpoint, write_plan
 
 
 def main():
@@ -43,17 +36,7 @@ def main():
     eps = cfg.get("normalization_layer_epsilon", 1e-5)
     theta = cfg.get("rope_max_timescale", 500000)
 
-    with open(a.checkpoint, "rb") as f:
-        hlen = struct.unpack("<Q", f.read(8))[0]
-        hdr = json.loads(f.read(hlen))
-    base = 8 + hlen
-    mm = np.memmap(a.checkpoint, dtype=np.uint8, mode="r")
-
-    def T(key):
-        h = hdr["params.params." + key]
-        assert h["dtype"] == "BF16", (key, h["dtype"])
-        o0, o1 = h["data_offsets"]
-        return mm[base + o0: base + o1].view(np.uint16).reshape(h["shape"])
+    T = open_checkpoint(a.checkpoint)
 
     lay = "decoder.layers."
     # (gguf name, producer returning an array in GGUF numpy order [out, in], dtype)
@@ -101,42 +84,10 @@ def main():
     w.add_vocab_size(V)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
 
-    toks, scores, types = [], [], []
-    toks += [b"<unk>", b"<s>", b"</s>"]
-    types += [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    for b in range(256):
-        toks.append(("<0x%02X>" % b).encode())
-        types.append(gguf.TokenType.BYTE)
-    while len(toks) < V:
-        toks.append(("\u2581tok%d" % len(toks)).encode())
-        types.append(gguf.TokenType.NORMAL)
-    scores = [0.0] * 3 + [0.0] * 256 + [-float(j) for j in range(V - 259)]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(toks)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
+    add_dummy_vocab(w, V)
     w.add_add_bos_token(True)
 
-    for name, shape, dt, _ in plan:
-        nbytes = int(np.prod(shape)) * (2 if dt == BF16 else 4)
-        w.add_tensor_info(name, shape, np.dtype(np.uint16 if dt == BF16 else np.float32), nbytes,
-                          raw_dtype=dt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    t0 = time.time()
-    for n, (name, shape, dt, fn) in enumerate(plan):
-        arr = fn()
-        assert tuple(arr.shape) == tuple(shape), (name, arr.shape, shape)
-        w.write_tensor_data(arr)
-        if n % 9 == 2:
-            print("  %3d/%d %s  %.1f s" % (n + 1, len(plan), name, time.time() - t0), flush=True)
-    w.close()
-    print("wrote %s in %.1f s" % (a.out, time.time() - t0))
-
+    write_plan(w, plan, a.out)
 
 if __name__ == "__main__":
     sys.exit(main())
