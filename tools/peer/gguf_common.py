@@ -6,6 +6,7 @@ of tensors to a GGUF file one tensor at a time.
 A plan is a list of (gguf name, numpy shape [out, in...], GGML type BF16 or F32, producer), the
 producer returning the array in that shape and dtype (uint16 bf16 bits, or float32).
 """
+import argparse
 import json
 import struct
 import time
@@ -15,6 +16,17 @@ import gguf
 
 BF16 = gguf.GGMLQuantizationType.BF16
 F32 = gguf.GGMLQuantizationType.F32
+
+
+def parse_args(description):
+    """--checkpoint, --config, --out; returns (args, the config as a dict)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--checkpoint", required=True, help="model.safetensors of the synthetic checkpoint")
+    ap.add_argument("--config", required=True, help="its config.json")
+    ap.add_argument("--out", required=True, help="the GGUF file to write")
+    a = ap.parse_args()
+    with open(a.config) as f:
+        return a, json.load(f)
 
 
 def bf16_to_f32(u16):

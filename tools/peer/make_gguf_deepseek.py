@@ -9,29 +9,21 @@ to a bf16 GGUF (deepseek2 architecture, MLA with split k_b/v_b, stacked experts)
 Weights copied bit-exactly; norm scales and the router (ffn_gate_inp) as f32. Dummy SPM vocabulary.
 YaRN parameters are written as in convert_hf_to_gguf (factor, original context, log_mul 0.1*mscale).
 """
-import argparse
-import json
 import sys
 
 import numpy as np
 import gguf
 
-from gguf_common import BF16, F32, add_dummy_vocab, open_checkpoint, write_plan
+from gguf_common import BF16, F32, add_dummy_vocab, parse_args, open_checkpoint, write_plan
 from gguf_common import bf16_to_f32 as f32
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    c = json.load(open(a.config))
+    a, c = parse_args(__doc__.splitlines()[0])
     E, H, Rkv = c["emb_dim"], c["num_query_heads"], c["kv_lora_rank"]
     Dn, Dr, Dv = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
     F, Fm, X, S = c["mlp_dim"], c["moe_mlp_dim"], c["num_experts"], c["shared_experts"]
     L, Ld, V = c["num_decoder_layers"], c["first_num_dense_layers"], c["vocab_size"]
-    Lm = L - Ld
 
     T = open_checkpoint(a.checkpoint)
     C = np.ascontiguousarray

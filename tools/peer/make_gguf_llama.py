@@ -13,24 +13,16 @@ tokens, then filler tokens): llama-bench uses random ids, so only its size matte
 Not reproduced: MaxText's folding of 1/sqrt(head_dim) into the query (llama.cpp scales again) and
 Llama-3.1 RoPE frequency scaling (no rope_freqs tensor); neither changes shapes or work per token.
 """
-import argparse
-import json
 import sys
 
 import numpy as np
 import gguf
 
-from gguf_common import BF16, F32, add_dummy_vocab, bf16_to_f32, open_checkpoint, write_plan
+from gguf_common import BF16, F32, add_dummy_vocab, parse_args, bf16_to_f32, open_checkpoint, write_plan
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-
-    cfg = json.load(open(a.config))
+    a, cfg = parse_args(__doc__.splitlines()[0])
     E, H, K, D = cfg["emb_dim"], cfg["num_query_heads"], cfg["num_kv_heads"], cfg["head_dim"]
     F, L, V = cfg["mlp_dim"], cfg["num_decoder_layers"], cfg["vocab_size"]
     eps = cfg.get("normalization_layer_epsilon", 1e-5)
