@@ -212,13 +212,7 @@ void Model::forward_batch(std::span<const SequenceStep> steps, float* logits) {
 ops::Linear Model::checked_linear(const BlobView& blob, const std::string& name,
                                   const std::vector<int64_t>& shape, int64_t K, int64_t N,
                                   ops::LinearOptions lo) const {
-  const Artifact::Matrix w = artifact_->matrix_deferred(blob, name, shape, K);
-  lo.checksum_weights = w.pending;
-  lo.weights_blocked = w.blocked;
-  ops::Linear linear(w.data, K, N, lo);
-  // A separate check's time is counted as checksums, a folded one as part of the re-layout.
-  if (w.pending) artifact_->settle_checksum(blob, name, linear.weights_crc32c());
-  return linear;
+  return std::move(checked_stacked_linears(blob, name, shape, K, N, 1, lo).front());
 }
 
 std::vector<ops::Linear> Model::checked_stacked_linears(const BlobView& blob,
@@ -233,13 +227,14 @@ std::vector<ops::Linear> Model::checked_stacked_linears(const BlobView& blob,
   const int64_t stride = w.blocked ? w.layout.matrix_values() : K * N;
   std::vector<ops::Linear> out;
   out.reserve(size_t(batch));
-  std::optional<uint32_t> crc = 0u;
+  std::optional<uint32_t> crc = 0u;  // of nothing yet: joining c to it gives c
   for (int64_t i = 0; i < batch; ++i) {
     out.emplace_back(w.data + i * stride, K, N, lo);
     const std::optional<uint32_t> part = out.back().weights_crc32c();
     const uint64_t bytes = uint64_t(K * N) * sizeof(uint16_t);  // what a re-layout's CRC covers
     crc = crc && part ? std::optional(crc32c_combine(*crc, *part, bytes)) : std::nullopt;
   }
+  // A separate check's time is counted as checksums, a folded one as part of the re-layout.
   if (w.pending) artifact_->settle_checksum(blob, name, crc);
   return out;
 }

@@ -175,7 +175,7 @@ class Model {
                              ops::LinearOptions lo) const;
   // The same for `batch` matrices [K, N] stacked in one tensor (a MoE layer's experts), one
   // Linear each: the tensor's checksum is its slices' CRCs joined in order when every re-layout
-  // computed one, else the tensor is checked on its own.
+  // computed one, else the tensor is checked on its own. checked_linear is the case batch = 1.
   std::vector<ops::Linear> checked_stacked_linears(const BlobView& blob, const std::string& name,
                                                    const std::vector<int64_t>& shape, int64_t K,
                                                    int64_t N, int64_t batch,

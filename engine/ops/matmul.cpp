@@ -1034,12 +1034,12 @@ void Linear::forward(const uint16_t* x, int64_t M, float* y) const {
 // same rows), so the results do not depend on the grouping or on which thread takes a block.
 void forward_together(std::span<const LinearCall> calls) {
   constexpr size_t kMaxCalls = 64;  // per pass: the unit table lives on the stack
+  if (calls.empty()) return;
   if (calls.size() > kMaxCalls) {
     for (size_t at = 0; at < calls.size(); at += kMaxCalls)
       forward_together(calls.subspan(at, std::min(kMaxCalls, calls.size() - at)));
     return;
   }
-  if (calls.empty()) return;
   bool shared_pass = true;
   for (const LinearCall& c : calls) {
     if (c.linear == nullptr) throw Error("forward_together: a call has no Linear");

@@ -89,27 +89,31 @@ class WeightsLayoutTest(common.TempDirCase):
         self.assertIn("row-major or blocked", res.stderr_lines[0])
         self.assertFalse(os.path.exists(out))
 
-    def test_damaged_blocked_tensor_is_refused(self):
+    def test_damaged_matrix_is_refused_in_either_layout(self):
+        # Blocked: checked in place; row-major: its CRC computed by the re-layout pass (or checked
+        # on its own with --no-relayout). Either way a flipped byte stops the run.
         common.require_kiln(self)
         fx = mf.write_fixture(mf.variant_by_name("linen-scan1-f32"), os.path.join(self.tmp, "fx"))
-        art = os.path.join(self.tmp, "blocked.kiln")
-        self.assertKilnOk(kiln("export", *fx.export_args(), "--out", art,
-                               "--weights-layout", "blocked"))
-        info = common.parse_json_stdout(kiln("inspect", art, "--json"))
-        blob = info["blobs"][1]
-        t = next(t for t in blob["tensors"] if t["name"] == "mlp.wi_0")
-        self.assertEqual(t["layout"], "BA16a64b2a")
-        # A byte in the middle of the tensor.
-        path = os.path.join(art, blob["file"])
-        with open(path, "r+b") as f:
-            f.seek(t["offset"] + t["bytes"] // 2)
-            b = f.read(1)
-            f.seek(t["offset"] + t["bytes"] // 2)
-            f.write(bytes([b[0] ^ 0x10]))
-        for extra in ((), ("--no-relayout",)):
-            res = kiln("run", art, "--tokens", "1,2,3", "--max-tokens", 1, *extra)
-            self.assertEqual(res.rc, 1, res.describe())
-            self.assertIn("CRC-32C", res.stderr_lines[0], res.describe())
+        for layout, stored in (("blocked", "BA16a64b2a"), ("row-major", "row-major")):
+            art = os.path.join(self.tmp, layout + ".kiln")
+            self.assertKilnOk(kiln("export", *fx.export_args(), "--out", art,
+                                   "--weights-layout", layout))
+            info = common.parse_json_stdout(kiln("inspect", art, "--json"))
+            blob = info["blobs"][1]
+            t = next(t for t in blob["tensors"] if t["name"] == "mlp.wi_0")
+            self.assertEqual(t["layout"], stored)
+            # A byte in the middle of the tensor.
+            path = os.path.join(art, blob["file"])
+            with open(path, "r+b") as f:
+                f.seek(t["offset"] + t["bytes"] // 2)
+                b = f.read(1)
+                f.seek(t["offset"] + t["bytes"] // 2)
+                f.write(bytes([b[0] ^ 0x10]))
+            for extra in ((), ("--no-relayout",)):
+                res = kiln("run", art, "--tokens", "1,2,3", "--max-tokens", 1, *extra)
+                self.assertEqual(res.rc, 1, layout + "\n" + res.describe())
+                self.assertIn("CRC-32C", res.stderr_lines[0], res.describe())
+                self.assertIn("mlp.wi_0", res.stderr_lines[0], res.describe())
 
     def test_damaged_expert_is_refused_in_either_layout(self):
         # The stacked experts are one tensor read as X Linears (Model::checked_stacked_linears):
