@@ -60,6 +60,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <utility>
 
 #include "common/bf16.h"
 #include "common/error.h"
@@ -103,6 +104,10 @@ struct DeepSeekLayer {
 // DeepSeek-V2-Lite 5.8 MB, V3 29 MB) are re-laid like every other matrix; smaller ones are read in
 // place.
 constexpr int64_t kMinRelayoutBytes = int64_t(1) << 20;
+
+// Queries per attention tile (rows × heads): each block of cache rows read into L1 serves this
+// many queries; more would only grow the per-thread logits scratch (tile × context floats).
+constexpr int64_t kTileQueries = 32;
 
 class DeepSeekModel final : public Model {
  public:
@@ -225,7 +230,10 @@ class DeepSeekModel final : public Model {
       group_experts_.reserve(size_t(X));
     }
     const int threads = std::max(1, ops::max_threads());  // the most any pass runs on
-    scratch_stride_ = ops::attend_scratch_floats(c_.max_target_length, H);
+    tile_rows_ = std::max<int64_t>(1, kTileQueries / H);
+    tiles_.reserve(size_t(chunk_));
+    scratch_stride_ =
+        ops::attend_shared_kv_scratch_floats(tile_rows_, H, c_.max_target_length, Dl_);
     scores_.resize(size_t(threads * scratch_stride_));
   }
 
@@ -377,27 +385,44 @@ class DeepSeekModel final : public Model {
     });
     if (rows.any_adapter) absorbed_lora_query(rows, layer);
 
-    // Causal attention over each row's cache: one shared key/value row per position (K = 1).
+    // Causal attention over each row's cache: one shared key/value row per position for every
+    // head (K = 1), its first Rkv values the value. ops::attend_shared_kv reads a block of cache
+    // rows once for all the queries of a tile (kTileQueries: a few rows' heads), so a prefill
+    // chunk streams each row of a long cache a few times instead of once per row and 4 heads.
+    const int threads = ops::max_threads();
+    const auto attend_tile = [&](int64_t t0, int64_t count, int64_t h0, int64_t heads, int thread) {
+      const ops::SharedKvQueries q{qa_.data() + t0 * H * Dl + h0 * Dl,
+                                   H * Dl,
+                                   rows.pos + t0,
+                                   count,
+                                   heads,
+                                   att_.data() + t0 * H * Dl + h0 * Dl,
+                                   H * Dl,
+                                   Dl};
+      const uint16_t* kv = cache_of(t0);
+      ops::attend_shared_kv(q, kv, kv, Dl, Rkv, Dl, scores_.data() + thread * scratch_stride_);
+    };
     if (T == 1) {
-      // One row: spread groups of heads over the threads (ops::attend shares each cache row
-      // among up to 4 heads at a time).
-      const int64_t n_ctx = rows.pos[0] + 1;
-      const uint16_t* kv = cache_of(0);
-      const int64_t blocks = (H + 3) / 4;
-      ops::run_each(blocks, blocks > 1 ? ops::max_threads() : 1, [&](int64_t bi, int thread) {
-        const int64_t h0 = bi * 4, hc = std::min<int64_t>(4, H - h0);
-        float* scratch = scores_.data() + thread * scratch_stride_;
-        ops::attend(qa_.data() + h0 * Dl, kv, kv, n_ctx, hc, 1, Dl, Dl, Dl, scratch,
-                    att_.data() + h0 * Dl);
+      // One row: its heads split over the threads, 4 or a multiple of 4 each (the kernel's group).
+      const int64_t parts = std::min<int64_t>(threads, (H + 3) / 4);
+      const int64_t per = ((H + parts - 1) / parts + 3) / 4 * 4;
+      ops::run_each(parts, parts > 1 ? threads : 1, [&](int64_t p, int thread) {
+        if (p * per < H) attend_tile(0, 1, p * per, std::min(per, H - p * per), thread);
       });
     } else {
-      // Rows are independent given the caches; the threads take them one at a time, since
-      // later positions attend to more keys.
-      ops::run_each_dynamic(T, ops::max_threads(), [&](int64_t t, int thread) {
-        float* scratch = scores_.data() + thread * scratch_stride_;
-        const uint16_t* kv = cache_of(t);
-        ops::attend(qa_.data() + t * H * Dl, kv, kv, rows.pos[t] + 1, H, 1, Dl, Dl, Dl, scratch,
-                    att_.data() + t * H * Dl);
+      // Tiles of consecutive rows of one cache, handed out longest (latest) first.
+      tiles_.clear();
+      for (int64_t t = 0; t < T; ++t) {
+        if (!tiles_.empty() && tiles_.back().second < tile_rows_ &&
+            rows.cache[t] == rows.cache[tiles_.back().first])
+          ++tiles_.back().second;
+        else
+          tiles_.emplace_back(t, 1);
+      }
+      const int64_t n = int64_t(tiles_.size());
+      ops::run_each_dynamic(n, threads, [&](int64_t i, int thread) {
+        const auto [t0, count] = tiles_[size_t(n - 1 - i)];
+        attend_tile(t0, count, 0, H, thread);
       });
     }
     if (max_logits_)
@@ -532,6 +557,9 @@ class DeepSeekModel final : public Model {
   std::optional<ops::Linear> head_;
   std::optional<ops::Router> router_;
   std::optional<ops::ExpertBatches> batches_;
+  // Attention tiles: (first row, rows), at most tile_rows_ rows of one cache each.
+  int64_t tile_rows_ = 1;
+  std::vector<std::pair<int64_t, int64_t>> tiles_;
   int64_t scratch_stride_ = 0;
   // Activations ([max_chunk, ·]); see attention() and moe() for their roles.
   // Zero pages until used (common/zeroed_vector.h): a short prompt touches a few rows.

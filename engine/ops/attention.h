@@ -29,6 +29,31 @@ inline int64_t attend_scratch_floats(int64_t n_ctx, int64_t H) {
   return n_ctx * H;
 }
 
+// Every head of several query rows over one shared K/V sequence (MQA, as MLA's latent cache is:
+// each cache row is the key of every head, and its first Dv values the value). The cache is read
+// in blocks of positions that all the queries use while the block is in L1, where attend row by
+// row would stream the whole cache once per row and group of heads.
+struct SharedKvQueries {
+  const float* q = nullptr;  // query (t, h) at q + t·q_row_stride + h·D, f32
+  int64_t q_row_stride = 0;
+  const int64_t* pos = nullptr;  // row t attends to the positions [0, pos[t]]
+  int64_t rows = 0, heads = 0;
+  float* out =
+      nullptr;  // output (t, h): Dv f32 values at out + t·out_row_stride + h·out_head_stride
+  int64_t out_row_stride = 0, out_head_stride = 0;
+};
+// k, v: position s at k + s·pos_stride (the same for v), D values of key, the first Dv ≤ D of v
+// used. out(t, h) equals, bit for bit, the first Dv values of attend(q(t, h), k, v, pos[t] + 1,
+// 1, 1, D, pos_stride, …): the same numerics and the same arithmetic per query, whatever the
+// grouping of rows and heads. scratch: attend_shared_kv_scratch_floats(rows, heads, max pos + 1,
+// D) floats. Does not allocate. Throws kiln::Error for an empty or inconsistent shape.
+void attend_shared_kv(const SharedKvQueries& q, const uint16_t* k, const uint16_t* v, int64_t D,
+                      int64_t Dv, int64_t pos_stride, float* scratch);
+inline int64_t attend_shared_kv_scratch_floats(int64_t rows, int64_t heads, int64_t n_ctx,
+                                               int64_t D) {
+  return rows * heads * (D + 1 + n_ctx);
+}
+
 // QK-Clip calibration (kiln calibrate): raises max[h] to the largest bf16 attention logit of
 // query head h over positions [0, n_ctx) — the softmax input of `attend` for the same arguments,
 // i.e. MaxText's max_logits (docs/maxtext.md §3). Not on the serving path; plain loops.

@@ -209,6 +209,92 @@ TEST_CASE("attend does not allocate") {
   CHECK(allocations_of(run) == 0);
 }
 
+// rows × heads queries over one cache of `n` positions, row t at position pos[t]; the data use
+// the same grid as make_attn_data (K = 1), and outputs are laid out with padding between heads
+// and rows so that a write past Dv shows.
+struct SharedCase {
+  int64_t rows, heads, D, Dv, stride;
+  std::vector<int64_t> pos;
+};
+
+void check_shared_kv(std::mt19937& rng, const SharedCase& c) {
+  CAPTURE(c.rows);
+  CAPTURE(c.heads);
+  CAPTURE(c.D);
+  CAPTURE(c.Dv);
+  const int64_t n = *std::max_element(c.pos.begin(), c.pos.end()) + 1;
+  const AttnCase cache_case{n, c.rows * c.heads, 1, c.D, c.stride, 0};
+  const AttnData a = make_attn_data(rng, cache_case);  // q: [rows · heads, D]
+  const int64_t out_head = c.Dv + 3, out_row = c.heads * out_head + 5;
+  std::vector<float> out(size_t(c.rows * out_row), 12345.0f);
+  std::vector<float> scratch(size_t(attend_shared_kv_scratch_floats(c.rows, c.heads, n, c.D)) + 1,
+                             12345.0f);
+  const SharedKvQueries q{a.q.data(), c.heads * c.D, c.pos.data(), c.rows,
+                          c.heads,    out.data(),    out_row,      out_head};
+  attend_shared_kv(q, a.k.data(), a.v.data(), c.D, c.Dv, c.stride, scratch.data());
+  CHECK(scratch.back() == 12345.0f);
+  std::vector<float> one(size_t(c.D));
+  std::vector<float> one_scratch(static_cast<size_t>(n));
+  for (int64_t t = 0; t < c.rows; ++t) {
+    for (int64_t h = 0; h < c.heads; ++h) {
+      CAPTURE(t);
+      CAPTURE(h);
+      // The same query alone through attend: the same bits.
+      attend(a.q.data() + (t * c.heads + h) * c.D, a.k.data(), a.v.data(), c.pos[size_t(t)] + 1, 1,
+             1, c.D, c.stride, c.D, one_scratch.data(), one.data());
+      const float* got = out.data() + t * out_row + h * out_head;
+      int64_t differ = 0;
+      for (int64_t d = 0; d < c.Dv; ++d) differ += got[d] != one[size_t(d)];
+      CHECK(differ == 0);
+      for (int64_t d = c.Dv; d < out_head; ++d) CHECK(got[d] == 12345.0f);
+    }
+    for (int64_t i = c.heads * out_head; i < out_row; ++i)
+      CHECK(out[size_t(t * out_row + i)] == 12345.0f);
+  }
+}
+
+TEST_CASE("attend_shared_kv equals attend per query, bit for bit") {
+  std::mt19937 rng(21);
+  for_each_target([&] {
+    for (const SharedCase& c : {
+             // MLA's shape (a 512 + 64 latent row, the first 512 values), causal rows of a chunk
+             SharedCase{3, 16, 576, 512, 576, {40, 41, 42}},
+             SharedCase{2, 5, 576, 512, 600, {0, 77}},  // row 0: one position
+             // odd sizes: single vectors and scalar tails on the key and value sides
+             SharedCase{4, 3, 37, 21, 40, {5, 33, 34, 100}}, SharedCase{1, 1, 8, 8, 8, {3}},
+             SharedCase{2, 9, 64, 64, 64, {200, 12}},   // rows in any order
+             SharedCase{1, 7, 1088, 1000, 1088, {70}},  // past the pair limit
+         }) {
+      check_shared_kv(rng, c);
+    }
+  });
+}
+
+TEST_CASE("attend_shared_kv validates shapes and does not allocate") {
+  std::mt19937 rng(22);
+  const SharedCase c{2, 16, 576, 512, 576, {300, 301}};
+  const AttnData a = make_attn_data(rng, AttnCase{302, 32, 1, 576, 576, 0});
+  std::vector<float> out(size_t(2 * 16 * 512));
+  std::vector<float> scratch(size_t(attend_shared_kv_scratch_floats(2, 16, 302, 576)));
+  SharedKvQueries q{a.q.data(), 16 * 576, c.pos.data(), 2, 16, out.data(), 16 * 512, 512};
+  const auto run = [&] {
+    attend_shared_kv(q, a.k.data(), a.v.data(), 576, 512, 576, scratch.data());
+  };
+  CHECK(allocations_of(run) == 0);
+  CHECK_THROWS_AS(attend_shared_kv(q, a.k.data(), a.v.data(), 576, 577, 576, scratch.data()),
+                  Error);  // Dv > D
+  CHECK_THROWS_AS(attend_shared_kv(q, a.k.data(), a.v.data(), 576, 512, 500, scratch.data()),
+                  Error);  // pos_stride < D
+  q.out_head_stride = 100;
+  CHECK_THROWS_AS(attend_shared_kv(q, a.k.data(), a.v.data(), 576, 512, 576, scratch.data()),
+                  Error);  // heads would overlap
+  q.out_head_stride = 512;
+  const int64_t bad_pos[] = {3, -1};
+  q.pos = bad_pos;
+  CHECK_THROWS_AS(attend_shared_kv(q, a.k.data(), a.v.data(), 576, 512, 576, scratch.data()),
+                  Error);
+}
+
 TEST_CASE("bench: attend" * doctest::skip()) {
   std::mt19937 rng(1);
   std::printf("target %s\n", kernels_target_name());
@@ -226,6 +312,35 @@ TEST_CASE("bench: attend" * doctest::skip()) {
     const double flop = 4.0 * double(c.H * c.D * n);
     std::printf("attend n_ctx=%-5lld H=32 K=8 D=64: %8.2f us  (%.1f GFLOP/s)\n", (long long)n, us,
                 flop / us * 1e-3);
+  }
+}
+
+TEST_CASE("bench: attend_shared_kv (MLA prefill shape)" * doctest::skip()) {
+  std::mt19937 rng(2);
+  std::printf("target %s\n", kernels_target_name());
+  for (int64_t n : {512, 4096, 16384}) {
+    const int64_t rows = 2, H = 16, D = 576, Dv = 512;
+    const AttnData a = make_attn_data(rng, AttnCase{n, rows * H, 1, D, D, 0});
+    std::vector<int64_t> pos = {n - 2, n - 1};
+    std::vector<float> out(size_t(rows * H * Dv));
+    std::vector<float> scratch(size_t(attend_shared_kv_scratch_floats(rows, H, n, D)));
+    const SharedKvQueries q{a.q.data(), H * D, pos.data(), rows, H, out.data(), H * Dv, Dv};
+    const double us = median_us(
+        [&] { attend_shared_kv(q, a.k.data(), a.v.data(), D, Dv, D, scratch.data()); }, 9, 4);
+    std::vector<float> one(size_t(H * D));
+    std::vector<float> one_scratch(size_t(H * n));
+    const double us_rows = median_us(
+        [&] {
+          for (int64_t t = 0; t < rows; ++t)
+            attend(a.q.data() + t * H * D, a.k.data(), a.v.data(), n, H, 1, D, D, D,
+                   one_scratch.data(), one.data());
+        },
+        9, 4);
+    const double flop = 2.0 * double(rows * H * n * (D + Dv));
+    std::printf(
+        "n_ctx=%-5lld 2 rows x 16 heads, D=576 Dv=512: shared %8.1f us (%.1f GFLOP/s), "
+        "row by row %8.1f us\n",
+        (long long)n, us, flop / us * 1e-3, us_rows);
   }
 }
 
