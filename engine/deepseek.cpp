@@ -21,8 +21,9 @@
 //   out_lat[h] = Σ p(s)·c(s);   out[h] = out_lat[h] · Wkv_b[:, h, Dn:]
 // clang-format on
 // So one cache row [c | k_pe] serves as the key of every head, and its first Rkv values as the
-// value: an MQA with head dim Rkv + Dr run by ops::attend (K = 1; the value columns past Rkv are
-// computed and ignored). Wkv_b is read in place from the artifact by two small strided kernels
+// value: an MQA with head dim Rkv + Dr run by ops::attend_shared_kv, which reads each block of
+// cache rows once for all the heads of a tile of rows. Wkv_b is read in place from the artifact by
+// two small strided kernels
 // (ops::matmul_xwt / matmul_xw); nothing is re-laid for it.
 //
 // Prefill uses the same absorbed path as decode, so decode and prefill do the same arithmetic
@@ -104,10 +105,6 @@ struct DeepSeekLayer {
 // DeepSeek-V2-Lite 5.8 MB, V3 29 MB) are re-laid like every other matrix; smaller ones are read in
 // place.
 constexpr int64_t kMinRelayoutBytes = int64_t(1) << 20;
-
-// Queries per attention tile (rows × heads): each block of cache rows read into L1 serves this
-// many queries; more would only grow the per-thread logits scratch (tile × context floats).
-constexpr int64_t kTileQueries = 32;
 
 class DeepSeekModel final : public Model {
  public:
@@ -230,7 +227,7 @@ class DeepSeekModel final : public Model {
       group_experts_.reserve(size_t(X));
     }
     const int threads = std::max(1, ops::max_threads());  // the most any pass runs on
-    tile_rows_ = std::max<int64_t>(1, kTileQueries / H);
+    tile_rows_ = std::max<int64_t>(1, ops::kSharedKvTileQueries / H);
     tiles_.reserve(size_t(chunk_));
     scratch_stride_ =
         ops::attend_shared_kv_scratch_floats(tile_rows_, H, c_.max_target_length, Dl_);
@@ -387,8 +384,9 @@ class DeepSeekModel final : public Model {
 
     // Causal attention over each row's cache: one shared key/value row per position for every
     // head (K = 1), its first Rkv values the value. ops::attend_shared_kv reads a block of cache
-    // rows once for all the queries of a tile (kTileQueries: a few rows' heads), so a prefill
-    // chunk streams each row of a long cache a few times instead of once per row and 4 heads.
+    // rows once for all the queries of a tile (ops::kSharedKvTileQueries: a few rows' heads), so a
+    // prefill chunk streams each row of a long cache a few times instead of once per row and 4
+    // heads.
     const int threads = ops::max_threads();
     const auto attend_tile = [&](int64_t t0, int64_t count, int64_t h0, int64_t heads, int thread) {
       const ops::SharedKvQueries q{qa_.data() + t0 * H * Dl + h0 * Dl,
@@ -557,7 +555,7 @@ class DeepSeekModel final : public Model {
   std::optional<ops::Linear> head_;
   std::optional<ops::Router> router_;
   std::optional<ops::ExpertBatches> batches_;
-  // Attention tiles: (first row, rows), at most tile_rows_ rows of one cache each.
+  // Attention tiles: (first row, rows), at most tile_rows_ consecutive rows of one cache each.
   int64_t tile_rows_ = 1;
   std::vector<std::pair<int64_t, int64_t>> tiles_;
   int64_t scratch_stride_ = 0;

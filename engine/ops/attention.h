@@ -49,6 +49,9 @@ struct SharedKvQueries {
 // D) floats. Does not allocate. Throws kiln::Error for an empty or inconsistent shape.
 void attend_shared_kv(const SharedKvQueries& q, const uint16_t* k, const uint16_t* v, int64_t D,
                       int64_t Dv, int64_t pos_stride, float* scratch);
+// The queries per call the engine aims for (a tile of rows × heads): a block of cache rows in L1
+// serves this many; more would only grow the logits scratch (queries × context floats).
+constexpr int64_t kSharedKvTileQueries = 32;
 inline int64_t attend_shared_kv_scratch_floats(int64_t rows, int64_t heads, int64_t n_ctx,
                                                int64_t D) {
   return rows * heads * (D + 1 + n_ctx);
