@@ -467,30 +467,31 @@ void AttendSharedKv(const SharedKvQueries& a, const uint16_t* k, const uint16_t*
       std::fill(out, out + Dv, 0.0f);
     }
   }
+  // body(m, rows, t, h0, s0, s1) for every block of positions [s0, s1) (in increasing order, so
+  // the weighted sums accumulate position by position) and every group of ≤ kRows heads of a row
+  // that attends to it.
   AttnRow rows[kRows];
-  for (int64_t s0 = 0; s0 < n_max; s0 += kKeyBlock) {
-    for (int64_t t = 0; t < a.rows; ++t) {
-      const int64_t s1 = std::min(s0 + kKeyBlock, a.pos[t] + 1);
-      for (int64_t h0 = 0; h0 < H && s0 < s1; h0 += kRows) {
-        const int64_t m = std::min(kRows, H - h0);
-        group(t, h0, m, rows);
-        QkRows(m, rows, qde + (t * H + h0) * sp.Dp, sp.Dp, k, s0, s1, D, stride);
+  const auto for_each_block = [&](const auto& body) {
+    for (int64_t s0 = 0; s0 < n_max; s0 += kKeyBlock) {
+      for (int64_t t = 0; t < a.rows; ++t) {
+        const int64_t s1 = std::min(s0 + kKeyBlock, a.pos[t] + 1);
+        for (int64_t h0 = 0; h0 < H && s0 < s1; h0 += kRows) {
+          const int64_t m = std::min(kRows, H - h0);
+          group(t, h0, m, rows);
+          body(m, t, h0, s0, s1);
+        }
       }
     }
-  }
+  };
+  for_each_block([&](int64_t m, int64_t t, int64_t h0, int64_t s0, int64_t s1) {
+    QkRows(m, rows, qde + (t * H + h0) * sp.Dp, sp.Dp, k, s0, s1, D, stride);
+  });
   for (int64_t t = 0; t < a.rows; ++t)
     for (int64_t h = 0; h < H; ++h)
       sums[t * H + h] = round_to_bf16(SoftmaxWeights(logits + (t * H + h) * n_max, a.pos[t] + 1));
-  for (int64_t s0 = 0; s0 < n_max; s0 += kKeyBlock) {
-    for (int64_t t = 0; t < a.rows; ++t) {
-      const int64_t s1 = std::min(s0 + kKeyBlock, a.pos[t] + 1);
-      for (int64_t h0 = 0; h0 < H && s0 < s1; h0 += kRows) {
-        const int64_t m = std::min(kRows, H - h0);
-        group(t, h0, m, rows);
-        PvRows(m, rows, v, s0, s1, stride, Dv);
-      }
-    }
-  }
+  for_each_block([&](int64_t m, int64_t, int64_t, int64_t s0, int64_t s1) {
+    PvRows(m, rows, v, s0, s1, stride, Dv);
+  });
   for (int64_t t = 0; t < a.rows; ++t) {
     for (int64_t h = 0; h < H; ++h) {
       group(t, h, 1, rows);
