@@ -106,6 +106,15 @@ def kiln(*args, timeout=None):
         return KilnResult(argv, 126, "", "cannot execute %s: %s" % (KILN, e))
 
 
+def flip_byte(path, pos, mask):
+    """XORs the byte at offset pos of the file with mask, in place."""
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)
+        f.seek(pos)
+        f.write(bytes([byte[0] ^ mask]))
+
+
 def tokens_arg(tokens):
     return ",".join(str(int(t)) for t in tokens)
 

@@ -148,11 +148,7 @@ class VerifyTest(DamagedCopyCase):
         print("    %-40s %s" % (self._testMethodName, lines[0]))
 
     def flip(self, path, pos):
-        with open(path, "r+b") as f:
-            f.seek(pos)
-            byte = f.read(1)
-            f.seek(pos)
-            f.write(bytes([byte[0] ^ 0x5A]))
+        common.flip_byte(path, pos, 0x5A)
 
     def test_good_artifact_verifies(self):
         self.assertKilnOk(kiln("inspect", self.art, "--verify"), "inspect --verify")

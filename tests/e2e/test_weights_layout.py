@@ -89,6 +89,14 @@ class WeightsLayoutTest(common.TempDirCase):
         self.assertIn("row-major or blocked", res.stderr_lines[0])
         self.assertFalse(os.path.exists(out))
 
+    def assert_run_refused(self, art, layout, tensor):
+        """`kiln run` of the damaged artifact fails on the tensor's checksum, re-laid or not."""
+        for extra in ((), ("--no-relayout",)):
+            res = kiln("run", art, "--tokens", "1,2,3", "--max-tokens", 1, *extra)
+            self.assertEqual(res.rc, 1, layout + "\n" + res.describe())
+            self.assertIn("CRC-32C", res.stderr_lines[0], res.describe())
+            self.assertIn(tensor, res.stderr_lines[0], res.describe())
+
     def test_damaged_matrix_is_refused_in_either_layout(self):
         # Blocked: checked in place; row-major: its CRC computed by the re-layout pass (or checked
         # on its own with --no-relayout). Either way a flipped byte stops the run.
@@ -103,17 +111,8 @@ class WeightsLayoutTest(common.TempDirCase):
             t = next(t for t in blob["tensors"] if t["name"] == "mlp.wi_0")
             self.assertEqual(t["layout"], stored)
             # A byte in the middle of the tensor.
-            path = os.path.join(art, blob["file"])
-            with open(path, "r+b") as f:
-                f.seek(t["offset"] + t["bytes"] // 2)
-                b = f.read(1)
-                f.seek(t["offset"] + t["bytes"] // 2)
-                f.write(bytes([b[0] ^ 0x10]))
-            for extra in ((), ("--no-relayout",)):
-                res = kiln("run", art, "--tokens", "1,2,3", "--max-tokens", 1, *extra)
-                self.assertEqual(res.rc, 1, layout + "\n" + res.describe())
-                self.assertIn("CRC-32C", res.stderr_lines[0], res.describe())
-                self.assertIn("mlp.wi_0", res.stderr_lines[0], res.describe())
+            common.flip_byte(os.path.join(art, blob["file"]), t["offset"] + t["bytes"] // 2, 0x10)
+            self.assert_run_refused(art, layout, "mlp.wi_0")
 
     def test_damaged_expert_is_refused_in_either_layout(self):
         # The stacked experts are one tensor read as X Linears (Model::checked_stacked_linears):
@@ -130,16 +129,8 @@ class WeightsLayoutTest(common.TempDirCase):
                         if any(t["name"] == "moe.experts.wo" for t in b["tensors"]))
             t = next(t for t in blob["tensors"] if t["name"] == "moe.experts.wo")
             at = t["offset"] + t["bytes"] - 2 * 64 * 32  # near the end: the last experts
-            with open(os.path.join(art, blob["file"]), "r+b") as f:
-                f.seek(at)
-                b = f.read(1)
-                f.seek(at)
-                f.write(bytes([b[0] ^ 0x10]))
-            for extra in ((), ("--no-relayout",)):
-                res = kiln("run", art, "--tokens", "1,2,3", "--max-tokens", 1, *extra)
-                self.assertEqual(res.rc, 1, layout + "\n" + res.describe())
-                self.assertIn("moe.experts.wo", res.stderr_lines[0], res.describe())
-                self.assertIn("CRC-32C", res.stderr_lines[0], res.describe())
+            common.flip_byte(os.path.join(art, blob["file"]), at, 0x10)
+            self.assert_run_refused(art, layout, "moe.experts.wo")
 
 
 if __name__ == "__main__":
