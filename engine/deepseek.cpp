@@ -22,9 +22,8 @@
 // clang-format on
 // So one cache row [c | k_pe] serves as the key of every head, and its first Rkv values as the
 // value: an MQA with head dim Rkv + Dr run by ops::attend_shared_kv, which reads each block of
-// cache rows once for all the heads of a tile of rows. Wkv_b is read in place from the artifact by
-// two small strided kernels
-// (ops::matmul_xwt / matmul_xw); nothing is re-laid for it.
+// cache rows once for all the heads of a tile of rows. Wkv_b is read in place from the artifact
+// by two small strided kernels (ops::matmul_xwt / matmul_xw); nothing is re-laid for it.
 //
 // Prefill uses the same absorbed path as decode, so decode and prefill do the same arithmetic
 // (tests/unit/deepseek_test.cpp: decode-step logits equal a full prefill's). Measured against the

@@ -38,8 +38,8 @@ struct SharedKvQueries {
   int64_t q_row_stride = 0;
   const int64_t* pos = nullptr;  // row t attends to the positions [0, pos[t]]
   int64_t rows = 0, heads = 0;
-  float* out =
-      nullptr;  // output (t, h): Dv f32 values at out + t·out_row_stride + h·out_head_stride
+  // Output (t, h): Dv f32 values at out + t·out_row_stride + h·out_head_stride.
+  float* out = nullptr;
   int64_t out_row_stride = 0, out_head_stride = 0;
 };
 // k, v: position s at k + s·pos_stride (the same for v), D values of key, the first Dv ≤ D of v
